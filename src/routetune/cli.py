@@ -1,0 +1,132 @@
+"""Command line: one function per subcommand. Errors of routetune's own types print one clear
+message and exit with status 2; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from routetune.errors import RoutetuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Fine-tune pretrained language models with seeded routing of task and general data.")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logger = logging.getLogger("routetune")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own bar is enough
+
+
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Argument(..., help="YAML run config"),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=3e-5 (repeatable)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder of the same name"),
+    test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the test sets at the end"),
+) -> None:
+    """Train a config into a new run folder."""
+    from routetune.evaluate.metrics import format_report
+    from routetune.workflow import train
+
+    run_dir, summary = train(config, set_, overwrite=overwrite, run_test=test)
+    for name, scores in summary.get("test", {}).items():
+        typer.echo(format_report(name, "test", scores))
+    best = summary["best"]
+    if best["value"] is not None:
+        typer.echo(f"best dev {best['metric']} = {best['value']:.4f} at step {best['step']}")
+    typer.echo(f"run folder: {run_dir}")
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Path = typer.Argument(..., help="Run folder"),
+    split: str = typer.Option("test", "--split", help="dev or test"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report"),
+) -> None:
+    """Evaluate a run's checkpoint on a split of its labelled sources."""
+    from routetune.evaluate.metrics import format_report
+    from routetune.workflow import evaluate
+
+    if split not in ("dev", "test", "train"):
+        raise typer.BadParameter("expected dev, test or train", param_hint="--split")
+    scores = evaluate(run, split, checkpoint)
+    if as_json:
+        typer.echo(json.dumps({"run": str(run), "split": split, "checkpoint": checkpoint, "scores": scores}))
+        return
+    for name, s in scores.items():
+        typer.echo(format_report(name, split, s))
+
+
+@app.command("predict")
+def predict_cmd(
+    run: Path = typer.Argument(..., help="Run folder"),
+    input_file: Optional[Path] = typer.Argument(None, help="Input file; default: standard input"),
+    fmt: str = typer.Option("auto", "--format", help="lines, jsonl, or auto (JSONL lines start with '{')"),
+    source: Optional[str] = typer.Option(None, "--source", help="Task head to use (default: the primary)"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL here instead of stdout"),
+) -> None:
+    """Tag sentences (plain lines or JSONL) and write JSONL with tokens, tags and entity spans."""
+    from routetune.serve.predictor import Predictor, parse_line
+    from routetune.workflow import load_run
+
+    if fmt not in ("auto", "lines", "jsonl"):
+        raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
+    cfg, model, tokenizer = load_run(run, checkpoint)
+    predictor = Predictor(model, tokenizer, source or cfg.train.primary, cfg.model.max_length,
+                          cfg.train.eval_batch_size, cfg.train.precision)
+    name = str(input_file) if input_file else "<stdin>"
+    if input_file is not None and not input_file.is_file():
+        raise RoutetuneError(f"{input_file}: input file not found")
+    stream = input_file.open(encoding="utf-8-sig", errors="strict") if input_file else sys.stdin
+    items = []
+    try:
+        for lineno, line in enumerate(stream, start=1):
+            item = parse_line(line, fmt, name, lineno)
+            if item is not None:
+                items.append(item)
+    except UnicodeDecodeError as exc:
+        raise RoutetuneError(f"{name}: invalid UTF-8 ({exc.reason})") from None
+    out = output.open("w", encoding="utf-8") if output else sys.stdout
+    for record in predictor.predict(items):
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if output:
+        out.close()
+
+
+def main() -> None:
+    _setup_logging()
+    try:
+        app(standalone_mode=False)
+    except RoutetuneError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

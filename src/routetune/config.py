@@ -1,0 +1,370 @@
+"""Typed run configuration: YAML file + dotted ``--set`` overrides -> validated :class:`Config`.
+
+The pydantic models below are the single source of truth for keys, types, defaults and the
+documentation of each key (attribute docstrings, rendered into docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from routetune.errors import ConfigError
+
+OBJECTIVES = ("token-classification", "masked-lm")
+SUPERVISED_OBJECTIVES = ("token-classification",)
+DEFAULT_FORMAT = {"token-classification": "conll", "masked-lm": "text"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RunConfig(_Strict):
+    name: str | None = None
+    """Run folder name under `output_dir`. Default: `<config file stem>-<YYYYmmdd-HHMMSS>`."""
+    output_dir: str = "runs"
+    """Folder that holds run folders (relative to the working directory)."""
+
+
+class ModelConfig(_Strict):
+    name: str
+    """Hub id, local folder (relative to the config file), or offline alias (`minilm-l6`, `smollm2-135m`)."""
+    max_length: int = Field(128, ge=8)
+    """Maximum tokens per example, special tokens included. Longer sentences are truncated (and counted)."""
+
+
+class ConllFormat(_Strict):
+    token_column: int = 0
+    """Column index of the token (negative counts from the end)."""
+    tag_column: int = -1
+    """Column index of the tag (negative counts from the end)."""
+    scheme: Literal["iob1", "iob2"] = "iob2"
+    """Tagging scheme of the file; IOB1 is converted to IOB2 when read."""
+    separator: str | None = None
+    """Column separator; default: any run of whitespace (tabs or spaces)."""
+
+
+class TextFormat(_Strict):
+    glob: str = "*.txt"
+    """File pattern used when a path is a folder."""
+    strip_gutenberg: bool = False
+    """Drop the Project Gutenberg header/footer (text outside `*** START OF` / `*** END OF`)."""
+    shuffle_buffer: int = Field(1024, ge=1)
+    """Blocks held in the seeded shuffle buffer of the streaming reader (1 = file order)."""
+
+
+class SourceConfig(_Strict):
+    objective: Literal["token-classification", "masked-lm"]
+    """How a batch of this source becomes a loss."""
+    train: str
+    """Training data: a file, or for text also a folder or a glob."""
+    dev: str | None = None
+    """Development data (evaluated during training)."""
+    test: str | None = None
+    """Test data (evaluated at the end and by `routetune eval --split test`)."""
+    format: Literal["conll", "text"] | None = None
+    """Reader; default follows the objective (conll for token-classification, text for masked-lm)."""
+    conll: ConllFormat = ConllFormat()
+    """Options of the CoNLL reader."""
+    text: TextFormat = TextFormat()
+    """Options of the plain-text reader."""
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    """Share of tokens selected for masked-LM prediction (80% [MASK], 10% random, 10% kept)."""
+
+    @model_validator(mode="after")
+    def _default_format(self) -> "SourceConfig":
+        if self.format is None:
+            object.__setattr__(self, "format", DEFAULT_FORMAT[self.objective])
+        return self
+
+    @property
+    def supervised(self) -> bool:
+        return self.objective in SUPERVISED_OBJECTIVES
+
+
+class RoutingConfig(_Strict):
+    weights: dict[str, float] = Field(default_factory=dict)
+    """Per-source probability of being chosen for a batch (normalised). Default: 1 for each source."""
+    seed: int = 0
+    """Seed of the routing plan (source choices and per-epoch shuffles)."""
+    granularity: Literal["batch"] = "batch"
+    """Each batch comes from one source."""
+
+
+class EarlyStoppingConfig(_Strict):
+    metric: str | None = None
+    """Dev metric `<source>/<name>`, e.g. `wnut17/f1`. Default: `<primary>/f1`."""
+    mode: Literal["max", "min"] = "max"
+    """Whether larger or smaller values of `metric` are better."""
+    patience: int | None = Field(None, ge=1)
+    """Evaluations without improvement before stopping; null disables early stopping."""
+    min_delta: float = Field(0.0, ge=0.0)
+    """Smallest change that counts as an improvement."""
+
+
+class TrainConfig(_Strict):
+    epochs: float = Field(3.0, gt=0)
+    """Passes over the primary source."""
+    max_steps: int | None = Field(None, ge=1)
+    """Hard cap on optimizer steps (wins over `epochs`)."""
+    batch_size: int = Field(16, ge=1)
+    """Examples per batch (each batch from one source)."""
+    lr: float = Field(5e-5, gt=0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Share of steps with linear warm-up, then linear decay to 0."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient clipping norm; null disables clipping."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 runs forward/backward under CPU autocast (weights stay fp32)."""
+    seed: int = 42
+    """Seed for head initialisation, dropout and masking."""
+    primary: str | None = None
+    """Source whose passes count as epochs and whose metric selects `best`. Default: first labelled source."""
+    eval_every_steps: int | None = Field(None, ge=1)
+    """Evaluate on dev every N steps (in addition to `eval_each_epoch`)."""
+    eval_each_epoch: bool = True
+    """Evaluate on dev at the end of each pass over the primary source."""
+    eval_batch_size: int = Field(64, ge=1)
+    """Examples per batch at evaluation and prediction."""
+    log_every: int = Field(10, ge=1)
+    """Steps between `train` events in metrics.jsonl."""
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    """Early stopping on a dev metric."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class Config(_Strict):
+    model: ModelConfig
+    """The pretrained backbone."""
+    sources: dict[str, SourceConfig]
+    """Named sources; order matters only for the default primary source."""
+    routing: RoutingConfig = RoutingConfig()
+    """How the router chooses a source for each batch."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation, evaluation and stopping."""
+    run: RunConfig = RunConfig()
+    """Where the run folder goes."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if not self.sources:
+            raise ValueError("sources: at least one source is required")
+        for name in self.sources:
+            if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+                raise ValueError(f"sources.{name}: names may hold letters, digits, '_' and '-' only")
+        weights = self.routing.weights
+        for name in weights:
+            if name not in self.sources:
+                raise ValueError(f"routing.weights.{name}: no source named {name!r} (sources: {', '.join(self.sources)})")
+        for name, w in weights.items():
+            if not (w >= 0 and w == w and w != float("inf")):
+                raise ValueError(f"routing.weights.{name}: expected a finite number >= 0, got {w}")
+        full = {n: float(weights.get(n, 1.0)) for n in self.sources}
+        if sum(full.values()) <= 0:
+            raise ValueError("routing.weights: all weights are zero; at least one source must have weight > 0")
+        object.__setattr__(self.routing, "weights", full)
+        labelled = [n for n, s in self.sources.items() if s.supervised]
+        if not labelled:
+            raise ValueError("sources: at least one labelled source (objective token-classification) is required")
+        primary = self.train.primary or labelled[0]
+        if primary not in self.sources:
+            raise ValueError(f"train.primary: no source named {primary!r}")
+        if full[primary] <= 0 and self.train.max_steps is None:
+            raise ValueError(
+                f"routing.weights.{primary}: the primary source has weight 0, so its epochs never end; "
+                "give it a weight > 0 or set train.max_steps"
+            )
+        object.__setattr__(self.train, "primary", primary)
+        if self.train.early_stopping.metric is None:
+            object.__setattr__(self.train.early_stopping, "metric", f"{primary}/f1")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML -> env expansion -> overrides -> validation -> path resolution
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            var, default = m.group(1), m.group(2)
+            got = os.environ.get(var)
+            if got is None:
+                if default is None:
+                    raise ConfigError(f"environment variable {var} is not set (used as ${{{var}}})")
+                return default
+            return got
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    return value
+
+
+def _line_map(text: str) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path of a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                key = (*path, str(i))
+                lines[key] = item.start_mark.line + 1
+                walk(item, key)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw config dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=3e-5")
+    key, _, text = assignment.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty part in key {key!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({exc.__class__.__name__})") from None
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"--set {key}: {where} is a {type(child).__name__}, not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+_TYPE_WORDS = {
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "missing": "required key is missing",
+    "extra_forbidden": "unknown key",
+}
+
+
+def _format_errors(exc: ValidationError, lines: dict, origin: str) -> str:
+    msgs = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc)
+        etype = err["type"]
+        if etype == "value_error":
+            text = str(err.get("ctx", {}).get("error", err["msg"]))
+            msgs.append(text)  # our own cross-checks already name their key
+            continue
+        word = _TYPE_WORDS.get(etype, err["msg"].lower() if etype not in ("literal_error",) else err["msg"])
+        got = "" if etype in ("missing",) else f", got {err.get('input')!r}"
+        if etype == "extra_forbidden":
+            got = ""
+            parent = loc[:-1]
+            word = f"unknown key{' under ' + '.'.join(parent) if parent else ''}"
+        line = None
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+        where = f"{origin}:{line}: " if line else f"{origin}: "
+        msgs.append(f"{where}{key}: {word}{got}")
+    return "\n".join(msgs)
+
+
+def parse_config(raw: Any, origin: str = "<config>", lines: dict | None = None) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a YAML mapping at the top level, got {type(raw).__name__}")
+    raw = _expand_env(raw)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, lines or {}, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``KEY=VALUE`` overrides, validate, and resolve relative paths."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(raw).__name__}")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    cfg = parse_config(raw, origin=str(path), lines=_line_map(text))
+    return resolve_paths(cfg, path.parent)
+
+
+def _resolve(p: str, base: Path) -> str:
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else (base / q).resolve())
+
+
+def resolve_paths(cfg: Config, base: Path) -> Config:
+    """Make data paths absolute (relative to the config file's folder) so the saved config is self-contained."""
+    for src in cfg.sources.values():
+        for split in ("train", "dev", "test"):
+            value = getattr(src, split)
+            if value is not None:
+                object.__setattr__(src, split, _resolve(value, base))
+    name = cfg.model.name
+    if name.startswith((".", "/", "~")) or (base / name).is_dir():
+        object.__setattr__(cfg.model, "name", _resolve(name, base))
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_from_run(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; is {run_dir} a routetune run folder?")
+    text = path.read_text(encoding="utf-8")
+    return parse_config(yaml.safe_load(text), origin=str(path), lines=_line_map(text))

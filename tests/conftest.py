@@ -1,0 +1,130 @@
+"""Shared fixtures: a tiny random-weight BERT (2 layers, hidden 32) with a character-level
+WordPiece vocabulary, built in the test session; small CoNLL and text files."""
+
+from __future__ import annotations
+
+import logging
+import os
+import string
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = ["the", "a", "in", "and", "of", "to", "paris", "apple", "store", "opened", "london", "john"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import transformers
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
+             + ["##" + c for c in string.ascii_lowercase] + list(string.digits)
+             + ["##" + c for c in string.digits] + list(string.punctuation) + WORDS)
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tok.save_pretrained(folder)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertForMaskedLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from routetune.model.load import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+NER_TRAIN = """\
+-DOCSTART- O
+
+John\tB-person
+opened\tO
+a\tO
+store\tO
+in\tO
+Paris\tB-location
+.\tO
+
+Apple\tB-corporation
+opened\tO
+in\tO
+London\tB-location
+
+the\tO
+store\tO
+of\tO
+John\tB-person
+Smith\tI-person
+"""
+
+
+def write_ner(folder: Path, n_repeat: int = 8) -> dict[str, Path]:
+    """Small train/dev/test CoNLL files (train repeated so a few epochs have some batches)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, repeat in (("train", n_repeat), ("dev", 2), ("test", 2)):
+        p = folder / f"{split}.conll"
+        body = NER_TRAIN.replace("-DOCSTART- O\n\n", "")
+        p.write_text("-DOCSTART- O\n\n" + "\n".join([body] * repeat), encoding="utf-8")
+        paths[split] = p
+    return paths
+
+
+GENERAL = textwrap.dedent("""\
+    The river runs slowly through the old town and the bridges cast long shadows.
+    Bread needs flour, water, salt and yeast, and time to rise in a cool kitchen.
+    Libraries are busy places where people read, learn and meet each other.
+    """) * 20
+
+
+@pytest.fixture
+def ner_files(tmp_path) -> dict[str, Path]:
+    paths = write_ner(tmp_path / "ner")
+    general = tmp_path / "general.txt"
+    general.write_text(GENERAL, encoding="utf-8")
+    paths["general"] = general
+    return paths
+
+
+def make_config(tmp_path: Path, model_dir: Path, files: dict, **overrides) -> Path:
+    """Write a tiny-run YAML config and return its path."""
+    import yaml
+
+    cfg = {
+        "model": {"name": str(model_dir), "max_length": 32},
+        "sources": {
+            "ner": {"objective": "token-classification", "train": str(files["train"]),
+                    "dev": str(files["dev"]), "test": str(files["test"])},
+            "general": {"objective": "masked-lm", "train": str(files["general"])},
+        },
+        "routing": {"weights": {"ner": 0.75, "general": 0.25}, "seed": 3},
+        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "seed": 1, "progress": False,
+                  "early_stopping": {"metric": "ner/f1", "patience": 5}},
+        "run": {"name": "tiny", "output_dir": str(tmp_path / "runs")},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+    logging.getLogger("routetune").setLevel(logging.WARNING)
+    yield
