@@ -103,3 +103,12 @@ def test_bad_yaml(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_configuration_docs_are_current():
+    from pathlib import Path
+
+    from routetune.config_docs import render
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == render(), "regenerate: python -m routetune.config_docs > docs/configuration.md"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,9 @@ def fit(setup: Setup, run_dir: Path) -> FitResult:
     stats = {n: SourceStats() for n in setup.sources}
     ckpt = run_dir / "checkpoints"
     train_seconds, stopped = 0.0, False
-    bar = tqdm(total=setup.total_steps, disable=not tc.progress, desc="train", dynamic_ncols=True)
+    # Redraw at most every 30 s when stderr is not a terminal, so logs stay readable.
+    bar = tqdm(total=setup.total_steps, disable=not tc.progress, desc="train", dynamic_ncols=True,
+               mininterval=0.2 if sys.stderr.isatty() else 30.0)
     model.train()
 
     for step in range(batches.step, setup.total_steps):

@@ -93,7 +93,7 @@ def describe(setup: Setup) -> list[dict]:
         expected_examples = total * probs[name] * cfg.train.batch_size
         if isinstance(src, LabelledSource):
             size = len(src)
-            passes = expected_examples / size
+            passes = total * probs[name] / math.ceil(size / cfg.train.batch_size)
             extra = (f"; {src.n_truncated_words} words in {src.n_truncated_sentences} sentences exceed "
                      f"max_length={cfg.model.max_length} and are not trained on") if src.n_truncated_words else ""
             log.info("source %-12s %-22s %6d sentences  weight %.3g  share %5.1f%%  ~%.2f passes%s",
