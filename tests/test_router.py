@@ -1,95 +1,237 @@
-import pytest
+"""Router invariants: exact counts, determinism, zero weights, resume, workers, data parallelism."""
 
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from routetune.data.mixing import Schedule
+from routetune.data.plan import RoutedBatches
 from routetune.data.readers import Sentence
-from routetune.data.router import RoutedBatches, StaticRouter, count_steps
+from routetune.data.router import AdaptiveRouter, IIDRouter, InterleavedRouter
 from routetune.data.sources import LabelledSource, TextStream
 
-
-def test_same_seed_same_plan_other_seed_other_plan():
-    w = {"a": 0.7, "b": 0.3}
-    assert StaticRouter(w, 1).plan(0, 500) == StaticRouter(w, 1).plan(0, 500)
-    assert StaticRouter(w, 1).plan(0, 500) != StaticRouter(w, 2).plan(0, 500)
+weights_st = st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=6).filter(lambda w: sum(w) > 1e-3)
 
 
-def test_plan_is_pure_function_of_step():
-    r = StaticRouter({"a": 0.5, "b": 0.5}, 7)
-    full = r.plan(0, 300)
-    assert r.plan(100, 300) == full[100:]
-    assert [r.choose(s) for s in reversed(range(300))] == full[::-1]
+def probs(w):
+    w = np.array(w, dtype=float)
+    return w / w.sum()
 
 
-def test_zero_weight_never_drawn_and_shares_close():
-    r = StaticRouter({"a": 0.6, "zero": 0.0, "b": 0.4}, 3)
-    plan = r.plan(0, 20000)
-    assert "zero" not in plan
-    share = plan.count("a") / len(plan)
-    assert abs(share - 0.6) < 4 * (0.6 * 0.4 / len(plan)) ** 0.5
+def names_for(w):
+    return [f"s{i}" for i in range(len(w))]
 
 
-def test_count_steps():
-    r = StaticRouter({"a": 0.5, "b": 0.5}, 0)
-    steps = count_steps(r, "a", 10, None)
-    assert r.plan(0, steps).count("a") == 10 and r.choose(steps - 1) == "a"
-    assert count_steps(r, "a", 10, 5) == 5
-    assert count_steps(StaticRouter({"a": 1.0}, 0), "a", 7, None) == 7
+def router(kind, w, seed=0, horizon=1000):
+    p = probs(w)
+    cls = {"iid": IIDRouter, "interleaved": InterleavedRouter}[kind]
+    return cls(names_for(w), Schedule("constant", p), seed, horizon)
 
 
-def _labelled(tokenizer, n=10):
+@settings(max_examples=150, deadline=None)
+@given(w=weights_st, n=st.integers(1, 600), slots=st.sampled_from([1, 7]))
+def test_interleaved_within_one_of_target_at_every_prefix(w, n, slots):
+    r = router("interleaved", w)
+    p = probs(w)
+    counts = np.zeros(len(w))
+    k = 0
+    for step in range(n):
+        for i in r.choose(step, slots):
+            counts[i] += 1
+            k += 1
+            assert np.all(np.abs(counts - k * p) <= 1.0 + 1e-9), (counts, k * p)
+
+
+@settings(max_examples=8, deadline=None)
+@given(w=weights_st, seed=st.integers(0, 2**31))
+def test_iid_shares_within_4_sigma_over_100000_draws(w, seed):
+    r = router("iid", w, seed)
+    n = 100_000
+    draws = np.array(r.choose(0, n))
+    p = probs(w)
+    counts = np.bincount(draws, minlength=len(w))
+    sigma = np.sqrt(n * p * (1 - p))
+    # +1: the normal approximation does not hold for a source with n*p near 0 (one draw is fine)
+    assert np.all(np.abs(counts - n * p) <= 4 * sigma + 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(w=weights_st, kind=st.sampled_from(["iid", "interleaved"]), seed=st.integers(0, 1000))
+def test_zero_weight_never_drawn(w, kind, seed):
+    w = list(w) + [0.0]
+    r = router(kind, w, seed)
+    draws = [i for s in range(300) for i in r.choose(s, 3)]
+    assert len(w) - 1 not in draws
+    assert all(probs(w)[i] > 0 for i in draws)
+
+
+@settings(max_examples=30, deadline=None)
+@given(w=weights_st.filter(lambda w: len(w) > 1 and sorted(probs(w))[-2] > 0.05), seed=st.integers(0, 10**6))
+def test_same_seed_same_plan_other_seed_other_plan(w, seed):
+    def plan(seed):
+        r = router("iid", w, seed)
+        return [r.choose(s, 4) for s in range(200)]
+
+    a, b, c = plan(seed), plan(seed), plan(seed + 1)
+    assert a == b and a != c
+
+
+def _labelled(tokenizer, name="ner", n=23):
     sents = [Sentence(["the", "store"] * (i % 3 + 1), ["O", "O"] * (i % 3 + 1), i) for i in range(n)]
-    return LabelledSource("ner", sents, ["O"], tokenizer, 32, seed=5)
+    return LabelledSource(name, sents, ["O"], tokenizer, 32, seed=5)
 
 
-def test_labelled_source_epochs_cover_every_example_once(tiny_tokenizer):
-    src = _labelled(tiny_tokenizer)
-    seen, ended = [], []
-    for _ in range(3):  # 4 + 4 + 2
-        b = src.take(4, 0)
-        seen += b.example_ids
-        ended.append(b.epoch_ended)
-    assert sorted(seen) == list(range(10)) and ended == [False, False, True]
-    nxt = src.take(4, 0).example_ids
-    assert nxt != seen[:4]  # reshuffled for epoch 1
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("".join(f"the river {i} runs slowly through the old town\n" for i in range(300)))
+    return p
 
 
-def test_state_dict_round_trip_continues_identically(tiny_tokenizer, tmp_path):
-    text = tmp_path / "t.txt"
-    text.write_text("the river runs slowly through the old town\n" * 200)
-
-    def make():
-        sources = {"ner": _labelled(tiny_tokenizer),
-                   "general": TextStream("general", str(text), tiny_tokenizer, 16, seed=9, shuffle_buffer=8)}
-        return RoutedBatches(StaticRouter({"ner": 0.6, "general": 0.4}, 11), sources, 3)
-
-    ref = make()
-    trace = [(b.source, b.example_ids, b.tensors["input_ids"].tolist()) for b in (ref.next() for _ in range(40))]
-    for cut in (0, 7, 23):
-        first = make()
-        for _ in range(cut):
-            first.next()
-        state = first.state_dict()
-        resumed = make()
-        resumed.load_state_dict(state)
-        rest = [(b.source, b.example_ids, b.tensors["input_ids"].tolist()) for b in (resumed.next() for _ in range(40 - cut))]
-        assert rest == trace[cut:]
+def _batches(tokenizer, text_file, strategy="iid", granularity="batch", rank=0, world=1, on_exhausted="restart"):
+    sources = {"ner": _labelled(tokenizer), "aux": _labelled(tokenizer, "aux", 11),
+               "general": TextStream("general", str(text_file), tokenizer, 16, seed=9, shuffle_buffer=8)}
+    p = probs([0.5, 0.2, 0.3])
+    names = list(sources)
+    r = {"iid": IIDRouter, "interleaved": InterleavedRouter}.get(strategy)
+    if r is None:
+        r = AdaptiveRouter(names, Schedule("constant", p), 11, 100, eta=1.0, floor=0.05, smoothing=0.5, update_every=2)
+    else:
+        r = r(names, Schedule("constant", p), 11, 100)
+    return RoutedBatches(r, sources, 6, granularity, on_exhausted, rank, world)
 
 
-def test_router_state_mismatch_refused(tiny_tokenizer):
-    a = RoutedBatches(StaticRouter({"ner": 1.0}, 1), {"ner": _labelled(tiny_tokenizer)}, 2)
-    b = RoutedBatches(StaticRouter({"ner": 1.0}, 2), {"ner": _labelled(tiny_tokenizer)}, 2)
-    with pytest.raises(ValueError, match="other weights or seed"):
+def _trace(parts):
+    return [(b.source, list(b.example_ids), b.tensors["input_ids"].tolist()) for b in parts]
+
+
+@pytest.mark.parametrize("strategy", ["iid", "interleaved", "adaptive"])
+@pytest.mark.parametrize("granularity", ["batch", "example"])
+def test_state_dict_round_trip_continues_identically(tiny_tokenizer, text_file, strategy, granularity):
+    def run(plan, steps):
+        out = []
+        for s in range(steps):
+            parts = plan.next()
+            out.append(_trace(parts))
+            plan.router.observe(plan.step - 1, {b.source: float(len(b.example_ids) % 5 + 1) for b in parts})
+        return out
+
+    ref = run(_batches(tiny_tokenizer, text_file, strategy, granularity), 30)
+    for cut in (0, 5, 17):
+        first = _batches(tiny_tokenizer, text_file, strategy, granularity)
+        run(first, cut)
+        resumed = _batches(tiny_tokenizer, text_file, strategy, granularity)
+        resumed.load_state_dict(first.state_dict())
+        assert run(resumed, 30 - cut) == ref[cut:]
+
+
+@pytest.mark.parametrize("granularity", ["batch", "example"])
+def test_same_plan_with_0_1_3_dataloader_workers(tiny_tokenizer, text_file, granularity):
+    traces = []
+    for workers in (0, 1, 3):
+        plan = _batches(tiny_tokenizer, text_file, "iid", granularity)
+        traces.append([_trace(parts) for parts in plan.loader(25, num_workers=workers)])
+    assert traces[0] == traces[1] == traces[2]
+    direct = _batches(tiny_tokenizer, text_file, "iid", granularity)
+    assert [_trace(direct.next()) for _ in range(25)] == traces[0]
+
+
+@pytest.mark.parametrize("granularity", ["batch", "example"])
+def test_data_parallel_shares_are_disjoint_and_cover_the_plan(tiny_tokenizer, text_file, granularity):
+    single = _batches(tiny_tokenizer, text_file, "interleaved", granularity)
+    ranks = [_batches(tiny_tokenizer, text_file, "interleaved", granularity, r, 3) for r in range(3)]
+    for _ in range(20):
+        whole = {(b.source, tuple(b.example_ids)) for b in single.next()}
+        shares = [rank.next() for rank in ranks]
+        for source, ids in whole:
+            got = [i for parts in shares for b in parts if b.source == source for i in b.example_ids]
+            assert sorted(got, key=str) == sorted(ids, key=str)  # union = the single-process plan
+            assert len(got) == len(set(got))  # disjoint
+
+
+def test_per_example_granularity_mixes_sources(tiny_tokenizer, text_file):
+    plan = _batches(tiny_tokenizer, text_file, "interleaved", "example")
+    totals = {"ner": 0, "aux": 0, "general": 0}
+    for _ in range(50):
+        parts = plan.next()
+        assert sum(len(b.example_ids) for b in parts) == 6
+        for b in parts:
+            totals[b.source] += len(b.example_ids)
+    assert totals == {"ner": 150, "aux": 60, "general": 90}  # exact shares 0.5 / 0.2 / 0.3
+
+
+def test_stop_policies(tiny_tokenizer, text_file):
+    first = _batches(tiny_tokenizer, text_file, "iid", "batch", on_exhausted="stop_first")
+    while not first.finished:
+        parts = first.next()
+    assert parts[0].epoch_ended and parts[0].source in ("ner", "aux")
+    every = _batches(tiny_tokenizer, text_file, "iid", "batch", on_exhausted="stop_all")
+    seen = {"ner": 0, "aux": 0}
+    while not every.finished:
+        for b in every.next():
+            if b.source in seen:
+                seen[b.source] += len(b.example_ids)
+    assert seen == {"ner": 23, "aux": 11}  # each labelled source exactly one pass, then dropped
+
+
+def test_adaptive_moves_weight_to_source_whose_loss_stays_high_and_keeps_floor():
+    # a and c learn (their loss falls to a fraction of its first value); b does not
+    p = probs([1, 1, 1])
+    r = AdaptiveRouter(["a", "b", "c"], Schedule("constant", p), 0, 100, eta=2.0, floor=0.05,
+                       smoothing=0.5, update_every=1)
+    seen = {"a": 0, "b": 0, "c": 0}
+    updates = []
+    for step in range(80):
+        chosen = r.names[r.choose(step, 1)[0]]
+        loss = 2.0 if chosen == "b" else 2.0 * 0.8 ** seen[chosen]
+        seen[chosen] += 1
+        updates.append(r.observe(step, {chosen: loss}))
+    assert all(u is not None for u in updates)
+    assert r.probs[1] > 0.6 and r.probs[1] > r.probs[0] and r.probs[1] > r.probs[2]
+    assert r.probs.min() >= 0.05 - 1e-12 and abs(r.probs.sum() - 1) < 1e-9
+
+
+def test_schedules():
+    start, end = probs([0.5, 0.5]), probs([0.9, 0.1])
+    lin = Schedule("linear", start, end)
+    cos = Schedule("cosine", start, end)
+    assert np.allclose(lin.at(0), start) and np.allclose(lin.at(1), end) and np.allclose(lin.at(0.5), [0.7, 0.3])
+    assert np.allclose(cos.at(0.5), [0.7, 0.3]) and cos.at(0.25)[0] < lin.at(0.25)[0]
+    stages = Schedule("stages", start, stages=[(0.3, probs([1, 0])), (1.0, probs([1, 3]))])
+    assert np.allclose(stages.at(0.1), [1, 0]) and np.allclose(stages.at(0.5), [0.25, 0.75])
+    r = IIDRouter(["a", "b"], lin, 0, horizon=1000)
+    early = [r.choose(s, 1)[0] for s in range(0, 200)]
+    late = [r.choose(s, 1)[0] for s in range(800, 1000)]
+    assert early.count(1) > late.count(1) * 2
+
+
+def test_router_state_mismatch_refused():
+    a = router("iid", [1, 1], seed=1)
+    b = router("iid", [1, 1], seed=2)
+    with pytest.raises(ValueError, match="seed"):
         b.load_state_dict(a.state_dict())
 
 
-def test_text_stream_blocks_and_epochs(tiny_tokenizer, tmp_path):
-    text = tmp_path / "t.txt"
-    text.write_text("abc def ghi\n" * 50)
-    s = TextStream("g", str(text), tiny_tokenizer, 16, seed=1, shuffle_buffer=4)
-    b = s.take(5, 0)
-    ids = b.tensors["input_ids"]
-    assert ids.shape == (5, 16)  # blocks are full; no padding to anything but the batch
-    cls, sep = tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id
-    assert (b.tensors["labels"][:, 0] == -100).all() and (b.tensors["labels"][:, -1] == -100).all()
-    n = 0
-    while not s.take(1, 0).epoch_ended:
-        n += 1
-    assert s.epoch == 1 and n > 5 and cls not in ids[:, 1:-1].tolist()[0] and sep != cls
+def test_labelled_source_pass_covers_every_example_once(tiny_tokenizer):
+    src = _labelled(tiny_tokenizer, n=10)
+    seen, ended = [], []
+    for _ in range(3):  # 4 + 4 + 2
+        d = src.draw(4)
+        seen += d.ids
+        ended.append(d.epoch_ended)
+    assert sorted(seen) == list(range(10)) and ended == [False, False, True]
+    assert src.draw(4).ids != seen[:4]  # reshuffled for the next epoch
+    wrapped = src.draw(10, wrap=True)
+    assert len(wrapped.ids) == 10 and wrapped.epoch_ended
+
+
+def test_text_stream_blocks_and_epochs(tiny_tokenizer, text_file):
+    s = TextStream("g", str(text_file), tiny_tokenizer, 16, seed=1, shuffle_buffer=4)
+    d = s.draw(5)
+    tensors, _ = s.collate(d, 0)
+    assert tensors["input_ids"].shape == (5, 16)
+    assert (tensors["labels"][:, 0] == -100).all() and (tensors["labels"][:, -1] == -100).all()
+    while not s.draw(1).epoch_ended:
+        pass
+    assert s.epoch == 1

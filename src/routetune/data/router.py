@@ -1,86 +1,220 @@
-"""The router: a seeded plan of which source each batch comes from.
+"""The router: a seeded plan of which source every batch (or every example slot) comes from.
 
-The source of step ``s`` is a pure function of (weights, seed, s): it is computed from a seed
-derived from (seed, s), never from a generator whose state would depend on the past, so any
-step's choice can be recomputed anywhere (resume, data-parallel ranks, the dry run that counts
-steps). Per-source example order lives in the sources (seeded per epoch) and their cursors.
+Strategies (``routing.strategy``):
+
+* ``iid``: decision ``k`` draws from the target probabilities with a uniform number that is a pure
+  function of ``(seed, k)`` (counter-based, in blocks), so any decision can be recomputed anywhere.
+* ``interleaved``: low-discrepancy; Tijdeman's chairman-assignment rule keeps every source's
+  realised count within 1 of its target at every prefix (for constant weights).
+* ``adaptive``: Exp3-style online data mixing: draws like ``iid`` from weights that an
+  exponential-weights update moves towards sources whose training loss is high relative to its
+  first value, with a probability floor per source.
+
+Target probabilities may follow a :class:`~routetune.data.mixing.Schedule` over the run.
+All decisions are made in the main process; a router's whole state is in ``state_dict()``.
 """
 
 from __future__ import annotations
 
-import bisect
-import random
-from itertools import accumulate
+import math
 
-from routetune.data.sources import Batch, derive_seed
-from routetune.errors import ConfigError
+import numpy as np
+
+from routetune.data.mixing import Schedule
+from routetune.data.sources import derive_seed
+
+_BLOCK = 4096  # uniforms generated per counter block
 
 
-class StaticRouter:
-    """i.i.d. per-batch choice with fixed probabilities proportional to the weights."""
+class Router:
+    strategy = "base"
 
-    def __init__(self, weights: dict[str, float], seed: int):
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ConfigError("routing.weights: need weights >= 0 with a positive sum")
-        self.names = list(weights)
-        self.weights = dict(weights)
+    def __init__(self, names: list[str], schedule: Schedule, seed: int, horizon: int):
+        self.names = list(names)
+        self.schedule = schedule
         self.seed = seed
-        total = sum(weights.values())
-        self.probabilities = {n: w / total for n, w in weights.items()}
-        self._cumulative = list(accumulate(self.probabilities[n] for n in self.names))
+        self.horizon = max(int(horizon), 1)
+        self.decisions = 0
+        self.active = np.ones(len(names), dtype=bool)
+        self._key = derive_seed(seed, "route")
+        self._block_id = -1
+        self._block = np.empty(0)
 
-    def choose(self, step: int) -> str:
-        u = random.Random(derive_seed(self.seed, "route", step)).random()
-        # bisect_right skips zero-weight sources: their cumulative value equals their predecessor's
-        i = min(bisect.bisect_right(self._cumulative, u), len(self.names) - 1)
-        while self.probabilities[self.names[i]] == 0:  # guard against float round-off at the top
-            i -= 1
-        return self.names[i]
+    # -- target probabilities ------------------------------------------------------------
+    def target(self, step: int) -> np.ndarray:
+        p = self.schedule.at(step / self.horizon) * self.active
+        total = p.sum()
+        if total <= 0:  # every source with weight is exhausted: fall back to the active ones
+            p = self.active.astype(np.float64)
+            total = p.sum()
+        return p / total
 
-    def plan(self, start: int, stop: int) -> list[str]:
-        return [self.choose(s) for s in range(start, stop)]
+    def deactivate(self, name: str) -> None:
+        self.active[self.names.index(name)] = False
+
+    # -- counter-based uniforms ------------------------------------------------------------
+    def uniforms(self, start: int, n: int) -> np.ndarray:
+        out = np.empty(n)
+        filled = 0
+        while filled < n:
+            k = start + filled
+            block, offset = divmod(k, _BLOCK)
+            if block != self._block_id:
+                self._block = np.random.default_rng([self._key, block]).random(_BLOCK)
+                self._block_id = block
+            take = min(n - filled, _BLOCK - offset)
+            out[filled : filled + take] = self._block[offset : offset + take]
+            filled += take
+        return out
+
+    def _draw(self, p: np.ndarray, n: int) -> np.ndarray:
+        u = self.uniforms(self.decisions, n)
+        idx = np.searchsorted(np.cumsum(p), u, side="right")
+        last = int(np.flatnonzero(p > 0)[-1])
+        return np.minimum(idx, last)  # float round-off at the top never picks a zero-weight source
+
+    # -- interface -------------------------------------------------------------------------
+    def choose(self, step: int, slots: int = 1) -> list[int]:
+        """Source indices for the `slots` decisions of `step` (advances the decision counter)."""
+        out = self._choose(step, slots)
+        self.decisions += slots
+        return out
+
+    def _choose(self, step: int, slots: int) -> list[int]:
+        return self._draw(self.target(step), slots).tolist()
+
+    def observe(self, step: int, losses: dict[str, float]) -> dict | None:
+        """Per-source mean training losses of a step; returns an update record if weights moved."""
+        return None
 
     def state_dict(self) -> dict:
-        return {"kind": "static", "weights": self.weights, "seed": self.seed}
-
-
-class RoutedBatches:
-    """Draws batch after batch: the router picks the source, the source supplies the examples."""
-
-    def __init__(self, router: StaticRouter, sources: dict, batch_size: int):
-        missing = [n for n in router.names if n not in sources]
-        if missing:
-            raise ConfigError(f"routing.weights: no source named {missing[0]!r}")
-        self.router = router
-        self.sources = sources
-        self.batch_size = batch_size
-        self.step = 0
-
-    def next(self) -> Batch:
-        name = self.router.choose(self.step)
-        batch = self.sources[name].take(self.batch_size, self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "router": self.router.state_dict(),
-                "sources": {n: s.state_dict() for n, s in self.sources.items()}}
+        return {"strategy": self.strategy, "names": self.names, "seed": self.seed, "horizon": self.horizon,
+                "decisions": self.decisions, "active": self.active.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["router"] != self.router.state_dict():
-            raise ConfigError("routing: the saved router state was made with other weights or seed")
-        self.step = int(state["step"])
-        for name, s in state["sources"].items():
-            self.sources[name].load_state_dict(s)
+        mine = self.state_dict()
+        for key in ("strategy", "names", "seed", "horizon"):
+            if state[key] != mine[key]:
+                raise ValueError(f"routing: the saved router state has {key}={state[key]!r}, this run {mine[key]!r}")
+        self.decisions = int(state["decisions"])
+        self.active = np.array(state["active"], dtype=bool)
 
 
-def count_steps(router: StaticRouter, primary: str, primary_batches: int, max_steps: int | None) -> int:
-    """Steps until the primary source has supplied `primary_batches` batches (or `max_steps`)."""
-    step = seen = 0
-    while seen < primary_batches:
-        if max_steps is not None and step >= max_steps:
-            return max_steps
-        if router.choose(step) == primary:
-            seen += 1
-        step += 1
-    return step if max_steps is None else min(step, max_steps)
+class IIDRouter(Router):
+    strategy = "iid"
+
+
+class InterleavedRouter(Router):
+    strategy = "interleaved"
+
+    def __init__(self, names, schedule, seed, horizon):
+        super().__init__(names, schedule, seed, horizon)
+        self.counts = [0] * len(names)
+        self.targets = [0.0] * len(names)
+
+    def _choose(self, step: int, slots: int) -> list[int]:
+        # Tijdeman (1980): among sources whose deficit target - count is at least d = 1/(2k-2),
+        # pick the one whose next deadline (count + 1 - d - target) / p comes first. For constant
+        # weights this keeps |count - target| <= 1 - d < 1 at every prefix.
+        p = self.target(step).tolist()
+        live = [i for i, q in enumerate(p) if q > 0]
+        d = 1.0 / (2 * len(live) - 2) if len(live) > 1 else 0.0
+        counts, targets = self.counts, self.targets
+        out = []
+        for _ in range(slots):
+            best, best_v = -1, math.inf
+            for i in live:
+                targets[i] += p[i]
+            for i in live:
+                if targets[i] - counts[i] >= d - 1e-9:
+                    v = (counts[i] + 1 - d - targets[i]) / p[i]
+                    if v < best_v:
+                        best, best_v = i, v
+            if best < 0:  # cannot happen for constant weights; schedules may briefly get here
+                best = max(live, key=lambda i: targets[i] - counts[i])
+            counts[best] += 1
+            out.append(best)
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "counts": list(self.counts), "targets": list(self.targets)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.counts, self.targets = list(state["counts"]), [float(t) for t in state["targets"]]
+
+
+class AdaptiveRouter(Router):
+    """Online Data Mixing (Albalak et al., 2023) in the Exp3 family.
+
+    Reward of a source = its mean training loss since the last update divided by its first
+    observed loss (so objectives with different loss scales compare), importance-weighted by
+    1/p and smoothed: R <- s R + (1 - s) reward / p. Weights: p = (1 - k floor) softmax(eta R) + floor.
+    """
+
+    strategy = "adaptive"
+
+    def __init__(self, names, schedule, seed, horizon, eta: float, floor: float, smoothing: float,
+                 update_every: int):
+        super().__init__(names, schedule, seed, horizon)
+        self.eta, self.floor, self.smoothing, self.update_every = eta, floor, smoothing, update_every
+        self.allowed = schedule.start > 0  # sources with a zero start weight stay out
+        self.rewards = [0.0] * len(names)
+        self.first_loss: list[float | None] = [None] * len(names)
+        self._sums = [0.0] * len(names)
+        self._n = [0] * len(names)
+        self.probs = self._probabilities()
+
+    def _probabilities(self) -> np.ndarray:
+        mask = self.allowed & self.active
+        k = int(mask.sum())
+        z = np.where(mask, self.eta * np.array(self.rewards), -np.inf)
+        z = np.exp(z - z[mask].max()) * mask
+        floor = min(self.floor, 1.0 / k)
+        return ((1 - k * floor) * z / z.sum() + floor) * mask
+
+    def target(self, step: int) -> np.ndarray:
+        return self.probs
+
+    def deactivate(self, name: str) -> None:
+        super().deactivate(name)
+        self.probs = self._probabilities()
+
+    def observe(self, step: int, losses: dict[str, float]) -> dict | None:
+        for name, loss in losses.items():
+            i = self.names.index(name)
+            self._sums[i] += loss
+            self._n[i] += 1
+        if (step + 1) % self.update_every:
+            return None
+        for i in range(len(self.names)):
+            if not self._n[i]:
+                continue
+            mean = self._sums[i] / self._n[i]
+            if self.first_loss[i] is None:
+                self.first_loss[i] = mean if mean > 0 else 1.0
+            reward = mean / self.first_loss[i]
+            self.rewards[i] = self.smoothing * self.rewards[i] + (1 - self.smoothing) * reward / max(self.probs[i], 1e-6)
+        self._sums, self._n = [0.0] * len(self.names), [0] * len(self.names)
+        self.probs = self._probabilities()
+        return {"step": step + 1, "weights": dict(zip(self.names, self.probs.round(6).tolist())),
+                "rewards": dict(zip(self.names, [round(r, 6) for r in self.rewards]))}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rewards": list(self.rewards), "first_loss": list(self.first_loss),
+                "sums": list(self._sums), "n": list(self._n)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.rewards, self.first_loss = list(state["rewards"]), list(state["first_loss"])
+        self._sums, self._n = list(state["sums"]), list(state["n"])
+        self.probs = self._probabilities()
+
+
+def make_router(routing, names: list[str], schedule: Schedule, horizon: int) -> Router:
+    if routing.strategy == "interleaved":
+        return InterleavedRouter(names, schedule, routing.seed, horizon)
+    if routing.strategy == "adaptive":
+        a = routing.adaptive
+        return AdaptiveRouter(names, schedule, routing.seed, horizon, a.eta, a.floor, a.smoothing, a.update_every)
+    return IIDRouter(names, schedule, routing.seed, horizon)

@@ -36,12 +36,57 @@ def derive_seed(*parts: object) -> int:
 
 
 @dataclass
+class Draw:
+    """What the router's plan takes from a source for one step: stable example ids (sentence index,
+    or "epoch:block" for streams) and, for streams, the token blocks themselves."""
+
+    source: str
+    ids: list
+    payload: list | None = None
+    epoch_ended: bool = False  # this draw finished a pass over the source
+
+    def shard(self, rank: int, world_size: int) -> "Draw":
+        payload = self.payload[rank::world_size] if self.payload is not None else None
+        return Draw(self.source, self.ids[rank::world_size], payload, self.epoch_ended)
+
+
+@dataclass
 class Batch:
     source: str
-    example_ids: list  # stable ids: sentence index, or "epoch:block" for streams
+    example_ids: list
     tensors: dict[str, torch.Tensor]
     n_tokens: int  # non-padding tokens
-    epoch_ended: bool = False  # this batch finished a pass over the source
+    epoch_ended: bool = False
+
+
+class EpochCursor:
+    """Position in a sized source: epoch and offset into that epoch's seeded permutation."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.epoch = 0
+        self.position = 0
+
+    def advance(self, n: int, wrap: bool) -> tuple[list[tuple[int, int]], bool]:
+        """Take `n` positions as (epoch, offset). Without `wrap` stop at the epoch's end (a partial
+        batch); with `wrap` continue into the next epoch. Returns the positions and whether an
+        epoch ended."""
+        out, ended = [], False
+        while len(out) < n:
+            take = min(n - len(out), self.size - self.position)
+            out += [(self.epoch, self.position + j) for j in range(take)]
+            self.position += take
+            if self.position >= self.size:
+                self.epoch, self.position, ended = self.epoch + 1, 0, True
+                if not wrap:
+                    break
+        return out, ended
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
 def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
@@ -89,9 +134,8 @@ class LabelledSource:
         tag_ids = [[self.label2id[t] for t in s.tags] for s in sentences]
         self.encoded: list[EncodedSentence] = encode_words(
             tokenizer, [s.tokens for s in sentences], max_length, tag_ids)
-        self.epoch = 0
-        self.position = 0
-        self._perm: np.ndarray | None = None
+        self.cursor = EpochCursor(len(self.encoded))
+        self._perms: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -105,28 +149,27 @@ class LabelledSource:
         return sum(1 for e in self.encoded if e.n_truncated)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(derive_seed(self.seed, self.name, epoch)).permutation(len(self))
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng(derive_seed(self.seed, self.name, epoch)).permutation(len(self))}
+        return self._perms[epoch]
 
-    def take(self, n: int, step: int) -> Batch:
-        """The next `n` examples of this epoch (fewer at the epoch's end: no example is dropped)."""
-        if self._perm is None:
-            self._perm = self.permutation(self.epoch)
-        ids = self._perm[self.position : self.position + n].tolist()
-        self.position += len(ids)
-        ended = self.position >= len(self)
-        if ended:
-            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
-        return Batch(self.name, ids, self.collate(ids), sum(len(self.encoded[i].input_ids) for i in ids), ended)
+    def draw(self, n: int, wrap: bool = False) -> Draw:
+        """The next `n` examples of the seeded order; without `wrap` a pass ends with a partial
+        batch (no example is dropped or repeated within a pass)."""
+        positions, ended = self.cursor.advance(n, wrap)
+        ids = [int(self.permutation(e)[o]) for e, o in positions]
+        return Draw(self.name, ids, None, ended)
 
-    def collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
-        rows = [self.encoded[i] for i in ids]
-        return pad_batch([r.input_ids for r in rows], self.pad_id, [r.labels for r in rows])
+    def collate(self, draw: Draw, step: int) -> tuple[dict[str, torch.Tensor], int]:
+        rows = [self.encoded[i] for i in draw.ids]
+        tensors = pad_batch([r.input_ids for r in rows], self.pad_id, [r.labels for r in rows])
+        return tensors, sum(len(r.input_ids) for r in rows)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.cursor.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), None
+        self.cursor.load_state_dict(state)
 
 
 def load_labelled(name: str, src_cfg, tokenizer, max_length: int, seed: int,
@@ -237,22 +280,26 @@ class TextStream:
         self.consumed += 1
         return example_id, block
 
-    def take(self, n: int, step: int) -> Batch:
+    def draw(self, n: int, wrap: bool = True) -> Draw:
         epoch_before = self.epoch
         pairs = [self._next_block() for _ in range(n)]
-        seqs = [self.prefix + block + self.suffix for _, block in pairs]
-        return Batch(self.name, [p[0] for p in pairs], self.collate(seqs, step),
-                     sum(map(len, seqs)), self.epoch != epoch_before)
+        return Draw(self.name, [p[0] for p in pairs], [p[1] for p in pairs], self.epoch != epoch_before)
 
-    def collate(self, seqs: list[list[int]], step: int) -> dict[str, torch.Tensor]:
-        batch = pad_batch(seqs, self.tokenizer.pad_token_id)
-        ids = batch["input_ids"]
-        special = (batch["attention_mask"] == 0) | torch.isin(ids, torch.tensor(sorted(self.special_ids)))
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.name, "mask", step))
-        inputs, labels = mask_tokens(ids, special, self.mlm_probability, self.tokenizer.mask_token_id,
-                                     len(self.tokenizer), gen)
-        batch["input_ids"], batch["labels"] = inputs, labels
-        return batch
+    def collate(self, draw: Draw, step: int) -> tuple[dict[str, torch.Tensor], int]:
+        special_ids = torch.tensor(sorted(self.special_ids))
+        inputs, labels = [], []
+        for example_id, block in zip(draw.ids, draw.payload):
+            # Each example is masked (before padding) from a generator seeded by its id alone, so
+            # masks do not depend on batch composition, sharding or worker count, and a resumed
+            # run masks exactly the same tokens.
+            seq = torch.tensor(self.prefix + block + self.suffix, dtype=torch.long)
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.name, "mask", example_id))
+            x, y = mask_tokens(seq, torch.isin(seq, special_ids), self.mlm_probability,
+                               self.tokenizer.mask_token_id, len(self.tokenizer), gen)
+            inputs.append(x.tolist())
+            labels.append(y.tolist())
+        batch = pad_batch(inputs, self.tokenizer.pad_token_id, labels)
+        return batch, sum(map(len, inputs))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed}
@@ -283,4 +330,4 @@ def build_sources(cfg, tokenizer, label_lists: dict[str, list[str]] | None = Non
     return sources
 
 
-__all__ = ["Batch", "LabelledSource", "TextStream", "build_sources", "derive_seed"]
+__all__ = ["Batch", "Draw", "EpochCursor", "LabelledSource", "TextStream", "build_sources", "derive_seed"]

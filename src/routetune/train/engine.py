@@ -105,33 +105,49 @@ def fit(setup: Setup, run_dir: Path) -> FitResult:
                mininterval=0.2 if sys.stderr.isatty() else 30.0)
     model.train()
 
+    loss_weights = cfg.routing.loss_weights
     for step in range(batches.step, setup.total_steps):
+        if batches.finished:
+            log.info("routing: stop policy %s ended the run after step %d", cfg.routing.on_exhausted, step)
+            break
         t0 = time.perf_counter()
-        batch = batches.next()
-        with autocast(tc.precision):
-            loss = model.loss(batch.source, objectives[batch.source], batch.tensors)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"step {step + 1}: non-finite loss {loss_value} on a batch of source "
-                                f"{batch.source!r} (examples {batch.example_ids[:8]}); stopping without "
-                                "a checkpoint of this step")
-        loss.backward()
+        parts = batches.next()
+        n_total = sum(len(p.example_ids) for p in parts)
+        total_loss, part_losses = 0.0, {}
+        for part in parts:  # one part per source in the batch (always one with granularity=batch)
+            with autocast(tc.precision):
+                loss = model.loss(part.source, objectives[part.source], part.tensors)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"step {step + 1}: non-finite loss {value} on a batch of source "
+                                    f"{part.source!r} (examples {part.example_ids[:8]}); stopping without "
+                                    "a checkpoint of this step")
+            part_losses[part.source] = value
+            total_loss = total_loss + loss_weights.get(part.source, 1.0) * len(part.example_ids) / n_total * loss
+        total_loss.backward()
         if tc.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - t0
-        stats[batch.source].add(len(batch.example_ids), batch.n_tokens, loss_value)
+        for part in parts:
+            stats[part.source].add(len(part.example_ids), part.n_tokens, part_losses[part.source])
+        update = batches.router.observe(step, part_losses)
+        if update is not None:
+            metrics.write("route_update", **update)
 
         done = step + 1
         bar.update(1)
         bar.set_postfix({n: f"{s.ema:.3f}" for n, s in stats.items() if s.ema is not None}, refresh=False)
         if done % tc.log_every == 0 or done == setup.total_steps:
+            seen = sum(st.examples for st in stats.values()) or 1
+            target = dict(zip(batches.router.names, batches.router.target(step).round(6).tolist()))
             metrics.write("train", step=done, lr=scheduler.get_last_lr()[0],
-                          sources={n: s.flush() for n, s in stats.items()},
-                          tokens_per_s=sum(s.tokens for s in stats.values()) / max(train_seconds, 1e-9))
-        epoch_end = batch.epoch_ended and batch.source == tc.primary
+                          sources={n: {**st.flush(), "share": st.examples / seen, "target": target[n]}
+                                   for n, st in stats.items()},
+                          tokens_per_s=sum(st.tokens for st in stats.values()) / max(train_seconds, 1e-9))
+        epoch_end = any(p.epoch_ended and p.source == tc.primary for p in parts)
         due = (tc.eval_every_steps and done % tc.eval_every_steps == 0) or (tc.eval_each_epoch and epoch_end)
         if setup.dev and due:
             flat, full = evaluate_dev(setup, setup.dev)

@@ -11,7 +11,7 @@ import torch
 
 from routetune.config import Config
 from routetune.data.readers import Sentence
-from routetune.data.router import RoutedBatches, StaticRouter, count_steps
+from routetune.data.plan import RoutedBatches, plan_run
 from routetune.data.sources import LabelledSource, build_sources, derive_seed, read_split
 from routetune.errors import ConfigError
 from routetune.model.heads import RoutedModel, build_model
@@ -60,12 +60,11 @@ def prepare(cfg: Config) -> Setup:
         if isinstance(src, LabelledSource):
             model.add_token_head(name, src.labels, derive_seed(cfg.train.seed, "head", name))
 
-    router = StaticRouter(cfg.routing.weights, cfg.routing.seed)
-    batches = RoutedBatches(router, sources, cfg.train.batch_size)
-    primary = sources[cfg.train.primary]
-    per_epoch = math.ceil(len(primary) / cfg.train.batch_size)
-    wanted = max(1, round(cfg.train.epochs * per_epoch))
-    total = count_steps(router, cfg.train.primary, wanted, cfg.train.max_steps)
+    sizes = {n: len(s) if isinstance(s, LabelledSource) else None for n, s in sources.items()}
+    router, total, _ = plan_run(cfg, sizes)
+    r = cfg.routing
+    batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted)
+    per_epoch = math.ceil(len(sources[cfg.train.primary]) / cfg.train.batch_size)
     setup = Setup(cfg, model_path, tokenizer, model, sources, batches, total, per_epoch, dev, test)
     describe(setup)
     return setup
@@ -86,31 +85,34 @@ def _check_early_stopping(cfg: Config, dev: dict) -> None:
 def describe(setup: Setup) -> list[dict]:
     """Log each source's size, weight, expected share and expected passes over the run."""
     cfg, total = setup.cfg, setup.total_steps
-    probs = setup.batches.router.probabilities
+    router = setup.batches.router
+    names = router.names
+    shares = [router.schedule.mean(i) if router.schedule.kind != "constant" else float(router.schedule.start[i])
+              for i in range(len(names))]
+    per_step = 1 if cfg.routing.granularity == "batch" else cfg.train.batch_size
     rows = []
     log.info("model %s -> %s", cfg.model.name, setup.model_path)
-    for name, src in setup.sources.items():
-        expected_examples = total * probs[name] * cfg.train.batch_size
+    log.info("routing: strategy %s, granularity %s, schedule %s, on_exhausted %s, seed %d", cfg.routing.strategy,
+             cfg.routing.granularity, router.schedule.kind, cfg.routing.on_exhausted, cfg.routing.seed)
+    for i, (name, src) in enumerate(setup.sources.items()):
+        decisions = total * per_step * shares[i]
+        examples = decisions * (cfg.train.batch_size if per_step == 1 else 1)
         if isinstance(src, LabelledSource):
             size = len(src)
-            passes = total * probs[name] / math.ceil(size / cfg.train.batch_size)
-            extra = (f"; {src.n_truncated_words} words in {src.n_truncated_sentences} sentences exceed "
-                     f"max_length={cfg.model.max_length} and are not trained on") if src.n_truncated_words else ""
-            log.info("source %-12s %-22s %6d sentences  weight %.3g  share %5.1f%%  ~%.2f passes%s",
-                     name, src.objective, size, cfg.routing.weights[name], 100 * probs[name], passes, extra)
+            passes = decisions / setup.primary_batches_per_epoch if (per_step == 1 and name == cfg.train.primary) \
+                else examples / size
+            log.info("source %-12s %-22s %6d sentences  share %5.1f%%  ~%d examples  ~%.2f passes",
+                     name, src.objective, size, 100 * shares[i], round(examples), passes)
             if src.n_truncated_words:
-                log.warning("source %s: %d words in %d sentences are beyond max_length=%d",
+                log.warning("source %s: %d words in %d sentences are beyond max_length=%d and are not trained on",
                             name, src.n_truncated_words, src.n_truncated_sentences, cfg.model.max_length)
         else:
             size, passes = None, None
-            log.info("source %-12s %-22s %6s (stream of %d files)  weight %.3g  share %5.1f%%  ~%d blocks",
-                     name, src.objective, "-", len(src.files), cfg.routing.weights[name], 100 * probs[name],
-                     round(expected_examples))
-        rows.append({"source": name, "objective": src.objective, "size": size,
-                     "weight": cfg.routing.weights[name], "share": probs[name],
-                     "expected_examples": expected_examples, "expected_passes": passes})
-    log.info("%d steps of batch %d (%g epochs of %s, %d batches each%s)", total, cfg.train.batch_size,
-             cfg.train.epochs, cfg.train.primary, setup.primary_batches_per_epoch,
-             f", max_steps {cfg.train.max_steps}" if cfg.train.max_steps else "")
+            log.info("source %-12s %-22s %6s  share %5.1f%%  ~%d blocks (stream of %d files, size unknown)",
+                     name, src.objective, "-", 100 * shares[i], round(examples), len(src.files))
+        rows.append({"source": name, "objective": src.objective, "size": size, "share": shares[i],
+                     "expected_examples": examples, "expected_passes": passes})
+    log.info("%d steps of batch %d (%g epochs of %s%s)", total, cfg.train.batch_size, cfg.train.epochs,
+             cfg.train.primary, f", max_steps {cfg.train.max_steps}" if cfg.train.max_steps else "")
     setup.source_table = rows
     return rows
