@@ -16,6 +16,7 @@ All decisions are made in the main process; a router's whole state is in ``state
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -42,6 +43,8 @@ class Router:
 
     # -- target probabilities ------------------------------------------------------------
     def target(self, step: int) -> np.ndarray:
+        if self.schedule.kind == "constant" and self.active.all():
+            return self.schedule.start
         p = self.schedule.at(step / self.horizon) * self.active
         total = p.sum()
         if total <= 0:  # every source with weight is exhausted: fall back to the active ones
@@ -54,6 +57,9 @@ class Router:
 
     # -- counter-based uniforms ------------------------------------------------------------
     def uniforms(self, start: int, n: int) -> np.ndarray:
+        block, offset = divmod(start, _BLOCK)
+        if block == self._block_id and offset + n <= _BLOCK:  # the common case: inside the cached block
+            return self._block[offset : offset + n]
         out = np.empty(n)
         filled = 0
         while filled < n:
@@ -67,11 +73,16 @@ class Router:
             filled += take
         return out
 
-    def _draw(self, p: np.ndarray, n: int) -> np.ndarray:
-        u = self.uniforms(self.decisions, n)
-        idx = np.searchsorted(np.cumsum(p), u, side="right")
-        last = int(np.flatnonzero(p > 0)[-1])
-        return np.minimum(idx, last)  # float round-off at the top never picks a zero-weight source
+    def _draw(self, p: np.ndarray, n: int) -> list[int]:
+        key = p.tobytes()
+        if key != getattr(self, "_cdf_key", None):  # constant weights: computed once
+            self._cdf_key, self._cdf = key, np.cumsum(p)
+            self._last = int(np.flatnonzero(p > 0)[-1])
+        if n == 1:  # per-batch routing: plain Python is faster than numpy for one value
+            u = float(self.uniforms(self.decisions, 1)[0])
+            return [min(bisect.bisect_right(self._cdf, u), self._last)]
+        idx = np.searchsorted(self._cdf, self.uniforms(self.decisions, n), side="right")
+        return np.minimum(idx, self._last).tolist()  # round-off at the top never picks a zero weight
 
     # -- interface -------------------------------------------------------------------------
     def choose(self, step: int, slots: int = 1) -> list[int]:
@@ -81,7 +92,7 @@ class Router:
         return out
 
     def _choose(self, step: int, slots: int) -> list[int]:
-        return self._draw(self.target(step), slots).tolist()
+        return self._draw(self.target(step), slots)
 
     def observe(self, step: int, losses: dict[str, float]) -> dict | None:
         """Per-source mean training losses of a step; returns an update record if weights moved."""
@@ -120,20 +131,23 @@ class InterleavedRouter(Router):
         live = [i for i, q in enumerate(p) if q > 0]
         d = 1.0 / (2 * len(live) - 2) if len(live) > 1 else 0.0
         counts, targets = self.counts, self.targets
+        rates = [(i, p[i]) for i in live]
+        threshold = d - 1e-9
         out = []
+        append = out.append
         for _ in range(slots):
             best, best_v = -1, math.inf
-            for i in live:
-                targets[i] += p[i]
-            for i in live:
-                if targets[i] - counts[i] >= d - 1e-9:
-                    v = (counts[i] + 1 - d - targets[i]) / p[i]
+            for i, q in rates:
+                t = targets[i] = targets[i] + q
+                c = counts[i]
+                if t - c >= threshold:
+                    v = (c + 1 - d - t) / q
                     if v < best_v:
                         best, best_v = i, v
             if best < 0:  # cannot happen for constant weights; schedules may briefly get here
                 best = max(live, key=lambda i: targets[i] - counts[i])
             counts[best] += 1
-            out.append(best)
+            append(best)
         return out
 
     def state_dict(self) -> dict:
@@ -145,31 +159,38 @@ class InterleavedRouter(Router):
 
 
 class AdaptiveRouter(Router):
-    """Online Data Mixing (Albalak et al., 2023) in the Exp3 family.
+    """Online Data Mixing (Albalak et al., 2023) in the Exp3 family, with the configured weights
+    as a prior.
 
-    Reward of a source = its mean training loss since the last update divided by its first
-    observed loss (so objectives with different loss scales compare), importance-weighted by
-    1/p and smoothed: R <- s R + (1 - s) reward / p. Weights: p = (1 - k floor) softmax(eta R) + floor.
+    Reward of a source: its training loss divided by its first observed loss (so objectives with
+    different loss scales compare; a source whose loss stays high, or rises as it is forgotten,
+    earns weight). With one source per batch the reward is importance-weighted, Exp3 style:
+    the sum of the window's rewards / (window x p), zero for a source not drawn. Smoothed:
+    R <- s R + (1 - s) reward. Weights: p = (1 - k floor) normalise(start x exp(eta R)) + floor.
     """
 
     strategy = "adaptive"
 
     def __init__(self, names, schedule, seed, horizon, eta: float, floor: float, smoothing: float,
-                 update_every: int):
+                 update_every: int, importance: bool = True):
         super().__init__(names, schedule, seed, horizon)
         self.eta, self.floor, self.smoothing, self.update_every = eta, floor, smoothing, update_every
-        self.allowed = schedule.start > 0  # sources with a zero start weight stay out
+        self.importance = importance
+        self.prior = np.asarray(schedule.start, dtype=np.float64)
         self.rewards = [0.0] * len(names)
         self.first_loss: list[float | None] = [None] * len(names)
         self._sums = [0.0] * len(names)
         self._n = [0] * len(names)
+        self._window = 0
         self.probs = self._probabilities()
 
     def _probabilities(self) -> np.ndarray:
-        mask = self.allowed & self.active
+        mask = (self.prior > 0) & self.active
+        if not mask.any():
+            mask = self.active.copy()
         k = int(mask.sum())
-        z = np.where(mask, self.eta * np.array(self.rewards), -np.inf)
-        z = np.exp(z - z[mask].max()) * mask
+        z = np.array(self.rewards) * self.eta
+        z = np.where(mask, np.exp(z - z[mask].max()) * np.where(self.prior > 0, self.prior, 1.0), 0.0)
         floor = min(self.floor, 1.0 / k)
         return ((1 - k * floor) * z / z.sum() + floor) * mask
 
@@ -183,31 +204,33 @@ class AdaptiveRouter(Router):
     def observe(self, step: int, losses: dict[str, float]) -> dict | None:
         for name, loss in losses.items():
             i = self.names.index(name)
-            self._sums[i] += loss
+            if self.first_loss[i] is None:
+                self.first_loss[i] = loss if loss > 0 else 1.0
+            self._sums[i] += loss / self.first_loss[i]
             self._n[i] += 1
+        self._window += 1
         if (step + 1) % self.update_every:
             return None
         for i in range(len(self.names)):
-            if not self._n[i]:
-                continue
-            mean = self._sums[i] / self._n[i]
-            if self.first_loss[i] is None:
-                self.first_loss[i] = mean if mean > 0 else 1.0
-            reward = mean / self.first_loss[i]
-            self.rewards[i] = self.smoothing * self.rewards[i] + (1 - self.smoothing) * reward / max(self.probs[i], 1e-6)
-        self._sums, self._n = [0.0] * len(self.names), [0] * len(self.names)
+            if self.importance:
+                reward = self._sums[i] / (self._window * max(self.probs[i], 1e-6)) if self.probs[i] > 0 else None
+            else:
+                reward = self._sums[i] / self._n[i] if self._n[i] else None
+            if reward is not None:
+                self.rewards[i] = self.smoothing * self.rewards[i] + (1 - self.smoothing) * reward
+        self._sums, self._n, self._window = [0.0] * len(self.names), [0] * len(self.names), 0
         self.probs = self._probabilities()
         return {"step": step + 1, "weights": dict(zip(self.names, self.probs.round(6).tolist())),
                 "rewards": dict(zip(self.names, [round(r, 6) for r in self.rewards]))}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rewards": list(self.rewards), "first_loss": list(self.first_loss),
-                "sums": list(self._sums), "n": list(self._n)}
+                "sums": list(self._sums), "n": list(self._n), "window": self._window}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.rewards, self.first_loss = list(state["rewards"]), list(state["first_loss"])
-        self._sums, self._n = list(state["sums"]), list(state["n"])
+        self._sums, self._n, self._window = list(state["sums"]), list(state["n"]), int(state["window"])
         self.probs = self._probabilities()
 
 
@@ -216,5 +239,6 @@ def make_router(routing, names: list[str], schedule: Schedule, horizon: int) -> 
         return InterleavedRouter(names, schedule, routing.seed, horizon)
     if routing.strategy == "adaptive":
         a = routing.adaptive
-        return AdaptiveRouter(names, schedule, routing.seed, horizon, a.eta, a.floor, a.smoothing, a.update_every)
+        return AdaptiveRouter(names, schedule, routing.seed, horizon, a.eta, a.floor, a.smoothing, a.update_every,
+                              importance=routing.granularity == "batch")
     return IIDRouter(names, schedule, routing.seed, horizon)

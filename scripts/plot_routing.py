@@ -1,0 +1,102 @@
+"""Plots for docs/routing.md: realised vs target shares of each routing strategy.
+
+    .venv/bin/python scripts/plot_routing.py      # writes docs/img/routing-*.png
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from routetune.data.mixing import Schedule  # noqa: E402
+from routetune.data.router import AdaptiveRouter, IIDRouter, InterleavedRouter  # noqa: E402
+
+OUT = ROOT / "docs" / "img"
+NAMES = ["task", "general"]
+P = np.array([0.8, 0.2])
+
+
+def realised(router, steps: int) -> np.ndarray:
+    picks = np.array([router.choose(s, 1)[0] for s in range(steps)])
+    return np.cumsum(picks == 1) / np.arange(1, steps + 1), picks
+
+
+def plot_static() -> None:
+    steps = 400
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, cls in (("iid", IIDRouter), ("interleaved", InterleavedRouter)):
+        share, picks = realised(cls(NAMES, Schedule("constant", P), 13, steps), steps)
+        a.plot(share, label=label)
+        dev = np.cumsum(picks == 1) - P[1] * np.arange(1, steps + 1)
+        b.plot(dev, label=label)
+    a.axhline(P[1], color="k", ls="--", lw=1, label="target 0.2")
+    a.set(title="realised share of 'general' (cumulative)", xlabel="step", ylim=(0, 0.5))
+    b.axhline(1, color="k", ls=":", lw=1)
+    b.axhline(-1, color="k", ls=":", lw=1)
+    b.set(title="count minus target count", xlabel="step")
+    a.legend()
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "routing-static.png", dpi=100)
+
+
+def plot_schedule() -> None:
+    steps, window = 2000, 100
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for kind in ("linear", "cosine"):
+        sch = Schedule(kind, np.array([0.5, 0.5]), np.array([0.9, 0.1]))
+        _, picks = realised(InterleavedRouter(NAMES, sch, 0, steps), steps)
+        windowed = np.convolve(picks == 1, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window // 2, steps - window // 2 + 1), windowed, label=f"{kind}: realised ({window}-step window)")
+        ax.plot([sch.at(s / steps)[1] for s in range(steps)], "k--" if kind == "linear" else "k:", lw=1,
+                label=f"{kind}: target")
+    ax.set(title="schedule: general 0.5 -> 0.1 (interleaved)", xlabel="step", ylabel="share of 'general'")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "routing-schedule.png", dpi=100)
+
+
+def plot_adaptive() -> None:
+    """Synthetic losses: the task loss falls as it is trained; the general loss creeps up
+    (forgetting) while general text is not drawn, and falls back when it is."""
+    steps = 600
+    r = AdaptiveRouter(NAMES, Schedule("constant", P), 0, steps, eta=1.0, floor=0.05, smoothing=0.8,
+                       update_every=10)
+    task_seen, general_loss = 0, 3.0
+    weights = []
+    for s in range(steps):
+        chosen = NAMES[r.choose(s, 1)[0]]
+        if chosen == "task":
+            task_seen += 1
+            general_loss *= 1.003
+            losses = {"task": 2.0 * 0.99 ** task_seen}
+        else:
+            general_loss = max(3.0, general_loss * 0.98)
+            losses = {"general": general_loss}
+        r.observe(s, losses)
+        weights.append(r.probs.copy())
+    w = np.array(weights)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, n in enumerate(NAMES):
+        ax.plot(w[:, i], label=n)
+    ax.set(title="adaptive (Exp3-style) weights on synthetic losses", xlabel="step", ylabel="probability")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "routing-adaptive.png", dpi=100)
+
+
+if __name__ == "__main__":
+    OUT.mkdir(parents=True, exist_ok=True)
+    plot_static()
+    plot_schedule()
+    plot_adaptive()
+    print("wrote", ", ".join(sorted(p.name for p in OUT.glob("routing-*.png"))))
