@@ -25,7 +25,7 @@ def trained(tmp_path, tiny_model_dir, ner_files):
 def test_train_eval_predict(trained):
     run_dir, summary = trained
     for name in ("config.yaml", "labels.json", "metrics.jsonl", "summary.json", "train.log",
-                 "checkpoints/best/heads.json", "checkpoints/last/model.safetensors"):
+                 "checkpoints/best/heads.json", "checkpoints/best/COMPLETE", "plan.jsonl"):
         assert (run_dir / name).is_file(), name
     assert summary["steps"] == summary["planned_steps"] > 0
     # both sources were used and the counts add up to the steps

@@ -38,12 +38,30 @@ def train_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=3e-5 (repeatable)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder of the same name"),
     test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the test sets at the end"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run folder named by run.name from its newest checkpoint"),
 ) -> None:
-    """Train a config into a new run folder."""
-    from routetune.evaluate.metrics import format_report
+    """Train a config into a new run folder (or continue one with --resume)."""
     from routetune.workflow import train
 
-    run_dir, summary = train(config, set_, overwrite=overwrite, run_test=test)
+    run_dir, summary = train(config, set_, overwrite=overwrite, run_test=test, resume=resume)
+    _print_summary(run_dir, summary)
+
+
+@app.command("resume")
+def resume_cmd(
+    run: Path = typer.Argument(..., help="Run folder"),
+    test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the test sets at the end"),
+) -> None:
+    """Continue an interrupted run exactly from its newest complete checkpoint."""
+    from routetune.workflow import resume_run
+
+    run_dir, summary = resume_run(run, run_test=test)
+    _print_summary(run_dir, summary)
+
+
+def _print_summary(run_dir: Path, summary: dict) -> None:
+    from routetune.evaluate.metrics import format_report
+
     for name, scores in summary.get("test", {}).items():
         typer.echo(format_report(name, "test", scores))
     best = summary["best"]
@@ -56,7 +74,7 @@ def train_cmd(
 def eval_cmd(
     run: Path = typer.Argument(..., help="Run folder"),
     split: str = typer.Option("test", "--split", help="dev or test"),
-    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report"),
 ) -> None:
     """Evaluate a run's checkpoint on a split of its labelled sources."""

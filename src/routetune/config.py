@@ -185,6 +185,16 @@ class TrainConfig(_Strict):
     """Examples per batch at evaluation and prediction."""
     log_every: int = Field(10, ge=1)
     """Steps between `train` events in metrics.jsonl."""
+    log_plan: bool = True
+    """Write plan.jsonl: the source and example ids of every step (an audit trail of the routing)."""
+    save_every_steps: int | None = Field(None, ge=1)
+    """Write a full resumable checkpoint every N steps (one is always written at each dev evaluation and at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Step checkpoints kept (the newest N); `best` is kept besides them."""
+    nonfinite: Literal["abort", "skip"] = "abort"
+    """On a NaN/inf loss: `abort` (stop, naming step and source; no checkpoint after the bad step) or `skip` the update."""
+    max_skipped: int = Field(10, ge=1)
+    """With nonfinite=skip: abort after this many consecutive skipped steps."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     """Early stopping on a dev metric."""
     progress: bool = True

@@ -16,8 +16,9 @@ from routetune.errors import RunError
 from routetune.evaluate.metrics import evaluate_tagging
 from routetune.model.heads import RoutedModel
 from routetune.model.load import load_tokenizer
-from routetune.train.engine import evaluate_dev, fit
-from routetune.train.setup import prepare
+from routetune.train import checkpoint as ckpt
+from routetune.train.engine import Trainer, evaluate_dev
+from routetune.train.setup import Setup, prepare
 
 log = logging.getLogger("routetune")
 
@@ -45,23 +46,81 @@ def _add_file_log(path: Path) -> logging.Handler:
 
 
 def train(config_path: str | Path, overrides: list[str] | None = None, overwrite: bool = False,
-          run_test: bool = True) -> tuple[Path, dict]:
-    """Validate everything, train, evaluate dev/test with the best checkpoint, write summary.json."""
-    started = time.time()
+          run_test: bool = True, resume: bool = False) -> tuple[Path, dict]:
+    """Validate everything, train, evaluate dev/test with the best checkpoint, write summary.json.
+
+    With `resume`, continue the run folder this config names from its newest complete checkpoint
+    (the config must equal the one saved in the run folder)."""
     config_path = Path(config_path)
     cfg = load_config(config_path, overrides)
     run_dir = run_dir_for(cfg, config_path)
+    if resume:
+        if cfg.run.name is None:
+            raise RunError("--resume needs run.name in the config (or use: routetune resume RUN)")
+        saved = config_from_run(run_dir) if run_dir.is_dir() else None
+        if saved is None:
+            raise RunError(f"{run_dir}: no run folder to resume")
+        diff = _config_diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+        if diff:
+            raise RunError(f"{run_dir}: the config differs from the run's saved config at "
+                           f"{', '.join(diff[:5])}; resume with the same config (or start a new run)")
+        return resume_run(run_dir, run_test)
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:  # refuse before any heavy work
         claim_run_dir(run_dir, overwrite)
     setup = prepare(cfg)  # reads and checks all data, loads the model: fails before the folder is touched
     claim_run_dir(run_dir, overwrite)
+    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    (run_dir / "labels.json").write_text(json.dumps(setup.labels, indent=2) + "\n", encoding="utf-8")
+    return _fit_and_report(setup, run_dir, run_test, resume_from=None)
+
+
+def resume_run(run_dir: str | Path, run_test: bool = True) -> tuple[Path, dict]:
+    """Continue a run from its newest complete checkpoint, exactly where it stopped."""
+    run_dir = Path(run_dir)
+    cfg = config_from_run(run_dir)
+    removed = ckpt.clean_incomplete(run_dir / "checkpoints")
+    if removed:
+        log.warning("removed incomplete checkpoint folders: %s", ", ".join(removed))
+    folder = ckpt.newest_valid(run_dir / "checkpoints")
+    if folder is None:
+        raise RunError(f"{run_dir}: no complete checkpoint to resume from")
+    setup = prepare(cfg)
+    _check_labels(run_dir, setup.labels)
+    return _fit_and_report(setup, run_dir, run_test, resume_from=folder)
+
+
+def _check_labels(run_dir: Path, labels: dict) -> None:
+    saved = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+    for name in set(saved) | set(labels):
+        if saved.get(name) != labels.get(name):
+            new = sorted(set(labels.get(name, [])) - set(saved.get(name, [])))
+            gone = sorted(set(saved.get(name, [])) - set(labels.get(name, [])))
+            raise RunError(f"{run_dir}/labels.json: the label set of source {name!r} changed since the run started "
+                           f"(new: {new or 'none'}; missing: {gone or 'none'}); a resumed run must see the same labels")
+
+
+def _config_diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Path | None) -> tuple[Path, dict]:
+    started = time.time()
+    cfg = setup.cfg
     handler = _add_file_log(run_dir / "train.log")
     try:
-        (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        (run_dir / "labels.json").write_text(json.dumps(setup.labels, indent=2) + "\n", encoding="utf-8")
         log.info("run folder %s", run_dir)
-        result = fit(setup, run_dir)
-        checkpoint = "best" if (run_dir / "checkpoints" / "best").is_dir() else "last"
+        trainer = Trainer(setup, run_dir)
+        if resume_from is not None:
+            step = trainer.restore(resume_from)
+            log.info("resumed from %s at step %d of %d", resume_from.name, step, setup.total_steps)
+        result = trainer.run()
+        best = run_dir / "checkpoints" / "best"
+        checkpoint = "best" if (best / ckpt.COMPLETE).is_file() else "last"
         summary = {
             "run": str(run_dir),
             "steps": result.steps,
@@ -74,8 +133,9 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
             "tokens_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
         }
         if run_test and setup.test:
-            model = RoutedModel.load(run_dir / "checkpoints" / checkpoint) if checkpoint == "best" else setup.model
-            setup.model = model
+            if checkpoint == "best":
+                ckpt.verify(best)
+                setup.model = RoutedModel.load(best)
             _, full = evaluate_dev(setup, setup.test)
             summary["test"] = full
         summary["wall_seconds"] = round(time.time() - started, 2)
@@ -86,17 +146,29 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
     return run_dir, summary
 
 
+def checkpoint_folder(run_dir: Path, checkpoint: str = "best") -> Path:
+    """`best` (falls back to the newest step checkpoint when the run had no dev set), `last`
+    (the newest step checkpoint), or a checkpoint folder name; always verified."""
+    root = run_dir / "checkpoints"
+    if checkpoint == "best" and (root / "best").is_dir():
+        folder = root / "best"
+    elif checkpoint in ("best", "last"):
+        folder = ckpt.newest_valid(root)
+        if folder is None:
+            raise RunError(f"{root}: no complete checkpoint; did training finish?")
+    else:
+        folder = root / checkpoint
+    ckpt.verify(folder)
+    return folder
+
+
 def load_run(run_dir: str | Path, checkpoint: str = "best"):
-    """(config, model, tokenizer) of a finished run; `best` falls back to `last` if no dev set existed."""
+    """(config, model, tokenizer) of a run, from a verified checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder")
     cfg = config_from_run(run_dir)
-    folder = run_dir / "checkpoints" / checkpoint
-    if checkpoint == "best" and not folder.is_dir():
-        folder = run_dir / "checkpoints" / "last"
-    if not (folder / "heads.json").is_file():
-        raise RunError(f"{folder}: no complete checkpoint (heads.json missing); did training finish?")
+    folder = checkpoint_folder(run_dir, checkpoint)
     return cfg, RoutedModel.load(folder), load_tokenizer(str(folder))
 
 

@@ -117,6 +117,23 @@ class RoutedModel(nn.Module):
         specs = {name: head.spec() for name, head in self.heads.items()}
         (folder / "heads.json").write_text(json.dumps(specs, indent=2) + "\n")
 
+    def load_weights(self, folder: str | Path) -> None:
+        """Load the exact tensors of a checkpoint saved by :meth:`save` into this model."""
+        folder = Path(folder)
+        state = load_file(str(folder / "model.safetensors"))
+        result = self.lm.load_state_dict(state, strict=False)
+        params = dict(self.lm.named_parameters(remove_duplicate=False))
+        loaded = {params[k].data_ptr() for k in state if k in params}
+        untied = [k for k in result.missing_keys if k in params and params[k].data_ptr() not in loaded]
+        if untied or [k for k in result.unexpected_keys if k in params]:
+            raise ValueError(f"{folder}/model.safetensors does not fit this model (missing {untied[:3]})")
+        specs = json.loads((folder / "heads.json").read_text())
+        if set(specs) != set(self.heads) or any(specs[n] != self.heads[n].spec() for n in specs):
+            raise ValueError(f"{folder}/heads.json: heads or label sets differ from this run's")
+        tensors = load_file(str(folder / "heads.safetensors")) if specs else {}
+        for name, head in self.heads.items():
+            head.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+
     @classmethod
     def load(cls, folder: str | Path) -> "RoutedModel":
         folder = Path(folder)

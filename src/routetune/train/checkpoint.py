@@ -1,31 +1,200 @@
-"""Checkpoint folders, written atomically: into a temporary folder, then renamed into place."""
+"""Checkpoints that never half-exist.
+
+A checkpoint is written into a temporary folder inside ``checkpoints/``, every file fsynced, a
+``manifest.json`` of SHA-256 digests added, the folder renamed into place, and only then a
+``COMPLETE`` marker (holding the manifest's own digest) written. A folder without the marker is
+not a checkpoint: it is never loaded and is removed by :func:`clean_incomplete`. Loading verifies
+every digest and names the first file that does not match.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
 
-def save_atomic(folder: Path, write) -> None:
-    """Call ``write(tmp_folder)`` and move the result to `folder`, replacing any older version only
-    once the new one is complete."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    old = folder.parent / f".old-{folder.name}"
+from routetune.errors import RoutetuneError
+
+log = logging.getLogger("routetune")
+
+MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RoutetuneError):
+    """A checkpoint is incomplete, truncated or altered."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        write(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-        if old.exists():
-            shutil.rmtree(old)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        os.fsync(fd)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE))
+
+
+def save_atomic(folder: Path, write, after_files=None) -> None:
+    """Call ``write(tmp)``; then fsync, add the manifest, rename to `folder`, mark COMPLETE.
+
+    An existing `folder` is replaced only after the new one is complete on disk. `after_files`
+    is a test hook called between writing the files and the rename.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write(tmp)
+    manifest = {}
+    for f in _files(tmp):
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+        manifest[f.relative_to(tmp).as_posix()] = _sha256(f)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    with (tmp / MANIFEST).open("rb") as fh:
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if after_files is not None:
+        after_files(tmp)
+    old = folder.parent / f".old-{folder.name}-{os.getpid()}"
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    (folder / COMPLETE).write_text(_sha256(folder / MANIFEST) + "\n")
+    with (folder / COMPLETE).open("rb") as fh:
+        os.fsync(fh.fileno())
+    _fsync_dir(folder.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def verify(folder: Path) -> None:
+    """Raise CheckpointError unless `folder` is complete and every file matches its digest."""
+    folder = Path(folder)
+    if not (folder / COMPLETE).is_file():
+        raise CheckpointError(f"{folder}: checkpoint is incomplete (no {COMPLETE} marker)")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file() or _sha256(manifest_path) != (folder / COMPLETE).read_text().strip():
+        raise CheckpointError(f"{manifest_path}: manifest missing or altered")
+    manifest = json.loads(manifest_path.read_text())
+    for rel, digest in manifest.items():
+        path = folder / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file listed in the manifest is missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: SHA-256 does not match the manifest (truncated or altered)")
+
+
+def step_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / COMPLETE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def newest_valid(root: Path) -> Path | None:
+    """The newest step checkpoint that verifies; a damaged newer one is reported, not used."""
+    errors = []
+    for _, path in reversed(step_checkpoints(root)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as exc:
+            log.warning("skipping damaged checkpoint: %s", exc)
+            errors.append(str(exc))
+    if errors:
+        raise CheckpointError("no step checkpoint verifies: " + "; ".join(errors))
+    return None
+
+
+def clean_incomplete(root: Path) -> list[str]:
+    """Remove temporary and unmarked folders left by an interrupted write."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        if p.is_dir() and (p.name.startswith((".tmp-", ".old-")) or not (p / COMPLETE).is_file()):
+            shutil.rmtree(p)
+            removed.append(p.name)
+    return removed
+
+
+def prune(root: Path, keep_last: int) -> None:
+    for _, path in step_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(path)
+
+
+# ---- optimizer and RNG state as tensors + JSON (never pickle) ------------------------------
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    state = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, entry in state["state"].items():
+        meta["state"][str(pid)] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().contiguous()
+                meta["state"][str(pid)][key] = "tensor"
+            else:
+                meta["state"][str(pid)][key] = value
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps(meta))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    meta = json.loads((folder / "optimizer.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state = {}
+    for pid, entry in meta["state"].items():
+        state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in entry.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    import random
+
+    import numpy as np
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return ({"torch": torch.get_rng_state()},
+            {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]})
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))

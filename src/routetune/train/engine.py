@@ -1,24 +1,28 @@
-"""The training loop. It reads top to bottom: draw a routed batch, compute its source's loss,
-step, log, evaluate, maybe stop. Early stopping and checkpointing live in small stateful helpers."""
+"""The training loop. ``Trainer.run`` reads top to bottom: draw a routed batch, compute each
+source's loss, step, log, evaluate, checkpoint, maybe stop. Everything the loop carries from one
+step to the next lives in state that is checkpointed, so a resumed run continues exactly."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from routetune.errors import RoutetuneError
 from routetune.evaluate.metrics import evaluate_tagging
 from routetune.model.inference import autocast
+from routetune.train import checkpoint as ckpt
 from routetune.train.callbacks import EarlyStopping, MetricsLog
-from routetune.train.checkpoint import save_atomic
+from routetune.train.faults import maybe_kill
 from routetune.train.setup import TAG_METRICS, Setup
 
 log = logging.getLogger("routetune")
@@ -65,10 +69,9 @@ class FitResult:
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 else decay).append(p)  # biases and LayerNorm weights: no decay
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)  # biases and LayerNorm weights: no decay
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr)
 
@@ -85,88 +88,184 @@ def evaluate_dev(setup: Setup, sets: dict) -> tuple[dict, dict]:
     return flat, full
 
 
-def fit(setup: Setup, run_dir: Path) -> FitResult:
-    cfg, tc = setup.cfg, setup.cfg.train
-    model, batches = setup.model, setup.batches
-    objectives = {n: s.objective for n, s in setup.sources.items()}
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(tc.warmup_ratio * setup.total_steps),
-                                                setup.total_steps)
-    stopper = EarlyStopping(tc.early_stopping.metric, tc.early_stopping.mode, tc.early_stopping.patience,
-                            tc.early_stopping.min_delta)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    metrics.write("start", total_steps=setup.total_steps, sources=setup.source_table,
-                  labels=setup.labels, routing=batches.router.state_dict())
-    stats = {n: SourceStats() for n in setup.sources}
-    ckpt = run_dir / "checkpoints"
-    train_seconds, stopped = 0.0, False
-    # Redraw at most every 30 s when stderr is not a terminal, so logs stay readable.
-    bar = tqdm(total=setup.total_steps, disable=not tc.progress, desc="train", dynamic_ncols=True,
-               mininterval=0.2 if sys.stderr.isatty() else 30.0)
-    model.train()
+def truncate_log(path: Path, step: int) -> None:
+    """Drop events logged after `step` (they belong to the part of a run that a resume redoes)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
-    loss_weights = cfg.routing.loss_weights
-    for step in range(batches.step, setup.total_steps):
-        if batches.finished:
-            log.info("routing: stop policy %s ended the run after step %d", cfg.routing.on_exhausted, step)
-            break
-        t0 = time.perf_counter()
-        parts = batches.next()
+
+class Trainer:
+    def __init__(self, setup: Setup, run_dir: Path):
+        self.setup, self.run_dir = setup, run_dir
+        cfg, tc = setup.cfg, setup.cfg.train
+        self.model, self.batches = setup.model, setup.batches
+        self.objectives = {n: s.objective for n, s in setup.sources.items()}
+        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, round(tc.warmup_ratio * setup.total_steps), setup.total_steps)
+        es = tc.early_stopping
+        self.stopper = EarlyStopping(es.metric, es.mode, es.patience, es.min_delta)
+        self.stats = {n: SourceStats() for n in setup.sources}
+        self.train_seconds = 0.0
+        self.skipped_in_a_row = 0
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.plan_log = None  # opened in run(), after a resume has truncated the file
+        self.loss_weights = cfg.routing.loss_weights
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> FitResult:
+        setup, tc = self.setup, self.setup.cfg.train
+        batches, model = self.batches, self.model
+        start = batches.step
+        if start == 0:
+            self.metrics.write("start", total_steps=setup.total_steps, sources=setup.source_table,
+                               labels=setup.labels, routing=batches.router.state_dict())
+        bar = tqdm(total=setup.total_steps, initial=start, disable=not tc.progress, desc="train",
+                   dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
+        stopped = False
+        if tc.log_plan:
+            self.plan_log = (self.run_dir / "plan.jsonl").open("a", encoding="utf-8")
+        model.train()
+        for step in range(start, setup.total_steps):
+            if batches.finished:
+                log.info("routing: stop policy %s ended the run after step %d", setup.cfg.routing.on_exhausted, step)
+                break
+            t0 = time.perf_counter()
+            parts = batches.next()
+            if self.plan_log:
+                for p in parts:
+                    self.plan_log.write(json.dumps({"step": step + 1, "source": p.source, "ids": p.example_ids}) + "\n")
+                self.plan_log.flush()
+            part_losses = self.train_step(step, parts)
+            self.train_seconds += time.perf_counter() - t0
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix({n: f"{s.ema:.3f}" for n, s in self.stats.items() if s.ema is not None}, refresh=False)
+            update = batches.router.observe(step, part_losses)
+            if update is not None:
+                self.metrics.write("route_update", **update)
+            if done % tc.log_every == 0 or done == setup.total_steps:
+                self.log_train(done, step)
+            epoch_end = any(p.epoch_ended and p.source == tc.primary for p in parts)
+            due_eval = (tc.eval_every_steps and done % tc.eval_every_steps == 0) or (tc.eval_each_epoch and epoch_end)
+            if setup.dev and due_eval:
+                stopped = self.evaluate(done)
+            if (setup.dev and due_eval) or (tc.save_every_steps and done % tc.save_every_steps == 0) \
+                    or stopped or done == setup.total_steps:
+                self.save(done)
+            maybe_kill("after_step", done)
+            if stopped:
+                break
+        bar.close()
+        if not ckpt.step_checkpoints(self.ckpt_dir) or ckpt.step_checkpoints(self.ckpt_dir)[-1][0] != batches.step:
+            self.save(batches.step)  # a stop policy ended the run between checkpoints
+        if self.plan_log:
+            self.plan_log.close()
+        return FitResult(steps=batches.step, best_step=self.stopper.best_step, best_metric=self.stopper.best,
+                         stopped_early=stopped, train_seconds=self.train_seconds,
+                         tokens=sum(s.tokens for s in self.stats.values()),
+                         sources={n: {"batches": s.batches, "examples": s.examples, "tokens": s.tokens}
+                                  for n, s in self.stats.items()})
+
+    def train_step(self, step: int, parts: list) -> dict[str, float]:
+        """Forward each source's part, combine the losses, update. Returns per-source losses."""
+        tc = self.setup.cfg.train
         n_total = sum(len(p.example_ids) for p in parts)
-        total_loss, part_losses = 0.0, {}
+        total, losses = 0.0, {}
         for part in parts:  # one part per source in the batch (always one with granularity=batch)
             with autocast(tc.precision):
-                loss = model.loss(part.source, objectives[part.source], part.tensors)
+                loss = self.model.loss(part.source, self.objectives[part.source], part.tensors)
             value = loss.item()
             if not math.isfinite(value):
-                raise NonFiniteLoss(f"step {step + 1}: non-finite loss {value} on a batch of source "
-                                    f"{part.source!r} (examples {part.example_ids[:8]}); stopping without "
-                                    "a checkpoint of this step")
-            part_losses[part.source] = value
-            total_loss = total_loss + loss_weights.get(part.source, 1.0) * len(part.example_ids) / n_total * loss
-        total_loss.backward()
+                return self.non_finite(step, part, value)
+            losses[part.source] = value
+            total = total + self.loss_weights.get(part.source, 1.0) * len(part.example_ids) / n_total * loss
+        total.backward()
         if tc.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - t0
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_in_a_row = 0
         for part in parts:
-            stats[part.source].add(len(part.example_ids), part.n_tokens, part_losses[part.source])
-        update = batches.router.observe(step, part_losses)
-        if update is not None:
-            metrics.write("route_update", **update)
+            self.stats[part.source].add(len(part.example_ids), part.n_tokens, losses[part.source])
+        return losses
 
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix({n: f"{s.ema:.3f}" for n, s in stats.items() if s.ema is not None}, refresh=False)
-        if done % tc.log_every == 0 or done == setup.total_steps:
-            seen = sum(st.examples for st in stats.values()) or 1
-            target = dict(zip(batches.router.names, batches.router.target(step).round(6).tolist()))
-            metrics.write("train", step=done, lr=scheduler.get_last_lr()[0],
-                          sources={n: {**st.flush(), "share": st.examples / seen, "target": target[n]}
-                                   for n, st in stats.items()},
-                          tokens_per_s=sum(st.tokens for st in stats.values()) / max(train_seconds, 1e-9))
-        epoch_end = any(p.epoch_ended and p.source == tc.primary for p in parts)
-        due = (tc.eval_every_steps and done % tc.eval_every_steps == 0) or (tc.eval_each_epoch and epoch_end)
-        if setup.dev and due:
-            flat, full = evaluate_dev(setup, setup.dev)
-            is_best, stopped = stopper.update(flat, done)
-            metrics.write("eval", step=done, split="dev", metrics=flat, best=is_best,
-                          per_type={n: s["per_type"] for n, s in full.items()})
-            log.info("step %d dev %s%s", done, "  ".join(f"{k}={v:.4f}" for k, v in flat.items()),
-                     "  (best)" if is_best else "")
-            if is_best:
-                save_atomic(ckpt / "best", lambda d: model.save(d, setup.tokenizer))
-            if stopped:
-                log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %d)",
-                         done, stopper.metric, stopper.patience, stopper.best, stopper.best_step)
-                metrics.write("early_stop", step=done, best=stopper.best, best_step=stopper.best_step)
-                break
-    bar.close()
-    save_atomic(ckpt / "last", lambda d: model.save(d, setup.tokenizer))
-    return FitResult(steps=batches.step, best_step=stopper.best_step, best_metric=stopper.best,
-                     stopped_early=stopped, train_seconds=train_seconds,
-                     tokens=sum(s.tokens for s in stats.values()),
-                     sources={n: {"batches": s.batches, "examples": s.examples, "tokens": s.tokens}
-                              for n, s in stats.items()})
+    def non_finite(self, step: int, part, value: float) -> dict:
+        tc = self.setup.cfg.train
+        where = (f"step {step + 1}: non-finite loss {value} on a batch of source {part.source!r} "
+                 f"(examples {part.example_ids[:8]})")
+        self.optimizer.zero_grad(set_to_none=True)
+        if tc.nonfinite == "abort":
+            raise NonFiniteLoss(where + "; stopping (train.nonfinite=abort), no checkpoint of this step")
+        self.skipped_in_a_row += 1
+        self.scheduler.step()  # the step is used up; keep the schedule aligned with the plan
+        self.metrics.write("skipped", step=step + 1, source=part.source, loss=str(value))
+        log.warning("%s; update skipped (%d in a row)", where, self.skipped_in_a_row)
+        if self.skipped_in_a_row >= tc.max_skipped:
+            raise NonFiniteLoss(where + f"; {self.skipped_in_a_row} consecutive skipped steps "
+                                        f"(train.max_skipped={tc.max_skipped})")
+        return {}
+
+    def log_train(self, done: int, step: int) -> None:
+        seen = sum(st.examples for st in self.stats.values()) or 1
+        target = dict(zip(self.batches.router.names, self.batches.router.target(step).round(6).tolist()))
+        self.metrics.write("train", step=done, lr=self.scheduler.get_last_lr()[0],
+                           sources={n: {**st.flush(), "share": st.examples / seen, "target": target[n]}
+                                    for n, st in self.stats.items()},
+                           tokens_per_s=sum(st.tokens for st in self.stats.values()) / max(self.train_seconds, 1e-9))
+
+    def evaluate(self, done: int) -> bool:
+        flat, full = evaluate_dev(self.setup, self.setup.dev)
+        is_best, stop = self.stopper.update(flat, done)
+        self.metrics.write("eval", step=done, split="dev", metrics=flat, best=is_best,
+                           per_type={n: s["per_type"] for n, s in full.items()})
+        log.info("step %d dev %s%s", done, "  ".join(f"{k}={v:.4f}" for k, v in flat.items()),
+                 "  (best)" if is_best else "")
+        if is_best:
+            ckpt.save_atomic(self.ckpt_dir / "best", lambda d: self.model.save(d, self.setup.tokenizer))
+        if stop:
+            log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %d)",
+                     done, self.stopper.metric, self.stopper.patience, self.stopper.best, self.stopper.best_step)
+            self.metrics.write("early_stop", step=done, best=self.stopper.best, best_step=self.stopper.best_step)
+        return stop
+
+    # ---------------------------------------------------------------- state
+    def save(self, step: int) -> None:
+        def write(folder: Path) -> None:
+            self.model.save(folder, self.setup.tokenizer)
+            ckpt.save_optimizer(self.optimizer, folder)
+            tensors, rng_meta = ckpt.rng_state()
+            save_file(tensors, str(folder / "rng.safetensors"))
+            state = {"step": step, "batches": self.batches.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "early_stopping": self.stopper.state_dict(), "stats": {n: asdict(s) for n, s in self.stats.items()},
+                     "train_seconds": self.train_seconds, "skipped_in_a_row": self.skipped_in_a_row, "rng": rng_meta}
+            (folder / "trainer_state.json").write_text(json.dumps(state))
+
+        ckpt.save_atomic(self.ckpt_dir / f"step-{step:08d}", write,
+                         after_files=lambda tmp: maybe_kill("in_checkpoint", step))
+        ckpt.prune(self.ckpt_dir, self.setup.cfg.train.keep_last)
+
+    def restore(self, folder: Path) -> int:
+        """Load everything from a verified step checkpoint; returns its step."""
+        ckpt.verify(folder)
+        self.model.load_weights(folder)
+        ckpt.load_optimizer(self.optimizer, folder)
+        state = json.loads((folder / "trainer_state.json").read_text())
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["batches"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.stats = {n: SourceStats(**s) for n, s in state["stats"].items()}
+        self.train_seconds, self.skipped_in_a_row = state["train_seconds"], state["skipped_in_a_row"]
+        ckpt.set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
+        step = int(state["step"])
+        for name in ("metrics.jsonl", "plan.jsonl"):
+            truncate_log(self.run_dir / name, step)
+        self.metrics.write("resume", step=step, checkpoint=folder.name)
+        return step

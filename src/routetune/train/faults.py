@@ -1,0 +1,18 @@
+"""Fault injection for the reliability tests: ``ROUTETUNE_FAULT="after_step:12"`` kills the
+process with SIGKILL right after step 12; ``in_checkpoint:10`` kills it while the checkpoint of
+step 10 is half written. Unset (the normal case), this does nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def maybe_kill(point: str, step: int) -> None:
+    spec = os.environ.get("ROUTETUNE_FAULT")
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, at = item.partition(":")
+        if name == point and at.isdigit() and int(at) == step:
+            os.kill(os.getpid(), signal.SIGKILL)
