@@ -39,10 +39,14 @@ def train_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder of the same name"),
     test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the test sets at the end"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder named by run.name from its newest checkpoint"),
+    allow_new_labels: bool = typer.Option(False, "--allow-new-labels",
+                                          help="With model.init_from: add labels the earlier heads lack"),
 ) -> None:
     """Train a config into a new run folder (or continue one with --resume)."""
     from routetune.workflow import train
 
+    if allow_new_labels:
+        set_ = [*set_, "model.allow_new_labels=true"]
     run_dir, summary = train(config, set_, overwrite=overwrite, run_test=test, resume=resume)
     _print_summary(run_dir, summary)
 

@@ -37,6 +37,10 @@ class ModelConfig(_Strict):
     """Hub id, local folder (relative to the config file), or offline alias (`minilm-l6`, `smollm2-135m`)."""
     max_length: int = Field(128, ge=8)
     """Maximum tokens per example, special tokens included. Longer sentences are truncated (and counted)."""
+    init_from: str | None = None
+    """An earlier run folder (relative to the working directory): start from its best checkpoint, i.e. its backbone, LM head, and the task heads of sources with the same name."""
+    allow_new_labels: bool = False
+    """With `init_from`: when a source's training data has labels its earlier head lacks, append them (old classes keep their weights exactly) instead of refusing."""
 
 
 class ConllFormat(_Strict):
@@ -459,6 +463,8 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
             value = getattr(src, split)
             if value is not None:
                 object.__setattr__(src, split, _resolve(value, base))
+    if cfg.model.init_from is not None:
+        object.__setattr__(cfg.model, "init_from", str(Path(cfg.model.init_from).expanduser().resolve()))
     name = cfg.model.name
     if name.startswith((".", "/", "~")) or (base / name).is_dir():
         object.__setattr__(cfg.model, "name", _resolve(name, base))

@@ -146,29 +146,13 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
     return run_dir, summary
 
 
-def checkpoint_folder(run_dir: Path, checkpoint: str = "best") -> Path:
-    """`best` (falls back to the newest step checkpoint when the run had no dev set), `last`
-    (the newest step checkpoint), or a checkpoint folder name; always verified."""
-    root = run_dir / "checkpoints"
-    if checkpoint == "best" and (root / "best").is_dir():
-        folder = root / "best"
-    elif checkpoint in ("best", "last"):
-        folder = ckpt.newest_valid(root)
-        if folder is None:
-            raise RunError(f"{root}: no complete checkpoint; did training finish?")
-    else:
-        folder = root / checkpoint
-    ckpt.verify(folder)
-    return folder
-
-
 def load_run(run_dir: str | Path, checkpoint: str = "best"):
     """(config, model, tokenizer) of a run, from a verified checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder")
     cfg = config_from_run(run_dir)
-    folder = checkpoint_folder(run_dir, checkpoint)
+    folder = ckpt.run_checkpoint(run_dir, checkpoint)
     return cfg, RoutedModel.load(folder), load_tokenizer(str(folder))
 
 

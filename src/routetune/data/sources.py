@@ -173,13 +173,20 @@ class LabelledSource:
 
 
 def load_labelled(name: str, src_cfg, tokenizer, max_length: int, seed: int,
-                  labels: list[str] | None = None) -> LabelledSource:
+                  labels: list[str] | None = None, allow_new: bool = False) -> LabelledSource:
+    """Read a labelled source. With `labels` (an earlier head's label list) the ids of those
+    labels are kept; labels the data has beyond them are an error, or appended if `allow_new`."""
     fmt = src_cfg.conll
     sentences = read_conll(src_cfg.train, fmt.token_column, fmt.tag_column, fmt.scheme, fmt.separator)
+    found = label_list_from(sentences)
     if labels is None:
-        labels = label_list_from(sentences)
+        labels = found
     else:
-        check_labels(sentences, labels, src_cfg.train, "train")
+        new = [t for t in found if t not in labels]
+        if new and not allow_new:
+            raise DataError(f"labels {new} are not in the label set of the earlier run's head for source "
+                            f"{name!r} ({', '.join(labels)}); pass --allow-new-labels to add them", src_cfg.train)
+        labels = list(labels) + new
     return LabelledSource(name, sentences, labels, tokenizer, max_length, seed)
 
 
@@ -308,7 +315,8 @@ class TextStream:
         self.epoch, self.consumed, self._iter = int(state["epoch"]), int(state["consumed"]), None
 
 
-def build_sources(cfg, tokenizer, label_lists: dict[str, list[str]] | None = None) -> dict:
+def build_sources(cfg, tokenizer, label_lists: dict[str, list[str]] | None = None,
+                  allow_new_labels: bool = False) -> dict:
     """Instantiate every configured source (reading and validating its data) in config order."""
     sources = {}
     for name, sc in cfg.sources.items():
@@ -317,7 +325,8 @@ def build_sources(cfg, tokenizer, label_lists: dict[str, list[str]] | None = Non
             if sc.format != "conll":
                 raise DataError(f"sources.{name}.format: token-classification reads conll, got {sc.format!r}")
             labels = (label_lists or {}).get(name)
-            sources[name] = load_labelled(name, sc, tokenizer, cfg.model.max_length, seed, labels)
+            sources[name] = load_labelled(name, sc, tokenizer, cfg.model.max_length, seed, labels,
+                                          allow_new_labels)
         elif sc.objective == "masked-lm":
             if sc.format != "text":
                 raise DataError(f"sources.{name}.format: masked-lm reads text, got {sc.format!r}")

@@ -134,6 +134,22 @@ class RoutedModel(nn.Module):
         for name, head in self.heads.items():
             head.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
 
+    def load_heads_from(self, folder: str | Path, names: list[str]) -> None:
+        """Copy the named heads of an earlier checkpoint. A head whose label list grew keeps the
+        earlier classes' weights exactly (their rows come first); the new rows stay as initialised."""
+        folder = Path(folder)
+        specs = json.loads((folder / "heads.json").read_text())
+        tensors = load_file(str(folder / "heads.safetensors"))
+        for name in names:
+            old_labels, head = specs[name]["labels"], self.heads[name]
+            if head.labels[: len(old_labels)] != old_labels:
+                raise ValueError(f"{folder}/heads.json: head {name!r} labels {old_labels} are not a prefix of {head.labels}")
+            with torch.no_grad():
+                for key in ("classifier.weight", "classifier.bias"):
+                    old = tensors[f"{name}.{key}"]
+                    target = head.get_parameter(key)
+                    target[: old.shape[0]].copy_(old)
+
     @classmethod
     def load(cls, folder: str | Path) -> "RoutedModel":
         folder = Path(folder)

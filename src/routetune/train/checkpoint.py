@@ -198,3 +198,23 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = meta["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
+    """A run's checkpoint folder, verified: `best` (the newest step checkpoint when the run had no
+    dev set), `last` (the newest step checkpoint), or a checkpoint folder name."""
+    from routetune.errors import RunError
+
+    root = Path(run_dir) / "checkpoints"
+    if not Path(run_dir).is_dir():
+        raise RunError(f"{run_dir}: no such run folder")
+    if which == "best" and (root / "best").is_dir():
+        folder = root / "best"
+    elif which in ("best", "last"):
+        folder = newest_valid(root)
+        if folder is None:
+            raise RunError(f"{root}: no complete checkpoint; did training finish?")
+    else:
+        folder = root / which
+    verify(folder)
+    return folder

@@ -3,9 +3,11 @@ sources, dev/test sets, router and the exact number of steps."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,7 @@ from routetune.data.sources import LabelledSource, build_sources, derive_seed, r
 from routetune.errors import ConfigError
 from routetune.model.heads import RoutedModel, build_model
 from routetune.model.load import load_tokenizer, resolve_model
+from routetune.train.checkpoint import run_checkpoint
 
 log = logging.getLogger("routetune")
 TAG_METRICS = ("f1", "precision", "recall")
@@ -41,9 +44,17 @@ class Setup:
 
 
 def prepare(cfg: Config) -> Setup:
-    model_path = resolve_model(cfg.model.name)
+    earlier_labels, earlier = {}, None
+    if cfg.model.init_from:
+        earlier = run_checkpoint(Path(cfg.model.init_from), "best")
+        earlier_labels = json.loads((earlier / "heads.json").read_text())
+        earlier_labels = {n: spec["labels"] for n, spec in earlier_labels.items()}
+        model_path = str(earlier)
+        log.info("init_from %s: backbone, LM head and heads %s", earlier, ", ".join(earlier_labels) or "-")
+    else:
+        model_path = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(model_path)
-    sources = build_sources(cfg, tokenizer)
+    sources = build_sources(cfg, tokenizer, earlier_labels, cfg.model.allow_new_labels)
     dev, test = {}, {}
     for name, src in sources.items():
         if isinstance(src, LabelledSource):
@@ -59,6 +70,8 @@ def prepare(cfg: Config) -> Setup:
     for name, src in sources.items():
         if isinstance(src, LabelledSource):
             model.add_token_head(name, src.labels, derive_seed(cfg.train.seed, "head", name))
+    if earlier is not None:
+        model.load_heads_from(earlier, [n for n in earlier_labels if n in model.heads])
 
     sizes = {n: len(s) if isinstance(s, LabelledSource) else None for n, s in sources.items()}
     router, total, _ = plan_run(cfg, sizes)
