@@ -69,7 +69,7 @@ def make_corpus(path: Path, megabytes: int) -> None:
 
 
 def stream_rss(megabytes: int, tokenizer_path: str | None) -> list[tuple[float, float]]:
-    from routetune.data.sources import TextStream
+    from routetune.data.text import TextStream, text_parts
     from routetune.model.load import load_tokenizer, resolve_model
 
     tok = load_tokenizer(tokenizer_path or resolve_model("minilm-l6"))
@@ -77,7 +77,7 @@ def stream_rss(megabytes: int, tokenizer_path: str | None) -> list[tuple[float, 
         corpus = Path(tmp) / "corpus.txt"
         make_corpus(corpus, megabytes)
         size = corpus.stat().st_size
-        stream = TextStream("general", str(corpus), tok, 128, seed=0, shuffle_buffer=1024)
+        stream = TextStream("general", text_parts([corpus]), tok, 128, seed=0, shuffle_buffer=1024)
         proc = psutil.Process(os.getpid())
         marks = [0.1, 0.25, 0.5, 0.75, 1.0]
         rows = []

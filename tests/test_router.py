@@ -9,7 +9,8 @@ from routetune.data.mixing import Schedule
 from routetune.data.plan import RoutedBatches
 from routetune.data.readers import Sentence
 from routetune.data.router import AdaptiveRouter, IIDRouter, InterleavedRouter
-from routetune.data.sources import LabelledSource, TextStream
+from routetune.data.sources import LabelledSource
+from routetune.data.text import TextStream, text_parts
 
 weights_st = st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=6).filter(lambda w: sum(w) > 1e-3)
 
@@ -91,7 +92,7 @@ def text_file(tmp_path):
 
 def _batches(tokenizer, text_file, strategy="iid", granularity="batch", rank=0, world=1, on_exhausted="restart"):
     sources = {"ner": _labelled(tokenizer), "aux": _labelled(tokenizer, "aux", 11),
-               "general": TextStream("general", str(text_file), tokenizer, 16, seed=9, shuffle_buffer=8)}
+               "general": TextStream("general", text_parts([text_file]), tokenizer, 16, seed=9, shuffle_buffer=8)}
     p = probs([0.5, 0.2, 0.3])
     names = list(sources)
     r = {"iid": IIDRouter, "interleaved": InterleavedRouter}.get(strategy)
@@ -230,7 +231,7 @@ def test_labelled_source_pass_covers_every_example_once(tiny_tokenizer):
 
 
 def test_text_stream_blocks_and_epochs(tiny_tokenizer, text_file):
-    s = TextStream("g", str(text_file), tiny_tokenizer, 16, seed=1, shuffle_buffer=4)
+    s = TextStream("g", text_parts([text_file]), tiny_tokenizer, 16, seed=1, shuffle_buffer=4)
     d = s.draw(5)
     tensors, _ = s.collate(d, 0)
     assert tensors["input_ids"].shape == (5, 16)

@@ -64,10 +64,10 @@ def resume_cmd(
 
 
 def _print_summary(run_dir: Path, summary: dict) -> None:
-    from routetune.evaluate.metrics import format_report
+    from routetune.evaluate.tasks import format_scores
 
     for name, scores in summary.get("test", {}).items():
-        typer.echo(format_report(name, "test", scores))
+        typer.echo(format_scores(name, "test", scores))
     best = summary["best"]
     if best["value"] is not None:
         typer.echo(f"best dev {best['metric']} = {best['value']:.4f} at step {best['step']}")
@@ -81,18 +81,18 @@ def eval_cmd(
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report"),
 ) -> None:
-    """Evaluate a run's checkpoint on a split of its labelled sources."""
-    from routetune.evaluate.metrics import format_report
+    """Evaluate a run's checkpoint on the dev or test sets of its sources."""
+    from routetune.evaluate.tasks import format_scores
     from routetune.workflow import evaluate
 
-    if split not in ("dev", "test", "train"):
-        raise typer.BadParameter("expected dev, test or train", param_hint="--split")
+    if split not in ("dev", "test"):
+        raise typer.BadParameter("expected dev or test", param_hint="--split")
     scores = evaluate(run, split, checkpoint)
     if as_json:
         typer.echo(json.dumps({"run": str(run), "split": split, "checkpoint": checkpoint, "scores": scores}))
         return
     for name, s in scores.items():
-        typer.echo(format_report(name, split, s))
+        typer.echo(format_scores(name, split, s))
 
 
 @app.command("predict")

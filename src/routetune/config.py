@@ -16,9 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from routetune.errors import ConfigError
 
-OBJECTIVES = ("token-classification", "masked-lm")
-SUPERVISED_OBJECTIVES = ("token-classification",)
-DEFAULT_FORMAT = {"token-classification": "conll", "masked-lm": "text"}
+OBJECTIVES = ("token-classification", "sequence-classification", "binary-classification", "causal-lm",
+              "masked-lm", "language-modeling")
+SUPERVISED_OBJECTIVES = ("token-classification", "sequence-classification", "binary-classification")
+LM_OBJECTIVES = ("causal-lm", "masked-lm", "language-modeling")
+DEFAULT_METRIC = {"token-classification": "f1", "sequence-classification": "accuracy",
+                  "binary-classification": "accuracy", "causal-lm": "perplexity", "masked-lm": "mlm_loss",
+                  "language-modeling": "perplexity"}
+DEFAULT_FORMAT = {"token-classification": "conll", "sequence-classification": "jsonl",
+                  "binary-classification": "jsonl", "causal-lm": "text", "masked-lm": "text",
+                  "language-modeling": "text"}
+FORMATS_OF = {"token-classification": ("conll",),
+              "sequence-classification": ("csv", "tsv", "jsonl", "folders", "lines-per-class"),
+              "binary-classification": ("csv", "tsv", "jsonl", "folders", "lines-per-class"),
+              "causal-lm": ("text", "jsonl"), "masked-lm": ("text",), "language-modeling": ("text",)}
 
 
 class _Strict(BaseModel):
@@ -61,19 +72,55 @@ class TextFormat(_Strict):
     """Drop the Project Gutenberg header/footer (text outside `*** START OF` / `*** END OF`)."""
     shuffle_buffer: int = Field(1024, ge=1)
     """Blocks held in the seeded shuffle buffer of the streaming reader (1 = file order)."""
+    stream: bool = True
+    """Read lazily (a corpus larger than memory works; size unknown). false: load all blocks into memory as a sized source with an exact per-epoch shuffle (needed for the primary source)."""
+
+
+class FieldsConfig(_Strict):
+    text: str = "text"
+    """Column / JSON field holding the text (csv, tsv, jsonl)."""
+    label: str = "label"
+    """Column / JSON field holding the class label (csv, tsv, jsonl)."""
+    prompt: str = "prompt"
+    """JSON field of the prompt (causal-lm, jsonl)."""
+    completion: str = "completion"
+    """JSON field of the completion (causal-lm, jsonl); the loss is computed on it only."""
+
+
+class HoldoutConfig(_Strict):
+    dev: float = Field(0.0, ge=0, lt=1)
+    """Share held out as the dev set (when no dev file is given)."""
+    test: float = Field(0.0, ge=0, lt=1)
+    """Share held out as the test set (when no test file is given)."""
+    seed: int = 0
+    """Seed of the shuffled split of labelled examples. Text is split by position instead: the
+    test part is the last `test` share of each file, the dev part the `dev` share just before it."""
 
 
 class SourceConfig(_Strict):
-    objective: Literal["token-classification", "masked-lm"]
-    """How a batch of this source becomes a loss."""
+    objective: Literal["token-classification", "sequence-classification", "binary-classification", "causal-lm",
+                       "masked-lm", "language-modeling"]
+    """How a batch of this source becomes a loss. `language-modeling` follows the backbone: causal-LM for a decoder, masked-LM for an encoder."""
     train: str
     """Training data: a file, or for text also a folder or a glob."""
     dev: str | None = None
     """Development data (evaluated during training)."""
     test: str | None = None
     """Test data (evaluated at the end and by `routetune eval --split test`)."""
-    format: Literal["conll", "text"] | None = None
-    """Reader; default follows the objective (conll for token-classification, text for masked-lm)."""
+    format: Literal["conll", "text", "csv", "tsv", "jsonl", "folders", "lines-per-class"] | None = None
+    """Reader. Default: conll (token-classification), jsonl (classification; causal-lm prompt/completion pairs need it too), text (language modelling). `folders`: one sub-folder per class, one file per example; `lines-per-class`: one file per class named by its suffix (e.g. `rt-polarity.pos`), one example per line."""
+    fields: FieldsConfig = FieldsConfig()
+    """Column / field names of csv, tsv and jsonl files."""
+    holdout: HoldoutConfig | None = None
+    """Carve dev/test sets out of `train` by a fixed rule when the data has no such splits."""
+    threshold: float = Field(0.5, gt=0, lt=1)
+    """binary-classification: probability above which the positive class is predicted."""
+    positive_label: str | None = None
+    """binary-classification: the label that is class 1. Default: the second label in sorted order."""
+    max_new_tokens: int = Field(32, ge=1)
+    """causal-lm prompt/completion: tokens generated greedily for exact match and token F1."""
+    eval_generate: int = Field(200, ge=0)
+    """causal-lm prompt/completion: evaluation examples that are generated for exact match and token F1 (0: none)."""
     conll: ConllFormat = ConllFormat()
     """Options of the CoNLL reader."""
     text: TextFormat = TextFormat()
@@ -85,6 +132,9 @@ class SourceConfig(_Strict):
     def _default_format(self) -> "SourceConfig":
         if self.format is None:
             object.__setattr__(self, "format", DEFAULT_FORMAT[self.objective])
+        if self.format not in FORMATS_OF[self.objective]:
+            raise ValueError(f"format: {self.objective} reads {' or '.join(FORMATS_OF[self.objective])}, "
+                             f"got {self.format!r}")
         return self
 
     @property
@@ -151,9 +201,9 @@ class RoutingConfig(_Strict):
 
 class EarlyStoppingConfig(_Strict):
     metric: str | None = None
-    """Dev metric `<source>/<name>`, e.g. `wnut17/f1`. Default: `<primary>/f1`."""
-    mode: Literal["max", "min"] = "max"
-    """Whether larger or smaller values of `metric` are better."""
+    """Dev metric `<source>/<name>`, e.g. `wnut17/f1`. Default: the primary source's main metric (f1, accuracy or perplexity)."""
+    mode: Literal["max", "min"] | None = None
+    """Whether larger or smaller values of `metric` are better. Default: min for perplexity and losses, else max."""
     patience: int | None = Field(None, ge=1)
     """Evaluations without improvement before stopping; null disables early stopping."""
     min_delta: float = Field(0.0, ge=0.0)
@@ -180,7 +230,7 @@ class TrainConfig(_Strict):
     seed: int = 42
     """Seed for head initialisation, dropout and masking."""
     primary: str | None = None
-    """Source whose passes count as epochs and whose metric selects `best`. Default: first labelled source."""
+    """Source whose passes count as epochs and whose metric selects `best`. Default: the first labelled source, else the first source."""
     eval_every_steps: int | None = Field(None, ge=1)
     """Evaluate on dev every N steps (in addition to `eval_each_epoch`)."""
     eval_each_epoch: bool = True
@@ -265,10 +315,8 @@ class Config(_Strict):
                     _check_weights(f"routing.schedule.stages.{i}.weights", st.weights, names)
                 if prev < 1.0:
                     raise ValueError("routing.schedule.stages: the last stage must end at until: 1.0")
-        labelled = [n for n, s in self.sources.items() if s.supervised]
-        if not labelled:
-            raise ValueError("sources: at least one labelled source (objective token-classification) is required")
-        primary = self.train.primary or labelled[0]
+        labelled = [n for n, sc in self.sources.items() if sc.supervised]
+        primary = self.train.primary or (labelled or names)[0]
         if primary not in self.sources:
             raise ValueError(f"train.primary: no source named {primary!r}")
         if r.weights is not None and r.weights[primary] <= 0 and r.schedule is None and self.train.max_steps is None:
@@ -277,8 +325,12 @@ class Config(_Strict):
                 "give it a weight > 0 or set train.max_steps"
             )
         object.__setattr__(self.train, "primary", primary)
-        if self.train.early_stopping.metric is None:
-            object.__setattr__(self.train.early_stopping, "metric", f"{primary}/f1")
+        es = self.train.early_stopping
+        if es.metric is None:
+            object.__setattr__(es, "metric", f"{primary}/{DEFAULT_METRIC[self.sources[primary].objective]}")
+        if es.mode is None:
+            lower_is_better = es.metric.endswith(("perplexity", "loss"))
+            object.__setattr__(es, "mode", "min" if lower_is_better else "max")
         return self
 
 

@@ -11,9 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from routetune.config import Config, config_from_run, dump_config, load_config
-from routetune.data.sources import read_split
 from routetune.errors import RunError
-from routetune.evaluate.metrics import evaluate_tagging
 from routetune.model.heads import RoutedModel
 from routetune.model.load import load_tokenizer
 from routetune.train import checkpoint as ckpt
@@ -158,17 +156,20 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
              sources: list[str] | None = None) -> dict:
+    """Score a run's checkpoint on the dev or test sets of its sources (files or holdout)."""
+    from routetune.data.build import build, resolve_objective
+    from routetune.evaluate.tasks import evaluate_set
+
     cfg, model, tokenizer = load_run(run_dir, checkpoint)
+    objectives = {n: resolve_objective(sc.objective, model.is_decoder, n) for n, sc in cfg.sources.items()}
+    labels = {n: h.labels for n, h in model.heads.items()}
+    _, dev, test = build(cfg, tokenizer, objectives, labels, allow_new_labels=False)
+    sets = dev if split == "dev" else test
     out = {}
-    for name, head in model.heads.items():
+    for name, evalset in sets.items():
         if sources and name not in sources:
             continue
-        sc = cfg.sources[name]
-        if getattr(sc, split) is None:
-            continue
-        sentences = read_split(sc, split, head.labels)
-        out[name] = evaluate_tagging(model, name, tokenizer, sentences, cfg.model.max_length,
-                                     cfg.train.eval_batch_size, cfg.train.precision)
+        out[name] = evaluate_set(model, name, objectives[name], evalset, tokenizer, cfg)
     if not out:
-        raise RunError(f"{run_dir}: no labelled source has a {split} file configured")
+        raise RunError(f"{run_dir}: no source has a {split} set")
     return out

@@ -142,3 +142,131 @@ def iter_text(path: str | Path, strip_gutenberg: bool = False) -> Iterator[str]:
         yield line
     if not seen_start:
         raise DataError("strip_gutenberg is set but no '*** START OF' marker line was found", path)
+
+
+# ---- classification and prompt/completion formats --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str | None
+    origin: str  # "file:line" (or the file, for one-example-per-file layouts), for messages
+    completion: str | None = None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    import json
+
+    for number, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", path, number) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object, got {type(obj).__name__}", path, number)
+        yield number, obj
+
+
+def _field(obj: dict, name: str, path: Path, number: int, kind: str = "a string") -> str:
+    if name not in obj:
+        raise DataError(f"missing field {name!r} (fields: {', '.join(map(str, obj)) or 'none'})", path, number)
+    value = obj[name]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"field {name!r}: expected {kind}, got {type(value).__name__}", path, number)
+    return str(value)
+
+
+def _delimited_records(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+    import csv
+    import io
+
+    header: list[str] | None = None
+    for number, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = next(csv.reader(io.StringIO(line), delimiter=delimiter))
+        except csv.Error as exc:
+            raise DataError(f"cannot parse the line ({exc})", path, number) from None
+        if header is None:
+            header = [h.strip() for h in row]
+            continue
+        if len(row) != len(header):
+            raise DataError(f"expected {len(header)} columns ({', '.join(header)}), got {len(row)}", path, number)
+        yield number, dict(zip(header, row))
+    if header is None:
+        raise DataError("empty file: expected a header line naming the columns", path)
+
+
+def read_examples(spec: str, fmt: str, text_field: str = "text", label_field: str = "label",
+                  pattern: str = "*.txt") -> list[Example]:
+    """Labelled texts from csv/tsv/jsonl (fields named), `folders` (one sub-folder per class, one
+    file per example) or `lines-per-class` (one file per class named by its suffix, one example
+    per line)."""
+    out: list[Example] = []
+    path = Path(spec)
+    if fmt in ("csv", "tsv", "jsonl"):
+        records = _jsonl_records(path) if fmt == "jsonl" else _delimited_records(path, "," if fmt == "csv" else "\t")
+        for number, rec in records:
+            text = _field(rec, text_field, path, number)
+            label = _field(rec, label_field, path, number, "a string or an integer").strip()
+            if not text.strip():
+                raise DataError(f"field {text_field!r} is empty", path, number)
+            if not label:
+                raise DataError(f"field {label_field!r} is empty", path, number)
+            out.append(Example(text, label, f"{path}:{number}"))
+    elif fmt == "folders":
+        if not path.is_dir():
+            raise DataError("expected a folder with one sub-folder per class", path)
+        for class_dir in sorted(p for p in path.iterdir() if p.is_dir()):
+            for f in sorted(q for q in class_dir.rglob(pattern) if q.is_file()):
+                text = "\n".join(line for _, line in iter_lines(f)).strip()
+                if text:
+                    out.append(Example(text, class_dir.name, str(f)))
+    elif fmt == "lines-per-class":
+        for f in resolve_text_files(spec, "*"):
+            label = f.suffix.lstrip(".") or f.stem
+            for number, line in iter_lines(f):
+                if line.strip():
+                    out.append(Example(line.strip(), label, f"{f}:{number}"))
+    else:
+        raise DataError(f"unknown classification format {fmt!r}", spec)
+    if not out:
+        raise DataError("no examples found", spec)
+    if len({e.label for e in out}) < 2:
+        raise DataError(f"only one class ({out[0].label!r}) found; classification needs at least two", spec)
+    return out
+
+
+def read_prompt_completions(spec: str, prompt_field: str = "prompt", completion_field: str = "completion"
+                            ) -> list[Example]:
+    path = Path(spec)
+    out = []
+    for number, rec in _jsonl_records(path):
+        prompt = _field(rec, prompt_field, path, number)
+        completion = _field(rec, completion_field, path, number)
+        if not completion.strip():
+            raise DataError(f"field {completion_field!r} is empty", path, number)
+        out.append(Example(prompt, None, f"{path}:{number}", completion))
+    if not out:
+        raise DataError("no examples found (the file is empty or holds only blank lines)", path)
+    return out
+
+
+def text_range(path: str | Path, start: float, end: float, strip_gutenberg: bool = False) -> Iterator[str]:
+    """Lines of a text file whose starting byte lies in [start, end) of the file (fractions), so a
+    file can be split into train / held-out parts by a fixed, documented rule."""
+    size = Path(path).stat().st_size
+    lo, hi = start * size, end * size
+    offset = 0
+    lines = iter_text(path, strip_gutenberg) if strip_gutenberg else (line for _, line in iter_lines(path))
+    for line in lines:
+        here = offset
+        offset += len(line.encode("utf-8")) + 1
+        if lo <= here < hi:
+            yield line
+        elif here >= hi:
+            return

@@ -2,7 +2,8 @@
 
 :class:`RoutedModel` holds the pretrained LM (backbone + its LM head, as transformers builds it)
 and a ``ModuleDict`` of task heads keyed by source name. Every head reads the same backbone's
-hidden states; nothing is subclassed per task.
+hidden states; nothing is subclassed per task. Adding a head kind = one class + one line in
+``HEADS``.
 
 Checkpoint folder layout (``save`` / ``load``):
 
@@ -18,12 +19,18 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from routetune.model.load import load_lm, lm_head_is_tied
+from routetune.model.load import is_decoder, lm_head_is_tied, load_lm
 
 log = logging.getLogger("routetune")
+
+
+def _dropout(cfg) -> float:
+    p = getattr(cfg, "classifier_dropout", None)
+    return p if p is not None else getattr(cfg, "hidden_dropout_prob", 0.1)
 
 
 class TokenClassificationHead(nn.Module):
@@ -31,22 +38,65 @@ class TokenClassificationHead(nn.Module):
 
     kind = "token-classification"
 
-    def __init__(self, hidden_size: int, labels: list[str], dropout: float):
+    def __init__(self, hidden_size: int, labels: list[str], dropout: float, **_):
         super().__init__()
         self.labels = list(labels)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, len(labels))
 
-    def reset_parameters(self, std: float, generator: torch.Generator) -> None:
-        with torch.no_grad():
-            self.classifier.weight.normal_(0.0, std, generator=generator)
-            self.classifier.bias.zero_()
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(hidden))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     def spec(self) -> dict:
         return {"kind": self.kind, "labels": self.labels}
+
+
+class SequenceClassificationHead(nn.Module):
+    """One prediction per sequence.
+
+    pooling `cls` (encoders): tanh(dense(first token)) -> dropout -> linear, as
+    BertForSequenceClassification (the dense "pooler" starts from the checkpoint's when it has one).
+    pooling `last` (decoders): the last non-padding token -> linear without bias, as
+    LlamaForSequenceClassification. Binary heads have one logit (sigmoid + BCE).
+    """
+
+    def __init__(self, hidden_size: int, labels: list[str], dropout: float, pooling: str = "cls",
+                 binary: bool = False, threshold: float = 0.5):
+        super().__init__()
+        self.labels, self.pooling, self.binary, self.threshold = list(labels), pooling, binary, threshold
+        self.kind = "binary-classification" if binary else "sequence-classification"
+        outputs = 1 if binary else len(labels)
+        if pooling == "cls":
+            self.pooler = nn.Linear(hidden_size, hidden_size)
+            self.dropout = nn.Dropout(dropout)
+            self.classifier = nn.Linear(hidden_size, outputs)
+        else:
+            self.score = nn.Linear(hidden_size, outputs, bias=False)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            pooled = torch.tanh(self.pooler(hidden[:, 0]))
+            return self.classifier(self.dropout(pooled))
+        last = attention_mask.sum(-1) - 1  # right padding: the last real token
+        return self.score(hidden[torch.arange(hidden.shape[0]), last])
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.binary:
+            return nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1).float(), labels.float())
+        return nn.functional.cross_entropy(logits.float(), labels)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "labels": self.labels, "pooling": self.pooling, "threshold": self.threshold}
+
+
+HEADS = {
+    "token-classification": TokenClassificationHead,
+    "sequence-classification": SequenceClassificationHead,
+    "binary-classification": lambda *a, **k: SequenceClassificationHead(*a, binary=True, **k),
+}
 
 
 class RoutedModel(nn.Module):
@@ -63,30 +113,48 @@ class RoutedModel(nn.Module):
     def config(self):
         return self.lm.config
 
-    def add_token_head(self, name: str, labels: list[str], seed: int) -> TokenClassificationHead:
+    @property
+    def is_decoder(self) -> bool:
+        return is_decoder(self.config)
+
+    def add_head(self, name: str, kind: str, labels: list[str], seed: int, pooler_from: str | None = None,
+                 **options) -> nn.Module:
         cfg = self.config
-        dropout = getattr(cfg, "classifier_dropout", None)
-        if dropout is None:
-            dropout = getattr(cfg, "hidden_dropout_prob", 0.1)
-        head = TokenClassificationHead(cfg.hidden_size, labels, dropout)
-        head.reset_parameters(getattr(cfg, "initializer_range", 0.02),
-                              torch.Generator().manual_seed(seed))
+        if kind in ("sequence-classification", "binary-classification"):
+            options.setdefault("pooling", "last" if self.is_decoder else "cls")
+        head = HEADS[kind](cfg.hidden_size, labels, _dropout(cfg), **options)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in head.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.normal_(0.0, getattr(cfg, "initializer_range", 0.02), generator=gen)
+                    if module.bias is not None:
+                        module.bias.zero_()
+        if getattr(head, "pooling", None) == "cls" and pooler_from:
+            _copy_pooler(head, pooler_from)
         self.heads[name] = head
         return head
+
+    def add_token_head(self, name: str, labels: list[str], seed: int) -> nn.Module:
+        return self.add_head(name, "token-classification", labels, seed)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def token_logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.heads[name](self.hidden_states(input_ids, attention_mask))
+    def head_logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.heads[name](self.hidden_states(input_ids, attention_mask), attention_mask)
+
+    token_logits = head_logits
 
     def loss(self, name: str, objective: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if objective == "token-classification":
-            logits = self.token_logits(name, batch["input_ids"], batch["attention_mask"])
-            return nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        if objective in HEADS:
+            logits = self.head_logits(name, batch["input_ids"], batch["attention_mask"])
+            return self.heads[name].loss(logits, batch["labels"])
         if objective == "masked-lm":
             return self.masked_lm_loss(batch)
+        if objective == "causal-lm":
+            return self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"]).loss
         raise ValueError(f"unknown objective {objective!r}")
 
     def masked_lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -100,8 +168,7 @@ class RoutedModel(nn.Module):
         labels = batch["labels"]
         selected = labels != -100
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
-        logits = head(hidden[selected])
-        return nn.functional.cross_entropy(logits.float(), labels[selected])
+        return nn.functional.cross_entropy(head(hidden[selected]).float(), labels[selected])
 
     # ------------------------------------------------------------------ persistence
 
@@ -117,6 +184,12 @@ class RoutedModel(nn.Module):
         specs = {name: head.spec() for name, head in self.heads.items()}
         (folder / "heads.json").write_text(json.dumps(specs, indent=2) + "\n")
 
+    def _load_head_tensors(self, folder: Path, names: list[str]) -> None:
+        tensors = load_file(str(folder / "heads.safetensors")) if names else {}
+        for name in names:
+            prefix = name + "."
+            self.heads[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
     def load_weights(self, folder: str | Path) -> None:
         """Load the exact tensors of a checkpoint saved by :meth:`save` into this model."""
         folder = Path(folder)
@@ -130,9 +203,7 @@ class RoutedModel(nn.Module):
         specs = json.loads((folder / "heads.json").read_text())
         if set(specs) != set(self.heads) or any(specs[n] != self.heads[n].spec() for n in specs):
             raise ValueError(f"{folder}/heads.json: heads or label sets differ from this run's")
-        tensors = load_file(str(folder / "heads.safetensors")) if specs else {}
-        for name, head in self.heads.items():
-            head.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        self._load_head_tensors(folder, list(specs))
 
     def load_heads_from(self, folder: str | Path, names: list[str]) -> None:
         """Copy the named heads of an earlier checkpoint. A head whose label list grew keeps the
@@ -142,12 +213,12 @@ class RoutedModel(nn.Module):
         tensors = load_file(str(folder / "heads.safetensors"))
         for name in names:
             old_labels, head = specs[name]["labels"], self.heads[name]
-            if head.labels[: len(old_labels)] != old_labels:
-                raise ValueError(f"{folder}/heads.json: head {name!r} labels {old_labels} are not a prefix of {head.labels}")
+            if specs[name]["kind"] != head.kind or head.labels[: len(old_labels)] != old_labels:
+                raise ValueError(f"{folder}/heads.json: head {name!r} ({specs[name]['kind']}, labels {old_labels}) "
+                                 f"does not fit this run's ({head.kind}, labels {head.labels})")
             with torch.no_grad():
-                for key in ("classifier.weight", "classifier.bias"):
+                for key, target in head.state_dict(keep_vars=True).items():
                     old = tensors[f"{name}.{key}"]
-                    target = head.get_parameter(key)
                     target[: old.shape[0]].copy_(old)
 
     @classmethod
@@ -156,13 +227,27 @@ class RoutedModel(nn.Module):
         lm, _ = load_lm(str(folder))
         model = cls(lm)
         specs = json.loads((folder / "heads.json").read_text())
-        tensors = load_file(str(folder / "heads.safetensors")) if specs else {}
         for name, spec in specs.items():
-            if spec["kind"] != "token-classification":
+            if spec["kind"] not in HEADS:
                 raise ValueError(f"{folder}/heads.json: unknown head kind {spec['kind']!r}")
-            head = model.add_token_head(name, spec["labels"], seed=0)
-            head.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+            options = {k: spec[k] for k in ("pooling", "threshold") if k in spec}
+            model.add_head(name, spec["kind"], spec["labels"], seed=0, **options)
+        model._load_head_tensors(folder, list(specs))
         return model
+
+
+def _copy_pooler(head: SequenceClassificationHead, path: str) -> None:
+    """Start the `cls` pooler from the checkpoint's BERT pooler, when it has one."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            keys = [k for k in fh.keys() if k.endswith("pooler.dense.weight")]
+            if keys:
+                base = keys[0][: -len("weight")]
+                with torch.no_grad():
+                    head.pooler.weight.copy_(fh.get_tensor(base + "weight"))
+                    head.pooler.bias.copy_(fh.get_tensor(base + "bias"))
+                return
 
 
 def build_model(path: str, seed: int) -> RoutedModel:

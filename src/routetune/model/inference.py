@@ -50,3 +50,101 @@ def tag_words(model, head: str, tokenizer, sentences: list[list[str]], max_lengt
         n_truncated_sentences=sum(1 for e in encoded if e.n_truncated),
         n_empty_words=sum(e.n_empty for e in encoded),
     )
+
+
+@torch.inference_mode()
+def classify(model, head: str, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
+             precision: str = "fp32") -> tuple[torch.Tensor, int]:
+    """Class probabilities (N x C; for a binary head the two columns are 1-p and p) and the
+    number of texts cut to `max_length`."""
+    from routetune.data.sources import encode_texts
+
+    was_training = model.training
+    model.eval()
+    encoded = encode_texts(tokenizer, texts, max_length)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    binary = getattr(model.heads[head], "binary", False)
+    out = torch.zeros(len(texts), 2 if binary else len(model.heads[head].labels))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = pad_batch([encoded[i][0] for i in idx], tokenizer.pad_token_id)
+        with autocast(precision):
+            logits = model.head_logits(head, batch["input_ids"], batch["attention_mask"]).float()
+        if binary:
+            p = torch.sigmoid(logits.squeeze(-1))
+            out[idx] = torch.stack([1 - p, p], dim=-1)
+        else:
+            out[idx] = torch.softmax(logits, dim=-1)
+    model.train(was_training)
+    return out, sum(1 for _, cut in encoded if cut)
+
+
+@torch.inference_mode()
+def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_size: int = 16,
+            precision: str = "fp32", seed: int = 0) -> tuple[float, int]:
+    """Mean token loss and token count over `blocks` (already with special tokens): causal-LM
+    next-token loss, or masked-LM loss with masks drawn from a fixed seed per block (so base
+    and fine-tuned models are scored on the same masks)."""
+    from routetune.data.collate import IGNORE, mask_tokens
+    from routetune.data.sources import derive_seed
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    for start in range(0, len(blocks), batch_size):
+        chunk = blocks[start : start + batch_size]
+        if objective == "causal-lm":
+            batch = pad_batch(chunk, tokenizer.pad_token_id, chunk)
+            with autocast(precision):
+                logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            logits = logits[:, :-1]
+        else:
+            inputs, labels = [], []
+            for i, seq in enumerate(chunk):
+                t = torch.tensor(seq)
+                gen = torch.Generator().manual_seed(derive_seed(seed, "eval-mask", start + i))
+                x, y = mask_tokens(t, torch.isin(t, special), 0.15, tokenizer.mask_token_id, len(tokenizer), gen)
+                inputs.append(x.tolist())
+                labels.append(y.tolist())
+            batch = pad_batch(inputs, tokenizer.pad_token_id, labels)
+            with autocast(precision):
+                logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"]
+        mask = targets != IGNORE
+        total += torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="sum").item()
+        count += int(mask.sum())
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_length: int,
+             batch_size: int = 16, precision: str = "fp32") -> list[str]:
+    """Greedy continuations of each prompt (left-padded batches), cut at the end-of-sequence token."""
+    from routetune.data.sources import encode_prompt
+
+    was_training = model.training
+    model.eval()
+    room = max(8, max_length - max_new_tokens)
+    encoded = [encode_prompt(tokenizer, p, None, room)[0] for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq = encoded[i]
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        with autocast(precision):
+            gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return out

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from routetune.errors import RoutetuneError
-from routetune.evaluate.metrics import evaluate_tagging
+from routetune.evaluate.tasks import evaluate_set, metric_names
 from routetune.model.inference import autocast
 from routetune.train import checkpoint as ckpt
 from routetune.train.callbacks import EarlyStopping, MetricsLog
 from routetune.train.faults import maybe_kill
-from routetune.train.setup import TAG_METRICS, Setup
+from routetune.train.setup import Setup
 
 log = logging.getLogger("routetune")
 
@@ -77,14 +77,13 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
 
 
 def evaluate_dev(setup: Setup, sets: dict) -> tuple[dict, dict]:
-    """Score every labelled source on the given sets; returns (flat metrics, full reports)."""
+    """Score every source that has a set in `sets`; returns (flat metrics, full reports)."""
     flat, full = {}, {}
-    tc = setup.cfg.train
-    for name, sentences in sets.items():
-        scores = evaluate_tagging(setup.model, name, setup.tokenizer, sentences, setup.cfg.model.max_length,
-                                  tc.eval_batch_size, tc.precision)
+    for name, evalset in sets.items():
+        scores = evaluate_set(setup.model, name, setup.objectives[name], evalset, setup.tokenizer, setup.cfg)
         full[name] = scores
-        flat.update({f"{name}/{m}": scores[m] for m in TAG_METRICS})
+        flat.update({f"{name}/{m}": scores[m] for m in metric_names(evalset, setup.objectives[name],
+                                                                   setup.cfg.sources[name])})
     return flat, full
 
 
@@ -153,7 +152,7 @@ class Trainer:
             if done % tc.log_every == 0 or done == setup.total_steps:
                 self.log_train(done, step)
             epoch_end = any(p.epoch_ended and p.source == tc.primary for p in parts)
-            due_eval = (tc.eval_every_steps and done % tc.eval_every_steps == 0) or (tc.eval_each_epoch and epoch_end)
+            due_eval = bool((tc.eval_every_steps and done % tc.eval_every_steps == 0) or (tc.eval_each_epoch and epoch_end))
             if setup.dev and due_eval:
                 stopped = self.evaluate(done)
             if (setup.dev and due_eval) or (tc.save_every_steps and done % tc.save_every_steps == 0) \
@@ -225,7 +224,8 @@ class Trainer:
         flat, full = evaluate_dev(self.setup, self.setup.dev)
         is_best, stop = self.stopper.update(flat, done)
         self.metrics.write("eval", step=done, split="dev", metrics=flat, best=is_best,
-                           per_type={n: s["per_type"] for n, s in full.items()})
+                           details={n: {k: v for k, v in s.items() if k in ("per_type", "per_class", "confusion")}
+                                    for n, s in full.items()})
         log.info("step %d dev %s%s", done, "  ".join(f"{k}={v:.4f}" for k, v in flat.items()),
                  "  (best)" if is_best else "")
         if is_best:

@@ -1,0 +1,157 @@
+"""Evaluate one source's dev/test set with the metrics of its task.
+
+| set kind | metrics |
+|---|---|
+| tags (token classification) | entity precision / recall / f1 (seqeval, on words), per type |
+| classes (sequence / binary classification) | accuracy, macro_f1, per-class report, confusion matrix (scikit-learn) |
+| prompts (causal-LM prompt/completion) | perplexity of the completions; exact_match and token_f1 of greedy generations |
+| text (language modelling) | perplexity (causal-LM) or mlm_loss (masked-LM, fixed masks) |
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+from routetune.data.build import EvalSet
+from routetune.data.sources import encode_prompt, special_affixes
+from routetune.data.text import iter_blocks
+from routetune.evaluate.metrics import evaluate_tagging
+from routetune.model.inference import classify, generate, lm_loss
+
+METRICS = {"tags": ("f1", "precision", "recall"), "classes": ("accuracy", "macro_f1"),
+           "prompts": ("perplexity", "exact_match", "token_f1"), "text-causal-lm": ("perplexity",),
+           "text-masked-lm": ("mlm_loss",)}
+
+
+def metric_names(evalset: EvalSet, objective: str, source_cfg) -> tuple[str, ...]:
+    if evalset.kind == "text":
+        return METRICS[f"text-{objective}"]
+    if evalset.kind == "prompts" and not source_cfg.eval_generate:
+        return ("perplexity",)
+    return METRICS[evalset.kind]
+
+
+def evaluate_set(model, name: str, objective: str, evalset: EvalSet, tokenizer, cfg) -> dict:
+    sc, tc, max_length = cfg.sources[name], cfg.train, cfg.model.max_length
+    if evalset.kind == "tags":
+        return evaluate_tagging(model, name, tokenizer, evalset.items, max_length, tc.eval_batch_size, tc.precision)
+    if evalset.kind == "classes":
+        return classification_scores(model, name, tokenizer, evalset.items, max_length, tc, sc)
+    if evalset.kind == "prompts":
+        return prompt_scores(model, tokenizer, evalset.items, max_length, tc, sc)
+    return text_scores(model, objective, tokenizer, evalset.items, max_length, tc, sc)
+
+
+def classification_scores(model, name, tokenizer, examples, max_length, tc, sc) -> dict:
+    head = model.heads[name]
+    probs, cut = classify(model, name, tokenizer, [e.text for e in examples], max_length,
+                          tc.eval_batch_size, tc.precision)
+    if getattr(head, "binary", False):
+        pred = (probs[:, 1] > head.threshold).long().tolist()
+    else:
+        pred = probs.argmax(-1).tolist()
+    ids = {t: i for i, t in enumerate(head.labels)}
+    gold = [ids[e.label] for e in examples]
+    labels = list(range(len(head.labels)))
+    report = classification_report(gold, pred, labels=labels, target_names=head.labels, output_dict=True,
+                                   zero_division=0)
+    return {"accuracy": accuracy_score(gold, pred),
+            "macro_f1": f1_score(gold, pred, labels=labels, average="macro", zero_division=0),
+            "per_class": {t: {"precision": report[t]["precision"], "recall": report[t]["recall"],
+                              "f1": report[t]["f1-score"], "support": int(report[t]["support"])} for t in head.labels},
+            "confusion": confusion_matrix(gold, pred, labels=labels).tolist(), "labels": head.labels,
+            "examples": len(examples), "truncated": cut}
+
+
+def _normalise(text: str) -> list[str]:
+    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return text.split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    p, r = _normalise(prediction), _normalise(reference)
+    if not p and not r:
+        return 1.0
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def prompt_scores(model, tokenizer, examples, max_length, tc, sc) -> dict:
+    # perplexity of the completions given their prompts (teacher forcing)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), tc.eval_batch_size):
+        chunk = examples[start : start + tc.eval_batch_size]
+        loss, n = _completion_loss(model, tokenizer, chunk, max_length, tc.precision)
+        total, count = total + loss * n, count + n
+    out = {"perplexity": math.exp(total / count) if count else float("nan"), "examples": len(examples),
+           "completion_tokens": count}
+    if sc.eval_generate:
+        subset = examples[: sc.eval_generate]
+        outputs = generate(model, tokenizer, [e.text for e in subset], sc.max_new_tokens, max_length,
+                           tc.eval_batch_size, tc.precision)
+        out["exact_match"] = sum(_normalise(o) == _normalise(e.completion) for o, e in zip(outputs, subset)) / len(subset)
+        out["token_f1"] = sum(token_f1(o, e.completion) for o, e in zip(outputs, subset)) / len(subset)
+        out["generated"] = len(subset)
+        out["samples"] = [{"prompt": e.text, "reference": e.completion, "output": o} for e, o in zip(subset[:3], outputs)]
+    return out
+
+
+def _completion_loss(model, tokenizer, examples, max_length, precision) -> tuple[float, int]:
+    import torch
+
+    from routetune.data.collate import pad_batch
+    from routetune.model.inference import autocast
+
+    rows = [encode_prompt(tokenizer, e.text, e.completion, max_length) for e in examples]
+    batch = pad_batch([r[0] for r in rows], tokenizer.pad_token_id, [r[1] for r in rows])
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), autocast(precision):
+        logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train(was_training)
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum")
+    n = int(mask.sum())
+    return (loss.item() / n if n else 0.0), n
+
+
+def text_scores(model, objective, tokenizer, parts, max_length, tc, sc) -> dict:
+    prefix, suffix = special_affixes(tokenizer)
+    content = max_length - len(prefix) - len(suffix)
+    blocks = [prefix + b + suffix for b in iter_blocks(parts, tokenizer, content, sc.text.strip_gutenberg)]
+    loss, tokens = lm_loss(model, objective, blocks, tokenizer, tc.eval_batch_size, tc.precision)
+    if objective == "causal-lm":
+        return {"perplexity": math.exp(loss), "loss": loss, "tokens": tokens, "blocks": len(blocks)}
+    return {"mlm_loss": loss, "tokens": tokens, "blocks": len(blocks)}
+
+
+def format_scores(name: str, split: str, scores: dict) -> str:
+    """A readable report of any task's scores."""
+    from routetune.evaluate.metrics import format_report
+
+    if "per_type" in scores:
+        return format_report(name, split, scores)
+    if "per_class" in scores:
+        lines = [f"{name} ({split}): classification (scikit-learn)",
+                 f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+        for label, s in scores["per_class"].items():
+            lines.append(f"{label:<16}{s['precision']:>10.4f}{s['recall']:>10.4f}{s['f1']:>10.4f}{s['support']:>9}")
+        lines.append(f"accuracy {scores['accuracy']:.4f}   macro F1 {scores['macro_f1']:.4f}   "
+                     f"({scores['examples']} examples, {scores['truncated']} cut to max_length)")
+        lines.append("confusion (rows: gold, columns: predicted): " + str(scores["confusion"]))
+        return "\n".join(lines)
+    keys = [k for k in ("perplexity", "loss", "mlm_loss", "exact_match", "token_f1") if k in scores]
+    counts = ", ".join(f"{k} {scores[k]}" for k in ("tokens", "blocks", "examples", "generated") if k in scores)
+    return f"{name} ({split}): " + "   ".join(f"{k} {scores[k]:.4f}" for k in keys) + (f"   ({counts})" if counts else "")
