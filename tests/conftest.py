@@ -38,6 +38,32 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, hidden 32) with a word-piece tokenizer that adds no special
+    tokens, as decoder tokenizers do; </s> is the end of sequence and <pad> the padding."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    transformers.utils.logging.disable_progress_bar()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    vocab = (["<pad>", "<unk>", "<s>", "</s>"] + list(string.ascii_letters) + ["##" + c for c in string.ascii_letters]
+             + list(string.digits) + list(string.punctuation) + WORDS)
+    core = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.decoder = decoders.WordPiece()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.save_pretrained(folder)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from routetune.model.load import load_tokenizer
 
@@ -128,3 +154,32 @@ def make_config(tmp_path: Path, model_dir: Path, files: dict, **overrides) -> Pa
 def _quiet_logs():
     logging.getLogger("routetune").setLevel(logging.WARNING)
     yield
+
+
+POLARITY = {
+    "pos": ["a great film and a joy", "the best store in london", "john is great", "a joy to watch",
+            "the film is a joy and great"],
+    "neg": ["a dull film", "the worst store of paris", "john is dull and slow", "a slow and dull film",
+            "the worst of the worst"],
+}
+
+
+@pytest.fixture
+def class_files(tmp_path) -> dict[str, Path]:
+    """The same small two-class data in every supported layout."""
+    import json
+
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    rows = [(t, label) for label, texts in POLARITY.items() for t in texts] * 3
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    (folder / "train.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows))
+    (folder / "train.tsv").write_text("label\ttext\n" + "".join(f"{y}\t{t}\n" for t, y in rows))
+    for label, texts in POLARITY.items():
+        (folder / f"lines.{label}").write_text("\n".join(texts * 3) + "\n")
+        (folder / "folders" / label).mkdir(parents=True)
+        for i, t in enumerate(texts * 3):
+            (folder / "folders" / label / f"{i}.txt").write_text(t)
+    (folder / "dev.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows[::3]))
+    return {"jsonl": folder / "train.jsonl", "csv": folder / "train.csv", "tsv": folder / "train.tsv",
+            "lines-per-class": folder / "lines.*", "folders": folder / "folders", "dev": folder / "dev.jsonl"}
