@@ -143,6 +143,18 @@ def test_classification_end_to_end(tmp_path, tiny_model_dir, class_files, object
     assert again["accuracy"] == scores["accuracy"] and again["confusion"] == scores["confusion"]
     heads = json.loads((run_dir / "checkpoints" / "best" / "heads.json").read_text())
     assert heads["polarity"]["kind"] == objective
+    from typer.testing import CliRunner
+
+    from routetune.cli import app
+
+    texts = [e["text"] for e in map(json.loads, class_files["jsonl"].read_text().splitlines()[:4])]
+    result = CliRunner().invoke(app, ["predict", str(run_dir), "--format", "lines"], input="\n".join(texts) + "\n")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in result.output.splitlines()]
+    assert [r["text"] for r in rows] == texts
+    for r in rows:
+        assert set(r["probabilities"]) == {"neg", "pos"} and abs(sum(r["probabilities"].values()) - 1) < 1e-5
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
     if objective == "binary-classification":
         assert heads["polarity"]["labels"] == ["neg", "pos"] and heads["polarity"]["threshold"] == 0.5
 
@@ -178,6 +190,7 @@ def test_decoder_causal_lm_text_and_prompts(tmp_path, tiny_llama_dir, ner_files)
                        "general": {"objective": "language-modeling", "train": str(ner_files["general"])}},
            "routing": {"weights": {"domain": 0.5, "qa": 0.3, "general": 0.2}},
            "train": {"max_steps": 30, "batch_size": 4, "lr": 3e-3, "progress": False, "eval_each_epoch": False},
+           "evals": {"heldout": {"path": str(ner_files["general"]), "max_blocks": 4}},
            "run": {"name": "lm", "output_dir": str(tmp_path / "runs")}}
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -188,6 +201,23 @@ def test_decoder_causal_lm_text_and_prompts(tmp_path, tiny_llama_dir, ner_files)
     assert qa["generated"] == 5 and 0 <= qa["exact_match"] <= 1 and 0 <= qa["token_f1"] <= 1
     vocab = json.loads((tiny_llama_dir / "config.json").read_text())["vocab_size"]
     assert qa["perplexity"] < 0.6 * vocab  # an untrained model scores about the vocabulary size
+    # before vs after: the base model was scored on the LM test sets and the extra held-out text
+    before = summary["before"]
+    assert set(before) == {"domain", "qa", "heldout"} and before["heldout"]["blocks"] == 4
+    pair = summary["before_after"]["domain/perplexity"]
+    assert pair["after"] == domain["perplexity"] and pair["after"] < pair["before"]
+    assert summary["test"]["heldout"]["blocks"] == 4
+    # generate for new prompts
+    from typer.testing import CliRunner
+
+    from routetune.cli import app
+
+    result = CliRunner().invoke(app, ["generate", str(run_dir), "--max-new-tokens", "3"],
+                                input='where is john ?\n{"prompt": "where is apple ?"}\n')
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in result.output.splitlines()]
+    assert [r["prompt"] for r in rows] == ["where is john ?", "where is apple ?"]
+    assert all(isinstance(r["completion"], str) for r in rows)
 
 
 def test_objective_must_fit_the_backbone(tmp_path, tiny_model_dir, ner_files):

@@ -104,7 +104,7 @@ def predict_cmd(
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL here instead of stdout"),
 ) -> None:
-    """Tag sentences (plain lines or JSONL) and write JSONL with tokens, tags and entity spans."""
+    """Predict with a task head (plain lines or JSONL in, JSONL out): entity tags and spans, or a label with probabilities."""
     from routetune.serve.predictor import Predictor, parse_line
     from routetune.workflow import load_run
 
@@ -113,23 +113,67 @@ def predict_cmd(
     cfg, model, tokenizer = load_run(run, checkpoint)
     predictor = Predictor(model, tokenizer, source or cfg.train.primary, cfg.model.max_length,
                           cfg.train.eval_batch_size, cfg.train.precision)
+    items = [item for item in _read_items(input_file, lambda line, where, n: parse_line(line, fmt, where, n))
+             if item is not None]
+    _write_jsonl(output, predictor.predict(items))
+
+
+def _read_items(input_file: Optional[Path], parse) -> list:
     name = str(input_file) if input_file else "<stdin>"
     if input_file is not None and not input_file.is_file():
         raise RoutetuneError(f"{input_file}: input file not found")
     stream = input_file.open(encoding="utf-8-sig", errors="strict") if input_file else sys.stdin
-    items = []
     try:
-        for lineno, line in enumerate(stream, start=1):
-            item = parse_line(line, fmt, name, lineno)
-            if item is not None:
-                items.append(item)
+        return [parse(line, name, lineno) for lineno, line in enumerate(stream, start=1)]
     except UnicodeDecodeError as exc:
         raise RoutetuneError(f"{name}: invalid UTF-8 ({exc.reason})") from None
+    finally:
+        if input_file:
+            stream.close()
+
+
+def _write_jsonl(output: Optional[Path], records) -> None:
     out = output.open("w", encoding="utf-8") if output else sys.stdout
-    for record in predictor.predict(items):
+    for record in records:
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
     if output:
         out.close()
+
+
+@app.command("generate")
+def generate_cmd(
+    run: Path = typer.Argument(..., help="Run folder (decoder backbone)"),
+    input_file: Optional[Path] = typer.Argument(None, help="Prompts: plain lines or JSONL {\"prompt\": ...}; default: stdin"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate per prompt"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL here instead of stdout"),
+) -> None:
+    """Greedy generation for new prompts with a fine-tuned decoder; writes JSONL {prompt, completion}."""
+    from routetune.model.inference import generate
+    from routetune.workflow import load_run
+
+    cfg, model, tokenizer = load_run(run, checkpoint)
+    if not model.is_decoder:
+        raise RoutetuneError(f"{run}: generate needs a decoder backbone; this run's is an encoder")
+
+    def parse(line: str, where: str, n: int):
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            return None
+        if text.lstrip().startswith("{"):
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise RoutetuneError(f"{where}:{n}: invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise RoutetuneError(f"{where}:{n}: expected a JSON object with a string field 'prompt'")
+            return obj["prompt"]
+        return text
+
+    prompts = [p for p in _read_items(input_file, parse) if p is not None]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, cfg.model.max_length + max_new_tokens,
+                       cfg.train.eval_batch_size, cfg.train.precision)
+    _write_jsonl(output, ({"prompt": p, "completion": o} for p, o in zip(prompts, outputs)))
 
 
 def main() -> None:

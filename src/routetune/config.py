@@ -239,6 +239,8 @@ class TrainConfig(_Strict):
     """Examples per batch at evaluation and prediction."""
     log_every: int = Field(10, ge=1)
     """Steps between `train` events in metrics.jsonl."""
+    eval_before: bool = True
+    """Score the language-modelling test sets and `evals` with the untouched base model before training (summary.json `before`)."""
     log_plan: bool = True
     """Write plan.jsonl: the source and example ids of every step (an audit trail of the routing)."""
     save_every_steps: int | None = Field(None, ge=1)
@@ -255,6 +257,19 @@ class TrainConfig(_Strict):
     """Show a progress bar."""
 
 
+class EvalTextConfig(_Strict):
+    path: str
+    """Held-out text: a file, a folder or a glob (relative to the config file)."""
+    objective: Literal["causal-lm", "masked-lm", "language-modeling"] = "language-modeling"
+    """How it is scored: perplexity (causal-lm) or masked-LM loss; `language-modeling` follows the backbone."""
+    glob: str = "*.txt"
+    """File pattern used when `path` is a folder."""
+    strip_gutenberg: bool = False
+    """Drop Project Gutenberg headers and footers."""
+    max_blocks: int | None = Field(None, ge=1)
+    """Score only the first N blocks of `max_length` tokens (bounds the cost on a large corpus)."""
+
+
 class Config(_Strict):
     model: ModelConfig
     """The pretrained backbone."""
@@ -266,14 +281,20 @@ class Config(_Strict):
     """Optimisation, evaluation and stopping."""
     run: RunConfig = RunConfig()
     """Where the run folder goes."""
+    evals: dict[str, EvalTextConfig] = Field(default_factory=dict)
+    """Extra held-out text, never trained on, scored with the base model before training and with the fine-tuned model after (e.g. general text, to see what was kept)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
         if not self.sources:
             raise ValueError("sources: at least one source is required")
-        for name in self.sources:
+        for name in [*self.sources, *self.evals]:
             if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-                raise ValueError(f"sources.{name}: names may hold letters, digits, '_' and '-' only")
+                raise ValueError(f"{'sources' if name in self.sources else 'evals'}.{name}: names may hold "
+                                 "letters, digits, '_' and '-' only")
+        for name in self.evals:
+            if name in self.sources:
+                raise ValueError(f"evals.{name}: a source has this name already")
         r = self.routing
         given = [k for k in ("weights", "temperature", "counts") if getattr(r, k) is not None]
         if len(given) > 1:
@@ -515,6 +536,8 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
             value = getattr(src, split)
             if value is not None:
                 object.__setattr__(src, split, _resolve(value, base))
+    for ev in cfg.evals.values():
+        object.__setattr__(ev, "path", _resolve(ev.path, base))
     if cfg.model.init_from is not None:
         object.__setattr__(cfg.model, "init_from", str(Path(cfg.model.init_from).expanduser().resolve()))
     name = cfg.model.name

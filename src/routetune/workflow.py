@@ -87,6 +87,18 @@ def resume_run(run_dir: str | Path, run_test: bool = True) -> tuple[Path, dict]:
     return _fit_and_report(setup, run_dir, run_test, resume_from=folder)
 
 
+def _before_after(before: dict, after: dict) -> dict:
+    """Base vs fine-tuned for every language-modelling score present on both sides."""
+    out = {}
+    for name, b in before.items():
+        a = after.get(name, {})
+        for metric in ("perplexity", "mlm_loss", "exact_match", "token_f1"):
+            if metric in b and metric in a:
+                out[f"{name}/{metric}"] = {"before": b[metric], "after": a[metric],
+                                           "ratio": a[metric] / b[metric] if b[metric] else None}
+    return out
+
+
 def _check_labels(run_dir: Path, labels: dict) -> None:
     saved = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
     for name in set(saved) | set(labels):
@@ -113,9 +125,14 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
     try:
         log.info("run folder %s", run_dir)
         trainer = Trainer(setup, run_dir)
+        before_path = run_dir / "before.json"
         if resume_from is not None:
             step = trainer.restore(resume_from)
             log.info("resumed from %s at step %d of %d", resume_from.name, step, setup.total_steps)
+        elif cfg.train.eval_before and setup.before_sets():
+            log.info("scoring the base model before training: %s", ", ".join(setup.before_sets()))
+            _, before = evaluate_dev(setup, setup.before_sets())
+            before_path.write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
         result = trainer.run()
         best = run_dir / "checkpoints" / "best"
         checkpoint = "best" if (best / ckpt.COMPLETE).is_file() else "last"
@@ -130,12 +147,15 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
             "train_seconds": round(result.train_seconds, 2),
             "tokens_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
         }
-        if run_test and setup.test:
+        if run_test and (setup.test or setup.extra):
             if checkpoint == "best":
                 ckpt.verify(best)
                 setup.model = RoutedModel.load(best)
-            _, full = evaluate_dev(setup, setup.test)
+            _, full = evaluate_dev(setup, {**setup.test, **setup.extra})
             summary["test"] = full
+        if before_path.is_file():
+            summary["before"] = json.loads(before_path.read_text(encoding="utf-8"))
+            summary["before_after"] = _before_after(summary["before"], summary.get("test", {}))
         summary["wall_seconds"] = round(time.time() - started, 2)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     finally:

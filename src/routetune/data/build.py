@@ -22,6 +22,8 @@ class EvalSet:
     kind: str  # tags | classes | prompts | text
     items: list  # Sentences, Examples, or text parts (path, start, end)
     origin: str = ""
+    strip_gutenberg: bool = False  # text only
+    max_blocks: int | None = None  # text only
 
 
 def resolve_objective(objective: str, decoder: bool, name: str) -> str:
@@ -142,17 +144,28 @@ def _text_source(name, sc, objective, tokenizer, max_length, seed):
         src = TextBlocks(name, train_parts, tokenizer, max_length, seed, **common)
 
     def eval_set(path, lo, hi):
+        strip = sc.text.strip_gutenberg
         if path:
-            return EvalSet("text", text_parts(resolve_text_files(path, sc.text.glob)), path)
+            return EvalSet("text", text_parts(resolve_text_files(path, sc.text.glob)), path, strip)
         if hi > lo:
-            return EvalSet("text", text_parts(files, lo, hi), f"holdout {lo:.3g}-{hi:.3g} of each file")
+            return EvalSet("text", text_parts(files, lo, hi), f"holdout {lo:.3g}-{hi:.3g} of each file", strip)
         return None
 
     return src, eval_set(sc.dev, cut_dev, cut_test), eval_set(sc.test, cut_test, 1.0)
+
+
+def build_evals(cfg, decoder: bool) -> tuple[dict[str, EvalSet], dict[str, str]]:
+    """The `evals` section: held-out text sets and their (resolved) objectives."""
+    sets, objectives = {}, {}
+    for name, ev in cfg.evals.items():
+        objectives[name] = resolve_objective(ev.objective, decoder, f"evals.{name}")
+        files = resolve_text_files(ev.path, ev.glob)
+        sets[name] = EvalSet("text", text_parts(files), ev.path, ev.strip_gutenberg, ev.max_blocks)
+    return sets, objectives
 
 
 def source_sizes(sources: dict) -> dict[str, int | None]:
     return {n: (len(s) if not isinstance(s, TextStream) else None) for n, s in sources.items()}
 
 
-__all__ = ["EvalSet", "build", "resolve_objective", "source_sizes"]
+__all__ = ["EvalSet", "build", "build_evals", "resolve_objective", "source_sizes"]

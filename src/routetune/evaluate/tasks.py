@@ -28,7 +28,7 @@ METRICS = {"tags": ("f1", "precision", "recall"), "classes": ("accuracy", "macro
            "text-masked-lm": ("mlm_loss",)}
 
 
-def metric_names(evalset: EvalSet, objective: str, source_cfg) -> tuple[str, ...]:
+def metric_names(evalset: EvalSet, objective: str, source_cfg=None) -> tuple[str, ...]:
     if evalset.kind == "text":
         return METRICS[f"text-{objective}"]
     if evalset.kind == "prompts" and not source_cfg.eval_generate:
@@ -37,14 +37,14 @@ def metric_names(evalset: EvalSet, objective: str, source_cfg) -> tuple[str, ...
 
 
 def evaluate_set(model, name: str, objective: str, evalset: EvalSet, tokenizer, cfg) -> dict:
-    sc, tc, max_length = cfg.sources[name], cfg.train, cfg.model.max_length
+    sc, tc, max_length = cfg.sources.get(name), cfg.train, cfg.model.max_length
     if evalset.kind == "tags":
         return evaluate_tagging(model, name, tokenizer, evalset.items, max_length, tc.eval_batch_size, tc.precision)
     if evalset.kind == "classes":
         return classification_scores(model, name, tokenizer, evalset.items, max_length, tc, sc)
     if evalset.kind == "prompts":
         return prompt_scores(model, tokenizer, evalset.items, max_length, tc, sc)
-    return text_scores(model, objective, tokenizer, evalset.items, max_length, tc, sc)
+    return text_scores(model, objective, tokenizer, evalset, max_length, tc)
 
 
 def classification_scores(model, name, tokenizer, examples, max_length, tc, sc) -> dict:
@@ -127,10 +127,14 @@ def _completion_loss(model, tokenizer, examples, max_length, precision) -> tuple
     return (loss.item() / n if n else 0.0), n
 
 
-def text_scores(model, objective, tokenizer, parts, max_length, tc, sc) -> dict:
+def text_scores(model, objective, tokenizer, evalset: EvalSet, max_length, tc) -> dict:
+    """Non-overlapping blocks of `max_length` tokens, as in training."""
+    from itertools import islice
+
     prefix, suffix = special_affixes(tokenizer)
     content = max_length - len(prefix) - len(suffix)
-    blocks = [prefix + b + suffix for b in iter_blocks(parts, tokenizer, content, sc.text.strip_gutenberg)]
+    blocks = iter_blocks(evalset.items, tokenizer, content, evalset.strip_gutenberg)
+    blocks = [prefix + b + suffix for b in islice(blocks, evalset.max_blocks)]
     loss, tokens = lm_loss(model, objective, blocks, tokenizer, tc.eval_batch_size, tc.precision)
     if objective == "causal-lm":
         return {"perplexity": math.exp(loss), "loss": loss, "tokens": tokens, "blocks": len(blocks)}

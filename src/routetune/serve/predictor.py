@@ -1,5 +1,6 @@
 """Prediction for a trained run: raw text or pre-split tokens -> tags and entity spans with
-character offsets. Uses the same batched tagging function as evaluation."""
+character offsets, or class labels with probabilities. Uses the same batched inference functions
+as evaluation, so outputs are identical for the same inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from seqeval.metrics.sequence_labeling import get_entities
 
 from routetune.errors import DataError
-from routetune.model.inference import tag_words
+from routetune.model.inference import classify, tag_words
 
 # URLs, @mentions/#hashtags and words (with inner apostrophes or hyphens) stay whole; any other
 # non-space character is its own token, as in the CoNLL/WNUT tokenisation.
@@ -64,14 +65,23 @@ def parse_line(line: str, fmt: str, path: str = "<stdin>", lineno: int | None = 
 
 
 class Predictor:
+    """Predictions of one task head: entity tags and spans (token classification), or a label with
+    class probabilities (sequence / binary classification). Same code path as evaluation."""
+
     def __init__(self, model, tokenizer, head: str, max_length: int, batch_size: int = 64,
                  precision: str = "fp32"):
         if head not in model.heads:
-            raise DataError(f"no task head named {head!r} (heads: {', '.join(model.heads)})")
+            raise DataError(f"no task head named {head!r} (heads: {', '.join(model.heads) or 'none'})")
         self.model, self.tokenizer, self.head = model, tokenizer, head
+        self.kind = model.heads[head].kind
         self.max_length, self.batch_size, self.precision = max_length, batch_size, precision
 
     def predict(self, items: list[Item]) -> list[dict]:
+        if self.kind == "token-classification":
+            return self._tag(items)
+        return self._classify(items)
+
+    def _tag(self, items: list[Item]) -> list[dict]:
         result = tag_words(self.model, self.head, self.tokenizer, [it.tokens for it in items],
                            self.max_length, self.batch_size, self.precision)
         out = []
@@ -82,4 +92,18 @@ class Predictor:
                 entities.append({"type": typ, "text": item.text[start:end], "start": start, "end": end,
                                  "token_start": first, "token_end": last + 1})
             out.append({"text": item.text, "tokens": item.tokens, "tags": tags, "entities": entities})
+        return out
+
+    def _classify(self, items: list[Item]) -> list[dict]:
+        head = self.model.heads[self.head]
+        probs, _ = classify(self.model, self.head, self.tokenizer, [it.text for it in items], self.max_length,
+                            self.batch_size, self.precision)
+        out = []
+        for item, p in zip(items, probs.tolist()):
+            if head.binary:
+                label = head.labels[1] if p[1] > head.threshold else head.labels[0]
+            else:
+                label = head.labels[max(range(len(p)), key=p.__getitem__)]
+            out.append({"text": item.text, "label": label,
+                        "probabilities": {t: round(q, 6) for t, q in zip(head.labels, p)}})
         return out

@@ -83,7 +83,7 @@ def evaluate_dev(setup: Setup, sets: dict) -> tuple[dict, dict]:
         scores = evaluate_set(setup.model, name, setup.objectives[name], evalset, setup.tokenizer, setup.cfg)
         full[name] = scores
         flat.update({f"{name}/{m}": scores[m] for m in metric_names(evalset, setup.objectives[name],
-                                                                   setup.cfg.sources[name])})
+                                                                   setup.cfg.sources.get(name))})
     return flat, full
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from routetune.config import Config
-from routetune.data.build import EvalSet, build, resolve_objective, source_sizes
+from routetune.data.build import EvalSet, build, build_evals, resolve_objective, source_sizes
 from routetune.data.plan import RoutedBatches, plan_run
 from routetune.data.sources import LabelledSource, MemorySource, derive_seed
 from routetune.data.text import TextStream
@@ -39,13 +39,15 @@ class Setup:
     dev: dict[str, EvalSet] = field(default_factory=dict)
     test: dict[str, EvalSet] = field(default_factory=dict)
     source_table: list[dict] = field(default_factory=list)
+    extra: dict[str, EvalSet] = field(default_factory=dict)  # the config's `evals`
 
     @property
     def labels(self) -> dict[str, list[str]]:
         return {n: list(s.labels) for n, s in self.sources.items() if hasattr(s, "labels")}
 
-    def metric_names(self, name: str) -> tuple[str, ...]:
-        return metric_names(self.dev.get(name) or self.test[name], self.objectives[name], self.cfg.sources[name])
+    def before_sets(self) -> dict[str, EvalSet]:
+        """Sets the untouched base model can be scored on: language-modelling test sets and `evals`."""
+        return {**{n: s for n, s in self.test.items() if s.kind in ("text", "prompts")}, **self.extra}
 
 
 def prepare(cfg: Config) -> Setup:
@@ -61,6 +63,8 @@ def prepare(cfg: Config) -> Setup:
     decoder = is_decoder(load_config(model_path))
     objectives = {n: resolve_objective(sc.objective, decoder, n) for n, sc in cfg.sources.items()}
     sources, dev, test = build(cfg, tokenizer, objectives, earlier_labels, cfg.model.allow_new_labels)
+    extra, extra_objectives = build_evals(cfg, decoder)
+    objectives.update(extra_objectives)
     if not isinstance(sources[cfg.train.primary], MemorySource):
         raise ConfigError(f"sources.{cfg.train.primary}.text.stream: the primary source must be sized; set "
                           "stream: false (loads its blocks into memory) or choose another train.primary")
@@ -80,7 +84,8 @@ def prepare(cfg: Config) -> Setup:
     r = cfg.routing
     batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted)
     per_epoch = math.ceil(len(sources[cfg.train.primary]) / cfg.train.batch_size)
-    setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, dev, test)
+    setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, dev, test,
+                  extra=extra)
     describe(setup)
     return setup
 
