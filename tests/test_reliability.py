@@ -183,3 +183,32 @@ def test_non_finite_loss_policy(tmp_path, tiny_model_dir, ner_files, monkeypatch
         assert "3 consecutive skipped steps" in str(err.value) and "step 6" in str(err.value)
         events = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
         assert [e["step"] for e in events if e["event"] == "skipped"] == [4, 5, 6]
+
+
+def test_lora_run_resumes_bitwise(tmp_path, tiny_llama_dir):
+    import yaml
+
+    from conftest import GENERAL
+
+    text = tmp_path / "t.txt"
+    text.write_text(GENERAL)
+    runs = {}
+    for name, fault in (("ref", None), ("killed", "after_step:5")):
+        cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 24},
+               "sources": {"lm": {"objective": "causal-lm", "train": str(text), "text": {"stream": False}}},
+               "peft": {"method": "lora", "r": 2},
+               "train": {"max_steps": 8, "batch_size": 3, "lr": 1e-2, "progress": False, "save_every_steps": 4},
+               "run": {"name": "run", "output_dir": str(tmp_path / name)}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        proc = _cli("train", str(path), fault=fault, check=fault is None)
+        run_dir = tmp_path / name / "run"
+        if fault:
+            assert proc.returncode == -9
+            _cli("resume", str(run_dir))
+        folder = run_dir / "checkpoints" / "step-00000008"
+        ckpt.verify(folder)
+        runs[name] = (load_file(str(folder / "adapter_model.safetensors")), (run_dir / "plan.jsonl").read_text())
+    assert runs["ref"][1] == runs["killed"][1]
+    for k, v in runs["ref"][0].items():
+        assert torch.equal(v, runs["killed"][0][k]), k

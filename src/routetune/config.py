@@ -257,6 +257,28 @@ class TrainConfig(_Strict):
     """Show a progress bar."""
 
 
+class PeftConfig(_Strict):
+    method: Literal["none", "lora", "dora", "ia3", "bitfit"] = "none"
+    """Parameter-efficient method: `lora`, `dora` (weight-decomposed LoRA) and `ia3` come from the peft library; `bitfit` trains only bias terms; `none` is full fine-tuning (see `freeze`)."""
+    r: int = Field(8, ge=1)
+    """LoRA / DoRA rank."""
+    alpha: float = Field(16, gt=0)
+    """LoRA / DoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA / DoRA input."""
+    target_modules: list[str] | None = None
+    """Module names (suffixes) that get adapters. Default: the attention projections (Llama: q,k,v,o_proj; BERT: query, key, value, attention.output.dense); IA3 adds the feed-forward layer."""
+
+
+class FreezeConfig(_Strict):
+    embeddings: bool = False
+    """Freeze the word (and position) embeddings; a decoder matrix tied to them freezes too."""
+    top_k_layers: int | None = Field(None, ge=1)
+    """Train only the top k transformer layers of the backbone (plus the heads)."""
+    head_only: bool = False
+    """Train only the task heads and the LM head's own parameters; the backbone is frozen."""
+
+
 class EvalTextConfig(_Strict):
     path: str
     """Held-out text: a file, a folder or a glob (relative to the config file)."""
@@ -281,6 +303,10 @@ class Config(_Strict):
     """Optimisation, evaluation and stopping."""
     run: RunConfig = RunConfig()
     """Where the run folder goes."""
+    peft: PeftConfig = PeftConfig()
+    """Parameter-efficient fine-tuning method of the shared backbone."""
+    freeze: FreezeConfig = FreezeConfig()
+    """Freezing strategies for full fine-tuning (peft.method none)."""
     evals: dict[str, EvalTextConfig] = Field(default_factory=dict)
     """Extra held-out text, never trained on, scored with the base model before training and with the fine-tuned model after (e.g. general text, to see what was kept)."""
 
@@ -295,6 +321,12 @@ class Config(_Strict):
         for name in self.evals:
             if name in self.sources:
                 raise ValueError(f"evals.{name}: a source has this name already")
+        f = self.freeze
+        if self.peft.method != "none" and (f.embeddings or f.head_only or f.top_k_layers):
+            raise ValueError("freeze: freezing strategies apply to full fine-tuning; with peft.method "
+                             f"{self.peft.method} the backbone is frozen already")
+        if f.head_only and f.top_k_layers:
+            raise ValueError("freeze: give head_only or top_k_layers, not both")
         r = self.routing
         given = [k for k in ("weights", "temperature", "counts") if getattr(r, k) is not None]
         if len(given) > 1:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from routetune.model.load import is_decoder, lm_head_is_tied, load_lm
+from routetune.model.peft import is_adapter_param
 
 log = logging.getLogger("routetune")
 
@@ -104,6 +105,8 @@ class RoutedModel(nn.Module):
         super().__init__()
         self.lm = lm
         self.heads = nn.ModuleDict(heads or {})
+        self.adapter_config = None  # peft config object when adapters are injected
+        self.base_path: str | None = None  # the backbone an adapter checkpoint builds on
 
     @property
     def backbone(self) -> nn.Module:
@@ -174,7 +177,10 @@ class RoutedModel(nn.Module):
 
     def save(self, folder: str | Path, tokenizer=None) -> None:
         folder = Path(folder)
-        self.lm.save_pretrained(folder)
+        if self.adapter_config is not None:
+            self._save_adapter(folder)
+        else:
+            self.lm.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         tensors = {f"{name}.{k}": v.detach().contiguous() for name, head in self.heads.items()
@@ -183,6 +189,31 @@ class RoutedModel(nn.Module):
             save_file(tensors, str(folder / "heads.safetensors"))
         specs = {name: head.spec() for name, head in self.heads.items()}
         (folder / "heads.json").write_text(json.dumps(specs, indent=2) + "\n")
+
+    def _save_adapter(self, folder: Path) -> None:
+        """PEFT's own adapter format (PeftModel.from_pretrained loads it onto the base model), plus the
+        LM head's own trained tensors and a note of the base."""
+        from peft import get_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(self.lm)
+        save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in adapter.items()},
+                  str(folder / "adapter_model.safetensors"))
+        self.adapter_config.save_pretrained(str(folder))
+        extra = {n: p.detach().contiguous() for n, p in self.lm.named_parameters()
+                 if p.requires_grad and not is_adapter_param(n)}
+        save_file(extra, str(folder / "lm_trainable.safetensors"))
+        (folder / "routetune.json").write_text(json.dumps({"base": self.base_path, "adapter": True}) + "\n")
+
+    def _load_adapter(self, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+
+        state = load_file(str(folder / "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.lm, {k.removeprefix("base_model.model."): v for k, v in state.items()})
+        extra = load_file(str(folder / "lm_trainable.safetensors"))
+        params = dict(self.lm.named_parameters())
+        with torch.no_grad():
+            for name, tensor in extra.items():
+                params[name].copy_(tensor)
 
     def _load_head_tensors(self, folder: Path, names: list[str]) -> None:
         tensors = load_file(str(folder / "heads.safetensors")) if names else {}
@@ -193,6 +224,13 @@ class RoutedModel(nn.Module):
     def load_weights(self, folder: str | Path) -> None:
         """Load the exact tensors of a checkpoint saved by :meth:`save` into this model."""
         folder = Path(folder)
+        specs = json.loads((folder / "heads.json").read_text())
+        if set(specs) != set(self.heads) or any(specs[n] != self.heads[n].spec() for n in specs):
+            raise ValueError(f"{folder}/heads.json: heads or label sets differ from this run's")
+        if self.adapter_config is not None:
+            self._load_adapter(folder)
+            self._load_head_tensors(folder, list(specs))
+            return
         state = load_file(str(folder / "model.safetensors"))
         result = self.lm.load_state_dict(state, strict=False)
         params = dict(self.lm.named_parameters(remove_duplicate=False))
@@ -200,9 +238,6 @@ class RoutedModel(nn.Module):
         untied = [k for k in result.missing_keys if k in params and params[k].data_ptr() not in loaded]
         if untied or [k for k in result.unexpected_keys if k in params]:
             raise ValueError(f"{folder}/model.safetensors does not fit this model (missing {untied[:3]})")
-        specs = json.loads((folder / "heads.json").read_text())
-        if set(specs) != set(self.heads) or any(specs[n] != self.heads[n].spec() for n in specs):
-            raise ValueError(f"{folder}/heads.json: heads or label sets differ from this run's")
         self._load_head_tensors(folder, list(specs))
 
     def load_heads_from(self, folder: str | Path, names: list[str]) -> None:
@@ -224,8 +259,19 @@ class RoutedModel(nn.Module):
     @classmethod
     def load(cls, folder: str | Path) -> "RoutedModel":
         folder = Path(folder)
-        lm, _ = load_lm(str(folder))
-        model = cls(lm)
+        note = json.loads((folder / "routetune.json").read_text()) if (folder / "routetune.json").is_file() else {}
+        if note.get("adapter"):
+            from peft import PeftConfig, inject_adapter_in_model
+
+            lm, _ = load_lm(note["base"])
+            config = PeftConfig.from_pretrained(str(folder))
+            inject_adapter_in_model(config, lm)
+            model = cls(lm)
+            model.adapter_config, model.base_path = config, note["base"]
+            model._load_adapter(folder)
+        else:
+            lm, _ = load_lm(str(folder))
+            model = cls(lm)
         specs = json.loads((folder / "heads.json").read_text())
         for name, spec in specs.items():
             if spec["kind"] not in HEADS:
@@ -233,6 +279,7 @@ class RoutedModel(nn.Module):
             options = {k: spec[k] for k in ("pooling", "threshold") if k in spec}
             model.add_head(name, spec["kind"], spec["labels"], seed=0, **options)
         model._load_head_tensors(folder, list(specs))
+        model.eval()
         return model
 
 

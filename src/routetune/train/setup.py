@@ -20,6 +20,7 @@ from routetune.errors import ConfigError
 from routetune.evaluate.tasks import metric_names
 from routetune.model.heads import HEADS, RoutedModel, build_model
 from routetune.model.load import is_decoder, load_config, load_tokenizer, resolve_model
+from routetune.model.peft import apply_peft
 from routetune.train.checkpoint import run_checkpoint
 
 log = logging.getLogger("routetune")
@@ -78,7 +79,18 @@ def prepare(cfg: Config) -> Setup:
             model.add_head(name, objectives[name], src.labels, derive_seed(cfg.train.seed, "head", name),
                            pooler_from=model_path, **options)
     if earlier is not None:
+        if (earlier / "routetune.json").is_file():
+            raise ConfigError(f"model.init_from: {cfg.model.init_from} was trained with an adapter method; "
+                              "starting from adapter checkpoints is not supported yet")
         model.load_heads_from(earlier, [n for n in earlier_labels if n in model.heads])
+    apply_peft(model, cfg.peft, cfg.freeze, model_path)
+    if not any(p.requires_grad for p in model.lm.parameters()):
+        lm_sources = [n for n, o in objectives.items() if o in ("masked-lm", "causal-lm") and n in sources
+                      and cfg.routing.weights and cfg.routing.weights.get(n, 0) > 0]
+        if lm_sources:
+            raise ConfigError(f"sources.{lm_sources[0]}: nothing its {objectives[lm_sources[0]]} loss reaches is "
+                              "trainable (the backbone is frozen and the LM head is tied to the frozen embeddings); "
+                              "drop the source or train part of the backbone")
 
     router, total, _ = plan_run(cfg, source_sizes(sources))
     r = cfg.routing

@@ -1,0 +1,121 @@
+"""Contract table: every parameter-sharing method on a tiny encoder and a tiny decoder.
+
+Train 3 steps -> save -> load -> identical outputs; only the intended parameters change;
+adapter checkpoints load with plain peft."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import GENERAL
+from routetune.errors import ConfigError
+from routetune.model.heads import RoutedModel
+from routetune.train.checkpoint import run_checkpoint
+from routetune.workflow import train
+
+METHODS = [
+    # (peft, freeze, which backbone parameters may change)
+    ({"method": "none"}, {}, "all"),
+    ({"method": "lora", "r": 4}, {}, "adapters"),
+    ({"method": "dora", "r": 4}, {}, "adapters"),
+    ({"method": "ia3"}, {}, "adapters"),
+    ({"method": "bitfit"}, {}, "biases"),
+    ({"method": "none"}, {"embeddings": True}, "not-embeddings"),
+    ({"method": "none"}, {"top_k_layers": 1}, "top-layer"),
+    ({"method": "none"}, {"head_only": True}, "none"),
+]
+
+
+def _config(tmp_path, model_dir, decoder, peft, freeze):
+    text = tmp_path / "general.txt"
+    text.write_text(GENERAL)
+    cls = tmp_path / "cls.jsonl"
+    cls.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
+                           for t, y in [("a great film", "pos"), ("the worst store", "neg")] * 8))
+    cfg = {"model": {"name": str(model_dir), "max_length": 24},
+           "sources": {"cls": {"objective": "sequence-classification", "train": str(cls)},
+                       "general": {"objective": "language-modeling", "train": str(text)}},
+           "routing": {"strategy": "interleaved", "weights": {"cls": 0.5, "general": 0.5}},
+           "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False, "seed": 3,
+                     "weight_decay": 0.0},
+           "peft": peft, "freeze": freeze,
+           "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _expected_change(kind, name, decoder):
+    embed = "embed_tokens" in name or ".embeddings." in name
+    if kind == "all":
+        return True
+    if kind == "adapters":
+        return "lora_" in name or "ia3_" in name
+    if kind == "biases":
+        return name.endswith(".bias") and "LayerNorm" not in name or name.endswith("LayerNorm.bias")
+    if kind == "not-embeddings":
+        return not embed
+    if kind == "top-layer":
+        return ".layer.1." in name or ".layers.1." in name
+    return False
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
+@pytest.mark.parametrize("peft, freeze, kind", METHODS, ids=[f"{p['method']}-{'-'.join(f) or 'all'}" for p, f, _ in METHODS])
+def test_method_contract(tmp_path, tiny_model_dir, tiny_llama_dir, decoder, peft, freeze, kind):
+    model_dir = tiny_llama_dir if decoder else tiny_model_dir
+    path = _config(tmp_path, model_dir, decoder, peft, freeze)
+    if peft["method"] == "bitfit" and decoder:
+        with pytest.raises(ConfigError, match="bitfit trains only bias terms, and this backbone has none"):
+            train(path)
+        return
+    if freeze.get("head_only") and decoder:
+        with pytest.raises(ConfigError, match="sources.general: nothing its causal-lm loss reaches is trainable"):
+            train(path)
+        return
+    from routetune.config import load_config
+    from routetune.train.setup import prepare
+
+    before = {n: p.detach().clone() for n, p in prepare(load_config(path)).model.lm.named_parameters()}
+    run_dir, _ = train(path)
+    folder = run_checkpoint(run_dir, "last")
+    loaded = RoutedModel.load(folder)
+    # every backbone parameter changed only if the method trains it (the LM head's own parameters
+    # and the task heads always train)
+    prefix = loaded.lm.base_model_prefix + "."
+    changed = [n for n, p in loaded.lm.named_parameters()
+               if n.startswith(prefix) and n in before and not torch.equal(p, before[n])]
+    wrong = [n for n in changed if not _expected_change(kind, n, decoder)]
+    assert not wrong, f"{wrong[:5]} changed under {peft} {freeze}"
+    assert bool(changed) == (kind != "none")  # the method did train what it should
+    # save -> load gives identical outputs
+    ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    trained = RoutedModel.load(folder)
+    assert torch.equal(loaded.head_logits("cls", ids, mask), trained.head_logits("cls", ids, mask))
+    if peft["method"] in ("lora", "dora", "ia3"):
+        assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+        base_cls = AutoModelForCausalLM if decoder else AutoModelForMaskedLM
+        plain = PeftModel.from_pretrained(base_cls.from_pretrained(model_dir), str(folder)).eval()
+        ours = loaded.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        theirs = plain.base_model.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_trainable_parameters_logged(tmp_path, tiny_llama_dir, caplog):
+    import logging
+
+    from routetune.config import load_config
+    from routetune.train.setup import prepare
+
+    logging.getLogger("routetune").setLevel(logging.INFO)
+    path = _config(tmp_path, tiny_llama_dir, True, {"method": "lora", "r": 2}, {})
+    with caplog.at_level(logging.INFO, logger="routetune"):
+        prepare(load_config(path))
+    line = next(r.message for r in caplog.records if r.message.startswith("parameters:"))
+    assert "adapters" in line and "head:cls" in line and "embeddings 0/" in line
