@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routetune.config import apply_override, load_config, parse_config
-from routetune.data.readers import iter_text, read_conll, resolve_text_files
+from routetune.data.readers import (iter_text, read_conll, read_examples, read_prompt_completions,
+                                    resolve_text_files, text_range)
 from routetune.errors import RoutetuneError
 from routetune.serve.predictor import parse_line
 
@@ -24,6 +25,16 @@ pieces = st.sampled_from([b"John", b"B-PER", b"I-LOC", b"O", b"X-Y", b"B-", b"\t
                           b"\r", b"\xef\xbb\xbf", b"\xff", b"\xc3", b"\xc3\xa9", b"-DOCSTART-", b"***START OF X***",
                           b"*** END OF", b"\x00", b"#", b"a" * 300])
 files = st.one_of(st.binary(max_size=400), st.lists(pieces, max_size=60).map(b"".join))
+
+json_lines = st.lists(st.one_of(
+    st.fixed_dictionaries({}, optional={"text": st.one_of(st.text(max_size=20), st.integers(), st.none(), st.lists(st.integers())),
+                                        "label": st.one_of(st.sampled_from(["a", "b", ""]), st.integers(), st.floats(), st.booleans()),
+                                        "prompt": st.one_of(st.text(max_size=10), st.integers()),
+                                        "completion": st.one_of(st.text(max_size=10), st.none())}),
+    st.integers(), st.text(max_size=5)), max_size=8).map(
+    lambda rows: "\n".join(__import__("json").dumps(r) for r in rows).encode())
+csv_lines = st.lists(st.lists(st.sampled_from(["text", "label", "a", "b", '"', '"x,y"', "", " ", "\t"]), max_size=4),
+                     max_size=6).map(lambda rows: "\n".join(",".join(r) for r in rows).encode())
 
 KEYS = ["model", "name", "max_length", "sources", "ner", "objective", "train", "dev", "routing", "weights",
         "strategy", "schedule", "kind", "end", "stages", "until", "counts", "repeat", "choose", "temperature",
@@ -58,6 +69,27 @@ def conll_case(data, scheme, token_column, tag_column):
 
 def text_case(data, strip):
     _only_ours(lambda p: list(iter_text(p, strip_gutenberg=strip)), _file(data))
+    _only_ours(lambda p: list(text_range(p, 0.3, 0.9, strip)), _file(data))
+
+
+def examples_case(data, fmt):
+    _only_ours(read_examples, str(_file(data)), fmt)
+
+
+def folder_case(files_data):
+    root = TMP / "folders"
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+    for i, (label, data) in enumerate(files_data):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        (root / label / f"{i}.txt").write_bytes(data)
+    _only_ours(read_examples, str(root), "folders")
+    _only_ours(read_examples, str(root / "*" / "*.txt"), "lines-per-class")
+
+
+def prompts_case(data):
+    _only_ours(read_prompt_completions, str(_file(data)))
 
 
 def config_case(text):
@@ -80,6 +112,9 @@ def predict_case(line, fmt):
 CASES = {
     "conll": (conll_case, (files, st.sampled_from(["iob1", "iob2"]), st.integers(-3, 3), st.integers(-3, 3))),
     "text": (text_case, (files, st.booleans())),
+    "classification": (examples_case, (st.one_of(files, json_lines, csv_lines), st.sampled_from(["csv", "tsv", "jsonl"]))),
+    "class-folders": (folder_case, (st.lists(st.tuples(st.sampled_from(["pos", "neg", "x"]), files), max_size=4),)),
+    "prompt-completion": (prompts_case, (st.one_of(files, json_lines),)),
     "config-text": (config_case, (yaml_texts,)),
     "config-tree": (tree_case, (trees, st.text(max_size=30))),
     "predict-line": (predict_case, (st.one_of(st.text(max_size=200), trees.map(lambda t: yaml.safe_dump(t))),
