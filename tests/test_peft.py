@@ -119,3 +119,28 @@ def test_trainable_parameters_logged(tmp_path, tiny_llama_dir, caplog):
         prepare(load_config(path))
     line = next(r.message for r in caplog.records if r.message.startswith("parameters:"))
     assert "adapters" in line and "head:cls" in line and "embeddings 0/" in line
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "none"])
+def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
+    from transformers import AutoModelForSequenceClassification, AutoModelForMaskedLM
+
+    from routetune.model.export import export
+
+    path = _config(tmp_path, tiny_model_dir, False, {"method": method, "r": 4}, {})
+    run_dir, _ = train(path)
+    ours = RoutedModel.load(run_checkpoint(run_dir, "last"))
+    written = export(run_dir, tmp_path / "out", "last", merge=True)
+    assert str(tmp_path / "out" / "lm") in written
+    ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    lm = AutoModelForMaskedLM.from_pretrained(tmp_path / "out" / "lm").eval()
+    assert torch.allclose(lm(input_ids=ids, attention_mask=mask).logits,
+                          ours.lm(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
+    task = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "heads" / "cls").eval()
+    assert task.config.id2label == {0: "neg", 1: "pos"}
+    assert torch.allclose(task(input_ids=ids, attention_mask=mask).logits, ours.head_logits("cls", ids, mask),
+                          atol=1e-5)
+    if method != "none":
+        adapter = export(run_dir, tmp_path / "out2", "last", merge=False)
+        assert adapter == [str(tmp_path / "out2" / "adapter")]

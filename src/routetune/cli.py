@@ -176,6 +176,21 @@ def generate_cmd(
     _write_jsonl(output, ({"prompt": p, "completion": o} for p, o in zip(prompts, outputs)))
 
 
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write"),
+    merge: bool = typer.Option(False, "--merge", help="Merge adapters into the weights (plain transformers folders)"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder"),
+) -> None:
+    """Export standard Hugging Face / PEFT folders: the LM, the adapter, and each task head as a transformers task model."""
+    from routetune.model.export import export
+
+    for folder in export(run, out, checkpoint, merge, overwrite):
+        typer.echo(folder)
+
+
 def main() -> None:
     _setup_logging()
     try:
