@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import GENERAL
 from routetune.errors import ConfigError
@@ -21,6 +22,8 @@ METHODS = [
     ({"method": "lora", "r": 4}, {}, "adapters"),
     ({"method": "dora", "r": 4}, {}, "adapters"),
     ({"method": "ia3"}, {}, "adapters"),
+    ({"method": "adapter", "adapter_size": 8}, {}, "adapters"),
+    ({"method": "adapter", "adapter_size": 8, "adapter_placement": ["ffn"]}, {}, "adapters"),
     ({"method": "bitfit"}, {}, "biases"),
     ({"method": "none"}, {"embeddings": True}, "not-embeddings"),
     ({"method": "none"}, {"top_k_layers": 1}, "top-layer"),
@@ -52,7 +55,7 @@ def _expected_change(kind, name, decoder):
     if kind == "all":
         return True
     if kind == "adapters":
-        return "lora_" in name or "ia3_" in name
+        return "lora_" in name or "ia3_" in name or ".adapter." in name
     if kind == "biases":
         return name.endswith(".bias") and "LayerNorm" not in name or name.endswith("LayerNorm.bias")
     if kind == "not-embeddings":
@@ -63,7 +66,7 @@ def _expected_change(kind, name, decoder):
 
 
 @pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
-@pytest.mark.parametrize("peft, freeze, kind", METHODS, ids=[f"{p['method']}-{'-'.join(f) or 'all'}" for p, f, _ in METHODS])
+@pytest.mark.parametrize("peft, freeze, kind", METHODS, ids=[f"{p['method']}{'-' + '-'.join(p.get('adapter_placement', [])) if 'adapter_placement' in p else ''}-{'-'.join(f) or 'all'}" for p, f, _ in METHODS])
 def test_method_contract(tmp_path, tiny_model_dir, tiny_llama_dir, decoder, peft, freeze, kind):
     model_dir = tiny_llama_dir if decoder else tiny_model_dir
     path = _config(tmp_path, model_dir, decoder, peft, freeze)
@@ -95,6 +98,10 @@ def test_method_contract(tmp_path, tiny_model_dir, tiny_llama_dir, decoder, peft
     mask = torch.ones_like(ids)
     trained = RoutedModel.load(folder)
     assert torch.equal(loaded.head_logits("cls", ids, mask), trained.head_logits("cls", ids, mask))
+    if peft["method"] in ("adapter", "bitfit"):  # only the trained tensors + a manifest
+        assert not (folder / "model.safetensors").exists()
+        trained = {n for n, p in loaded.lm.named_parameters() if p.requires_grad}
+        assert set(load_file(str(folder / "lm_trainable.safetensors"))) == trained
     if peft["method"] in ("lora", "dora", "ia3"):
         assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
         from peft import PeftModel
@@ -121,7 +128,18 @@ def test_trainable_parameters_logged(tmp_path, tiny_llama_dir, caplog):
     assert "adapters" in line and "head:cls" in line and "embeddings 0/" in line
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "none"])
+def test_bottleneck_adapter_is_identity_at_start(tiny_model_dir):
+    from routetune.model.adapters import add_bottleneck_adapters
+    from routetune.model.heads import build_model
+
+    model = build_model(str(tiny_model_dir), 0).eval()
+    ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = model.hidden_states(ids, torch.ones_like(ids))
+    assert add_bottleneck_adapters(model.lm, 8, ["attention", "ffn"]) == 4  # 2 layers x 2 places
+    assert torch.equal(model.hidden_states(ids, torch.ones_like(ids)), before)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit", "none"])
 def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
     from transformers import AutoModelForSequenceClassification, AutoModelForMaskedLM
 
@@ -141,6 +159,15 @@ def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
     assert task.config.id2label == {0: "neg", 1: "pos"}
     assert torch.allclose(task(input_ids=ids, attention_mask=mask).logits, ours.head_logits("cls", ids, mask),
                           atol=1e-5)
-    if method != "none":
+    if method in ("lora", "ia3"):  # without --merge: the PEFT adapter folder
         adapter = export(run_dir, tmp_path / "out2", "last", merge=False)
         assert adapter == [str(tmp_path / "out2" / "adapter")]
+
+
+def test_export_refuses_bottleneck_merge(tmp_path, tiny_model_dir):
+    from routetune.errors import RunError
+    from routetune.model.export import export
+
+    run_dir, _ = train(_config(tmp_path, tiny_model_dir, False, {"method": "adapter", "adapter_size": 4}, {}))
+    with pytest.raises(RunError, match="cannot be merged"):
+        export(run_dir, tmp_path / "out", "last", merge=True)

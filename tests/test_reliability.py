@@ -185,7 +185,8 @@ def test_non_finite_loss_policy(tmp_path, tiny_model_dir, ner_files, monkeypatch
         assert [e["step"] for e in events if e["event"] == "skipped"] == [4, 5, 6]
 
 
-def test_lora_run_resumes_bitwise(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method):
     import yaml
 
     from conftest import GENERAL
@@ -196,7 +197,7 @@ def test_lora_run_resumes_bitwise(tmp_path, tiny_llama_dir):
     for name, fault in (("ref", None), ("killed", "after_step:5")):
         cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 24},
                "sources": {"lm": {"objective": "causal-lm", "train": str(text), "text": {"stream": False}}},
-               "peft": {"method": "lora", "r": 2},
+               "peft": {"method": method, "r": 2, "adapter_size": 4},
                "train": {"max_steps": 8, "batch_size": 3, "lr": 1e-2, "progress": False, "save_every_steps": 4},
                "run": {"name": "run", "output_dir": str(tmp_path / name)}}
         path = tmp_path / f"{name}.yaml"
@@ -208,7 +209,8 @@ def test_lora_run_resumes_bitwise(tmp_path, tiny_llama_dir):
             _cli("resume", str(run_dir))
         folder = run_dir / "checkpoints" / "step-00000008"
         ckpt.verify(folder)
-        runs[name] = (load_file(str(folder / "adapter_model.safetensors")), (run_dir / "plan.jsonl").read_text())
+        weights = "adapter_model.safetensors" if method == "lora" else "lm_trainable.safetensors"
+        runs[name] = (load_file(str(folder / weights)), (run_dir / "plan.jsonl").read_text())
     assert runs["ref"][1] == runs["killed"][1]
     for k, v in runs["ref"][0].items():
         assert torch.equal(v, runs["killed"][0][k]), k

@@ -258,14 +258,18 @@ class TrainConfig(_Strict):
 
 
 class PeftConfig(_Strict):
-    method: Literal["none", "lora", "dora", "ia3", "bitfit"] = "none"
-    """Parameter-efficient method: `lora`, `dora` (weight-decomposed LoRA) and `ia3` come from the peft library; `bitfit` trains only bias terms; `none` is full fine-tuning (see `freeze`)."""
+    method: Literal["none", "lora", "dora", "ia3", "adapter", "bitfit"] = "none"
+    """Parameter-efficient method: `lora`, `dora` (weight-decomposed LoRA) and `ia3` come from the peft library; `adapter` is routetune's bottleneck adapter; `bitfit` trains only bias terms; `none` is full fine-tuning (see `freeze`)."""
     r: int = Field(8, ge=1)
     """LoRA / DoRA rank."""
     alpha: float = Field(16, gt=0)
     """LoRA / DoRA scaling numerator (scale = alpha / r)."""
     dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the LoRA / DoRA input."""
+    adapter_size: int = Field(64, ge=1)
+    """Bottleneck width of `adapter`."""
+    adapter_placement: list[Literal["attention", "ffn"]] = Field(default_factory=lambda: ["attention", "ffn"])
+    """Where `adapter` goes: after the attention and feed-forward output projections (Houlsby) or `[ffn]` only (Pfeiffer)."""
     target_modules: list[str] | None = None
     """Module names (suffixes) that get adapters. Default: the attention projections (Llama: q,k,v,o_proj; BERT: query, key, value, attention.output.dense); IA3 adds the feed-forward layer."""
 

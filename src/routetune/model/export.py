@@ -81,6 +81,9 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = Fal
             raise RunError(f"{out}: exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
     cfg, model, tokenizer = load_run(run_dir, checkpoint)
+    if model.peft_method == "adapter":
+        raise RunError(f"{run_dir}: bottleneck adapters are non-linear and cannot be merged into plain transformers "
+                       "weights; the checkpoint (lm_trainable.safetensors + routetune.json) loads with routetune")
     written = []
     adapter = model.adapter_config is not None
     if adapter and not merge:

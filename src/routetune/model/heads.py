@@ -105,8 +105,10 @@ class RoutedModel(nn.Module):
         super().__init__()
         self.lm = lm
         self.heads = nn.ModuleDict(heads or {})
-        self.adapter_config = None  # peft config object when adapters are injected
-        self.base_path: str | None = None  # the backbone an adapter checkpoint builds on
+        self.adapter_config = None  # peft config object when peft adapters are injected
+        self.base_path: str | None = None  # the backbone a partial checkpoint builds on
+        self.peft_method = "none"
+        self.peft_options: dict = {}
 
     @property
     def backbone(self) -> nn.Module:
@@ -179,6 +181,8 @@ class RoutedModel(nn.Module):
         folder = Path(folder)
         if self.adapter_config is not None:
             self._save_adapter(folder)
+        elif self.peft_method in ("adapter", "bitfit"):
+            self._save_trained(folder)
         else:
             self.lm.save_pretrained(folder)
         if tokenizer is not None:
@@ -202,7 +206,29 @@ class RoutedModel(nn.Module):
         extra = {n: p.detach().contiguous() for n, p in self.lm.named_parameters()
                  if p.requires_grad and not is_adapter_param(n)}
         save_file(extra, str(folder / "lm_trainable.safetensors"))
-        (folder / "routetune.json").write_text(json.dumps({"base": self.base_path, "adapter": True}) + "\n")
+        (folder / "routetune.json").write_text(json.dumps(self._note()) + "\n")
+
+    def _note(self) -> dict:
+        return {"base": self.base_path, "method": self.peft_method, "adapter": self.adapter_config is not None,
+                **self.peft_options}
+
+    def _save_trained(self, folder: Path) -> None:
+        """Only the tensors this method trains (adapters or biases, the LM head's own), plus a
+        manifest naming the base they apply to."""
+        trained = {n: p.detach().contiguous() for n, p in self.lm.named_parameters() if p.requires_grad}
+        save_file(trained, str(folder / "lm_trainable.safetensors"))
+        (folder / "routetune.json").write_text(json.dumps(self._note()) + "\n")
+        self.lm.config.save_pretrained(folder)
+
+    def _load_trained(self, folder: Path) -> None:
+        tensors = load_file(str(folder / "lm_trainable.safetensors"))
+        params = dict(self.lm.named_parameters())
+        unknown = [n for n in tensors if n not in params]
+        if unknown:
+            raise ValueError(f"{folder}/lm_trainable.safetensors does not fit this model ({unknown[:3]})")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
 
     def _load_adapter(self, folder: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -227,8 +253,8 @@ class RoutedModel(nn.Module):
         specs = json.loads((folder / "heads.json").read_text())
         if set(specs) != set(self.heads) or any(specs[n] != self.heads[n].spec() for n in specs):
             raise ValueError(f"{folder}/heads.json: heads or label sets differ from this run's")
-        if self.adapter_config is not None:
-            self._load_adapter(folder)
+        if self.adapter_config is not None or self.peft_method in ("adapter", "bitfit"):
+            self._load_adapter(folder) if self.adapter_config is not None else self._load_trained(folder)
             self._load_head_tensors(folder, list(specs))
             return
         state = load_file(str(folder / "model.safetensors"))
@@ -267,8 +293,23 @@ class RoutedModel(nn.Module):
             config = PeftConfig.from_pretrained(str(folder))
             inject_adapter_in_model(config, lm)
             model = cls(lm)
-            model.adapter_config, model.base_path = config, note["base"]
+            model.adapter_config, model.base_path, model.peft_method = config, note["base"], note["method"]
             model._load_adapter(folder)
+        elif note.get("method") in ("adapter", "bitfit"):
+            lm, _ = load_lm(note["base"])
+            if note["method"] == "adapter":
+                from routetune.model.adapters import add_bottleneck_adapters
+
+                add_bottleneck_adapters(lm, note["adapter_size"], note["adapter_placement"])
+            model = cls(lm)
+            model.base_path, model.peft_method = note["base"], note["method"]
+            model.peft_options = {k: note[k] for k in ("adapter_size", "adapter_placement")}
+            for p in model.lm.parameters():
+                p.requires_grad_(False)
+            trained = load_file(str(folder / "lm_trainable.safetensors"))
+            for name, p in model.lm.named_parameters():
+                p.requires_grad_(name in trained)  # so that a re-save writes the same tensors
+            model._load_trained(folder)
         else:
             lm, _ = load_lm(str(folder))
             model = cls(lm)

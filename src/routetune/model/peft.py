@@ -4,7 +4,11 @@
   (``inject_adapter_in_model``), so the backbone keeps its module tree and every head still reads
   ``lm.base_model``; the base weights are frozen. Checkpoints hold the adapter in PEFT's own format
   (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained``).
+* ``adapter``: routetune's own bottleneck adapters (:mod:`routetune.model.adapters`) after the
+  attention and/or feed-forward output projections (Houlsby: both; Pfeiffer: ffn).
 * ``bitfit``: only bias terms of the backbone train.
+  Adapter and BitFit checkpoints hold only the trained tensors plus a manifest (the base is
+  rebuilt from the model it names).
 * ``none`` with ``freeze``: full fine-tuning, optionally with frozen embeddings, only the top k
   layers, or only the heads.
 
@@ -25,7 +29,7 @@ from routetune.errors import ConfigError
 
 log = logging.getLogger("routetune")
 
-ADAPTER_MARKERS = ("lora_", "ia3_")
+ADAPTER_MARKERS = ("lora_", "ia3_", ".adapter.")
 
 # Default target modules per architecture family (attention projections; IA3 also the FFN).
 LORA_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -85,6 +89,11 @@ def apply_peft(model, pcfg, fcfg, base_path: str) -> None:
     """Inject adapters and set requires_grad on every parameter of the model."""
     lm = model.lm
     method = pcfg.method
+    if method == "adapter":
+        from routetune.model.adapters import add_bottleneck_adapters
+
+        if not add_bottleneck_adapters(lm, pcfg.adapter_size, pcfg.adapter_placement):
+            raise ConfigError(f"peft.adapter_placement: no matching projection in this backbone ({model.config.model_type})")
     if method in ("lora", "dora", "ia3"):
         from peft import inject_adapter_in_model
 
@@ -96,6 +105,8 @@ def apply_peft(model, pcfg, fcfg, base_path: str) -> None:
             raise ConfigError(f"peft.target_modules: {exc}") from None
         model.adapter_config = config
     model.base_path = base_path
+    model.peft_method = method
+    model.peft_options = {"adapter_size": pcfg.adapter_size, "adapter_placement": list(pcfg.adapter_placement)}
     embeddings = embedding_params(lm)
     prefix = lm.base_model_prefix + "."
     layers = _layers(model.backbone) if fcfg.top_k_layers is not None else None
@@ -111,7 +122,7 @@ def apply_peft(model, pcfg, fcfg, base_path: str) -> None:
             train = method == "none" and not fcfg.embeddings and not fcfg.head_only and layers is None
         elif not in_backbone:  # the LM head's own parameters
             train = True
-        elif method in ("lora", "dora", "ia3"):
+        elif method in ("lora", "dora", "ia3", "adapter"):
             train = is_adapter_param(name)
         elif method == "bitfit":
             train = name.endswith(".bias")
