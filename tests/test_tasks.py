@@ -8,7 +8,7 @@ from transformers import (BertForSequenceClassification, LlamaForCausalLM, Llama
                           LlamaForTokenClassification)
 
 from conftest import make_config
-from routetune.data.readers import read_examples, read_prompt_completions
+from routetune.data.readers import read_examples
 from routetune.data.sources import encode_prompt
 from routetune.errors import ConfigError, DataError
 from routetune.model.heads import build_model

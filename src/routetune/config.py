@@ -16,10 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from routetune.errors import ConfigError
 
-OBJECTIVES = ("token-classification", "sequence-classification", "binary-classification", "causal-lm",
-              "masked-lm", "language-modeling")
 SUPERVISED_OBJECTIVES = ("token-classification", "sequence-classification", "binary-classification")
-LM_OBJECTIVES = ("causal-lm", "masked-lm", "language-modeling")
 DEFAULT_METRIC = {"token-classification": "f1", "sequence-classification": "accuracy",
                   "binary-classification": "accuracy", "causal-lm": "perplexity", "masked-lm": "mlm_loss",
                   "language-modeling": "perplexity"}

@@ -13,7 +13,6 @@ Every source keeps its position in a small ``state_dict()`` so a run resumes the
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,9 +21,6 @@ import torch
 from routetune.data.collate import IGNORE, encode_words, pad_batch
 from routetune.data.readers import Example, Sentence
 from routetune.errors import DataError
-
-log = logging.getLogger("routetune")
-
 
 def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
