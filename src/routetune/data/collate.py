@@ -84,3 +84,13 @@ def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, probability: flo
     randomised = torch.bernoulli(torch.full(inputs.shape, 0.5), generator=generator).bool() & selected & ~replaced
     inputs[randomised] = torch.randint(vocab_size, inputs.shape, generator=generator)[randomised]
     return inputs, labels
+
+
+def mask_sequence(seq: list[int], special_ids: torch.Tensor, probability: float, mask_id: int, vocab_size: int,
+                  seed: int) -> tuple[list[int], list[int]]:
+    """Mask one unpadded sequence from a generator seeded by `seed` alone, so its masks do not
+    depend on batch composition, sharding or worker count."""
+    t = torch.tensor(seq, dtype=torch.long)
+    x, y = mask_tokens(t, torch.isin(t, special_ids), probability, mask_id, vocab_size,
+                       torch.Generator().manual_seed(seed))
+    return x.tolist(), y.tolist()

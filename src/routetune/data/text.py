@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from routetune.data.collate import mask_tokens, pad_batch
+from routetune.data.collate import mask_sequence, pad_batch
 from routetune.data.readers import text_range
 from routetune.data.sources import Draw, Encoded, MemorySource, derive_seed, special_affixes
 from routetune.errors import DataError
@@ -79,15 +79,11 @@ class _LMCollate:
             return batch, sum(map(len, seqs))
         inputs, labels = [], []
         for example_id, seq in zip(ids, seqs):
-            # Each example is masked (before padding) from a generator seeded by its id alone, so
-            # masks do not depend on batch composition, sharding or worker count, and a resumed
-            # run masks exactly the same tokens.
-            t = torch.tensor(seq, dtype=torch.long)
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.name, "mask", example_id))
-            x, y = mask_tokens(t, torch.isin(t, self.special_ids), self.mlm_probability,
-                               self.tokenizer.mask_token_id, len(self.tokenizer), gen)
-            inputs.append(x.tolist())
-            labels.append(y.tolist())
+            # Masks come from the example id alone: a resumed run masks exactly the same tokens.
+            x, y = mask_sequence(seq, self.special_ids, self.mlm_probability, self.tokenizer.mask_token_id,
+                                 len(self.tokenizer), derive_seed(self.seed, self.name, "mask", example_id))
+            inputs.append(x)
+            labels.append(y)
         return pad_batch(inputs, self.tokenizer.pad_token_id, labels), sum(map(len, inputs))
 
 

@@ -220,8 +220,9 @@ class RoutedModel(nn.Module):
         (folder / "routetune.json").write_text(json.dumps(self._note()) + "\n")
         self.lm.config.save_pretrained(folder)
 
-    def _load_trained(self, folder: Path) -> None:
-        tensors = load_file(str(folder / "lm_trainable.safetensors"))
+    def _load_trained(self, folder: Path, tensors: dict | None = None) -> None:
+        if tensors is None:
+            tensors = load_file(str(folder / "lm_trainable.safetensors"))
         params = dict(self.lm.named_parameters())
         unknown = [n for n in tensors if n not in params]
         if unknown:
@@ -304,12 +305,10 @@ class RoutedModel(nn.Module):
             model = cls(lm)
             model.base_path, model.peft_method = note["base"], note["method"]
             model.peft_options = {k: note[k] for k in ("adapter_size", "adapter_placement")}
-            for p in model.lm.parameters():
-                p.requires_grad_(False)
             trained = load_file(str(folder / "lm_trainable.safetensors"))
             for name, p in model.lm.named_parameters():
                 p.requires_grad_(name in trained)  # so that a re-save writes the same tensors
-            model._load_trained(folder)
+            model._load_trained(folder, trained)
         else:
             lm, _ = load_lm(str(folder))
             model = cls(lm)

@@ -85,7 +85,7 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
     """Mean token loss and token count over `blocks` (already with special tokens): causal-LM
     next-token loss, or masked-LM loss with masks drawn from a fixed seed per block (so base
     and fine-tuned models are scored on the same masks)."""
-    from routetune.data.collate import IGNORE, mask_tokens
+    from routetune.data.collate import IGNORE, mask_sequence
     from routetune.data.sources import derive_seed
 
     was_training = model.training
@@ -103,11 +103,10 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
         else:
             inputs, labels = [], []
             for i, seq in enumerate(chunk):
-                t = torch.tensor(seq)
-                gen = torch.Generator().manual_seed(derive_seed(seed, "eval-mask", start + i))
-                x, y = mask_tokens(t, torch.isin(t, special), 0.15, tokenizer.mask_token_id, len(tokenizer), gen)
-                inputs.append(x.tolist())
-                labels.append(y.tolist())
+                x, y = mask_sequence(seq, special, 0.15, tokenizer.mask_token_id, len(tokenizer),
+                                     derive_seed(seed, "eval-mask", start + i))
+                inputs.append(x)
+                labels.append(y)
             batch = pad_batch(inputs, tokenizer.pad_token_id, labels)
             with autocast(precision):
                 logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

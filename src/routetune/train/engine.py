@@ -162,7 +162,8 @@ class Trainer:
             if stopped:
                 break
         bar.close()
-        if not ckpt.step_checkpoints(self.ckpt_dir) or ckpt.step_checkpoints(self.ckpt_dir)[-1][0] != batches.step:
+        saved = ckpt.step_checkpoints(self.ckpt_dir)
+        if not saved or saved[-1][0] != batches.step:
             self.save(batches.step)  # a stop policy ended the run between checkpoints
         if self.plan_log:
             self.plan_log.close()
