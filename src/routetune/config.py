@@ -47,6 +47,8 @@ class ModelConfig(_Strict):
     """Maximum tokens per example, special tokens included. Longer sentences are truncated (and counted)."""
     init_from: str | None = None
     """An earlier run folder (relative to the working directory): start from its best checkpoint, i.e. its backbone, LM head, and the task heads of sources with the same name."""
+    attention: Literal["auto", "eager", "sdpa"] = "auto"
+    """Attention kernel. `auto`: eager (matmul) attention for decoders on CPU, where PyTorch's flash-attention backward is slow at short lengths; SDPA otherwise. Same results either way."""
     allow_new_labels: bool = False
     """With `init_from`: when a source's training data has labels its earlier head lacks, append them (old classes keep their weights exactly) instead of refusing."""
 
@@ -214,10 +216,22 @@ class TrainConfig(_Strict):
     """Hard cap on optimizer steps (wins over `epochs`)."""
     batch_size: int = Field(16, ge=1)
     """Examples per batch (each batch from one source)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """`adamw` (torch AdamW, fused kernel) or `sgd` (with `momentum`)."""
+    momentum: float = Field(0.0, ge=0, lt=1)
+    """SGD momentum (ignored by AdamW)."""
+    fused: bool = True
+    """Use PyTorch's fused AdamW kernel (one pass over all parameters; measured ~1.4x faster steps for full fine-tuning of minilm-l6). false: the per-tensor loop."""
+    group_by_length: bool = True
+    """Serve sized sources in a length-grouped order (mega-batches of 50 batches sorted by length, batches shuffled): less padding, same examples per epoch."""
+    bf16_frozen_weights: bool = True
+    """With `precision: bf16`: hold frozen Linear weights (e.g. the base model under LoRA) as bf16 copies while training, instead of autocast re-casting them at every call. Same matmul operands; fp32 originals are what checkpoints save."""
+    fast_dropout: bool = True
+    """Dropout masks from 16-bit slices of 64-bit random words (keep probability quantised to 1/65536) instead of torch's per-element Bernoulli draws, which are slow on CPU. false: torch's dropout."""
     lr: float = Field(5e-5, gt=0)
-    """Peak learning rate of AdamW."""
+    """Peak learning rate."""
     weight_decay: float = Field(0.01, ge=0)
-    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    """Weight decay (decoupled for AdamW; not applied to biases and LayerNorm weights)."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """Share of steps with linear warm-up, then linear decay to 0."""
     max_grad_norm: float | None = Field(1.0, gt=0)

@@ -113,6 +113,16 @@ class MemorySource:
         self.seed = seed
         self.cursor = EpochCursor(len(encoded))
         self._perms: dict[int, np.ndarray] = {}
+        self.group_batch = 0  # > 0: length-grouped order for batches of this size (group_by_length)
+
+    def group_by_length(self, batch_size: int) -> None:
+        """Serve each epoch in a length-grouped order (less padding per batch): the seeded
+        permutation is cut into mega-batches of 50 batches, each sorted by length and cut into
+        batches, and the batches of a mega-batch are served in a seeded random order. Like
+        transformers' LengthGroupedSampler (which keeps the sorted order); written here because
+        the router, not a DataLoader sampler, owns the order and the resumable cursor."""
+        self.group_batch = batch_size
+        self._perms = {}
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -123,8 +133,23 @@ class MemorySource:
 
     def permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng(derive_seed(self.seed, self.name, epoch)).permutation(len(self))}
+            rng = np.random.default_rng(derive_seed(self.seed, self.name, epoch))
+            perm = rng.permutation(len(self))
+            if self.group_batch:
+                perm = self._grouped(perm, rng)
+            self._perms = {epoch: perm}
         return self._perms[epoch]
+
+    def _grouped(self, perm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        b = self.group_batch
+        lengths = np.fromiter((len(self.encoded[i].input_ids) for i in perm), dtype=np.int64, count=len(perm))
+        out = []
+        for start in range(0, len(perm), 50 * b):
+            mega, lens = perm[start:start + 50 * b], lengths[start:start + 50 * b]
+            mega = mega[np.argsort(-lens, kind="stable")]
+            chunks = [mega[i:i + b] for i in range(0, len(mega), b)]
+            out += [chunks[j] for j in rng.permutation(len(chunks))]
+        return np.concatenate(out)
 
     def draw(self, n: int, wrap: bool = False) -> Draw:
         """The next `n` examples of the seeded order; without `wrap` a pass ends with a partial

@@ -337,8 +337,8 @@ def _copy_pooler(head: SequenceClassificationHead, path: str) -> None:
                 return
 
 
-def build_model(path: str, seed: int) -> RoutedModel:
-    lm, missing_head = load_lm(path)
+def build_model(path: str, seed: int, attention: str = "auto") -> RoutedModel:
+    lm, missing_head = load_lm(path, attention)
     if missing_head:
         tied = lm_head_is_tied(lm)
         log.info("the checkpoint has no LM head weights (%s): initialised a new one%s",

@@ -129,18 +129,33 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_lm(path: str) -> tuple[transformers.PreTrainedModel, list[str]]:
+def pick_attention(choice: str, decoder: bool) -> str:
+    """`auto`: eager attention for decoders on CPU, SDPA otherwise.
+
+    Measured on the 2-core AMX machine (docs/benchmarks.md): for smollm2-135m at 8 x 128
+    tokens, PyTorch's CPU flash-attention backward takes ~28 ms per layer call, which made one
+    LoRA step 1.5x slower than the plain matmul (eager) attention; for minilm-l6 (encoder, no
+    causal mask) SDPA was as fast or faster. Both compute the same attention.
+    """
+    if choice != "auto":
+        return choice
+    return "eager" if decoder and not torch.cuda.is_available() else "sdpa"
+
+
+def load_lm(path: str, attention: str = "auto") -> tuple[transformers.PreTrainedModel, list[str]]:
     """Load the backbone with its LM head (masked-LM for encoders, causal-LM for decoders).
 
     Returns the model and the names of LM-head tensors that the checkpoint lacked (newly
     initialised), so the caller can say so.
     """
     config = load_config(path)
-    cls = AutoModelForCausalLM if is_decoder(config) else AutoModelForMaskedLM
+    decoder = is_decoder(config)
+    cls = AutoModelForCausalLM if decoder else AutoModelForMaskedLM
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # we report missing heads ourselves, briefly
     try:
-        model, info = cls.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+        model, info = cls.from_pretrained(path, output_loading_info=True, dtype=torch.float32,
+                                           attn_implementation=pick_attention(attention, decoder))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
     finally:

@@ -4,6 +4,7 @@ step to the next lives in state that is checkpointed, so a resumed run continues
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from routetune.errors import RoutetuneError
 from routetune.evaluate.tasks import evaluate_set, metric_names
+from routetune.model.frozen_bf16 import FrozenBf16
 from routetune.model.inference import autocast
 from routetune.train import checkpoint as ckpt
 from routetune.train.callbacks import EarlyStopping, MetricsLog
@@ -67,13 +69,16 @@ class FitResult:
     sources: dict = field(default_factory=dict)
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)  # biases and LayerNorm weights: no decay
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum)
+    return torch.optim.AdamW(groups, lr=tc.lr, fused=tc.fused or None)
 
 
 def evaluate_dev(setup: Setup, sets: dict) -> tuple[dict, dict]:
@@ -104,7 +109,7 @@ class Trainer:
         cfg, tc = setup.cfg, setup.cfg.train
         self.model, self.batches = setup.model, setup.batches
         self.objectives = {n: s.objective for n, s in setup.sources.items()}
-        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay)
+        self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, round(tc.warmup_ratio * setup.total_steps), setup.total_steps)
         es = tc.early_stopping
@@ -116,6 +121,10 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.plan_log = None  # opened in run(), after a resume has truncated the file
         self.loss_weights = cfg.routing.loss_weights
+        # bf16 copies of frozen Linear weights while training (see model/frozen_bf16.py); DoRA
+        # reads the base weight to compute its magnitude norm, so it keeps autocast's casts.
+        self.frozen = FrozenBf16(self.model) if (tc.precision == "bf16" and tc.bf16_frozen_weights
+                                                 and cfg.peft.method != "dora") else None
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> FitResult:
@@ -128,6 +137,8 @@ class Trainer:
         bar = tqdm(total=setup.total_steps, initial=start, disable=not tc.progress, desc="train",
                    dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
         stopped = False
+        if self.frozen is not None:
+            self.frozen.cast()
         if tc.log_plan:
             self.plan_log = (self.run_dir / "plan.jsonl").open("a", encoding="utf-8")
         model.train()
@@ -162,6 +173,8 @@ class Trainer:
             if stopped:
                 break
         bar.close()
+        if self.frozen is not None:
+            self.frozen.restore()
         saved = ckpt.step_checkpoints(self.ckpt_dir)
         if not saved or saved[-1][0] != batches.step:
             self.save(batches.step)  # a stop policy ended the run between checkpoints
@@ -230,7 +243,8 @@ class Trainer:
         log.info("step %d dev %s%s", done, "  ".join(f"{k}={v:.4f}" for k, v in flat.items()),
                  "  (best)" if is_best else "")
         if is_best:
-            ckpt.save_atomic(self.ckpt_dir / "best", lambda d: self.model.save(d, self.setup.tokenizer))
+            with self._exact_weights():
+                ckpt.save_atomic(self.ckpt_dir / "best", lambda d: self.model.save(d, self.setup.tokenizer))
         if stop:
             log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %d)",
                      done, self.stopper.metric, self.stopper.patience, self.stopper.best, self.stopper.best_step)
@@ -238,6 +252,9 @@ class Trainer:
         return stop
 
     # ---------------------------------------------------------------- state
+    def _exact_weights(self):
+        return self.frozen.fp32() if self.frozen is not None else contextlib.nullcontext()
+
     def save(self, step: int) -> None:
         def write(folder: Path) -> None:
             self.model.save(folder, self.setup.tokenizer)
@@ -249,8 +266,9 @@ class Trainer:
                      "train_seconds": self.train_seconds, "skipped_in_a_row": self.skipped_in_a_row, "rng": rng_meta}
             (folder / "trainer_state.json").write_text(json.dumps(state))
 
-        ckpt.save_atomic(self.ckpt_dir / f"step-{step:08d}", write,
-                         after_files=lambda tmp: maybe_kill("in_checkpoint", step))
+        with self._exact_weights():
+            ckpt.save_atomic(self.ckpt_dir / f"step-{step:08d}", write,
+                             after_files=lambda tmp: maybe_kill("in_checkpoint", step))
         ckpt.prune(self.ckpt_dir, self.setup.cfg.train.keep_last)
 
     def restore(self, folder: Path) -> int:

@@ -18,6 +18,7 @@ from routetune.data.sources import LabelledSource, MemorySource, derive_seed
 from routetune.data.text import TextStream
 from routetune.errors import ConfigError
 from routetune.evaluate.tasks import metric_names
+from routetune.model.fast_dropout import use_fast_dropout
 from routetune.model.heads import HEADS, RoutedModel, build_model
 from routetune.model.load import is_decoder, load_config, load_tokenizer, resolve_model
 from routetune.model.peft import apply_peft
@@ -72,7 +73,7 @@ def prepare(cfg: Config) -> Setup:
     _check_early_stopping(cfg, dev, objectives)
 
     torch.manual_seed(cfg.train.seed)  # newly initialised LM-head weights, dropout
-    model = build_model(model_path, cfg.train.seed)
+    model = build_model(model_path, cfg.train.seed, cfg.model.attention)
     for name, src in sources.items():
         if objectives[name] in HEADS:
             options = {"threshold": cfg.sources[name].threshold} if objectives[name] == "binary-classification" else {}
@@ -92,6 +93,12 @@ def prepare(cfg: Config) -> Setup:
                               "trainable (the backbone is frozen and the LM head is tied to the frozen embeddings); "
                               "drop the source or train part of the backbone")
 
+    if cfg.train.group_by_length:
+        for src in sources.values():
+            if isinstance(src, MemorySource):
+                src.group_by_length(cfg.train.batch_size)
+    if cfg.train.fast_dropout:
+        use_fast_dropout(model)
     router, total, _ = plan_run(cfg, source_sizes(sources))
     r = cfg.routing
     batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted)

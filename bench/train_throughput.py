@@ -1,0 +1,306 @@
+"""Training throughput: the standard Hugging Face Trainer recipe vs routetune, same work, one run.
+
+    .venv/bin/python bench/train_throughput.py                  # both works, default step counts
+    .venv/bin/python bench/train_throughput.py --work ner --ner-steps 100
+    .venv/bin/python bench/train_throughput.py --set train.fused=false   # ablate a routetune lever
+
+Works (each variant runs in its own child process, one after the other, so peak RSS is its own
+and the two never share the cores):
+
+* ner: minilm-l6 token classification on WNUT-17 train, batch 16, max_length 128, AdamW lr 5e-5,
+  bf16 autocast on both. HF: AutoModelForTokenClassification + DataCollatorForTokenClassification
+  + Trainer (random sampler). routetune: examples/wnut17-minilm.yaml with general routing at 0.
+* clm: smollm2-135m, LoRA r=8 alpha 16 dropout 0.05 on q,k,v,o, causal-LM on 128-token blocks of
+  Tiny Shakespeare, batch 8, lr 2e-4, bf16. HF: get_peft_model + Trainer. routetune:
+  examples/shakespeare-smollm2.yaml with general routing at 0.
+
+Printed per variant: non-padding tokens/s (special tokens included, as the attention mask
+counts them) over the timed steps (the first `--skip` steps are warm-up and not timed), peak RSS
+of the child, and achieved training FLOP/s as a share of the bf16 matmul peak measured in this
+run. Training FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one
+forward+backward of a padding-free batch of the work's mean length gives FLOPs per token, which
+is multiplied by the tokens/s. The ratio routetune/HF is what issue #8 targets (>= 1.5 ner,
+>= 1.3 clm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+DATA = Path(os.environ.get("ROUTETUNE_DATA", ROOT.parent / "shared" / "data"))
+
+
+def matmul_peak() -> float:
+    """Best bf16 matmul GFLOP/s over a few square sizes (all threads)."""
+    import torch
+
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        for _ in range(2):
+            a @ b
+        reps = max(3, int(2e11 / (2 * n**3)))
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def flops_per_token(model, batch: dict, n_tokens: int) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**batch)
+        out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / n_tokens
+
+
+class Timer:
+    """Times optimizer steps after `skip` warm-up steps and counts their non-padding tokens."""
+
+    def __init__(self, skip: int):
+        self.skip, self.step, self.tokens, self.t0, self.t1 = skip, 0, 0, None, None
+
+    def begin(self, tokens: int):
+        self.step += 1
+        if self.step == self.skip + 1:
+            self.t0 = time.perf_counter()
+        if self.step > self.skip:
+            self.tokens += tokens
+
+    def end(self):
+        self.t1 = time.perf_counter()
+
+    def result(self) -> dict:
+        seconds = self.t1 - self.t0
+        return {"timed_steps": self.step - self.skip, "tokens": self.tokens, "seconds": seconds,
+                "tokens_per_s": self.tokens / seconds}
+
+
+# ------------------------------------------------------------------ Hugging Face reference
+
+def hf_ner(steps: int, skip: int) -> dict:
+    import torch
+    from transformers import (AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification,
+                              Trainer, TrainerCallback, TrainingArguments)
+
+    from routetune.data.readers import read_conll
+    from routetune.model.load import resolve_model
+
+    path = resolve_model("minilm-l6")
+    sents = read_conll(DATA / "wnut17" / "wnut17train.conll")
+    labels = sorted({t for s in sents for t in s.tags})
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = []
+    for s in sents:
+        enc = tok(s.tokens, is_split_into_words=True, truncation=True, max_length=128)
+        prev, lab = None, []
+        for w in enc.word_ids():
+            lab.append(-100 if w is None or w == prev else labels.index(s.tags[w]))
+            prev = w
+        rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": lab})
+    model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(labels))
+    collate = DataCollatorForTokenClassification(tok)
+    timer = Timer(skip)
+
+    def counting_collate(features):
+        batch = collate(features)
+        timer.pending = int(batch["attention_mask"].sum())
+        return batch
+
+    class Cb(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            timer.begin(timer.pending)
+
+        def on_step_end(self, args, state, control, **kw):
+            timer.end()
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(out, per_device_train_batch_size=16, learning_rate=5e-5, weight_decay=0.01,
+                                 max_steps=steps, bf16=True, use_cpu=True, report_to=[], save_strategy="no",
+                                 logging_strategy="no", seed=42, dataloader_num_workers=0)
+        Trainer(model=model, args=args, train_dataset=rows, data_collator=counting_collate,
+                callbacks=[Cb()]).train()
+    mean = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
+    probe = collate(rows[:16])
+    probe = {k: v[:, :mean].contiguous() for k, v in probe.items()}
+    probe["attention_mask"] = torch.ones_like(probe["input_ids"])
+    return {**timer.result(), "flops_per_token": flops_per_token(model, probe, probe["input_ids"].numel())}
+
+
+def shakespeare_blocks(tok, n_blocks: int | None = None) -> list[list[int]]:
+    text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    text = text[: int(len(text) * 0.9)]  # the example holds out the last 10% as test
+    ids = tok(text)["input_ids"]
+    return [ids[i:i + 128] for i in range(0, len(ids) - 127, 128)][:n_blocks]
+
+
+def hf_clm(steps: int, skip: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from routetune.model.load import resolve_model
+
+    path = resolve_model("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = [{"input_ids": b, "labels": b} for b in shakespeare_blocks(tok)]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    timer = Timer(skip)
+
+    class Cb(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            timer.begin(8 * 128)
+
+        def on_step_end(self, args, state, control, **kw):
+            timer.end()
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(out, per_device_train_batch_size=8, learning_rate=2e-4, weight_decay=0.0,
+                                 max_steps=steps, bf16=True, use_cpu=True, report_to=[], save_strategy="no",
+                                 logging_strategy="no", seed=42, dataloader_num_workers=0)
+        Trainer(model=model, args=args, train_dataset=rows, callbacks=[Cb()]).train()
+    x = torch.tensor([r["input_ids"] for r in rows[:8]])
+    return {**timer.result(), "flops_per_token": flops_per_token(model, {"input_ids": x, "labels": x}, x.numel())}
+
+
+# ------------------------------------------------------------------ routetune
+
+def routetune_run(work: str, steps: int, skip: int, overrides: list[str]) -> dict:
+    import torch
+
+    from routetune.config import load_config
+    from routetune.train.engine import Trainer
+    from routetune.train.setup import prepare
+
+    config = ROOT / "examples" / ("wnut17-minilm.yaml" if work == "ner" else "shakespeare-smollm2.yaml")
+    sets = ["routing.weights.general=0", f"train.max_steps={steps}", "train.eval_each_epoch=false",
+            "train.eval_before=false", "train.log_every=1000000", "train.progress=false", *overrides]
+    cfg = load_config(config, sets)
+    setup = prepare(cfg)
+    timer = Timer(skip)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(setup, Path(out))
+        original = trainer.train_step
+
+        def timed_step(step, parts):
+            timer.last_parts = parts
+            timer.begin(sum(p.n_tokens for p in parts))
+            losses = original(step, parts)
+            timer.end()
+            return losses
+
+        trainer.train_step = timed_step
+        trainer.run()
+    # FLOPs per token of the same module graph, on a padding-free batch of the mean length
+    name = next(iter(cfg.sources))
+    setup.model.train()
+    flops = _routetune_flops(trainer, timer.last_parts[0], trainer.objectives[name])
+    return {**timer.result(), "flops_per_token": flops}
+
+
+def _routetune_flops(trainer, part, objective: str) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = trainer.model
+    tensors = dict(part.tensors)
+    mask = tensors.get("attention_mask")
+    if mask is not None:  # cut to the mean non-padding length and drop padding, as for the HF side
+        n = max(1, round(float(mask.sum()) / mask.shape[0]))
+        tensors = {k: (v[:, :n].contiguous() if torch.is_tensor(v) and v.dim() == 2 else v) for k, v in tensors.items()}
+        tensors["attention_mask"] = torch.ones_like(tensors["attention_mask"])
+    n_tokens = int(tensors["attention_mask"].numel()) if mask is not None else int(tensors["input_ids"].numel())
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(part.source, objective, tensors)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / n_tokens
+
+
+# ------------------------------------------------------------------ driver
+
+def child(kind: str, work: str, steps: int, skip: int, overrides: list[str]) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "hf":
+        result = hf_ner(steps, skip) if work == "ner" else hf_clm(steps, skip)
+    else:
+        result = routetune_run(work, steps, skip, overrides)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(kind: str, work: str, steps: int, skip: int, overrides: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--work", work, "--steps", str(steps), "--skip", str(skip)]
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    sys.stderr.write(proc.stderr[-4000:])
+    raise SystemExit(f"{kind} {work} failed (exit {proc.returncode})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", choices=["ner", "clm", "all"], default="all")
+    ap.add_argument("--ner-steps", type=int, default=80)
+    ap.add_argument("--clm-steps", type=int, default=20)
+    ap.add_argument("--skip", type=int, default=3, help="warm-up steps not timed")
+    ap.add_argument("--set", action="append", default=[], help="routetune config override (ablation)")
+    ap.add_argument("--only", choices=["hf", "routetune"], help="run one side only")
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--child", choices=["hf", "routetune"], help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.work, args.steps, args.skip, args.set)
+        return
+    import torch
+
+    peak = matmul_peak()
+    print(f"bf16 matmul peak (this run, {torch.get_num_threads()} threads): {peak:.0f} GFLOP/s")
+    works = ["ner", "clm"] if args.work == "all" else [args.work]
+    results = {"peak_gflops": peak, "overrides": args.set}
+    for work in works:
+        steps = args.ner_steps if work == "ner" else args.clm_steps
+        row = {}
+        for kind in ("hf", "routetune"):
+            if args.only and kind != args.only:
+                continue
+            r = run_child(kind, work, steps, args.skip, args.set if kind == "routetune" else [])
+            r["peak_fraction"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
+            row[kind] = r
+            print(f"{work:4s} {kind:10s} {r['tokens_per_s']:8.0f} tokens/s  {r['timed_steps']} steps "
+                  f"{r['seconds']:.1f} s  {r['flops_per_token'] / 1e6:.1f} MFLOP/token  "
+                  f"{100 * r['peak_fraction']:.1f}% of peak  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        if len(row) == 2:
+            row["ratio"] = row["routetune"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+            print(f"{work:4s} ratio routetune/HF: {row['ratio']:.2f}", flush=True)
+        results[work] = row
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
