@@ -95,8 +95,14 @@ class Timer:
 
 def hf_ner(steps: int, skip: int) -> dict:
     import torch
-    from transformers import (AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification,
-                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+        DataCollatorForTokenClassification,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from routetune.data.readers import read_conll
     from routetune.model.load import resolve_model
@@ -152,7 +158,13 @@ def shakespeare_blocks(tok, n_blocks: int | None = None) -> list[list[int]]:
 def hf_clm(steps: int, skip: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from routetune.model.load import resolve_model
 
@@ -183,7 +195,6 @@ def hf_clm(steps: int, skip: int) -> dict:
 # ------------------------------------------------------------------ routetune
 
 def routetune_run(work: str, steps: int, skip: int, overrides: list[str]) -> dict:
-    import torch
 
     from routetune.config import load_config
     from routetune.train.engine import Trainer

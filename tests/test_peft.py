@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import GENERAL
 from safetensors.torch import load_file
 
-from conftest import GENERAL
 from routetune.errors import ConfigError
 from routetune.model.heads import RoutedModel
 from routetune.train.checkpoint import run_checkpoint
@@ -24,6 +24,8 @@ METHODS = [
     ({"method": "ia3"}, {}, "adapters"),
     ({"method": "adapter", "adapter_size": 8}, {}, "adapters"),
     ({"method": "adapter", "adapter_size": 8, "adapter_placement": ["ffn"]}, {}, "adapters"),
+    ({"method": "prompt_tuning", "num_virtual_tokens": 4}, {}, "none"),
+    ({"method": "prefix_tuning", "num_virtual_tokens": 4}, {}, "none"),
     ({"method": "bitfit"}, {}, "biases"),
     ({"method": "none"}, {"embeddings": True}, "not-embeddings"),
     ({"method": "none"}, {"top_k_layers": 1}, "top-layer"),
@@ -92,7 +94,11 @@ def test_method_contract(tmp_path, tiny_model_dir, tiny_llama_dir, decoder, peft
                if n.startswith(prefix) and n in before and not torch.equal(p, before[n])]
     wrong = [n for n in changed if not _expected_change(kind, n, decoder)]
     assert not wrong, f"{wrong[:5]} changed under {peft} {freeze}"
-    assert bool(changed) == (kind != "none")  # the method did train what it should
+    prompt = peft["method"] in ("prompt_tuning", "prefix_tuning")
+    assert bool(changed) == (kind != "none" and not prompt) or prompt and not changed
+    if prompt:  # the virtual tokens trained, and they are all that changed in the backbone's path
+        fresh = prepare(load_config(path)).model.prompt.embedding.weight
+        assert not torch.equal(loaded.prompt.embedding.weight, fresh)
     # save -> load gives identical outputs
     ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -102,6 +108,19 @@ def test_method_contract(tmp_path, tiny_model_dir, tiny_llama_dir, decoder, peft
         assert not (folder / "model.safetensors").exists()
         trained = {n for n, p in loaded.lm.named_parameters() if p.requires_grad}
         assert set(load_file(str(folder / "lm_trainable.safetensors"))) == trained
+    if prompt:  # peft's format: PeftModel.from_pretrained loads the same virtual tokens
+        assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+        base_cls = AutoModelForCausalLM if decoder else AutoModelForMaskedLM
+        plain = PeftModel.from_pretrained(base_cls.from_pretrained(model_dir), str(folder)).eval()
+        theirs = plain.prompt_encoder["default"].embedding.weight
+        assert torch.equal(theirs, loaded.prompt.embedding.weight)
+        if decoder:  # same next-token logits as peft's own forward on the real positions
+            ours = loaded.lm_logits(ids, mask)
+            out = plain(input_ids=ids, attention_mask=mask).logits
+            assert torch.allclose(ours, out[:, -ids.shape[1]:], atol=1e-5)
     if peft["method"] in ("lora", "dora", "ia3"):
         assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
         from peft import PeftModel
@@ -141,7 +160,7 @@ def test_bottleneck_adapter_is_identity_at_start(tiny_model_dir):
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "bitfit", "none"])
 def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
-    from transformers import AutoModelForSequenceClassification, AutoModelForMaskedLM
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     from routetune.model.export import export
 

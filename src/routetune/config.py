@@ -128,7 +128,7 @@ class SourceConfig(_Strict):
     """Share of tokens selected for masked-LM prediction (80% [MASK], 10% random, 10% kept)."""
 
     @model_validator(mode="after")
-    def _default_format(self) -> "SourceConfig":
+    def _default_format(self) -> SourceConfig:
         if self.format is None:
             object.__setattr__(self, "format", DEFAULT_FORMAT[self.objective])
         if self.format not in FORMATS_OF[self.objective]:
@@ -269,14 +269,18 @@ class TrainConfig(_Strict):
 
 
 class PeftConfig(_Strict):
-    method: Literal["none", "lora", "dora", "ia3", "adapter", "bitfit"] = "none"
-    """Parameter-efficient method: `lora`, `dora` (weight-decomposed LoRA) and `ia3` come from the peft library; `adapter` is routetune's bottleneck adapter; `bitfit` trains only bias terms; `none` is full fine-tuning (see `freeze`)."""
+    method: Literal["none", "lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "adapter", "bitfit"] = "none"
+    """Parameter-efficient method: `lora`, `dora` (weight-decomposed LoRA), `ia3`, `prompt_tuning` (trained virtual-token embeddings before the input) and `prefix_tuning` (trained virtual keys/values in every layer) come from the peft library; `adapter` is routetune's bottleneck adapter; `bitfit` trains only bias terms; `none` is full fine-tuning (see `freeze`)."""
     r: int = Field(8, ge=1)
     """LoRA / DoRA rank."""
     alpha: float = Field(16, gt=0)
     """LoRA / DoRA scaling numerator (scale = alpha / r)."""
     dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the LoRA / DoRA input."""
+    num_virtual_tokens: int = Field(20, ge=1)
+    """Virtual tokens of `prompt_tuning` / `prefix_tuning`."""
+    seed: int = 0
+    """Seed of the virtual-token initialisation (prompt tuning starts from the embeddings of random vocabulary tokens)."""
     adapter_size: int = Field(64, ge=1)
     """Bottleneck width of `adapter`."""
     adapter_placement: list[Literal["attention", "ffn"]] = Field(default_factory=lambda: ["attention", "ffn"])
@@ -326,7 +330,7 @@ class Config(_Strict):
     """Extra held-out text, never trained on, scored with the base model before training and with the fine-tuned model after (e.g. general text, to see what was kept)."""
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
+    def _cross_checks(self) -> Config:
         if not self.sources:
             raise ValueError("sources: at least one source is required")
         for name in [*self.sources, *self.evals]:

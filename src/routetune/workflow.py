@@ -43,6 +43,14 @@ def _add_file_log(path: Path) -> logging.Handler:
     return handler
 
 
+def _parameter_summary(model) -> dict:
+    from routetune.model.peft import parameter_groups
+
+    groups = parameter_groups(model)
+    return {"trainable": sum(t for t, _ in groups.values()), "total": sum(n for _, n in groups.values()),
+            "groups": {g: {"trainable": t, "total": n} for g, (t, n) in sorted(groups.items())}}
+
+
 def train(config_path: str | Path, overrides: list[str] | None = None, overwrite: bool = False,
           run_test: bool = True, resume: bool = False) -> tuple[Path, dict]:
     """Validate everything, train, evaluate dev/test with the best checkpoint, write summary.json.
@@ -146,6 +154,7 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
             "sources": result.sources,
             "train_seconds": round(result.train_seconds, 2),
             "tokens_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
+            "parameters": _parameter_summary(setup.model),
         }
         if run_test and (setup.test or setup.extra):
             if checkpoint == "best":

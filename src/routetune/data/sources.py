@@ -22,6 +22,7 @@ from routetune.data.collate import IGNORE, encode_words, pad_batch
 from routetune.data.readers import Example, Sentence
 from routetune.errors import DataError
 
+
 def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
@@ -38,7 +39,7 @@ class Draw:
     payload: list | None = None
     epoch_ended: bool = False  # this draw finished a pass over the source
 
-    def shard(self, rank: int, world_size: int) -> "Draw":
+    def shard(self, rank: int, world_size: int) -> Draw:
         payload = self.payload[rank::world_size] if self.payload is not None else None
         return Draw(self.source, self.ids[rank::world_size], payload, self.epoch_ended)
 

@@ -15,7 +15,12 @@ import re
 import string
 from collections import Counter
 
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+)
 
 from routetune.data.build import EvalSet
 from routetune.data.sources import encode_prompt, special_affixes
@@ -118,7 +123,7 @@ def _completion_loss(model, tokenizer, examples, max_length, precision) -> tuple
     was_training = model.training
     model.eval()
     with torch.inference_mode(), autocast(precision):
-        logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])
     model.train(was_training)
     targets = batch["labels"][:, 1:]
     mask = targets != -100

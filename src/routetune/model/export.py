@@ -84,6 +84,9 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = Fal
     if model.peft_method == "adapter":
         raise RunError(f"{run_dir}: bottleneck adapters are non-linear and cannot be merged into plain transformers "
                        "weights; the checkpoint (lm_trainable.safetensors + routetune.json) loads with routetune")
+    if merge and model.prompt is not None:
+        raise RunError(f"{run_dir}: {model.peft_method} adds virtual tokens, which cannot be merged into the "
+                       "weights; export without --merge (a peft adapter folder)")
     written = []
     adapter = model.adapter_config is not None
     if adapter and not merge:

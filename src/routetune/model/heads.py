@@ -109,6 +109,8 @@ class RoutedModel(nn.Module):
         self.base_path: str | None = None  # the backbone a partial checkpoint builds on
         self.peft_method = "none"
         self.peft_options: dict = {}
+        self.prompt: nn.Module | None = None  # prompt_tuning / prefix_tuning: peft's trained module
+        self.n_virtual = 0
 
     @property
     def backbone(self) -> nn.Module:
@@ -143,8 +145,37 @@ class RoutedModel(nn.Module):
     def add_token_head(self, name: str, labels: list[str], seed: int) -> nn.Module:
         return self.add_head(name, "token-classification", labels, seed)
 
+    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict, int]:
+        """Keyword arguments for the backbone / LM, and how many leading output positions are
+        virtual tokens (prompt tuning) to drop. See model/prompts.py."""
+        if self.prompt is None:
+            return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
+        from routetune.model.prompts import prefix_cache, virtual_tokens
+
+        b, n = input_ids.shape[0], self.n_virtual
+        mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], 1)
+        if self.peft_method == "prompt_tuning":
+            embeds = self.lm.get_input_embeddings()(input_ids)
+            virtual = virtual_tokens(self.prompt, n, b).to(embeds.dtype)
+            return {"inputs_embeds": torch.cat([virtual, embeds], 1), "attention_mask": mask}, n
+        return {"input_ids": input_ids, "attention_mask": mask,
+                "past_key_values": prefix_cache(self.prompt, self.config, n, b), "use_cache": False}, 0
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        inputs, drop = self._inputs(input_ids, attention_mask)
+        return self.backbone(**inputs).last_hidden_state[:, drop:]
+
+    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """LM-head logits, one row per input position."""
+        inputs, drop = self._inputs(input_ids, attention_mask)
+        return self.lm(**inputs).logits[:, drop:]
+
+    def causal_lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs, drop = self._inputs(batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"]
+        if drop:
+            labels = torch.cat([labels.new_full((labels.shape[0], drop), -100), labels], 1)
+        return self.lm(**inputs, labels=labels).loss
 
     def head_logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.heads[name](self.hidden_states(input_ids, attention_mask), attention_mask)
@@ -158,8 +189,7 @@ class RoutedModel(nn.Module):
         if objective == "masked-lm":
             return self.masked_lm_loss(batch)
         if objective == "causal-lm":
-            return self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           labels=batch["labels"]).loss
+            return self.causal_lm_loss(batch)
         raise ValueError(f"unknown objective {objective!r}")
 
     def masked_lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -167,10 +197,10 @@ class RoutedModel(nn.Module):
         the ~15% selected positions instead of all of them (same loss as the full forward, which
         the reference test checks); other architectures use transformers' own forward."""
         head = getattr(self.lm, "cls", None)
-        if head is None:
-            return self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           labels=batch["labels"]).loss
         labels = batch["labels"]
+        if head is None:
+            logits = self.lm_logits(batch["input_ids"], batch["attention_mask"])
+            return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         selected = labels != -100
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
         return nn.functional.cross_entropy(head(hidden[selected]).float(), labels[selected])
@@ -194,14 +224,26 @@ class RoutedModel(nn.Module):
         specs = {name: head.spec() for name, head in self.heads.items()}
         (folder / "heads.json").write_text(json.dumps(specs, indent=2) + "\n")
 
+    def attach_prompt(self, pconfig, generator: torch.Generator | None = None) -> None:
+        """Add peft's prompt / prefix module for `pconfig` (see model/prompts.py)."""
+        from routetune.model.prompts import build_prompt_module
+
+        self.prompt = build_prompt_module(pconfig, self.lm.get_input_embeddings(),
+                                          generator or torch.Generator().manual_seed(0))
+        self.n_virtual = pconfig.num_virtual_tokens
+
     def _save_adapter(self, folder: Path) -> None:
         """PEFT's own adapter format (PeftModel.from_pretrained loads it onto the base model), plus the
         LM head's own trained tensors and a note of the base."""
         from peft import get_peft_model_state_dict
 
-        adapter = get_peft_model_state_dict(self.lm)
-        save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in adapter.items()},
-                  str(folder / "adapter_model.safetensors"))
+        if self.prompt is not None:  # peft saves prompt-learning weights under this one key
+            save_file({"prompt_embeddings": self.prompt.embedding.weight.detach().contiguous()},
+                      str(folder / "adapter_model.safetensors"))
+        else:
+            adapter = get_peft_model_state_dict(self.lm)
+            save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in adapter.items()},
+                      str(folder / "adapter_model.safetensors"))
         self.adapter_config.save_pretrained(str(folder))
         extra = {n: p.detach().contiguous() for n, p in self.lm.named_parameters()
                  if p.requires_grad and not is_adapter_param(n)}
@@ -235,7 +277,11 @@ class RoutedModel(nn.Module):
         from peft import set_peft_model_state_dict
 
         state = load_file(str(folder / "adapter_model.safetensors"))
-        set_peft_model_state_dict(self.lm, {k.removeprefix("base_model.model."): v for k, v in state.items()})
+        if self.prompt is not None:
+            with torch.no_grad():
+                self.prompt.embedding.weight.copy_(state["prompt_embeddings"])
+        else:
+            set_peft_model_state_dict(self.lm, {k.removeprefix("base_model.model."): v for k, v in state.items()})
         extra = load_file(str(folder / "lm_trainable.safetensors"))
         params = dict(self.lm.named_parameters())
         with torch.no_grad():
@@ -284,7 +330,7 @@ class RoutedModel(nn.Module):
                     target[: old.shape[0]].copy_(old)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "RoutedModel":
+    def load(cls, folder: str | Path) -> RoutedModel:
         folder = Path(folder)
         note = json.loads((folder / "routetune.json").read_text()) if (folder / "routetune.json").is_file() else {}
         if note.get("adapter"):
@@ -292,8 +338,11 @@ class RoutedModel(nn.Module):
 
             lm, _ = load_lm(note["base"])
             config = PeftConfig.from_pretrained(str(folder))
-            inject_adapter_in_model(config, lm)
             model = cls(lm)
+            if note["method"] in ("prompt_tuning", "prefix_tuning"):
+                model.attach_prompt(config)
+            else:
+                inject_adapter_in_model(config, lm)
             model.adapter_config, model.base_path, model.peft_method = config, note["base"], note["method"]
             model._load_adapter(folder)
         elif note.get("method") in ("adapter", "bitfit"):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from routetune.data.collate import encode_words, pad_batch
+from routetune.errors import RunError
 
 
 def autocast(precision: str):
@@ -97,7 +98,7 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
         if objective == "causal-lm":
             batch = pad_batch(chunk, tokenizer.pad_token_id, chunk)
             with autocast(precision):
-                logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])
             targets = batch["labels"][:, 1:]
             logits = logits[:, :-1]
         else:
@@ -109,7 +110,7 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
                 labels.append(y)
             batch = pad_batch(inputs, tokenizer.pad_token_id, labels)
             with autocast(precision):
-                logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])
             targets = batch["labels"]
         mask = targets != IGNORE
         total += torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="sum").item()
@@ -124,6 +125,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_leng
     """Greedy continuations of each prompt (left-padded batches), cut at the end-of-sequence token."""
     from routetune.data.sources import encode_prompt
 
+    if model.peft_method == "prefix_tuning":
+        raise RunError("generation with prefix tuning is not supported (its virtual keys/values would have to "
+                       "be threaded through transformers' generation cache); use prompt_tuning or lora")
     was_training = model.training
     model.eval()
     room = max(8, max_length - max_new_tokens)
@@ -141,9 +145,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_leng
             ids[row, width - len(seq):] = torch.tensor(seq)
             mask[row, width - len(seq):] = 1
         with autocast(precision):
-            gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            if model.prompt is None:
+                gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                gen = gen[:, width:]
+            else:  # prompt tuning: generate from embeddings (returns only the new tokens)
+                inputs, _ = model._inputs(ids, mask)
+                gen = model.lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+            out[i] = tokenizer.decode(gen[row], skip_special_tokens=True).strip()
     model.train(was_training)
     return out

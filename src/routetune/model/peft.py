@@ -4,6 +4,8 @@
   (``inject_adapter_in_model``), so the backbone keeps its module tree and every head still reads
   ``lm.base_model``; the base weights are frozen. Checkpoints hold the adapter in PEFT's own format
   (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained``).
+* ``prompt_tuning`` / ``prefix_tuning``: peft's virtual-token modules, wired in by
+  :mod:`routetune.model.prompts`; the whole backbone is frozen. Checkpoints in peft's format.
 * ``adapter``: routetune's own bottleneck adapters (:mod:`routetune.model.adapters`) after the
   attention and/or feed-forward output projections (Houlsby: both; Pfeiffer: ffn).
 * ``bitfit``: only bias terms of the backbone train.
@@ -104,6 +106,14 @@ def apply_peft(model, pcfg, fcfg, base_path: str) -> None:
         except ValueError as exc:
             raise ConfigError(f"peft.target_modules: {exc}") from None
         model.adapter_config = config
+    if method in ("prompt_tuning", "prefix_tuning"):
+        import torch
+
+        from routetune.model.prompts import peft_prompt_config
+
+        config = peft_prompt_config(method, pcfg.num_virtual_tokens, model.config, model.is_decoder, base_path)
+        model.attach_prompt(config, torch.Generator().manual_seed(pcfg.seed))
+        model.adapter_config = config
     model.base_path = base_path
     model.peft_method = method
     model.peft_options = {"adapter_size": pcfg.adapter_size, "adapter_placement": list(pcfg.adapter_placement)}
@@ -124,6 +134,8 @@ def apply_peft(model, pcfg, fcfg, base_path: str) -> None:
             train = True
         elif method in ("lora", "dora", "ia3", "adapter"):
             train = is_adapter_param(name)
+        elif method in ("prompt_tuning", "prefix_tuning"):
+            train = False  # only the virtual tokens (model.prompt) and the heads train
         elif method == "bitfit":
             train = name.endswith(".bias")
             has_bias = has_bias or train
@@ -139,6 +151,9 @@ def apply_peft(model, pcfg, fcfg, base_path: str) -> None:
                           f"({model.config.model_type}); choose lora, ia3 or a freeze strategy")
     for p in model.heads.parameters():
         p.requires_grad_(True)
+    if model.prompt is not None:
+        for p in model.prompt.parameters():
+            p.requires_grad_(True)
     log_parameters(model)
 
 
@@ -150,12 +165,16 @@ def parameter_groups(model) -> dict[str, tuple[int, int]]:
     prefix = lm.base_model_prefix + "."
     seen = set()
     named = [(f"lm.{n}", p) for n, p in lm.named_parameters()] + [(f"heads.{n}", p) for n, p in model.heads.named_parameters()]
+    if model.prompt is not None:
+        named += [(f"prompt.{n}", p) for n, p in model.prompt.named_parameters()]
     for name, p in named:
         if id(p) in seen:
             continue
         seen.add(id(p))
         if name.startswith("heads."):
             group = "head:" + name.split(".")[1]
+        elif name.startswith("prompt."):
+            group = "virtual-tokens"
         elif is_adapter_param(name):
             group = "adapters"
         elif id(p) in embeddings:

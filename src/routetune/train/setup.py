@@ -12,7 +12,13 @@ from pathlib import Path
 import torch
 
 from routetune.config import Config
-from routetune.data.build import EvalSet, build, build_evals, resolve_objective, source_sizes
+from routetune.data.build import (
+    EvalSet,
+    build,
+    build_evals,
+    resolve_objective,
+    source_sizes,
+)
 from routetune.data.plan import RoutedBatches, plan_run
 from routetune.data.sources import LabelledSource, MemorySource, derive_seed
 from routetune.data.text import TextStream
@@ -85,7 +91,7 @@ def prepare(cfg: Config) -> Setup:
                               "starting from adapter checkpoints is not supported yet")
         model.load_heads_from(earlier, [n for n in earlier_labels if n in model.heads])
     apply_peft(model, cfg.peft, cfg.freeze, model_path)
-    if not any(p.requires_grad for p in model.lm.parameters()):
+    if not any(p.requires_grad for p in model.lm.parameters()) and model.prompt is None:
         lm_sources = [n for n, o in objectives.items() if o in ("masked-lm", "causal-lm") and n in sources
                       and cfg.routing.weights and cfg.routing.weights.get(n, 0) > 0]
         if lm_sources:

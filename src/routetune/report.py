@@ -1,0 +1,344 @@
+"""Run reports: `routetune report RUN` (one run) and `routetune report RUN_A RUN_B ...` (compare).
+
+Everything in a report is read from the run folder (summary.json, metrics.jsonl, continual.json);
+nothing is recomputed, so the report shows what the run measured. Plots are PNG files next to
+report.md / report.html, which reference them by relative name.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from routetune.errors import RunError
+
+
+# ------------------------------------------------------------------ reading a run
+
+def read_events(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_run(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").is_file() and not (run_dir / "continual.json").is_file():
+        raise RunError(f"{run_dir}: no summary.json (not a finished run folder) and no continual.json")
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    continual = json.loads((run_dir / "continual.json").read_text()) if (run_dir / "continual.json").is_file() else None
+    return {"dir": run_dir, "name": run_dir.name, "summary": summary, "events": read_events(run_dir),
+            "continual": continual}
+
+
+def loss_curves(events: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Per source: (step, mean training loss over the steps since the previous log line)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for e in events:
+        if e["event"] == "train":
+            for name, s in e["sources"].items():
+                if s.get("loss") is not None:
+                    out.setdefault(name, []).append((e["step"], s["loss"]))
+    return out
+
+
+def share_curves(events: list[dict]) -> dict[str, list[tuple[int, float, float]]]:
+    """Per source: (step, realised share of examples so far, target share at that step)."""
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    for e in events:
+        if e["event"] == "train":
+            for name, s in e["sources"].items():
+                out.setdefault(name, []).append((e["step"], s["share"], s["target"]))
+    return out
+
+
+def dev_curves(events: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    for e in events:
+        if e["event"] == "eval" and e.get("split") == "dev":
+            for metric, value in e["metrics"].items():
+                out.setdefault(metric, []).append((e["step"], value))
+    return out
+
+
+def early_stop(events: list[dict]) -> dict | None:
+    return next((e for e in events if e["event"] == "early_stop"), None)
+
+
+def test_rows(summary: dict) -> list[tuple[str, str, float]]:
+    """(source, metric, value) for every scalar test metric."""
+    rows = []
+    for source, scores in summary.get("test", {}).items():
+        for metric, value in scores.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and metric not in ("tokens", "blocks"):
+                rows.append((source, metric, float(value)))
+    return rows
+
+
+# ------------------------------------------------------------------ plots
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path.name
+
+
+def plot_losses(runs: list[dict], out: Path) -> str | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for run in runs:
+        for name, pts in loss_curves(run["events"]).items():
+            label = name if len(runs) == 1 else f"{run['name']}: {name}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="step", ylabel="training loss", title="Training loss per source")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "loss.png")
+
+
+def plot_shares(run: dict, out: Path) -> str | None:
+    curves = share_curves(run["events"])
+    if not curves:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, pts) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, label=f"{name} realised")
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], color=color, linestyle="--", label=f"{name} target")
+    ax.set(xlabel="step", ylabel="share of examples", title="Realised (cumulative) vs target shares", ylim=(0, 1))
+    ax.legend(fontsize=8)
+    return _save(fig, out / "shares.png")
+
+
+def plot_dev(runs: list[dict], out: Path) -> str | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for run in runs:
+        best = run["summary"].get("best", {})
+        for metric, pts in dev_curves(run["events"]).items():
+            if best.get("metric") and metric != best["metric"]:
+                continue
+            label = metric if len(runs) == 1 else f"{run['name']}: {metric}"
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)[0]
+            drawn = True
+            if best.get("step") is not None:
+                ax.axvline(best["step"], color=line.get_color(), linestyle=":", alpha=0.7)
+            stop = early_stop(run["events"])
+            if stop:
+                ax.axvline(stop["step"], color=line.get_color(), linestyle="--", alpha=0.7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="step", ylabel="dev metric", title="Dev metric (dotted: best checkpoint, dashed: early stop)")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "dev.png")
+
+
+def plot_test_details(run: dict, out: Path) -> list[str]:
+    plt = _plt()
+    files = []
+    for source, scores in run["summary"].get("test", {}).items():
+        if "per_type" in scores:
+            types = sorted(scores["per_type"])
+            fig, ax = plt.subplots(figsize=(7, 3.5))
+            ax.bar(types, [scores["per_type"][t]["f1"] for t in types])
+            ax.set(ylabel="test F1", title=f"{source}: F1 per entity type", ylim=(0, 1))
+            ax.tick_params(axis="x", rotation=30)
+            files.append(_save(fig, out / f"per_type_{source}.png"))
+        if "confusion" in scores:
+            labels, matrix = scores["confusion"]["labels"], scores["confusion"]["matrix"]
+            fig, ax = plt.subplots(figsize=(4.5, 4))
+            ax.imshow(matrix, cmap="Blues")
+            ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
+                   xlabel="predicted", ylabel="gold", title=f"{source}: test confusion")
+            for i, row in enumerate(matrix):
+                for j, v in enumerate(row):
+                    ax.text(j, i, str(v), ha="center", va="center")
+            files.append(_save(fig, out / f"confusion_{source}.png"))
+    return files
+
+
+def plot_retention(runs: list[dict], out: Path) -> str | None:
+    rows = [(run["name"], key, v) for run in runs for key, v in run["summary"].get("before_after", {}).items()]
+    if not rows:
+        return None
+    plt = _plt()
+    keys = sorted({r[1] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / (len(runs) + 1)
+    for k, key in enumerate(keys):
+        before = next(v["before"] for _, kk, v in rows if kk == key)
+        ax.bar(k, before, width, color="grey", label="base model" if k == 0 else None)
+        for r, run in enumerate(runs):
+            v = run["summary"].get("before_after", {}).get(key)
+            if v:
+                ax.bar(k + (r + 1) * width, v["after"], width, color=f"C{r}",
+                       label=(run["name"] if len(runs) > 1 else "fine-tuned") if k == 0 else None)
+    ax.set_xticks([k + width * len(runs) / 2 for k in range(len(keys))], keys, fontsize=8)
+    ax.set(ylabel="value (lower is better for perplexity / loss)", title="Before vs after fine-tuning")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "retention.png")
+
+
+def plot_continual(continual: dict, out: Path) -> str:
+    plt = _plt()
+    tasks, matrix = continual["tasks"], continual["R"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(tasks), 1.4 + 0.9 * len(tasks)))
+    shown = [[float("nan") if v is None else v for v in row] for row in matrix]
+    ax.imshow(shown, cmap="viridis", vmin=0, vmax=1)
+    ax.set(xticks=range(len(tasks)), yticks=range(len(tasks)), xticklabels=tasks,
+           yticklabels=[f"after {t}" for t in tasks], xlabel="scored on task", title="Continual R[i][j]")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, "-" if v is None else f"{v:.3f}", ha="center", va="center", color="white")
+    return _save(fig, out / "continual.png")
+
+
+# ------------------------------------------------------------------ text
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def sections(runs: list[dict], images: dict[str, list[str]]) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """(title, table header, table rows, images) per section; rendered as Markdown and HTML."""
+    out = []
+    header = ["run", "steps", "best metric", "best value", "best step", "train s", "tokens/s", "trainable params"]
+    rows = []
+    for run in runs:
+        s = run["summary"]
+        if not s:
+            continue
+        best = s.get("best", {})
+        params = s.get("parameters", {})
+        rows.append([run["name"], _fmt(s.get("steps")), _fmt(best.get("metric")), _fmt(best.get("value")),
+                     _fmt(best.get("step")), _fmt(s.get("train_seconds")), _fmt(s.get("tokens_per_s")),
+                     f"{params['trainable']:,} / {params['total']:,}" if params else "-"])
+    if rows:
+        out.append(("Run", header, rows, []))
+    # test metrics, runs side by side
+    keys = sorted({(src, m) for run in runs for src, m, _ in test_rows(run["summary"])})
+    if keys:
+        values = {run["name"]: {(src, m): v for src, m, v in test_rows(run["summary"])} for run in runs}
+        out.append(("Test metrics", ["source", "metric", *[r["name"] for r in runs]],
+                    [[src, m, *[_fmt(values[r["name"]].get((src, m), "-")) for r in runs]] for src, m in keys],
+                    images.get("test", [])))
+    # before / after
+    ba_rows = []
+    for run in runs:
+        for key, v in run["summary"].get("before_after", {}).items():
+            ba_rows.append([run["name"], key, _fmt(v["before"]), _fmt(v["after"]), _fmt(v["ratio"]),
+                            f"{100 * (v['ratio'] - 1):+.2f}%"])
+    if ba_rows:
+        note = [r["summary"]["retention_note"] for r in runs if r["summary"].get("retention_note")]
+        out.append(("Before vs after (base model vs fine-tuned)" + (": " + note[0] if note else ""),
+                    ["run", "set/metric", "before", "after", "after/before", "change"], ba_rows,
+                    images.get("retention", [])))
+    # per-source training
+    src_rows = []
+    for run in runs:
+        curves = loss_curves(run["events"])
+        shares = share_curves(run["events"])
+        for name, counts in run["summary"].get("sources", {}).items():
+            last_share = shares.get(name, [(0, float("nan"), float("nan"))])[-1]
+            last_loss = curves.get(name, [(0, None)])[-1][1]
+            src_rows.append([run["name"], name, _fmt(counts.get("batches")), _fmt(counts.get("examples")),
+                             _fmt(counts.get("tokens")), _fmt(last_share[1]), _fmt(last_share[2]),
+                             _fmt(last_loss) if last_loss is not None else "-"])
+    if src_rows:
+        out.append(("Sources during training", ["run", "source", "batches", "examples", "tokens",
+                                                "realised share", "target share (last)", "last logged loss"],
+                    src_rows, images.get("training", [])))
+    for run in runs:
+        c = run["continual"]
+        if c:
+            rows = [[f"after {c['tasks'][i]}", *["-" if v is None else _fmt(v) for v in row]]
+                    for i, row in enumerate(c["R"])]
+            rows += [["average (last row)", _fmt(c["average"])], ["backward transfer", _fmt(c["bwt"])],
+                     ["forward transfer", _fmt(c["fwt"]) if c.get("fwt") is not None else "-"]]
+            out.append((f"Continual: {run['name']} ({c['metric_note']})", ["R[i][j]", *c["tasks"]], rows,
+                        images.get("continual", [])))
+    return out
+
+
+def render_md(title: str, parts) -> str:
+    lines = [f"# {title}", ""]
+    for heading, header, rows, imgs in parts:
+        lines += [f"## {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r + [""] * (len(header) - len(r))) + " |" for r in rows]
+        lines.append("")
+        lines += [f"![{img}]({img})" for img in imgs]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_html(title: str, parts) -> str:
+    e = html.escape
+    body = [f"<h1>{e(title)}</h1>"]
+    for heading, header, rows, imgs in parts:
+        body.append(f"<h2>{e(heading)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
+        body.append("</table>")
+        body += [f'<p><img src="{e(img)}" alt="{e(img)}"></p>' for img in imgs]
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>\n")
+
+
+def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
+    """Write report.md, report.html and the PNG plots; returns the folder."""
+    runs = [read_run(Path(d)) for d in run_dirs]
+    if out is None:
+        if len(runs) > 1:
+            raise RunError("comparing runs needs --out FOLDER")
+        out = runs[0]["dir"] / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    images: dict[str, list[str]] = {"training": [], "test": [], "retention": [], "continual": []}
+    for name in (plot_losses(runs, out), plot_dev(runs, out)):
+        if name:
+            images["training"].append(name)
+    if len(runs) == 1:
+        shares = plot_shares(runs[0], out)
+        if shares:
+            images["training"].insert(1, shares)
+        images["test"] = plot_test_details(runs[0], out)
+    retention = plot_retention(runs, out)
+    if retention:
+        images["retention"].append(retention)
+    for run in runs:
+        if run["continual"]:
+            images["continual"].append(plot_continual(run["continual"], out))
+    title = f"routetune report: {runs[0]['name']}" if len(runs) == 1 else \
+        "routetune comparison: " + ", ".join(r["name"] for r in runs)
+    parts = sections(runs, images)
+    (out / "report.md").write_text(render_md(title, parts), encoding="utf-8")
+    (out / "report.html").write_text(render_html(title, parts), encoding="utf-8")
+    return out
+
+
+def compare_table(run_dirs: list[Path]) -> str:
+    """The Markdown table of `routetune compare`: test metrics and before/after, runs side by side."""
+    runs = [read_run(Path(d)) for d in run_dirs]
+    parts = [p for p in sections(runs, {}) if p[0].startswith(("Test", "Before", "Run"))]
+    return render_md("comparison", parts)
