@@ -191,6 +191,26 @@ def export_cmd(
         typer.echo(folder)
 
 
+@app.command("report")
+def report_cmd(
+    runs: list[Path] = typer.Argument(..., help="One run folder, or several to compare"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/report; required for several runs)"),
+) -> None:
+    """Write report.md and report.html with PNG plots: losses per source, realised vs target shares, dev metric with the early-stopping point, per-type F1 or confusion, before vs after, continual matrix."""
+    from routetune.report import write_report
+
+    folder = write_report(runs, out)
+    typer.echo(str(folder / "report.html"))
+
+
+@app.command("compare")
+def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run folders to put side by side")) -> None:
+    """Print a Markdown table: test metrics and before/after of each run, side by side."""
+    from routetune.report import compare_table
+
+    typer.echo(compare_table(runs))
+
+
 def main() -> None:
     _setup_logging()
     try:

@@ -311,6 +311,27 @@ class EvalTextConfig(_Strict):
     """Score only the first N blocks of `max_length` tokens (bounds the cost on a large corpus)."""
 
 
+class RetentionConfig(_Strict):
+    cache_before: bool = True
+    """Reuse base-model scores from `~/.cache/routetune/before` when the model files, the evaluation text and every scoring setting are the same (a sweep scores its base once)."""
+    fit_head: Literal["auto", "always", "never"] = "auto"
+    """Fit a masked-LM head before scoring masked-LM retention. `auto`: when the base checkpoint is an encoder without MLM-head weights (its head would be random). The same seeded recipe runs on the base and the fine-tuned backbone (backbone frozen)."""
+    fit_text: str | None = None
+    """Text the head is fitted on (file, folder or glob). Default: the training text of the first masked-LM source."""
+    fit_strip_gutenberg: bool = False
+    """Drop Project Gutenberg headers from `fit_text` (a source's own setting is used when the text comes from a source)."""
+    fit_steps: int = Field(200, ge=1)
+    """Optimizer steps of the head fit."""
+    fit_batch_size: int = Field(16, ge=1)
+    """Blocks per fit step."""
+    fit_lr: float = Field(1e-3, gt=0)
+    """AdamW learning rate of the head fit."""
+    fit_blocks: int = Field(2000, ge=1)
+    """Blocks read from `fit_text` (the fit samples from them)."""
+    seed: int = 0
+    """Seed of the head initialisation, sampling and masking of the fit."""
+
+
 class Config(_Strict):
     model: ModelConfig
     """The pretrained backbone."""
@@ -328,6 +349,8 @@ class Config(_Strict):
     """Freezing strategies for full fine-tuning (peft.method none)."""
     evals: dict[str, EvalTextConfig] = Field(default_factory=dict)
     """Extra held-out text, never trained on, scored with the base model before training and with the fine-tuned model after (e.g. general text, to see what was kept)."""
+    retention: RetentionConfig = RetentionConfig()
+    """How base and fine-tuned models are compared on held-out text."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -589,6 +612,8 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
                 object.__setattr__(src, split, _resolve(value, base))
     for ev in cfg.evals.values():
         object.__setattr__(ev, "path", _resolve(ev.path, base))
+    if cfg.retention.fit_text is not None:
+        object.__setattr__(cfg.retention, "fit_text", _resolve(cfg.retention.fit_text, base))
     if cfg.model.init_from is not None:
         object.__setattr__(cfg.model, "init_from", str(Path(cfg.model.init_from).expanduser().resolve()))
     name = cfg.model.name

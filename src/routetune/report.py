@@ -164,7 +164,7 @@ def plot_test_details(run: dict, out: Path) -> list[str]:
             ax.tick_params(axis="x", rotation=30)
             files.append(_save(fig, out / f"per_type_{source}.png"))
         if "confusion" in scores:
-            labels, matrix = scores["confusion"]["labels"], scores["confusion"]["matrix"]
+            labels, matrix = scores["labels"], scores["confusion"]
             fig, ax = plt.subplots(figsize=(4.5, 4))
             ax.imshow(matrix, cmap="Blues")
             ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
@@ -215,6 +215,8 @@ def plot_continual(continual: dict, out: Path) -> str:
 # ------------------------------------------------------------------ text
 
 def _fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)

@@ -10,8 +10,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import torch
+
 from routetune.config import Config, config_from_run, dump_config, load_config
-from routetune.errors import RunError
+from routetune.errors import ConfigError, RunError
 from routetune.model.heads import RoutedModel
 from routetune.model.load import load_tokenizer
 from routetune.train import checkpoint as ckpt
@@ -126,6 +128,113 @@ def _config_diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+# ---------------------------------------------------------------- retention (before vs after)
+
+def _base_name(cfg: Config) -> str:
+    """The pretrained model a chain of init_from runs started from."""
+    for _ in range(100):  # a chain of runs, each started from the one before
+        if not cfg.model.init_from:
+            break
+        cfg = config_from_run(cfg.model.init_from)
+    return cfg.model.name
+
+
+def retention_fit(setup: Setup) -> dict | None:
+    """The head-fit recipe for masked-LM retention, or None when the base's own head is used."""
+    from routetune.model.load import load_lm, resolve_model
+
+    cfg = setup.cfg
+    rc = cfg.retention
+    mlm_sets = [n for n, s in setup.before_sets().items() if setup.objectives[n] == "masked-lm"]
+    if rc.fit_head == "never" or not mlm_sets:
+        return None
+    base = resolve_model(_base_name(cfg))
+    if rc.fit_head == "auto":
+        if getattr(setup, "_base_head_missing", None) is None:
+            _, missing = load_lm(base)
+            setup._base_head_missing = bool(missing)
+        if not setup._base_head_missing:
+            return None
+    text, strip = rc.fit_text, rc.fit_strip_gutenberg
+    if text is None:
+        source = next((sc for n, sc in cfg.sources.items() if setup.objectives.get(n) == "masked-lm" and sc.train),
+                      None)
+        text, strip = (source.train, source.text.strip_gutenberg) if source else (None, False)
+    if text is None:
+        raise ConfigError("retention.fit_text: masked-LM retention needs text to fit the MLM head on "
+                          "(no masked-LM source to take it from)")
+    return {"base": base, "text": text, "strip_gutenberg": strip, "steps": rc.fit_steps, "batch_size": rc.fit_batch_size, "lr": rc.fit_lr,
+            "blocks": rc.fit_blocks, "seed": rc.seed}
+
+
+def fit_note(fit: dict) -> str:
+    return (f"masked-LM head fitted on both sides with the backbone frozen ({fit['steps']} steps x "
+            f"{fit['batch_size']} blocks, lr {fit['lr']}, seed {fit['seed']}, text {fit['text']})")
+
+
+def score_with_fitted_head(setup: Setup, model, fit: dict) -> dict:
+    """Fit the MLM head on `model` (backbone frozen) and score the masked-LM sets."""
+    from itertools import islice
+
+    from routetune.data.readers import resolve_text_files
+    from routetune.data.sources import special_affixes
+    from routetune.data.text import iter_blocks, text_parts
+    from routetune.evaluate.retention import fit_mlm_head
+    from routetune.evaluate.tasks import text_scores
+
+    cfg, tok = setup.cfg, setup.tokenizer
+    prefix, suffix = special_affixes(tok)
+    content = cfg.model.max_length - len(prefix) - len(suffix)
+    parts = text_parts(resolve_text_files(fit["text"], "*.txt"))
+    blocks = [prefix + b + suffix for b in islice(iter_blocks(parts, tok, content, fit["strip_gutenberg"]), fit["blocks"])]
+    losses = fit_mlm_head(model, blocks, tok, fit["steps"], fit["batch_size"], fit["lr"], fit["seed"],
+                          cfg.train.precision)
+    log.info("fitted the MLM head (%d steps): loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
+    out = {}
+    for name, evalset in setup.before_sets().items():
+        if setup.objectives[name] == "masked-lm":
+            out[name] = {**text_scores(model, "masked-lm", tok, evalset, cfg.model.max_length, cfg.train),
+                         "head_fit_loss": [losses[0], losses[-1]]}
+    return out
+
+
+def score_before(setup: Setup) -> dict:
+    """Base-model scores of every set that can be scored before training (cached by content)."""
+    from routetune.evaluate.retention import before_key, cached, store
+    from routetune.model.heads import build_model
+
+    cfg = setup.cfg
+    fit = retention_fit(setup)
+    sets = setup.before_sets()
+    keys = {n: before_key(setup.model_path, n, setup.objectives[n], s, cfg,
+                          fit if setup.objectives[n] == "masked-lm" else None) for n, s in sets.items()}
+    out, todo = {}, {}
+    for name, evalset in sets.items():
+        hit = cached(keys[name]) if cfg.retention.cache_before else None
+        if hit is not None:
+            out[name] = hit
+        else:
+            todo[name] = evalset
+    if len(todo) < len(sets):
+        log.info("base-model scores of %s from the cache (~/.cache/routetune/before)",
+                 ", ".join(n for n in sets if n not in todo))
+    plain = {n: s for n, s in todo.items() if fit is None or setup.objectives[n] != "masked-lm"}
+    if plain:
+        log.info("scoring the base model before training: %s", ", ".join(plain))
+        _, scores = evaluate_dev(setup, plain)
+        out.update(scores)
+    if fit is not None and any(setup.objectives[n] == "masked-lm" for n in todo):
+        log.info("fitting an MLM head on the base model for masked-LM retention: %s", fit_note(fit))
+        torch.manual_seed(cfg.train.seed)
+        base = build_model(setup.model_path, cfg.train.seed, cfg.model.attention)
+        out.update({n: v for n, v in score_with_fitted_head(setup, base, fit).items() if n in todo})
+        del base
+    for name in todo:
+        if cfg.retention.cache_before:
+            store(keys[name], out[name])
+    return {n: out[n] for n in sets}
+
+
 def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Path | None) -> tuple[Path, dict]:
     started = time.time()
     cfg = setup.cfg
@@ -138,8 +247,7 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
             step = trainer.restore(resume_from)
             log.info("resumed from %s at step %d of %d", resume_from.name, step, setup.total_steps)
         elif cfg.train.eval_before and setup.before_sets():
-            log.info("scoring the base model before training: %s", ", ".join(setup.before_sets()))
-            _, before = evaluate_dev(setup, setup.before_sets())
+            before = score_before(setup)
             before_path.write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
         result = trainer.run()
         best = run_dir / "checkpoints" / "best"
@@ -161,6 +269,10 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
                 ckpt.verify(best)
                 setup.model = RoutedModel.load(best)
             _, full = evaluate_dev(setup, {**setup.test, **setup.extra})
+            fit = retention_fit(setup)
+            if fit is not None:  # masked-LM retention through an equally fitted head on both sides
+                full.update(score_with_fitted_head(setup, setup.model, fit))
+                summary["retention_note"] = fit_note(fit)
             summary["test"] = full
         if before_path.is_file():
             summary["before"] = json.loads(before_path.read_text(encoding="utf-8"))

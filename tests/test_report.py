@@ -1,0 +1,188 @@
+"""Retention (before vs after), the run report and `routetune compare`: every number checked
+against a direct computation on a tiny model."""
+
+import json
+import math
+import re
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_config
+from routetune.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def headless_bert(tmp_path, tiny_model_dir):
+    """The tiny BERT saved without its masked-LM head (like a sentence-embedding checkpoint)."""
+    from transformers import AutoTokenizer, BertModel
+
+    folder = tmp_path / "headless"
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+def _direct_mlm_retention(model_dir, run_dir, general, cfg_path):
+    """Fit the head with the run's recipe on the base and on the best checkpoint; score the eval
+    text directly with lm_loss, outside the workflow."""
+    from routetune.config import load_config
+    from routetune.data.readers import resolve_text_files
+    from routetune.data.sources import special_affixes
+    from routetune.data.text import iter_blocks, text_parts
+    from routetune.evaluate.retention import fit_mlm_head
+    from routetune.model.heads import RoutedModel, build_model
+    from routetune.model.inference import lm_loss
+    from routetune.model.load import load_tokenizer
+
+    cfg = load_config(cfg_path)
+    tok = load_tokenizer(str(model_dir))
+    prefix, suffix = special_affixes(tok)
+    content = cfg.model.max_length - len(prefix) - len(suffix)
+
+    def blocks(path, n=None):
+        out = [prefix + b + suffix for b in iter_blocks(text_parts(resolve_text_files(str(path), "*.txt")), tok, content, False)]
+        return out[:n]
+
+    fit_blocks = blocks(general, cfg.retention.fit_blocks)
+    eval_blocks = blocks(cfg.evals["held"].path)
+    rc = cfg.retention
+    scores = []
+    for model in (build_model(str(model_dir), 0), RoutedModel.load(run_dir / "checkpoints" / "best")):
+        fit_mlm_head(model, fit_blocks, tok, rc.fit_steps, rc.fit_batch_size, rc.fit_lr, rc.seed, cfg.train.precision)
+        scores.append(lm_loss(model, "masked-lm", eval_blocks, tok, cfg.train.eval_batch_size, cfg.train.precision)[0])
+    return scores
+
+
+def test_masked_lm_retention_fits_the_head_on_both_sides(tmp_path, headless_bert, ner_files):
+    from routetune.workflow import train
+
+    held = tmp_path / "held.txt"
+    held.write_text("the store in paris opened a river of bread and salt . " * 30)
+    cfg = make_config(tmp_path, headless_bert, ner_files, **{
+        "evals": {"held": {"path": str(held)}},
+        "retention": {"fit_steps": 5, "fit_batch_size": 4, "fit_lr": 1e-2, "cache_before": False}})
+    run_dir, summary = train(cfg)
+    assert "MLM head fitted" in summary["retention_note"] or "masked-LM head fitted" in summary["retention_note"]
+    ba = summary["before_after"]["held/mlm_loss"]
+    before, after = _direct_mlm_retention(headless_bert, run_dir, ner_files["general"], cfg)
+    assert ba["before"] == pytest.approx(before, rel=1e-5)
+    assert ba["after"] == pytest.approx(after, rel=1e-5)
+    assert ba["ratio"] == pytest.approx(after / before)
+
+
+def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog):
+    """A second run on the same base and text takes the base scores from the cache; they equal
+    a direct computation."""
+    import logging
+
+    from conftest import GENERAL
+    from routetune.workflow import train
+
+    monkeypatch.setenv("ROUTETUNE_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "domain.txt"
+    text.write_text(GENERAL)
+    held = tmp_path / "held.txt"
+    held.write_text("the store in paris opened a river of bread and salt . " * 30)
+    cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 16},
+           "sources": {"domain": {"objective": "causal-lm", "train": str(text), "text": {"stream": False},
+                                  "holdout": {"test": 0.2}}},
+           "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False},
+           "evals": {"held": {"path": str(held)}},
+           "run": {"output_dir": str(tmp_path / "runs")}}
+    import yaml
+
+    runs = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "run": {**cfg["run"], "name": name}}))
+        caplog.clear()
+        logging.getLogger("routetune").setLevel(logging.INFO)
+        runs.append(train(path)[1])
+        logging.getLogger("routetune").setLevel(logging.WARNING)
+    assert "from the cache" in caplog.text  # the second run
+    assert runs[0]["before"] == runs[1]["before"]
+    from routetune.data.sources import special_affixes
+    from routetune.data.text import iter_blocks, text_parts
+    from routetune.model.heads import build_model
+    from routetune.model.inference import lm_loss
+    from routetune.model.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama_dir))
+    prefix, suffix = special_affixes(tok)
+    blocks = [prefix + b + suffix for b in iter_blocks(text_parts([held]), tok, 16 - len(prefix) - len(suffix), False)]
+    loss, _ = lm_loss(build_model(str(tiny_llama_dir), 0), "causal-lm", blocks, tok, 64, "fp32")
+    assert runs[1]["before"]["held"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("src", "href"):
+                self.refs.append(v)
+
+
+def _numbers(text):
+    return [float(x) for x in re.findall(r"-?\d+\.\d{4}", text)]
+
+
+def test_report_numbers_match_direct_computation(tmp_path, tiny_model_dir, ner_files):
+    from routetune.workflow import evaluate, train
+
+    cfg = make_config(tmp_path, tiny_model_dir, ner_files)
+    run_dir, summary = train(cfg)
+    result = runner.invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    out = run_dir / "report"
+    md = (out / "report.md").read_text()
+    # test metrics: the same as evaluating the best checkpoint again
+    direct = evaluate(run_dir)["ner"]
+    for metric in ("f1", "precision", "recall"):
+        assert re.search(rf"\| ner \| {metric} \| {direct[metric]:.4f} \|", md), metric
+    # realised shares and batch counts: the same as counting plan.jsonl
+    plan = [json.loads(line) for line in (run_dir / "plan.jsonl").read_text().splitlines()]
+    examples = {}
+    for row in plan:
+        examples[row["source"]] = examples.get(row["source"], 0) + len(row["ids"])
+    total = sum(examples.values())
+    for source, n in examples.items():
+        batches = sum(1 for row in plan if row["source"] == source)
+        assert re.search(rf"\| {run_dir.name} \| {source} \| {batches} \| {n} \| \d+ \| {n / total:.4f} \|", md), source
+    # best dev value: the maximum of the dev evaluations in metrics.jsonl
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best = max(e["metrics"]["ner/f1"] for e in evals if e["event"] == "eval")
+    assert f"| {best:.4f} |" in md
+    # the HTML references only files that exist, and every PNG is referenced
+    parser = _Refs()
+    parser.feed((out / "report.html").read_text())
+    assert parser.refs
+    assert all((out / ref).is_file() for ref in parser.refs)
+    assert {p.name for p in out.glob("*.png")} == set(parser.refs)
+    assert {"loss.png", "shares.png", "dev.png", "per_type_ner.png"} <= set(parser.refs)
+
+
+def test_compare_and_report_of_several_runs(tmp_path, tiny_model_dir, ner_files):
+    from routetune.workflow import train
+
+    a, sa = train(make_config(tmp_path / "a", tiny_model_dir, ner_files, **{"run.name": "on"}))
+    b, sb = train(make_config(tmp_path / "b", tiny_model_dir, ner_files,
+                              **{"run.name": "off", "routing.weights": {"ner": 1.0, "general": 0.0}}))
+    result = runner.invoke(app, ["compare", str(a), str(b)])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("| ner | f1 |"))
+    assert line == f"| ner | f1 | {sa['test']['ner']['f1']:.4f} | {sb['test']['ner']['f1']:.4f} |"
+    result = runner.invoke(app, ["report", str(a), str(b), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    parser = _Refs()
+    parser.feed((tmp_path / "cmp" / "report.html").read_text())
+    assert all((tmp_path / "cmp" / ref).is_file() for ref in parser.refs)
+    result = runner.invoke(app, ["report", str(a), str(b)])
+    assert result.exit_code == 2 or "needs --out" in str(result.exception)
