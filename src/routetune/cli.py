@@ -191,6 +191,45 @@ def export_cmd(
         typer.echo(folder)
 
 
+@app.command("serve")
+def serve_cmd(
+    run: Path = typer.Argument(..., help="Run folder"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: loopback only)"),
+    port: int = typer.Option(8080, "--port"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (default: the run's)"),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Items per micro-batch"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="Wait this long to fill a micro-batch"),
+    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1, help="Larger bodies get 413"),
+    max_items: int = typer.Option(64, "--max-items", min=1, help="Items per request (more: 422)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Tokens per item (default: model.max_length; more: 422)"),
+    truncate: bool = typer.Option(False, "--truncate", help="Cut long items to --max-tokens and flag them instead of 422"),
+    max_concurrency: int = typer.Option(32, "--max-concurrency", min=1, help="Requests served at once (more: 503)"),
+    timeout_s: float = typer.Option(10.0, "--timeout", min=0.001, help="Per-request timeout in seconds (504)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Largest max_new_tokens a request may ask for"),
+) -> None:
+    """Serve a run over HTTP (FastAPI + uvicorn): /v1/ner, /v1/classify, /v1/generate, /healthz, /metrics, /docs."""
+    from routetune.serve.server import Limits, serve_run
+
+    if precision not in (None, "fp32", "bf16"):
+        raise typer.BadParameter("expected fp32 or bf16", param_hint="--precision")
+    limits = Limits(max_body_bytes=max_body_bytes, max_items=max_items, max_tokens=max_tokens, truncate=truncate,
+                    max_concurrency=max_concurrency, timeout_s=timeout_s, max_batch=max_batch,
+                    max_wait_ms=max_wait_ms, max_new_tokens=max_new_tokens)
+    serve_run(run, host, port, checkpoint, limits, precision)
+
+
+@app.command("continual")
+def continual_cmd(
+    config: Path = typer.Argument(..., help="Continual config: a sequence of task run configs"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing stage run folders"),
+) -> None:
+    """Train tasks one after another on one backbone (each from the previous stage, optional replay); print and write the matrix R[i][j], average score, backward and forward transfer."""
+    from routetune.continual import format_matrix, run_continual
+
+    typer.echo(format_matrix(run_continual(config, overwrite)))
+
+
 @app.command("report")
 def report_cmd(
     runs: list[Path] = typer.Argument(..., help="One run folder, or several to compare"),

@@ -89,8 +89,19 @@ def prepare(cfg: Config) -> Setup:
         if (earlier / "routetune.json").is_file():
             raise ConfigError(f"model.init_from: {cfg.model.init_from} was trained with an adapter method; "
                               "starting from adapter checkpoints is not supported yet")
-        model.load_heads_from(earlier, [n for n in earlier_labels if n in model.heads])
+        specs = json.loads((earlier / "heads.json").read_text())
+        kept = [n for n in specs if n not in model.heads]
+        for name in kept:  # heads of earlier tasks that this run does not train: carried, frozen
+            spec = specs[name]
+            model.add_head(name, spec["kind"], spec["labels"], 0,
+                           **{k: spec[k] for k in ("pooling", "threshold") if k in spec})
+        model.load_heads_from(earlier, list(specs))
     apply_peft(model, cfg.peft, cfg.freeze, model_path)
+    if earlier is not None:
+        for name in model.heads:
+            if name not in sources:
+                model.heads[name].requires_grad_(False)
+                log.info("head %s (from %s) is kept unchanged: no source of this run trains it", name, earlier)
     if not any(p.requires_grad for p in model.lm.parameters()) and model.prompt is None:
         lm_sources = [n for n, o in objectives.items() if o in ("masked-lm", "causal-lm") and n in sources
                       and cfg.routing.weights and cfg.routing.weights.get(n, 0) > 0]

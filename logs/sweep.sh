@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Shakespeare routing sweep (issue #9): each run = examples/shakespeare-smollm2.yaml + overrides.
+cd /work/main
+run() { name=$1; shift; echo "== $name: $*"; .venv/bin/routetune train examples/shakespeare-smollm2.yaml --set run.name=sweep-$name "$@" --overwrite > logs/sweep-$name.log 2>&1; }
+run g25-example --set routing.granularity=example
+run g25-linear-example --set routing.granularity=example --set 'routing.schedule={kind: linear, end: {shakespeare: 0.6, general: 0.4}}' --set 'routing.weights={shakespeare: 0.9, general: 0.1}'
+run adaptive --set routing.strategy=adaptive
+run g40-example --set routing.granularity=example --set 'routing.weights={shakespeare: 0.6, general: 0.4}'
