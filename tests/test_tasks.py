@@ -218,6 +218,11 @@ def test_decoder_causal_lm_text_and_prompts(tmp_path, tiny_llama_dir, ner_files)
     rows = [json.loads(x) for x in result.output.splitlines()]
     assert [r["prompt"] for r in rows] == ["where is john ?", "where is apple ?"]
     assert all(isinstance(r["completion"], str) for r in rows)
+    # `predict` on a language-model run generates too, with the same outputs
+    same = CliRunner().invoke(app, ["predict", str(run_dir), "--max-new-tokens", "3"],
+                              input='where is john ?\n{"prompt": "where is apple ?"}\n')
+    assert same.exit_code == 0, same.output
+    assert [json.loads(x) for x in same.output.splitlines()] == rows
 
 
 def test_objective_must_fit_the_backbone(tmp_path, tiny_model_dir, ner_files):

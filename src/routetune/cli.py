@@ -103,19 +103,52 @@ def predict_cmd(
     source: Optional[str] = typer.Option(None, "--source", help="Task head to use (default: the primary)"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL here instead of stdout"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (default: the run's train.precision)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Generation: tokens per prompt"),
 ) -> None:
-    """Predict with a task head (plain lines or JSONL in, JSONL out): entity tags and spans, or a label with probabilities."""
+    """Predict (plain lines or JSONL in, JSONL out): entity tags and spans, a label with probabilities, or - for a
+    language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
     from routetune.serve.predictor import Predictor, parse_line
     from routetune.workflow import load_run
 
     if fmt not in ("auto", "lines", "jsonl"):
         raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
+    if precision not in (None, "fp32", "bf16"):
+        raise typer.BadParameter("expected fp32 or bf16", param_hint="--precision")
     cfg, model, tokenizer = load_run(run, checkpoint)
-    predictor = Predictor(model, tokenizer, source or cfg.train.primary, cfg.model.max_length,
-                          cfg.train.eval_batch_size, cfg.train.precision)
+    precision = precision or cfg.train.precision
+    head = source or cfg.train.primary
+    if head not in model.heads and model.is_decoder and (source is None or source in cfg.sources):
+        _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, precision)
+        return
+    predictor = Predictor(model, tokenizer, head, cfg.model.max_length, cfg.train.eval_batch_size, precision)
     items = [item for item in _read_items(input_file, lambda line, where, n: parse_line(line, fmt, where, n))
              if item is not None]
     _write_jsonl(output, predictor.predict(items))
+
+
+def _parse_prompt(line: str, where: str, n: int):
+    text = line.rstrip("\r\n")
+    if not text.strip():
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RoutetuneError(f"{where}:{n}: invalid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise RoutetuneError(f"{where}:{n}: expected a JSON object with a string field 'prompt'")
+        return obj["prompt"]
+    return text
+
+
+def _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, precision) -> None:
+    from routetune.model.inference import generate
+
+    prompts = [p for p in _read_items(input_file, _parse_prompt) if p is not None]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, cfg.model.max_length + max_new_tokens,
+                       cfg.train.eval_batch_size, precision)
+    _write_jsonl(output, ({"prompt": p, "completion": o} for p, o in zip(prompts, outputs)))
 
 
 def _read_items(input_file: Optional[Path], parse) -> list:
@@ -149,31 +182,12 @@ def generate_cmd(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL here instead of stdout"),
 ) -> None:
     """Greedy generation for new prompts with a fine-tuned decoder; writes JSONL {prompt, completion}."""
-    from routetune.model.inference import generate
     from routetune.workflow import load_run
 
     cfg, model, tokenizer = load_run(run, checkpoint)
     if not model.is_decoder:
         raise RoutetuneError(f"{run}: generate needs a decoder backbone; this run's is an encoder")
-
-    def parse(line: str, where: str, n: int):
-        text = line.rstrip("\r\n")
-        if not text.strip():
-            return None
-        if text.lstrip().startswith("{"):
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise RoutetuneError(f"{where}:{n}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise RoutetuneError(f"{where}:{n}: expected a JSON object with a string field 'prompt'")
-            return obj["prompt"]
-        return text
-
-    prompts = [p for p in _read_items(input_file, parse) if p is not None]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens, cfg.model.max_length + max_new_tokens,
-                       cfg.train.eval_batch_size, cfg.train.precision)
-    _write_jsonl(output, ({"prompt": p, "completion": o} for p, o in zip(prompts, outputs)))
+    _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, cfg.train.precision)
 
 
 @app.command("export")
