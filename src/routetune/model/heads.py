@@ -158,8 +158,12 @@ class RoutedModel(nn.Module):
             embeds = self.lm.get_input_embeddings()(input_ids)
             virtual = virtual_tokens(self.prompt, n, b).to(embeds.dtype)
             return {"inputs_embeds": torch.cat([virtual, embeds], 1), "attention_mask": mask}, n
+        # transformers 5.x renames `past_key_values` to `cache` (the old name warns, then goes in 5.40)
+        import inspect
+
+        key = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters else "past_key_values"
         return {"input_ids": input_ids, "attention_mask": mask,
-                "past_key_values": prefix_cache(self.prompt, self.config, n, b), "use_cache": False}, 0
+                key: prefix_cache(self.prompt, self.config, n, b), "use_cache": False}, 0
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         inputs, drop = self._inputs(input_ids, attention_mask)
