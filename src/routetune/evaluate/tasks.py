@@ -93,13 +93,11 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def prompt_scores(model, tokenizer, examples, max_length, tc, sc) -> dict:
-    # perplexity of the completions given their prompts (teacher forcing)
-    total, count = 0.0, 0
-    for start in range(0, len(examples), tc.eval_batch_size):
-        chunk = examples[start : start + tc.eval_batch_size]
-        loss, n = _completion_loss(model, tokenizer, chunk, max_length, tc.precision)
-        total, count = total + loss * n, count + n
-    out = {"perplexity": math.exp(total / count) if count else float("nan"), "examples": len(examples),
+    # perplexity of the completions given their prompts (teacher forcing; no loss on the prompts)
+    rows = [encode_prompt(tokenizer, e.text, e.completion, max_length) for e in examples]
+    loss, count = lm_loss(model, "causal-lm", [r[0] for r in rows], tokenizer, tc.eval_batch_size, tc.precision,
+                          labels=[r[1] for r in rows])
+    out = {"perplexity": math.exp(loss) if count else float("nan"), "examples": len(examples),
            "completion_tokens": count}
     if sc.eval_generate:
         subset = examples[: sc.eval_generate]
@@ -110,26 +108,6 @@ def prompt_scores(model, tokenizer, examples, max_length, tc, sc) -> dict:
         out["generated"] = len(subset)
         out["samples"] = [{"prompt": e.text, "reference": e.completion, "output": o} for e, o in zip(subset[:3], outputs)]
     return out
-
-
-def _completion_loss(model, tokenizer, examples, max_length, precision) -> tuple[float, int]:
-    import torch
-
-    from routetune.data.collate import pad_batch
-    from routetune.model.inference import autocast
-
-    rows = [encode_prompt(tokenizer, e.text, e.completion, max_length) for e in examples]
-    batch = pad_batch([r[0] for r in rows], tokenizer.pad_token_id, [r[1] for r in rows])
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode(), autocast(precision):
-        logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])
-    model.train(was_training)
-    targets = batch["labels"][:, 1:]
-    mask = targets != -100
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum")
-    n = int(mask.sum())
-    return (loss.item() / n if n else 0.0), n
 
 
 def text_scores(model, objective, tokenizer, evalset: EvalSet, max_length, tc) -> dict:

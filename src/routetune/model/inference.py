@@ -17,6 +17,14 @@ def autocast(precision: str):
     return contextlib.nullcontext()
 
 
+def length_sorted_batches(lengths: list[int], batch_size: int):
+    """Index lists of batches of similar length (shortest first): little padding per batch.
+    Prediction, evaluation and generation all batch this way, so their outputs agree."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
 @dataclass
 class TaggingResult:
     tags: list[list[str]]  # one tag per input word, always
@@ -34,10 +42,8 @@ def tag_words(model, head: str, tokenizer, sentences: list[list[str]], max_lengt
     was_training = model.training
     model.eval()
     encoded = encode_words(tokenizer, sentences, max_length)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     tags: list[list[str] | None] = [None] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
         batch = pad_batch([encoded[i].input_ids for i in idx], tokenizer.pad_token_id)
         with autocast(precision):
             logits = model.token_logits(head, batch["input_ids"], batch["attention_mask"])
@@ -63,11 +69,9 @@ def classify(model, head: str, tokenizer, texts: list[str], max_length: int, bat
     was_training = model.training
     model.eval()
     encoded = encode_texts(tokenizer, texts, max_length)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     binary = getattr(model.heads[head], "binary", False)
     out = torch.zeros(len(texts), 2 if binary else len(model.heads[head].labels))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in length_sorted_batches([len(e[0]) for e in encoded], batch_size):
         batch = pad_batch([encoded[i][0] for i in idx], tokenizer.pad_token_id)
         with autocast(precision):
             logits = model.head_logits(head, batch["input_ids"], batch["attention_mask"]).float()
@@ -82,10 +86,11 @@ def classify(model, head: str, tokenizer, texts: list[str], max_length: int, bat
 
 @torch.inference_mode()
 def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_size: int = 16,
-            precision: str = "fp32", seed: int = 0) -> tuple[float, int]:
+            precision: str = "fp32", seed: int = 0, labels: list[list[int]] | None = None) -> tuple[float, int]:
     """Mean token loss and token count over `blocks` (already with special tokens): causal-LM
-    next-token loss, or masked-LM loss with masks drawn from a fixed seed per block (so base
-    and fine-tuned models are scored on the same masks)."""
+    next-token loss (targets: the blocks themselves, or `labels` with -100 where no loss is
+    taken, e.g. on prompts), or masked-LM loss with masks drawn from a fixed seed per block (so
+    base and fine-tuned models are scored on the same masks)."""
     from routetune.data.collate import IGNORE, mask_sequence
     from routetune.data.sources import derive_seed
 
@@ -96,7 +101,8 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
     for start in range(0, len(blocks), batch_size):
         chunk = blocks[start : start + batch_size]
         if objective == "causal-lm":
-            batch = pad_batch(chunk, tokenizer.pad_token_id, chunk)
+            targets_in = labels[start : start + batch_size] if labels is not None else chunk
+            batch = pad_batch(chunk, tokenizer.pad_token_id, targets_in)
             with autocast(precision):
                 logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])
             targets = batch["labels"][:, 1:]
@@ -132,11 +138,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_leng
     model.eval()
     room = max(8, max_length - max_new_tokens)
     encoded = [encode_prompt(tokenizer, p, None, room)[0] for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
