@@ -95,6 +95,26 @@ class Timer:
 
 # ------------------------------------------------------------------ Hugging Face reference
 
+def hf_train(model, rows, timer: Timer, tokens_of_step, batch_size: int, lr: float, weight_decay: float, steps: int,
+             collator=None) -> None:
+    """The standard Trainer recipe (bf16 autocast on CPU, AdamW as Trainer picks it), timed per
+    optimizer step by a callback."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            timer.begin(tokens_of_step())
+
+        def on_step_end(self, args, state, control, **kw):
+            timer.end()
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(out, per_device_train_batch_size=batch_size, learning_rate=lr,
+                                 weight_decay=weight_decay, max_steps=steps, bf16=True, use_cpu=True, report_to=[],
+                                 save_strategy="no", logging_strategy="no", seed=42, dataloader_num_workers=0)
+        Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[StepTimer()]).train()
+
+
 def hf_ner(steps: int, skip: int) -> dict:
     import torch
     from transformers import (
@@ -130,19 +150,7 @@ def hf_ner(steps: int, skip: int) -> dict:
         timer.pending = int(batch["attention_mask"].sum())
         return batch
 
-    class Cb(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            timer.begin(timer.pending)
-
-        def on_step_end(self, args, state, control, **kw):
-            timer.end()
-
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(out, per_device_train_batch_size=16, learning_rate=5e-5, weight_decay=0.01,
-                                 max_steps=steps, bf16=True, use_cpu=True, report_to=[], save_strategy="no",
-                                 logging_strategy="no", seed=42, dataloader_num_workers=0)
-        Trainer(model=model, args=args, train_dataset=rows, data_collator=counting_collate,
-                callbacks=[Cb()]).train()
+    hf_train(model, rows, timer, lambda: timer.pending, 16, 5e-5, 0.01, steps, counting_collate)
     mean = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
     probe = collate(rows[:16])
     probe = {k: v[:, :mean].contiguous() for k, v in probe.items()}
@@ -178,18 +186,7 @@ def hf_clm(steps: int, skip: int) -> dict:
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     timer = Timer(skip)
 
-    class Cb(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            timer.begin(8 * 128)
-
-        def on_step_end(self, args, state, control, **kw):
-            timer.end()
-
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(out, per_device_train_batch_size=8, learning_rate=2e-4, weight_decay=0.0,
-                                 max_steps=steps, bf16=True, use_cpu=True, report_to=[], save_strategy="no",
-                                 logging_strategy="no", seed=42, dataloader_num_workers=0)
-        Trainer(model=model, args=args, train_dataset=rows, callbacks=[Cb()]).train()
+    hf_train(model, rows, timer, lambda: 8 * 128, 8, 2e-4, 0.0, steps)
     x = torch.tensor([r["input_ids"] for r in rows[:8]])
     return {**timer.result(), "flops_per_token": flops_per_token(model, {"input_ids": x, "labels": x}, x.numel())}
 

@@ -33,7 +33,7 @@ METHODS = [
 ]
 
 
-def _config(tmp_path, model_dir, decoder, peft, freeze):
+def _config(tmp_path, model_dir, decoder, peft, freeze, **train):
     text = tmp_path / "general.txt"
     text.write_text(GENERAL)
     cls = tmp_path / "cls.jsonl"
@@ -44,7 +44,7 @@ def _config(tmp_path, model_dir, decoder, peft, freeze):
                        "general": {"objective": "language-modeling", "train": str(text)}},
            "routing": {"strategy": "interleaved", "weights": {"cls": 0.5, "general": 0.5}},
            "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False, "seed": 3,
-                     "weight_decay": 0.0},
+                     "weight_decay": 0.0, **train},
            "peft": peft, "freeze": freeze,
            "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}
     path = tmp_path / "c.yaml"

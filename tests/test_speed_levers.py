@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import GENERAL
 from safetensors.torch import load_file
 
 from routetune.data.sources import Encoded, MemorySource
@@ -98,22 +97,9 @@ def test_attention_choice():
 
 
 def _lora_config(tmp_path, model_dir, **train):
-    text = tmp_path / "general.txt"
-    text.write_text(GENERAL)
-    cls = tmp_path / "cls.jsonl"
-    cls.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
-                           for t, y in [("a great film", "pos"), ("the worst store", "neg")] * 8))
-    cfg = {"model": {"name": str(model_dir), "max_length": 24},
-           "sources": {"cls": {"objective": "sequence-classification", "train": str(cls)},
-                       "general": {"objective": "language-modeling", "train": str(text)}},
-           "routing": {"weights": {"cls": 0.5, "general": 0.5}},
-           "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "progress": False, "seed": 3,
-                     "precision": "bf16", **train},
-           "peft": {"method": "lora", "r": 4},
-           "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    from test_peft import _config
+
+    return _config(tmp_path, model_dir, True, {"method": "lora", "r": 4}, {}, precision="bf16", max_steps=4, **train)
 
 
 def test_levers_keep_training_equivalent_and_checkpoints_fp32(tmp_path, tiny_llama_dir):
