@@ -190,3 +190,39 @@ def test_export_refuses_bottleneck_merge(tmp_path, tiny_model_dir):
     run_dir, _ = train(_config(tmp_path, tiny_model_dir, False, {"method": "adapter", "adapter_size": 4}, {}))
     with pytest.raises(RunError, match="cannot be merged"):
         export(run_dir, tmp_path / "out", "last", merge=True)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_virtual_token_methods_export_as_peft_folders_and_refuse_merge(tmp_path, tiny_llama_dir, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from routetune.errors import RunError
+    from routetune.model.export import export
+
+    run_dir, _ = train(_config(tmp_path, tiny_llama_dir, True, {"method": method, "num_virtual_tokens": 3}, {}))
+    with pytest.raises(RunError, match="cannot be merged"):
+        export(run_dir, tmp_path / "out", "last", merge=True)
+    written = export(run_dir, tmp_path / "out2", "last", merge=False)
+    assert written == [str(tmp_path / "out2" / "adapter")]
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), written[0])
+    ours = RoutedModel.load(run_checkpoint(run_dir, "last"))
+    assert torch.equal(plain.prompt_encoder["default"].embedding.weight, ours.prompt.embedding.weight)
+
+
+def test_prompt_tuning_generates_and_prefix_tuning_refuses(tmp_path, tiny_llama_dir):
+    from routetune.errors import RunError
+    from routetune.model.inference import generate
+    from routetune.model.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama_dir))
+    for method in ("prompt_tuning", "prefix_tuning"):
+        (tmp_path / method).mkdir()
+        run_dir, _ = train(_config(tmp_path / method, tiny_llama_dir, True, {"method": method, "num_virtual_tokens": 3}, {}))
+        model = RoutedModel.load(run_checkpoint(run_dir, "last"))
+        if method == "prefix_tuning":
+            with pytest.raises(RunError, match="prefix tuning"):
+                generate(model, tok, ["where is john"], 3, 32)
+        else:
+            out = generate(model, tok, ["where is john", "a"], 3, 32)
+            assert len(out) == 2 and all(isinstance(o, str) for o in out)
