@@ -1,0 +1,46 @@
+"""Print the Shakespeare routing table of docs/results.md from runs/shakespeare-smollm2-* and
+runs/sweep-* (summary.json before/after) with the overrides each run used (config.yaml)."""
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def describe(cfg: dict) -> str:
+    r = cfg["routing"]
+    parts = [f"{r['strategy']}", f"general {r['weights'].get('general', 0):g}"]
+    if (r.get("schedule") or {}).get("kind", "constant") != "constant":
+        s = r["schedule"]
+        parts.append(f"{s['kind']} to general {s['end']['general']:g}")
+    parts.append(f"per {r['granularity']}")
+    return ", ".join(parts)
+
+
+def main(names: list[str]) -> None:
+    runs = [ROOT / "runs" / n for n in names] if names else \
+        sorted((ROOT / "runs").glob("shakespeare-smollm2-*")) + sorted((ROOT / "runs").glob("sweep-*"))
+    # HF reference (issue #9): 25% replay domain 57.96 -> 37.80 (ratio 0.6522), general +1.8%;
+    # sweep goal: domain <= 37.5 (ratio 0.6470 of the same base) and general under +1.0%.
+    print("| run | routing | domain ppl before -> after (ratio) | general (WikiText-2) ppl before -> after | "
+          "general change | at least the HF 25% bar | sweep goal |")
+    print("|---|---|---|---|---|---|---|")
+    for run in runs:
+        if not (run / "summary.json").is_file():
+            continue
+        s = json.loads((run / "summary.json").read_text())
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        d, g = s["before_after"]["shakespeare/perplexity"], s["before_after"]["wikitext/perplexity"]
+        change = 100 * (g["ratio"] - 1)
+        bar = d["ratio"] <= 37.80 / 57.96 and change <= 1.8
+        goal = d["ratio"] <= 37.5 / 57.96 and change < 1.0
+        print(f"| {run.name} | {describe(cfg)} | {d['before']:.2f} -> **{d['after']:.2f}** ({d['ratio']:.4f}) | "
+              f"{g['before']:.2f} -> **{g['after']:.2f}** | {change:+.2f}% | {'yes' if bar else 'no'} | "
+              f"{'yes' if goal else 'no'} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
