@@ -117,6 +117,18 @@ def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog)
     blocks = [prefix + b + suffix for b in iter_blocks(text_parts([held]), tok, 16 - len(prefix) - len(suffix), False)]
     loss, _ = lm_loss(build_model(str(tiny_llama_dir), 0), "causal-lm", blocks, tok, 64, "fp32")
     assert runs[1]["before"]["held"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    # the report's before/after row: the base model and the run's best checkpoint, scored directly
+    from routetune.model.heads import RoutedModel
+    from routetune.report import write_report
+
+    run_dir = tmp_path / "runs" / "b"
+    from routetune.train.checkpoint import run_checkpoint
+
+    folder = run_checkpoint(run_dir, runs[1]["best"]["checkpoint"])  # no dev set: the last checkpoint
+    after, _ = lm_loss(RoutedModel.load(folder), "causal-lm", blocks, tok, 64, "fp32")
+    md = (write_report([run_dir]) / "report.md").read_text()
+    b, a = math.exp(loss), math.exp(after)
+    assert f"| b | held/perplexity | {b:.4f} | {a:.4f} | {a / b:.4f} | {100 * (a / b - 1):+.2f}% |" in md
 
 
 class _Refs(HTMLParser):
