@@ -115,6 +115,9 @@ def test_limits_and_error_codes(loaded):
     with client(loaded, max_tokens=12, truncate=True) as c:
         r = c.post("/v1/ner", json={"texts": ["john " * 20]})
         assert r.status_code == 200 and r.json()["results"][0]["truncated"] is True
+        cfg, model, tok = loaded  # cut at 12 tokens: words past the cut get 'O', as offline with max_length 12
+        cut = Predictor(model, tok, "ner", 12, 64, cfg.train.precision).predict([item_from_text("john " * 20)])[0]
+        assert r.json()["results"][0]["tags"] == cut["tags"] and cut["tags"][-1] == "O"
 
 
 def test_concurrency_cap_and_timeout(loaded):

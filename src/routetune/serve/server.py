@@ -234,7 +234,8 @@ class Metrics:
 def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: str | None = None) -> FastAPI:
     """The API for one loaded run (model + tokenizer + its config)."""
     limits = limits or Limits()
-    max_tokens = limits.max_tokens or cfg.model.max_length
+    # items are cut at the smaller of the limit and the model's max_length (as offline predict cuts)
+    max_tokens = min(limits.max_tokens or cfg.model.max_length, cfg.model.max_length)
     precision = precision or cfg.train.precision
     heads = {name: head.kind for name, head in model.heads.items()}
     token_heads = [n for n, k in heads.items() if k == "token-classification"]
@@ -242,7 +243,7 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routetune-model")
     endpoints = ["/v1/ner", "/v1/classify", "/v1/generate", "/healthz", "/metrics"]
     metrics = Metrics(endpoints)
-    predictors = {n: Predictor(model, tokenizer, n, cfg.model.max_length, limits.max_batch, precision)
+    predictors = {n: Predictor(model, tokenizer, n, max_tokens, limits.max_batch, precision)
                   for n in token_heads + class_heads}
     batchers: dict[Any, Batcher] = {}
     state = {"inflight": 0}
