@@ -6,7 +6,7 @@ transformers `pipeline` per request on the same model.
 Each of `--clients` concurrent clients (asyncio + httpx, one connection each) sends one WNUT-17
 test sentence per POST /v1/ner, back to back, for `--duration` seconds. Printed per server:
 answered requests per second, p50 / p99 latency of 200 answers, counts per status code, and the
-server's RSS after a warm-up and at the end. For routetune, every 200 answer is compared with
+server's RSS after a 10 s warm-up at the same load and at the end. For routetune, every 200 answer is compared with
 offline prediction (`Predictor`, the code path of `routetune predict`) of its input, computed in
 this process before the load starts: entities, tags and tokens must be equal. The naive server
 (FastAPI, one `pipeline(...)` call per request in the default thread pool, no limits) gets the same
@@ -134,7 +134,7 @@ def run_server(cmd: list[str], port: int, texts: list[str], clients: int, durati
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     try:
         wait_ready(port, proc)
-        asyncio.run(load(port, texts[:50], 4, 3.0, None, seed=99))  # warm-up
+        asyncio.run(load(port, texts, clients, 10.0, None, seed=99))  # warm-up at full load, not timed
         before = rss_mb(proc.pid)
         result = asyncio.run(load(port, texts, clients, duration, expected))
         after = rss_mb(proc.pid)

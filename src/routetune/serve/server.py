@@ -231,7 +231,8 @@ class Metrics:
 
 # ------------------------------------------------------------------ the app
 
-def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: str | None = None) -> FastAPI:
+def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: str | None = None,
+               after_batch=None) -> FastAPI:
     """The API for one loaded run (model + tokenizer + its config)."""
     limits = limits or Limits()
     # items are cut at the smaller of the limit and the model's max_length (as offline predict cuts)
@@ -249,6 +250,14 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
     state = {"inflight": 0}
 
     def batcher(key, fn) -> Batcher:
+        if after_batch is not None:
+            inner = fn
+
+            def fn(items, inner=inner):
+                try:
+                    return inner(items)
+                finally:
+                    after_batch()
         if key not in batchers:
             batchers[key] = Batcher(fn, limits.max_batch, limits.max_wait_ms, executor, metrics.batch.observe)
             batchers[key].start()
@@ -380,14 +389,54 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
     return app
 
 
+class _Trim:
+    """Give freed heap back to the OS at most once a second (glibc's malloc_trim): tensors of
+    ever-changing shapes otherwise leave the resident set growing under load."""
+
+    def __init__(self):
+        import ctypes
+
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            self.libc = None
+        self.last = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.libc is not None and now - self.last > 1.0:
+            self.libc.malloc_trim(0)
+            self.last = now
+
+
+def tune_process() -> None:
+    """Process settings for serving (called by `routetune serve`, not by create_app).
+
+    The model runs on a worker thread while the event loop thread parses HTTP. With CPython's
+    default 5 ms GIL switch interval, the model thread can wait up to a full interval to get the
+    GIL back after each torch op whenever the loop is busy (a convoy): a forward of ~200 Python
+    calls then takes many times longer. A 0.5 ms interval keeps the hand-overs short
+    (docs/serving.md has the measured effect). glibc is limited to two malloc arenas so threads do
+    not each grow their own heap."""
+    import ctypes
+    import sys
+
+    sys.setswitchinterval(0.0005)
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "best",
               limits: Limits | None = None, precision: str | None = None, drain_s: float = 30.0) -> None:
     import uvicorn
 
     from routetune.workflow import load_run
 
+    tune_process()
     cfg, model, tokenizer = load_run(run_dir, checkpoint)
-    app = create_app(model, tokenizer, cfg, limits, precision)
+    app = create_app(model, tokenizer, cfg, limits, precision, after_batch=_Trim())
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s,
                             access_log=False)
     uvicorn.Server(config).run()
