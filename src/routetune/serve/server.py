@@ -416,12 +416,13 @@ def tune_process() -> None:
     default 5 ms GIL switch interval, the model thread can wait up to a full interval to get the
     GIL back after each torch op whenever the loop is busy (a convoy): a forward of ~200 Python
     calls then takes many times longer. A 0.5 ms interval keeps the hand-overs short
-    (docs/serving.md has the measured effect). glibc is limited to two malloc arenas so threads do
+    (docs/serving.md has the measured effect; `ROUTETUNE_GIL_SWITCH_S` overrides it). glibc is limited to two malloc arenas so threads do
     not each grow their own heap."""
     import ctypes
+    import os
     import sys
 
-    sys.setswitchinterval(0.0005)
+    sys.setswitchinterval(float(os.environ.get("ROUTETUNE_GIL_SWITCH_S", "0.0005")))
     try:
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
