@@ -158,7 +158,7 @@ def test_bottleneck_adapter_is_identity_at_start(tiny_model_dir):
     assert torch.equal(model.hidden_states(ids, torch.ones_like(ids)), before)
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit", "none"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bitfit", "none"])
 def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
@@ -178,7 +178,7 @@ def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
     assert task.config.id2label == {0: "neg", 1: "pos"}
     assert torch.allclose(task(input_ids=ids, attention_mask=mask).logits, ours.head_logits("cls", ids, mask),
                           atol=1e-5)
-    if method in ("lora", "ia3"):  # without --merge: the PEFT adapter folder
+    if method in ("lora", "dora", "ia3"):  # without --merge: the PEFT adapter folder
         adapter = export(run_dir, tmp_path / "out2", "last", merge=False)
         assert adapter == [str(tmp_path / "out2" / "adapter")]
 
