@@ -95,6 +95,16 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+def _finish(fig, ax, drawn: bool, path: Path, **labels) -> str | None:
+    """Label, legend and save a line plot; None (and no file) when nothing was drawn."""
+    if not drawn:
+        _plt().close(fig)
+        return None
+    ax.set(**labels)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_losses(runs: list[dict], out: Path) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -104,12 +114,8 @@ def plot_losses(runs: list[dict], out: Path) -> str | None:
             label = name if len(runs) == 1 else f"{run['name']}: {name}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
             drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set(xlabel="step", ylabel="training loss", title="Training loss per source")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "loss.png")
+    return _finish(fig, ax, drawn, out / "loss.png", xlabel="step", ylabel="training loss",
+                   title="Training loss per source")
 
 
 def plot_shares(run: dict, out: Path) -> str | None:
@@ -144,12 +150,8 @@ def plot_dev(runs: list[dict], out: Path) -> str | None:
             stop = early_stop(run["events"])
             if stop:
                 ax.axvline(stop["step"], color=line.get_color(), linestyle="--", alpha=0.7)
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set(xlabel="step", ylabel="dev metric", title="Dev metric (dotted: best checkpoint, dashed: early stop)")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "dev.png")
+    return _finish(fig, ax, drawn, out / "dev.png", xlabel="step", ylabel="dev metric",
+                   title="Dev metric (dotted: best checkpoint, dashed: early stop)")
 
 
 def plot_test_details(run: dict, out: Path) -> list[str]:
