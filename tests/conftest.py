@@ -15,6 +15,13 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_before_cache(tmp_path_factory):
+    """Base-model scores of test runs go to a temporary cache, not the user's."""
+    os.environ["ROUTETUNE_BEFORE_CACHE"] = str(tmp_path_factory.mktemp("before-cache"))
+    yield
+
 WORDS = ["the", "a", "in", "and", "of", "to", "paris", "apple", "store", "opened", "london", "john"]
 
 

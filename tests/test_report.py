@@ -83,7 +83,7 @@ def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog)
     from conftest import GENERAL
     from routetune.workflow import train
 
-    monkeypatch.setenv("ROUTETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ROUTETUNE_BEFORE_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "domain.txt"
     text.write_text(GENERAL)
     held = tmp_path / "held.txt"

@@ -58,8 +58,14 @@ def before_key(model_path: str, name: str, objective: str, evalset, cfg, fit: di
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def before_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("ROUTETUNE_BEFORE_CACHE", cache_dir() / "before"))
+
+
 def cached(key: str) -> dict | None:
-    path = cache_dir() / "before" / f"{key}.json"
+    path = before_dir() / f"{key}.json"
     if path.is_file():
         try:
             return json.loads(path.read_text())
@@ -69,7 +75,7 @@ def cached(key: str) -> dict | None:
 
 
 def store(key: str, scores: dict) -> None:
-    folder = cache_dir() / "before"
+    folder = before_dir()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{key}.tmp"
     tmp.write_text(json.dumps(scores))
