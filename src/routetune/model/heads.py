@@ -158,12 +158,8 @@ class RoutedModel(nn.Module):
             embeds = self.lm.get_input_embeddings()(input_ids)
             virtual = virtual_tokens(self.prompt, n, b).to(embeds.dtype)
             return {"inputs_embeds": torch.cat([virtual, embeds], 1), "attention_mask": mask}, n
-        # transformers 5.x renames `past_key_values` to `cache` (the old name warns, then goes in 5.40)
-        import inspect
-
-        key = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters else "past_key_values"
         return {"input_ids": input_ids, "attention_mask": mask,
-                key: prefix_cache(self.prompt, self.config, n, b), "use_cache": False}, 0
+                self._cache_kwarg: prefix_cache(self.prompt, self.config, n, b), "use_cache": False}, 0
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         inputs, drop = self._inputs(input_ids, attention_mask)
@@ -235,6 +231,12 @@ class RoutedModel(nn.Module):
         self.prompt = build_prompt_module(pconfig, self.lm.get_input_embeddings(),
                                           generator or torch.Generator().manual_seed(0))
         self.n_virtual = pconfig.num_virtual_tokens
+        # transformers 5.x renames `past_key_values` to `cache` (the old name warns, then goes in
+        # 5.40); looked up once here, not on every forward
+        import inspect
+
+        params = inspect.signature(self.backbone.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     def _save_adapter(self, folder: Path) -> None:
         """PEFT's own adapter format (PeftModel.from_pretrained loads it onto the base model), plus the

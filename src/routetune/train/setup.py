@@ -62,7 +62,8 @@ def prepare(cfg: Config) -> Setup:
     earlier_labels, earlier = {}, None
     if cfg.model.init_from:
         earlier = run_checkpoint(Path(cfg.model.init_from), "best")
-        earlier_labels = {n: spec["labels"] for n, spec in json.loads((earlier / "heads.json").read_text()).items()}
+        earlier_specs = json.loads((earlier / "heads.json").read_text())
+        earlier_labels = {n: spec["labels"] for n, spec in earlier_specs.items()}
         model_path = str(earlier)
         log.info("init_from %s: backbone, LM head and heads %s", earlier, ", ".join(earlier_labels) or "-")
     else:
@@ -89,13 +90,11 @@ def prepare(cfg: Config) -> Setup:
         if (earlier / "routetune.json").is_file():
             raise ConfigError(f"model.init_from: {cfg.model.init_from} was trained with an adapter method; "
                               "starting from adapter checkpoints is not supported yet")
-        specs = json.loads((earlier / "heads.json").read_text())
-        kept = [n for n in specs if n not in model.heads]
-        for name in kept:  # heads of earlier tasks that this run does not train: carried, frozen
-            spec = specs[name]
-            model.add_head(name, spec["kind"], spec["labels"], 0,
-                           **{k: spec[k] for k in ("pooling", "threshold") if k in spec})
-        model.load_heads_from(earlier, list(specs))
+        for name, spec in earlier_specs.items():  # earlier tasks' heads this run does not train: carried, frozen
+            if name not in model.heads:
+                model.add_head(name, spec["kind"], spec["labels"], 0,
+                               **{k: spec[k] for k in ("pooling", "threshold") if k in spec})
+        model.load_heads_from(earlier, list(earlier_specs))
     apply_peft(model, cfg.peft, cfg.freeze, model_path)
     if earlier is not None:
         for name in model.heads:
