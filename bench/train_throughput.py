@@ -79,6 +79,8 @@ class Timer:
 
     def begin(self, tokens: int):
         self.step += 1
+        if self.step == 1:
+            self.w0 = time.perf_counter()
         if self.step == self.skip + 1:
             self.t0 = time.perf_counter()
         if self.step > self.skip:
@@ -90,7 +92,7 @@ class Timer:
     def result(self) -> dict:
         seconds = self.t1 - self.t0
         return {"timed_steps": self.step - self.skip, "tokens": self.tokens, "seconds": seconds,
-                "tokens_per_s": self.tokens / seconds}
+                "tokens_per_s": self.tokens / seconds, "warmup_seconds": self.t0 - self.w0}
 
 
 # ------------------------------------------------------------------ Hugging Face reference
@@ -303,7 +305,8 @@ def main() -> None:
             row[kind] = r
             print(f"{work:4s} {kind:10s} {r['tokens_per_s']:8.0f} tokens/s  {r['timed_steps']} steps "
                   f"{r['seconds']:.1f} s  {r['flops_per_token'] / 1e6:.1f} MFLOP/token  "
-                  f"{100 * r['peak_fraction']:.1f}% of peak  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                  f"{100 * r['peak_fraction']:.1f}% of peak  peak RSS {r['peak_rss_mb']:.0f} MB  "
+                  f"({args.skip} warm-up steps {r['warmup_seconds']:.1f} s)", flush=True)
         if len(row) == 2:
             row["ratio"] = row["routetune"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
             print(f"{work:4s} ratio routetune/HF: {row['ratio']:.2f}", flush=True)

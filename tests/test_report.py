@@ -131,6 +131,21 @@ def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog)
     assert f"| b | held/perplexity | {b:.4f} | {a:.4f} | {a / b:.4f} | {100 * (a / b - 1):+.2f}% |" in md
 
 
+def test_cache_key_follows_data_content_not_file_times(tmp_path):
+    """A re-provisioned data folder (same bytes, new times) still hits the cache; new bytes miss."""
+    import os
+
+    from routetune.evaluate.retention import _files_digest
+
+    f = tmp_path / "t.txt"
+    f.write_text("some held-out text")
+    key = _files_digest([f], content=True)
+    os.utime(f, ns=(1, 1))
+    assert _files_digest([f], content=True) == key
+    f.write_text("other held-out text")  # same size, other bytes
+    assert _files_digest([f], content=True) != key
+
+
 class _Refs(HTMLParser):
     def __init__(self):
         super().__init__()

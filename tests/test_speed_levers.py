@@ -130,3 +130,98 @@ def test_sgd_optimizer(tmp_path, tiny_llama_dir):
     cfg = load_config(_lora_config(tmp_path, tiny_llama_dir), ["train.optimizer=sgd", "train.momentum=0.9"])
     opt = build_optimizer(prepare(cfg).model, cfg.train)
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_repeated_blocks_are_the_transformer_layers(tiny_model_dir, tiny_llama_dir):
+    from transformers import AutoModel
+
+    from routetune.model.compile import repeated_blocks
+
+    bert, llama = AutoModel.from_pretrained(tiny_model_dir), AutoModel.from_pretrained(tiny_llama_dir)
+    assert repeated_blocks(bert) == list(bert.encoder.layer)
+    assert repeated_blocks(llama) == list(llama.layers)
+    assert repeated_blocks(torch.nn.Linear(2, 2)) == []
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_compiled_blocks_train_like_eager(tmp_path, tiny_model_dir, tiny_llama_dir, decoder):
+    """train.compile: the same losses and weights as eager (inductor told to use torch's RNG so
+    that dropout masks match), the compiled code really ran, and the blocks are plain afterwards."""
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    from routetune.config import load_config
+    from routetune.model.compile import CompiledBlocks
+    from routetune.train.engine import Trainer
+    from routetune.train.setup import prepare
+
+    model_dir = tiny_llama_dir if decoder else tiny_model_dir
+    peft = {"method": "lora", "r": 4} if decoder else {"method": "none"}
+    from test_peft import _config
+
+    results = {}
+    for flag in (False, True):
+        (tmp_path / str(flag)).mkdir()
+        cfg = load_config(_config(tmp_path / str(flag), model_dir, decoder, peft, {}, max_steps=4,
+                                  precision="fp32", compile=flag))
+        torch.manual_seed(0)
+        setup = prepare(cfg)
+        trainer = Trainer(setup, tmp_path / str(flag) / "run")
+        (tmp_path / str(flag) / "run").mkdir()
+        seen = []
+        original = trainer.train_step
+        trainer.train_step = lambda step, parts: seen.append(original(step, parts)) or seen[-1]
+        graphs = counters["stats"]["unique_graphs"]
+        with torch._inductor.config.patch(fallback_random=True):
+            trainer.run()
+        if flag:
+            assert counters["stats"]["unique_graphs"] > graphs  # inductor compiled the blocks
+            assert isinstance(trainer.compiled, CompiledBlocks)
+            assert all("forward" not in vars(b) for b in trainer.compiled.blocks)  # eager again
+        results[flag] = (seen, {k: v.detach().clone() for k, v in setup.model.state_dict().items()})
+    (eager_losses, eager), (comp_losses, comp) = results[False], results[True]
+    assert eager.keys() == comp.keys()
+    for a, b in zip(eager_losses, comp_losses):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in a)
+    for k in eager:
+        assert torch.allclose(eager[k], comp[k], atol=1e-5, rtol=1e-4), k
+    assert len(eager_losses) == 4
+
+
+def test_embedding_grad_buffer_matches_torch_and_reuses_storage():
+    from routetune.model.embedding_grad import BufferedGradEmbedding, use_embedding_grad_buffer
+
+    torch.manual_seed(0)
+    plain = torch.nn.Embedding(50, 8, padding_idx=0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    head.weight = plain.weight  # tied like an MLM decoder
+    ours = torch.nn.Embedding(50, 8, padding_idx=0)
+    ours.load_state_dict(plain.state_dict())
+    ours.__class__ = BufferedGradEmbedding
+    head2 = torch.nn.Linear(8, 50, bias=False)
+    head2.weight = ours.weight
+    ids = torch.tensor([[0, 3, 3, 7, 49], [5, 0, 0, 3, 1]])  # repeats and padding rows
+
+    def loss(emb, lin):
+        return (lin(emb(ids).tanh()) ** 2).mean()
+
+    loss(plain, head).backward()
+    loss(plain, head).backward()  # two backward passes accumulate
+    loss(ours, head2).backward()
+    loss(ours, head2).backward()
+    assert torch.allclose(ours.weight.grad, plain.weight.grad, atol=1e-7)
+    first = ours.weight.grad.data_ptr()
+    for emb in (plain, ours):
+        emb.weight.grad = None  # optimizer.zero_grad(set_to_none=True)
+    emb_only = lambda e: (e(ids) ** 3).sum()  # noqa: E731
+    emb_only(plain).backward()
+    emb_only(ours).backward()
+    assert torch.allclose(ours.weight.grad, plain.weight.grad, atol=1e-6)
+    assert ours.weight.grad.data_ptr() == first  # the same storage, no new allocation
+    assert float(ours.weight.grad[0].abs().sum()) == 0.0  # padding row untouched
+    assert type(ours(ids).grad_fn).__name__ == "_LookupBackward"
+    ours.eval()
+    assert type(ours(ids).grad_fn).__name__ == "EmbeddingBackward0"  # evaluation: torch's own path
+    bert_like = torch.nn.Module()
+    bert_like.get_input_embeddings = lambda: plain
+    assert use_embedding_grad_buffer(bert_like) and type(plain) is BufferedGradEmbedding

@@ -150,10 +150,10 @@ def retention_fit(setup: Setup) -> dict | None:
         return None
     base = resolve_model(_base_name(cfg))
     if rc.fit_head == "auto":
-        if getattr(setup, "_base_head_missing", None) is None:
+        if setup.base_head_missing is None:
             _, missing = load_lm(base)
-            setup._base_head_missing = bool(missing)
-        if not setup._base_head_missing:
+            setup.base_head_missing = bool(missing)
+        if not setup.base_head_missing:
             return None
     text, strip = rc.fit_text, rc.fit_strip_gutenberg
     if text is None:

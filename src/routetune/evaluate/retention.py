@@ -31,11 +31,15 @@ log = logging.getLogger("routetune")
 
 # ------------------------------------------------------------------ cache of base-model scores
 
-def _files_digest(paths: list[Path]) -> str:
+def _files_digest(paths: list[Path], content: bool = False) -> str:
+    """Size and modification time of each file, or (content=True) a hash of its bytes: data files
+    are hashed so that a copied or re-provisioned data folder still hits the cache; model weights
+    (hundreds of MB) are identified by size and time."""
     h = hashlib.sha256()
     for path in sorted(paths):
         st = path.stat()
-        h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        h.update(f"{path.resolve()}:{st.st_size}:".encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest() if content else str(st.st_mtime_ns).encode())
     return h.hexdigest()
 
 
@@ -50,10 +54,10 @@ def before_key(model_path: str, name: str, objective: str, evalset, cfg, fit: di
     text_files = [Path(p) for p, _, _ in evalset.items] if evalset.kind == "text" else [Path(evalset.origin)]
     payload = {
         "model": model_digest(model_path), "objective": objective, "kind": evalset.kind, "items": items,
-        "files": _files_digest([p for p in text_files if p.is_file()]),
+        "files": _files_digest([p for p in text_files if p.is_file()], content=True),
         "strip": getattr(evalset, "strip_gutenberg", None), "max_blocks": getattr(evalset, "max_blocks", None),
         "max_length": cfg.model.max_length, "precision": cfg.train.precision,
-        "batch": cfg.train.eval_batch_size, "attention": cfg.model.attention, "fit": fit, "version": 1,
+        "batch": cfg.train.eval_batch_size, "attention": cfg.model.attention, "fit": fit, "version": 2,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -24,6 +24,7 @@ from routetune.data.sources import LabelledSource, MemorySource, derive_seed
 from routetune.data.text import TextStream
 from routetune.errors import ConfigError
 from routetune.evaluate.tasks import metric_names
+from routetune.model.embedding_grad import use_embedding_grad_buffer
 from routetune.model.fast_dropout import use_fast_dropout
 from routetune.model.heads import HEADS, RoutedModel, build_model
 from routetune.model.load import is_decoder, load_config, load_tokenizer, resolve_model
@@ -48,6 +49,7 @@ class Setup:
     test: dict[str, EvalSet] = field(default_factory=dict)
     source_table: list[dict] = field(default_factory=list)
     extra: dict[str, EvalSet] = field(default_factory=dict)  # the config's `evals`
+    base_head_missing: bool | None = None  # the base checkpoint lacks an MLM head (checked once, lazily)
 
     @property
     def labels(self) -> dict[str, list[str]]:
@@ -115,6 +117,8 @@ def prepare(cfg: Config) -> Setup:
                 src.group_by_length(cfg.train.batch_size)
     if cfg.train.fast_dropout:
         use_fast_dropout(model)
+    if cfg.train.embedding_grad_buffer:
+        use_embedding_grad_buffer(model.lm)
     router, total, _ = plan_run(cfg, source_sizes(sources))
     r = cfg.routing
     batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted)
