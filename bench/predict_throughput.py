@@ -49,6 +49,7 @@ def main() -> None:
 
     from routetune.data.readers import read_conll
     from routetune.model.export import export
+    from routetune.model.inference import for_inference
     from routetune.serve.predictor import Predictor, item_from_text
     from routetune.workflow import load_run
 
@@ -57,8 +58,8 @@ def main() -> None:
     cfg, model, tokenizer = load_run(Path(args.run), "best")
     items = [item_from_text(t) for t in texts]
     results = {}
-    for precision in ("fp32", "bf16"):
-        pred = Predictor(model, tokenizer, args.head, cfg.model.max_length, 64, precision)
+    for precision in ("fp32", "bf16"):  # fp32 first: for_inference(bf16) holds bf16 weight copies
+        pred = Predictor(for_inference(model, precision), tokenizer, args.head, cfg.model.max_length, 64, precision)
         results[f"routetune {precision}"] = best_time(lambda p=pred: p.predict(items), args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         export(Path(args.run), Path(tmp) / "hf", "best")

@@ -225,3 +225,25 @@ def test_embedding_grad_buffer_matches_torch_and_reuses_storage():
     bert_like = torch.nn.Module()
     bert_like.get_input_embeddings = lambda: plain
     assert use_embedding_grad_buffer(bert_like) and type(plain) is BufferedGradEmbedding
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_for_inference_gives_the_same_outputs(tiny_model_dir, precision):
+    """predict/serve hold bf16 weight copies: exactly the operands autocast would cast to."""
+    from routetune.model.heads import build_model
+    from routetune.model.inference import autocast, for_inference
+
+    model = build_model(str(tiny_model_dir), 0)
+    model.add_head("ner", "token-classification", ["O", "B-x", "I-x"], seed=1)
+    model.eval()
+    ids = torch.randint(5, 90, (3, 9))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode(), autocast(precision):
+        before = model.head_logits("ner", ids, mask)
+    for_inference(model, precision)
+    assert not any(p.requires_grad for p in model.parameters())
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert linear.weight.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    with torch.inference_mode(), autocast(precision):
+        after = model.head_logits("ner", ids, mask)
+    assert torch.equal(before, after)

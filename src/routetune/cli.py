@@ -108,6 +108,7 @@ def predict_cmd(
 ) -> None:
     """Predict (plain lines or JSONL in, JSONL out): entity tags and spans, a label with probabilities, or - for a
     language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
+    from routetune.model.inference import for_inference
     from routetune.serve.predictor import Predictor, parse_line
     from routetune.workflow import load_run
 
@@ -117,6 +118,7 @@ def predict_cmd(
         raise typer.BadParameter("expected fp32 or bf16", param_hint="--precision")
     cfg, model, tokenizer = load_run(run, checkpoint)
     precision = precision or cfg.train.precision
+    for_inference(model, precision)
     head = source or cfg.train.primary
     if head not in model.heads and model.is_decoder and (source is None or source in cfg.sources):
         _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, precision)

@@ -17,6 +17,18 @@ def autocast(precision: str):
     return contextlib.nullcontext()
 
 
+def for_inference(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Prepare a model loaded only to predict or serve: no parameter needs gradients, and with
+    bf16 the Linear weights are held as the bf16 copies autocast would otherwise make at every
+    call (model/frozen_bf16.py), so outputs are the same and each batch skips the casts."""
+    from routetune.model.frozen_bf16 import FrozenBf16
+
+    model.requires_grad_(False)
+    if precision == "bf16":
+        FrozenBf16(model).cast()
+    return model.eval()
+
+
 def length_sorted_batches(lengths: list[int], batch_size: int):
     """Index lists of batches of similar length (shortest first): little padding per batch.
     Prediction, evaluation and generation all batch this way, so their outputs agree."""

@@ -452,10 +452,12 @@ def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: st
               limits: Limits | None = None, precision: str | None = None, drain_s: float = 30.0) -> None:
     import uvicorn
 
+    from routetune.model.inference import for_inference
     from routetune.workflow import load_run
 
     tune_process()
     cfg, model, tokenizer = load_run(run_dir, checkpoint)
+    for_inference(model, precision or cfg.train.precision)
     app = create_app(model, tokenizer, cfg, limits, precision, after_batch=_Trim())
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s,
                             access_log=False)
