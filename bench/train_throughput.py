@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -281,6 +282,7 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps not timed")
     ap.add_argument("--set", action="append", default=[], help="routetune config override (ablation)")
     ap.add_argument("--only", choices=["hf", "routetune"], help="run one side only")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of HF then routetune; medians are printed")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--child", choices=["hf", "routetune"], help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -296,21 +298,33 @@ def main() -> None:
     results = {"peak_gflops": peak, "overrides": args.set}
     for work in works:
         steps = args.ner_steps if work == "ner" else args.clm_steps
-        row = {}
-        for kind in ("hf", "routetune"):
-            if args.only and kind != args.only:
-                continue
-            r = run_child(kind, work, steps, args.skip, args.set if kind == "routetune" else [])
-            r["peak_fraction"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
-            row[kind] = r
-            print(f"{work:4s} {kind:10s} {r['tokens_per_s']:8.0f} tokens/s  {r['timed_steps']} steps "
-                  f"{r['seconds']:.1f} s  {r['flops_per_token'] / 1e6:.1f} MFLOP/token  "
-                  f"{100 * r['peak_fraction']:.1f}% of peak  peak RSS {r['peak_rss_mb']:.0f} MB  "
-                  f"({args.skip} warm-up steps {r['warmup_seconds']:.1f} s)", flush=True)
-        if len(row) == 2:
-            row["ratio"] = row["routetune"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
-            print(f"{work:4s} ratio routetune/HF: {row['ratio']:.2f}", flush=True)
-        results[work] = row
+        rounds = []
+        for k in range(args.repeat):  # HF and routetune alternate, so slow drifts of the machine hit both
+            row = {}
+            for kind in ("hf", "routetune"):
+                if args.only and kind != args.only:
+                    continue
+                r = run_child(kind, work, steps, args.skip, args.set if kind == "routetune" else [])
+                r["peak_fraction"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
+                row[kind] = r
+                print(f"{work:4s} {kind:10s} {r['tokens_per_s']:8.0f} tokens/s  {r['timed_steps']} steps "
+                      f"{r['seconds']:.1f} s  {r['flops_per_token'] / 1e6:.1f} MFLOP/token  "
+                      f"{100 * r['peak_fraction']:.1f}% of peak  peak RSS {r['peak_rss_mb']:.0f} MB  "
+                      f"({args.skip} warm-up steps {r['warmup_seconds']:.1f} s)", flush=True)
+            if len(row) == 2:
+                row["ratio"] = row["routetune"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+                print(f"{work:4s} ratio routetune/HF: {row['ratio']:.2f}", flush=True)
+            rounds.append(row)
+        results[work] = rounds[0] if args.repeat == 1 else {"rounds": rounds}
+        if args.repeat > 1:
+            summary = {kind: statistics.median(r[kind]["tokens_per_s"] for r in rounds) for kind in rounds[0]
+                       if kind != "ratio"}
+            if "ratio" in rounds[0]:
+                summary["ratio"] = statistics.median(r["ratio"] for r in rounds)
+            results[work]["median"] = summary
+            print(f"{work:4s} median of {args.repeat} rounds: "
+                  + "  ".join(f"{k} {v:.2f}" if k == "ratio" else f"{k} {v:.0f} tokens/s" for k, v in summary.items()),
+                  flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

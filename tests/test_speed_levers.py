@@ -132,62 +132,6 @@ def test_sgd_optimizer(tmp_path, tiny_llama_dir):
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
 
 
-def test_repeated_blocks_are_the_transformer_layers(tiny_model_dir, tiny_llama_dir):
-    from transformers import AutoModel
-
-    from routetune.model.compile import repeated_blocks
-
-    bert, llama = AutoModel.from_pretrained(tiny_model_dir), AutoModel.from_pretrained(tiny_llama_dir)
-    assert repeated_blocks(bert) == list(bert.encoder.layer)
-    assert repeated_blocks(llama) == list(llama.layers)
-    assert repeated_blocks(torch.nn.Linear(2, 2)) == []
-
-
-@pytest.mark.parametrize("decoder", [False, True])
-def test_compiled_blocks_train_like_eager(tmp_path, tiny_model_dir, tiny_llama_dir, decoder):
-    """train.compile: the same losses and weights as eager (inductor told to use torch's RNG so
-    that dropout masks match), the compiled code really ran, and the blocks are plain afterwards."""
-    import torch._inductor.config
-    from torch._dynamo.utils import counters
-
-    from routetune.config import load_config
-    from routetune.model.compile import CompiledBlocks
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
-
-    model_dir = tiny_llama_dir if decoder else tiny_model_dir
-    peft = {"method": "lora", "r": 4} if decoder else {"method": "none"}
-    from test_peft import _config
-
-    results = {}
-    for flag in (False, True):
-        (tmp_path / str(flag)).mkdir()
-        cfg = load_config(_config(tmp_path / str(flag), model_dir, decoder, peft, {}, max_steps=4,
-                                  precision="fp32", compile=flag))
-        torch.manual_seed(0)
-        setup = prepare(cfg)
-        trainer = Trainer(setup, tmp_path / str(flag) / "run")
-        (tmp_path / str(flag) / "run").mkdir()
-        seen = []
-        original = trainer.train_step
-        trainer.train_step = lambda step, parts: seen.append(original(step, parts)) or seen[-1]
-        graphs = counters["stats"]["unique_graphs"]
-        with torch._inductor.config.patch(fallback_random=True):
-            trainer.run()
-        if flag:
-            assert counters["stats"]["unique_graphs"] > graphs  # inductor compiled the blocks
-            assert isinstance(trainer.compiled, CompiledBlocks)
-            assert all("forward" not in vars(b) for b in trainer.compiled.blocks)  # eager again
-        results[flag] = (seen, {k: v.detach().clone() for k, v in setup.model.state_dict().items()})
-    (eager_losses, eager), (comp_losses, comp) = results[False], results[True]
-    assert eager.keys() == comp.keys()
-    for a, b in zip(eager_losses, comp_losses):
-        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in a)
-    for k in eager:
-        assert torch.allclose(eager[k], comp[k], atol=1e-5, rtol=1e-4), k
-    assert len(eager_losses) == 4
-
-
 def test_embedding_grad_buffer_matches_torch_and_reuses_storage():
     from routetune.model.embedding_grad import BufferedGradEmbedding, use_embedding_grad_buffer
 

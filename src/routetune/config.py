@@ -228,10 +228,8 @@ class TrainConfig(_Strict):
     """With `precision: bf16`: hold frozen Linear weights (e.g. the base model under LoRA) as bf16 copies while training, instead of autocast re-casting them at every call. Same matmul operands; fp32 originals are what checkpoints save."""
     fast_dropout: bool = True
     """Dropout masks from 16-bit slices of 64-bit random words (keep probability quantised to 1/65536) instead of torch's per-element Bernoulli draws, which are slow on CPU. false: torch's dropout."""
-    embedding_grad_buffer: bool = True
-    """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh vocabulary x hidden zero tensor each step (47 MB for minilm-l6, page-faulted in every step). Same values as torch's embedding backward."""
-    compile: bool = False
-    """Regional torch.compile (inductor, dynamic shapes): the backbone's repeated transformer blocks share one compiled forward during training steps (evaluation stays eager). The first step compiles (tens of seconds to minutes on 2 CPU cores; inductor caches under /tmp across runs); later steps are faster, see docs/benchmarks.md. Off by default: in short runs the compile time exceeds the gain."""
+    embedding_grad_buffer: bool = False
+    """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by default: it removes the per-step zero-fill (~10 ms) but did not make whole WNUT-17 steps faster in interleaved runs (docs/benchmarks.md)."""
     lr: float = Field(5e-5, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(0.01, ge=0)

@@ -20,7 +20,6 @@ from transformers import get_linear_schedule_with_warmup
 
 from routetune.errors import RoutetuneError
 from routetune.evaluate.tasks import evaluate_set, metric_names
-from routetune.model.compile import CompiledBlocks
 from routetune.model.frozen_bf16 import FrozenBf16
 from routetune.model.inference import autocast
 from routetune.train import checkpoint as ckpt
@@ -122,8 +121,6 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.plan_log = None  # opened in run(), after a resume has truncated the file
         self.loss_weights = cfg.routing.loss_weights
-        # train.compile: the repeated blocks run one compiled forward during training steps only
-        self.compiled = CompiledBlocks(self.model.backbone) if tc.compile else None
         # bf16 copies of frozen Linear weights while training (see model/frozen_bf16.py); DoRA
         # reads the base weight to compute its magnitude norm, so it keeps autocast's casts.
         self.frozen = FrozenBf16(self.model) if (tc.precision == "bf16" and tc.bf16_frozen_weights
@@ -155,8 +152,7 @@ class Trainer:
                 for p in parts:
                     self.plan_log.write(json.dumps({"step": step + 1, "source": p.source, "ids": p.example_ids}) + "\n")
                 self.plan_log.flush()
-            with self.compiled or contextlib.nullcontext():
-                part_losses = self.train_step(step, parts)
+            part_losses = self.train_step(step, parts)
             self.train_seconds += time.perf_counter() - t0
             done = step + 1
             bar.update(1)
