@@ -124,9 +124,6 @@ def hf_ner(steps: int, skip: int) -> dict:
         AutoModelForTokenClassification,
         AutoTokenizer,
         DataCollatorForTokenClassification,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
     )
 
     from routetune.data.readers import read_conll
@@ -174,9 +171,6 @@ def hf_clm(steps: int, skip: int) -> dict:
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
     )
 
     from routetune.model.load import resolve_model

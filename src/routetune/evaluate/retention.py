@@ -39,7 +39,11 @@ def _files_digest(paths: list[Path], content: bool = False) -> str:
     for path in sorted(paths):
         st = path.stat()
         h.update(f"{path.resolve()}:{st.st_size}:".encode())
-        h.update(hashlib.sha256(path.read_bytes()).digest() if content else str(st.st_mtime_ns).encode())
+        if content:
+            with path.open("rb") as f:  # streamed: an eval text may be larger than memory allows
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        else:
+            h.update(str(st.st_mtime_ns).encode())
     return h.hexdigest()
 
 

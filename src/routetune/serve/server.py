@@ -280,18 +280,17 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
     state = {"inflight": 0}
 
     def batcher(key, fn) -> Batcher:
-        inner = fn
-
-        def fn(items, inner=inner):  # on the worker thread: time the model call, then trim the heap
-            start = time.perf_counter()
-            try:
-                return inner(items)
-            finally:
-                metrics.batch_seconds.observe(time.perf_counter() - start)
-                if after_batch is not None:
-                    after_batch()
         if key not in batchers:
-            batchers[key] = Batcher(fn, limits.max_batch, limits.max_wait_ms, executor, metrics.batch.observe)
+            def timed(items):  # on the worker thread: time the model call, then trim the heap
+                start = time.perf_counter()
+                try:
+                    return fn(items)
+                finally:
+                    metrics.batch_seconds.observe(time.perf_counter() - start)
+                    if after_batch is not None:
+                        after_batch()
+
+            batchers[key] = Batcher(timed, limits.max_batch, limits.max_wait_ms, executor, metrics.batch.observe)
             batchers[key].start()
         return batchers[key]
 
@@ -415,17 +414,22 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
     return app
 
 
+def _libc():
+    """glibc, for the allocator settings below; None where it is not the C library."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 class _Trim:
     """Give freed heap back to the OS at most once a second (glibc's malloc_trim): tensors of
     ever-changing shapes otherwise leave the resident set growing under load."""
 
     def __init__(self):
-        import ctypes
-
-        try:
-            self.libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            self.libc = None
+        self.libc = _libc()
         self.last = 0.0
 
     def __call__(self) -> None:
@@ -440,12 +444,9 @@ def tune_process() -> None:
     limited to two malloc arenas, so the worker and event-loop threads do not each grow a heap
     (with the heap trimmed after batches, RSS stayed within +2.5% over a minute of overload;
     docs/serving.md)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
 def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "best",
