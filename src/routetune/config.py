@@ -126,6 +126,8 @@ class SourceConfig(_Strict):
     """Options of the plain-text reader."""
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     """Share of tokens selected for masked-LM prediction (80% [MASK], 10% random, 10% kept)."""
+    distill: float = Field(0.0, ge=0.0, le=1.0)
+    """Language-modelling sources: share of this source's loss that is self-distillation, the KL divergence from the predictions of the frozen starting model (the teacher: the same model with its LoRA/DoRA/IA3 adapters or virtual tokens switched off, or for other methods a frozen copy of the backbone taken before the first step) to the trained model's, on the same tokens; the rest (1 - distill) is the usual LM loss on the text. Holds the model's general predictions in place instead of pulling them towards this text's style. Costs one extra forward without gradients on this source's examples."""
 
     @model_validator(mode="after")
     def _default_format(self) -> SourceConfig:
@@ -134,6 +136,8 @@ class SourceConfig(_Strict):
         if self.format not in FORMATS_OF[self.objective]:
             raise ValueError(f"format: {self.objective} reads {' or '.join(FORMATS_OF[self.objective])}, "
                              f"got {self.format!r}")
+        if self.distill and self.objective in SUPERVISED_OBJECTIVES:
+            raise ValueError(f"distill: self-distillation applies to language-modelling sources, not {self.objective}")
         return self
 
     @property
@@ -545,9 +549,17 @@ def _format_errors(exc: ValidationError, lines: dict, origin: str) -> str:
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc)
         etype = err["type"]
+        line = None
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+        where = f"{origin}:{line}: " if line else f"{origin}: "
         if etype == "value_error":
             text = str(err.get("ctx", {}).get("error", err["msg"]))
-            msgs.append(text)  # our own cross-checks already name their key
+            # top-level cross-checks name their whole key; a nested model's check names its own
+            # field, so the path to that model goes in front (sources.NAME.format: ...)
+            msgs.append(f"{where}{key}.{text}" if loc else text)
             continue
         word = _TYPE_WORDS.get(etype, err["msg"].lower() if etype not in ("literal_error",) else err["msg"])
         got = "" if etype in ("missing",) else f", got {err.get('input')!r}"
@@ -555,12 +567,6 @@ def _format_errors(exc: ValidationError, lines: dict, origin: str) -> str:
             got = ""
             parent = loc[:-1]
             word = f"unknown key{' under ' + '.'.join(parent) if parent else ''}"
-        line = None
-        for n in range(len(loc), 0, -1):
-            if loc[:n] in lines:
-                line = lines[loc[:n]]
-                break
-        where = f"{origin}:{line}: " if line else f"{origin}: "
         msgs.append(f"{where}{key}: {word}{got}")
     return "\n".join(msgs)
 

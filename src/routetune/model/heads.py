@@ -14,6 +14,7 @@ Checkpoint folder layout (``save`` / ``load``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -204,6 +205,94 @@ class RoutedModel(nn.Module):
         selected = labels != -100
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
         return nn.functional.cross_entropy(head(hidden[selected]).float(), labels[selected])
+
+    # ------------------------------------------------------------------ self-distillation
+
+    def enable_teacher(self, precision: str) -> str:
+        """Keep the model as it is now (the start of the run) as a frozen teacher for
+        :meth:`distill_loss`. LoRA / DoRA / IA3 and prompt methods leave the starting weights
+        untouched, so the teacher is the same model with its adapters or prompt switched off (no
+        copy); any other method changes backbone weights, so a frozen copy of the LM is kept
+        (bf16 Linear weights under bf16, as for prediction); so is one when parameters outside
+        the adapters train (e.g. an encoder's MLM head). Returns how, for the log."""
+        # switching adapters off gives the starting model only when nothing else in the LM
+        # trains (an encoder's MLM head trains beside LoRA, for example: then a copy is needed)
+        others = [n for n, p in self.lm.named_parameters() if p.requires_grad and not is_adapter_param(n)]
+        if (self.adapter_config is not None or self.prompt is not None) and not others:
+            self.__dict__["_teacher_lm"] = None
+            return "the same model with its adapters or virtual tokens switched off"
+        import copy
+
+        from routetune.model.inference import for_inference
+
+        # kept outside the module tree (not a submodule): never trained, saved or counted
+        self.__dict__["_teacher_lm"] = for_inference(copy.deepcopy(self.lm), precision)
+        return f"a frozen copy of the starting model ({sum(p.numel() for p in self.lm.parameters()):,} parameters)"
+
+    @contextlib.contextmanager
+    def _starting_model(self):
+        """This model with adapters and prompt switched off and dropout off, for the duration."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+        flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+        prompt, training = self.prompt, self.training
+        try:
+            for m in layers:
+                m.enable_adapters(False)
+            self.prompt = None
+            self.eval()
+            yield
+        finally:
+            for m in layers:
+                m.enable_adapters(True)
+            for p, flag in flags:  # enable_adapters(True) marks every adapter tensor trainable
+                p.requires_grad_(flag)
+            self.prompt = prompt
+            self.train(training)
+
+    @torch.no_grad()
+    def _teacher_outputs(self, objective: str, input_ids, attention_mask, selected) -> torch.Tensor:
+        if "_teacher_lm" not in self.__dict__:
+            raise RuntimeError("distill_loss needs enable_teacher() first")
+        teacher = self.__dict__["_teacher_lm"]
+        if teacher is None:
+            with self._starting_model():
+                return self._lm_outputs(self.lm, objective, {"input_ids": input_ids,
+                                                             "attention_mask": attention_mask}, 0, selected)
+        return self._lm_outputs(teacher, objective, {"input_ids": input_ids, "attention_mask": attention_mask},
+                                0, selected)
+
+    @staticmethod
+    def _lm_outputs(lm, objective: str, inputs: dict, drop: int, selected: torch.Tensor) -> torch.Tensor:
+        """LM-head logits at the selected positions only (rows), the vocabulary projection run on
+        those rows alone where the head allows it (BERT's ``cls``)."""
+        head = getattr(lm, "cls", None) if objective == "masked-lm" else None
+        if head is not None:
+            return head(lm.base_model(**inputs).last_hidden_state[:, drop:][selected])
+        logits = lm(**inputs).logits[:, drop:]
+        if objective == "causal-lm":
+            logits = logits[:, :-1]  # position i predicts token i + 1
+        return logits[selected]
+
+    def distill_loss(self, objective: str, batch: dict[str, torch.Tensor], share: float) -> torch.Tensor:
+        """(1 - share) x the usual LM loss + share x KL(teacher || model), both averaged over the
+        tokens the LM loss scores (masked positions, or next tokens that are not padding/prompt).
+        The teacher is the model as the run started (:meth:`enable_teacher`). Written here rather
+        than taken from a library: the teacher is this same model with its adapters off, and the
+        student's logits are shared by both terms (one vocabulary projection)."""
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        targets = labels[:, 1:] if objective == "causal-lm" else labels
+        selected = targets != -100
+        inputs, drop = self._inputs(ids, mask)
+        student = self._lm_outputs(self.lm, objective, inputs, drop, selected).float()
+        teacher = self._teacher_outputs(objective, ids, mask, selected).float()
+        log_p = nn.functional.log_softmax(student, -1)
+        kl = nn.functional.kl_div(log_p, nn.functional.log_softmax(teacher, -1), log_target=True,
+                                  reduction="batchmean")  # batchmean over rows = mean per scored token
+        if share >= 1.0:
+            return kl
+        return (1.0 - share) * nn.functional.nll_loss(log_p, targets[selected]) + share * kl
 
     # ------------------------------------------------------------------ persistence
 

@@ -121,6 +121,7 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.plan_log = None  # opened in run(), after a resume has truncated the file
         self.loss_weights = cfg.routing.loss_weights
+        self.distill = {n: s.distill for n, s in cfg.sources.items() if s.distill > 0}
         # bf16 copies of frozen Linear weights while training (see model/frozen_bf16.py); DoRA
         # reads the base weight to compute its magnitude norm, so it keeps autocast's casts.
         self.frozen = FrozenBf16(self.model) if (tc.precision == "bf16" and tc.bf16_frozen_weights
@@ -193,7 +194,11 @@ class Trainer:
         total, losses = 0.0, {}
         for part in parts:  # one part per source in the batch (always one with granularity=batch)
             with autocast(tc.precision):
-                loss = self.model.loss(part.source, self.objectives[part.source], part.tensors)
+                share = self.distill.get(part.source)
+                if share:
+                    loss = self.model.distill_loss(self.objectives[part.source], part.tensors, share)
+                else:
+                    loss = self.model.loss(part.source, self.objectives[part.source], part.tensors)
             value = loss.item()
             if not math.isfinite(value):
                 return self.non_finite(step, part, value)

@@ -111,6 +111,10 @@ def prepare(cfg: Config) -> Setup:
                               "trainable (the backbone is frozen and the LM head is tied to the frozen embeddings); "
                               "drop the source or train part of the backbone")
 
+    distilled = [n for n, s in cfg.sources.items() if s.distill > 0]
+    if distilled:
+        how = model.enable_teacher(cfg.train.precision)
+        log.info("self-distillation on %s: the teacher is %s", ", ".join(distilled), how)
     if cfg.train.group_by_length:
         for src in sources.values():
             if isinstance(src, MemorySource):
