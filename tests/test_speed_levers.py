@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from routetune.data.sources import Encoded, MemorySource
 from routetune.model.fast_dropout import FastDropout, fast_dropout, use_fast_dropout
 from routetune.model.frozen_bf16 import FrozenBf16
+from routetune.model.heads import build_model
 from routetune.model.load import pick_attention
 
 
@@ -191,3 +192,86 @@ def test_for_inference_gives_the_same_outputs(tiny_model_dir, precision):
     with torch.inference_mode(), autocast(precision):
         after = model.head_logits("ner", ids, mask)
     assert torch.equal(before, after)
+
+
+def _qkv(b=2, h=3, n=7, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g, requires_grad=True) for _ in range(3)]
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none", "causal"])
+def test_math_attention_without_dropout_equals_sdpa(mask_kind):
+    """The attention function behind fast attention dropout computes what SDPA computes."""
+    from routetune.model.attention import math_attention
+
+    q, k, v = _qkv()
+    mask, causal = None, mask_kind == "causal"
+    if mask_kind == "bool":
+        mask = torch.ones(2, 1, 7, 7, dtype=torch.bool)
+        mask[1, :, :, 5:] = False  # padding keys of the second sequence
+    elif mask_kind == "float":
+        mask = torch.zeros(2, 1, 7, 7)
+        mask[0, :, :, 4:] = -1e4
+    ours = math_attention(torch.nn.Module(), q, k, v, mask, 0.0, 0.3, causal)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
+                                                           is_causal=causal).transpose(1, 2)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    ours.sum().backward()
+    assert q.grad is not None and v.grad is not None
+
+
+def test_fast_attention_dropout_is_used_only_while_training_with_dropout(tiny_model_dir, monkeypatch):
+    import routetune.model.attention as attention
+    from routetune.model.attention import use_fast_attention_dropout
+
+    model = build_model(str(tiny_model_dir), seed=0)
+    ids = torch.randint(5, 60, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    model.eval()
+    before = model.lm_logits(ids, mask)
+    assert use_fast_attention_dropout(model.lm)
+    assert model.lm.config._attn_implementation == attention.NAME
+    calls = []
+    real = attention.math_attention
+    monkeypatch.setattr(attention, "math_attention", lambda *a: calls.append(a[5]) or real(*a))
+    assert torch.equal(model.lm_logits(ids, mask), before)  # evaluation: transformers' SDPA, unchanged
+    assert not calls
+    model.train()
+    torch.manual_seed(5)
+    a = model.lm_logits(ids, mask)
+    torch.manual_seed(5)
+    b = model.lm_logits(ids, mask)
+    assert calls and all(p == model.lm.config.attention_probs_dropout_prob for p in calls)
+    assert torch.equal(a, b) and not torch.allclose(a, before)  # seeded, and dropout does act
+    # an eager model, or one without attention dropout, is left alone
+    eager = build_model(str(tiny_model_dir), seed=0, attention="eager")
+    assert not use_fast_attention_dropout(eager.lm)
+
+
+def test_clipping_inside_fused_adamw_equals_clip_grad_norm(tmp_path, tiny_llama_dir, monkeypatch):
+    """With the fused AdamW the optimizer divides the gradients by the clip factor (grad_scale);
+    the weights after training are those of torch's clip_grad_norm_ followed by the same step."""
+    from routetune.train.engine import Trainer
+    from routetune.workflow import train
+
+    def run(name, in_optimizer, max_grad_norm):
+        folder = tmp_path / name
+        folder.mkdir()
+        real_init = Trainer.__init__
+
+        def init(self, *a, **k):
+            real_init(self, *a, **k)
+            assert self.clip_in_optimizer  # the default with fused AdamW
+            self.clip_in_optimizer = in_optimizer
+
+        monkeypatch.setattr(Trainer, "__init__", init)
+        run_dir, _ = train(_lora_config(folder, tiny_llama_dir, max_grad_norm=max_grad_norm))
+        monkeypatch.undo()
+        return load_file(str(sorted((run_dir / "checkpoints").glob("step-*"))[-1] / "adapter_model.safetensors"))
+
+    fused, torch_clip = run("fused", True, 1e-3), run("torch", False, 1e-3)
+    unclipped = run("none", True, None)
+    for k in fused:
+        assert torch.allclose(fused[k], torch_clip[k], rtol=1e-5, atol=1e-7), k
+    assert any(not torch.allclose(fused[k], unclipped[k]) for k in fused)  # clipping did act

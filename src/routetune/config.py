@@ -231,7 +231,7 @@ class TrainConfig(_Strict):
     bf16_frozen_weights: bool = True
     """With `precision: bf16`: hold frozen Linear weights (e.g. the base model under LoRA) as bf16 copies while training, instead of autocast re-casting them at every call. Same matmul operands; fp32 originals are what checkpoints save."""
     fast_dropout: bool = True
-    """Dropout masks from 16-bit slices of 64-bit random words (keep probability quantised to 1/65536) instead of torch's per-element Bernoulli draws, which are slow on CPU. false: torch's dropout."""
+    """Dropout masks from 16-bit slices of 64-bit random words (keep probability quantised to 1/65536) instead of torch's per-element Bernoulli draws, which are slow on CPU; also for attention-probability dropout of SDPA models (a registered attention function, model/attention.py). false: torch's dropout."""
     embedding_grad_buffer: bool = False
     """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by default: it removes the per-step zero-fill (~10 ms) but did not make whole WNUT-17 steps faster in interleaved runs (docs/benchmarks.md)."""
     lr: float = Field(5e-5, gt=0)

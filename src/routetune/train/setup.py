@@ -24,6 +24,7 @@ from routetune.data.sources import LabelledSource, MemorySource, derive_seed
 from routetune.data.text import TextStream
 from routetune.errors import ConfigError
 from routetune.evaluate.tasks import metric_names
+from routetune.model.attention import use_fast_attention_dropout
 from routetune.model.embedding_grad import use_embedding_grad_buffer
 from routetune.model.fast_dropout import use_fast_dropout
 from routetune.model.heads import HEADS, RoutedModel, build_model
@@ -121,6 +122,7 @@ def prepare(cfg: Config) -> Setup:
                 src.group_by_length(cfg.train.batch_size)
     if cfg.train.fast_dropout:
         use_fast_dropout(model)
+        use_fast_attention_dropout(model.lm)
     if cfg.train.embedding_grad_buffer:
         use_embedding_grad_buffer(model.lm)
     router, total, _ = plan_run(cfg, source_sizes(sources))
