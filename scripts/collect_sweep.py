@@ -18,6 +18,9 @@ def describe(cfg: dict) -> str:
         parts.append(f"{s['kind']} to general {s['end']['general']:g}")
     for name, w in (r.get("loss_weights") or {}).items():
         parts.append(f"loss weight {name} {w:g}")
+    distill = (cfg["sources"].get("general") or {}).get("distill", 0)
+    if distill:
+        parts.append(f"general distilled {distill:g}" if distill < 1 else "general distilled (KL to base)")
     parts.append(f"per {r['granularity']}")
     return ", ".join(parts)
 
