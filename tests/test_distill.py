@@ -114,3 +114,12 @@ def test_distilled_training_run_saves_only_the_student(tmp_path, tiny_llama_dir)
 def test_distill_on_a_supervised_source_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"sources\.cls.*distill: self-distillation applies to language-modelling"):
         load_config(_config(tmp_path, tiny_model_dir, {"method": "none"}, cls_extra={"distill": 0.5}))
+
+
+def test_distill_with_adaptive_routing_is_refused(tmp_path, tiny_model_dir):
+    path = _config(tmp_path, tiny_model_dir, {"method": "none"})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["routing"]["strategy"] = "adaptive"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"sources\.general\.distill: the adaptive strategy rewards"):
+        load_config(path)

@@ -395,6 +395,11 @@ class Config(_Strict):
         for name, w in r.loss_weights.items():
             if not (0 <= w < float("inf")):
                 raise ValueError(f"routing.loss_weights.{name}: expected a finite number >= 0, got {w}")
+        distilled = [n for n, src in self.sources.items() if src.distill > 0]
+        if r.strategy == "adaptive" and distilled:
+            raise ValueError(f"sources.{distilled[0]}.distill: the adaptive strategy rewards a source by its loss "
+                             "relative to its first value, and a distilled loss starts at 0 (the model is its own "
+                             "teacher); use iid or interleaved routing with distillation")
         if r.schedule is not None and r.schedule.kind != "constant":
             if r.counts is not None:
                 raise ValueError("routing.schedule: schedules move weights; they cannot be combined with routing.counts")
