@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import GENERAL
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -18,19 +17,13 @@ from routetune.workflow import train
 
 
 def _config(tmp_path, model_dir, peft, distill=1.0, cls_extra=None):
-    text = tmp_path / "general.txt"
-    text.write_text(GENERAL)
-    cls = tmp_path / "cls.jsonl"
-    cls.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
-                           for t, y in [("a great film", "pos"), ("the worst store", "neg")] * 8))
-    cfg = {"model": {"name": str(model_dir), "max_length": 24},
-           "sources": {"cls": {"objective": "sequence-classification", "train": str(cls), **(cls_extra or {})},
-                       "general": {"objective": "language-modeling", "train": str(text), "distill": distill}},
-           "routing": {"strategy": "interleaved", "weights": {"cls": 0.5, "general": 0.5}},
-           "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False, "seed": 3,
-                     "weight_decay": 0.0, "precision": "fp32"},
-           "peft": peft, "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}
-    path = tmp_path / "c.yaml"
+    """test_peft's two-source config (classification + general text), fp32, general distilled."""
+    from test_peft import _config as peft_config
+
+    path = peft_config(tmp_path, model_dir, None, peft, {}, precision="fp32")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["sources"]["general"]["distill"] = distill
+    cfg["sources"]["cls"].update(cls_extra or {})
     path.write_text(yaml.safe_dump(cfg))
     return path
 
