@@ -219,7 +219,11 @@ class RoutedModel(nn.Module):
         # trains (an encoder's MLM head trains beside LoRA, for example: then a copy is needed)
         others = [n for n, p in self.lm.named_parameters() if p.requires_grad and not is_adapter_param(n)]
         if (self.adapter_config is not None or self.prompt is not None) and not others:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
             self.__dict__["_teacher_lm"] = None
+            # the layers _starting_model switches, found once rather than at every distilled step
+            self.__dict__["_tuner_layers"] = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
             return "the same model with its adapters or virtual tokens switched off"
         import copy
 
@@ -232,9 +236,7 @@ class RoutedModel(nn.Module):
     @contextlib.contextmanager
     def _starting_model(self):
         """This model with adapters and prompt switched off and dropout off, for the duration."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+        layers = self.__dict__["_tuner_layers"]
         flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
         prompt, training = self.prompt, self.training
         try:
@@ -256,12 +258,11 @@ class RoutedModel(nn.Module):
         if "_teacher_lm" not in self.__dict__:
             raise RuntimeError("distill_loss needs enable_teacher() first")
         teacher = self.__dict__["_teacher_lm"]
-        if teacher is None:
-            with self._starting_model():
-                return self._lm_outputs(self.lm, objective, {"input_ids": input_ids,
-                                                             "attention_mask": attention_mask}, 0, selected)
-        return self._lm_outputs(teacher, objective, {"input_ids": input_ids, "attention_mask": attention_mask},
-                                0, selected)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if teacher is not None:
+            return self._lm_outputs(teacher, objective, inputs, 0, selected)
+        with self._starting_model():
+            return self._lm_outputs(self.lm, objective, inputs, 0, selected)
 
     @staticmethod
     def _lm_outputs(lm, objective: str, inputs: dict, drop: int, selected: torch.Tensor) -> torch.Tensor:
