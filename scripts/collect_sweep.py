@@ -12,15 +12,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def describe(cfg: dict) -> str:
     r = cfg["routing"]
-    parts = [f"{r['strategy']}", f"general {r['weights'].get('general', 0):g}"]
+    others = [n for n in cfg["sources"] if n != "shakespeare"]
+    weights = " + ".join(f"{n} {r['weights'].get(n, 0):g}" for n in others)
+    parts = [f"{r['strategy']}", weights]
     if (r.get("schedule") or {}).get("kind", "constant") != "constant":
         s = r["schedule"]
-        parts.append(f"{s['kind']} to general {s['end']['general']:g}")
+        parts.append(f"{s['kind']} to " + " + ".join(f"{n} {s['end'].get(n, 0):g}" for n in others))
     for name, w in (r.get("loss_weights") or {}).items():
         parts.append(f"loss weight {name} {w:g}")
-    distill = (cfg["sources"].get("general") or {}).get("distill", 0)
-    if distill:
-        parts.append(f"general distilled {distill:g}" if distill < 1 else "general distilled (KL to base)")
+    distilled = {n: cfg["sources"][n].get("distill", 0) for n in others if cfg["sources"][n].get("distill", 0)}
+    if distilled:
+        shares = set(distilled.values())
+        what = ", ".join(distilled)
+        parts.append(f"{what} distilled {shares.pop():g}" if shares != {1.0} and len(shares) == 1
+                     else f"{what} distilled (KL to base)")
     parts.append(f"per {r['granularity']}")
     return ", ".join(parts)
 

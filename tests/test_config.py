@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -112,3 +114,18 @@ def test_configuration_docs_are_current():
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
     assert doc.read_text() == render(), "regenerate: python -m routetune.config_docs > docs/configuration.md"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    """The shipped examples parse and validate (their data paths are not opened here)."""
+    if "tasks" in yaml.safe_load(path.read_text()):  # a `routetune continual` sequence
+        from routetune.continual import load_continual
+
+        ccfg = load_continual(path)
+        assert ccfg.tasks
+        for task in ccfg.tasks:
+            assert load_config(path.parent / task.config, task.set).sources
+        return
+    assert load_config(path).sources
