@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_throughput.py                  # both works, default step counts
     .venv/bin/python bench/train_throughput.py --work ner --ner-steps 100
     .venv/bin/python bench/train_throughput.py --set train.fused=false   # ablate a routetune lever
+    THP_MEM_ALLOC_ENABLE=0 .venv/bin/python bench/train_throughput.py --only routetune  # no huge pages
 
 Works (each variant runs in its own child process, one after the other, so peak RSS is its own
 and the two never share the cores):
@@ -245,6 +246,8 @@ def _routetune_flops(trainer, part, objective: str) -> float:
 # ------------------------------------------------------------------ driver
 
 def child(kind: str, work: str, steps: int, skip: int, overrides: list[str]) -> None:
+    if kind == "routetune":
+        import routetune  # noqa: F401  (first, as the CLI does: it sets torch's allocator switch)
     import torch
 
     torch.manual_seed(0)
@@ -260,7 +263,12 @@ def run_child(kind: str, work: str, steps: int, skip: int, overrides: list[str])
     cmd = [sys.executable, __file__, "--child", kind, "--work", work, "--steps", str(steps), "--skip", str(skip)]
     for o in overrides:
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if kind == "hf":
+        # The reference runs with torch's defaults: importing routetune's readers would otherwise
+        # switch on huge pages (routetune/__init__.py) for the Trainer too.
+        env["THP_MEM_ALLOC_ENABLE"] = "0"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])

@@ -275,3 +275,47 @@ def test_clipping_inside_fused_adamw_equals_clip_grad_norm(tmp_path, tiny_llama_
     for k in fused:
         assert torch.allclose(fused[k], torch_clip[k], rtol=1e-5, atol=1e-7), k
     assert any(not torch.allclose(fused[k], unclipped[k]) for k in fused)  # clipping did act
+
+
+_HUGE_PAGE_PROBE = """
+import sys
+if sys.argv[1] == "routetune":
+    import routetune  # noqa: F401
+import torch
+t = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+t += 1
+print(next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")))
+"""
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_importing_routetune_gives_large_buffers_huge_pages(setting, tmp_path):
+    """routetune/__init__.py switches on torch's THP allocation (madvise for buffers >= 2 MB) unless
+    the user set THP_MEM_ALLOC_ENABLE; checked on the kernel's own accounting of the process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or not Path("/proc/self/smaps_rollup").exists() or "[never]" in mode.read_text():
+        pytest.skip("transparent huge pages are not available on this kernel")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    env["OMP_NUM_THREADS"] = "1"
+    probe = tmp_path / "probe.py"
+    probe.write_text(_HUGE_PAGE_PROBE)
+
+    def huge_kb(*args) -> int:
+        return int(subprocess.run([sys.executable, str(probe), *args], env=env, capture_output=True, text=True,
+                                  check=True).stdout.strip())
+
+    with_routetune = huge_kb("routetune")
+    if setting == "0":
+        if "[madvise]" in mode.read_text():  # with "always" the kernel uses huge pages regardless
+            assert with_routetune == 0 and huge_kb("plain") == 0
+    else:
+        assert with_routetune > 0
+        if "[madvise]" in mode.read_text():
+            assert huge_kb("plain") == 0  # torch alone does not ask for them

@@ -1,6 +1,17 @@
 """routetune: fine-tune pretrained language models with seeded random routing of sources."""
 
-from routetune.errors import ConfigError, DataError, RoutetuneError
+import os
+
+# Transparent huge pages for PyTorch's large CPU buffers (torch's own switch: c10's CPU allocator
+# madvises MADV_HUGEPAGE on allocations of 2 MB and more when THP_MEM_ALLOC_ENABLE is set). A
+# training step frees and re-allocates its big buffers (gradients, logits, activations); with 4 KB
+# pages every step page-faults them in again (~17,000 faults per WNUT-17 step on minilm-l6, most
+# of them its 47 MB word-embedding gradient; ~6,700 with huge pages). Torch reads the variable once,
+# at its first allocation, so it is set here, before anything imports torch; a value the user set
+# (e.g. THP_MEM_ALLOC_ENABLE=0) is kept. Measured in docs/benchmarks.md (speed levers).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from routetune.errors import ConfigError, DataError, RoutetuneError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "DataError", "RoutetuneError", "__version__"]
