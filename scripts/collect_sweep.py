@@ -22,10 +22,10 @@ def describe(cfg: dict) -> str:
         parts.append(f"loss weight {name} {w:g}")
     distilled = {n: cfg["sources"][n].get("distill", 0) for n in others if cfg["sources"][n].get("distill", 0)}
     if distilled:
-        shares = set(distilled.values())
-        what = ", ".join(distilled)
-        parts.append(f"{what} distilled {shares.pop():g}" if shares != {1.0} and len(shares) == 1
-                     else f"{what} distilled (KL to base)")
+        if set(distilled.values()) == {1.0}:
+            parts.append(f"{', '.join(distilled)} distilled (KL to base)")
+        else:
+            parts.append(", ".join(f"{n} distilled {d:g}" for n, d in distilled.items()))
     parts.append(f"per {r['granularity']}")
     return ", ".join(parts)
 

@@ -108,8 +108,6 @@ def test_missing_config_file(tmp_path):
 
 
 def test_configuration_docs_are_current():
-    from pathlib import Path
-
     from routetune.config_docs import render
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
