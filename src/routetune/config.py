@@ -232,6 +232,8 @@ class TrainConfig(_Strict):
     """With `precision: bf16`: hold frozen Linear weights (e.g. the base model under LoRA) as bf16 copies while training, instead of autocast re-casting them at every call. Same matmul operands; fp32 originals are what checkpoints save."""
     fast_dropout: bool = True
     """Dropout masks from 16-bit slices of 64-bit random words (keep probability quantised to 1/65536) instead of torch's per-element Bernoulli draws, which are slow on CPU; also for attention-probability dropout of SDPA models (a registered attention function, model/attention.py). false: torch's dropout."""
+    fused_lm_loss: bool = True
+    """Causal-LM loss computed chunk by chunk from the hidden states (model/lm_loss.py) instead of transformers' full fp32 vocabulary logits: same loss and gradients up to rounding, less memory, faster on CPU. Used for decoders whose logits are the plain LM head of the last hidden state (Llama, Mistral, Qwen2/3, GPT-2, GPT-NeoX, Phi-3, SmolLM3, OLMo-2, StarCoder2, StableLM); others keep transformers' loss."""
     embedding_grad_buffer: bool = False
     """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by default: it removes the per-step zero-fill (~10 ms) but did not make whole WNUT-17 steps faster in interleaved runs (docs/benchmarks.md)."""
     lr: float = Field(5e-5, gt=0)

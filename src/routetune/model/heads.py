@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from routetune.model.lm_loss import linear_cross_entropy
 from routetune.model.load import is_decoder, lm_head_is_tied, load_lm
 from routetune.model.peft import is_adapter_param
 
@@ -101,6 +102,14 @@ HEADS = {
 }
 
 
+# decoder model types whose causal-LM forward computes ``logits = lm_head(last_hidden_state)``
+# and transformers' standard shifted mean cross-entropy (checked in transformers 5.x); for them
+# the causal-LM loss goes through model/lm_loss.py. Others (e.g. soft-capped or scaled logits)
+# keep transformers' forward.
+FUSED_LM_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "smollm3",
+                                 "olmo2", "starcoder2", "stablelm"})
+
+
 class RoutedModel(nn.Module):
     def __init__(self, lm: nn.Module, heads: dict[str, nn.Module] | None = None):
         super().__init__()
@@ -112,6 +121,7 @@ class RoutedModel(nn.Module):
         self.peft_options: dict = {}
         self.prompt: nn.Module | None = None  # prompt_tuning / prefix_tuning: peft's trained module
         self.n_virtual = 0
+        self.fused_lm_loss = True  # causal-LM loss through model/lm_loss.py where the head allows it
 
     @property
     def backbone(self) -> nn.Module:
@@ -176,7 +186,25 @@ class RoutedModel(nn.Module):
         labels = batch["labels"]
         if drop:
             labels = torch.cat([labels.new_full((labels.shape[0], drop), -100), labels], 1)
-        return self.lm(**inputs, labels=labels).loss
+        head = self._plain_lm_head()
+        if head is None:
+            return self.lm(**inputs, labels=labels).loss
+        # transformers' loss (shift, mean over scored tokens) without the full fp32 logits
+        hidden = self.backbone(**inputs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        scored = targets != -100
+        return linear_cross_entropy(hidden[scored], head.weight, targets[scored])
+
+    def _plain_lm_head(self) -> nn.Linear | None:
+        """The LM head when the causal-LM logits are exactly ``lm_head(last_hidden_state)`` (no
+        bias, soft-capping or logit scaling: the model types in FUSED_LM_LOSS_TYPES) and the fused
+        loss is on; else None (transformers' own forward and loss are used)."""
+        if not self.fused_lm_loss or self.config.model_type not in FUSED_LM_LOSS_TYPES:
+            return None
+        head = self.lm.get_output_embeddings()
+        if type(head) is not nn.Linear or head.bias is not None:
+            return None  # e.g. a LoRA-wrapped head
+        return head
 
     def head_logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.heads[name](self.hidden_states(input_ids, attention_mask), attention_mask)

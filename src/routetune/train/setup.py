@@ -123,6 +123,7 @@ def prepare(cfg: Config) -> Setup:
     if cfg.train.fast_dropout:
         use_fast_dropout(model)
         use_fast_attention_dropout(model.lm)
+    model.fused_lm_loss = cfg.train.fused_lm_loss
     if cfg.train.embedding_grad_buffer:
         use_embedding_grad_buffer(model.lm)
     router, total, _ = plan_run(cfg, source_sizes(sources))
