@@ -21,7 +21,9 @@ of the child, and achieved training FLOP/s as a share of the bf16 matmul peak me
 run. Training FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one
 forward+backward of a padding-free batch of the work's mean length gives FLOPs per token, which
 is multiplied by the tokens/s. The ratio routetune/HF is what issue #8 targets (>= 1.5 ner,
->= 1.3 clm).
+>= 1.3 clm). For routetune, one more step after the timed ones is profiled: the share of the step
+its matrix multiplications take and the rate they run at, as a share of the peak (what a step of
+matmuls alone would reach; see matmul_profile).
 """
 
 from __future__ import annotations
@@ -198,16 +200,21 @@ def routetune_run(work: str, steps: int, skip: int, overrides: list[str]) -> dic
     from routetune.train.setup import prepare
 
     config = ROOT / "examples" / ("wnut17-minilm.yaml" if work == "ner" else "shakespeare-smollm2.yaml")
-    sets = ["routing.weights.general=0", f"train.max_steps={steps}", "train.eval_each_epoch=false",
+    # one step more than timed: the last one is profiled (see matmul_profile), not timed
+    sets = ["routing.weights.general=0", f"train.max_steps={steps + 1}", "train.eval_each_epoch=false",
             "train.eval_before=false", "train.log_every=1000000", "train.progress=false", *overrides]
     cfg = load_config(config, sets)
     setup = prepare(cfg)
     timer = Timer(skip)
+    profiled: dict = {}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(setup, Path(out))
         original = trainer.train_step
 
         def timed_step(step, parts):
+            if step == steps:
+                profiled.update(matmul_profile(original, step, parts))
+                return {}
             timer.last_parts = parts
             timer.begin(sum(p.n_tokens for p in parts))
             losses = original(step, parts)
@@ -220,7 +227,29 @@ def routetune_run(work: str, steps: int, skip: int, overrides: list[str]) -> dic
     name = next(iter(cfg.sources))
     setup.model.train()
     flops = _routetune_flops(trainer, timer.last_parts[0], trainer.objectives[name])
-    return {**timer.result(), "flops_per_token": flops}
+    return {**timer.result(), "flops_per_token": flops, **profiled}
+
+
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm")
+
+
+def matmul_profile(train_step, step: int, parts) -> dict:
+    """How much of one training step its matrix multiplications take, and how fast they run:
+    the step's FLOPs are counted on one call (FlopCounterMode; it slows every op, so that call is
+    not timed), then the same step is run again under torch.profiler, which gives the matmul
+    kernels' own time. FLOPs / matmul time is the rate a step made of nothing but its matmuls
+    would reach: an upper bound on the step's share of the matmul peak without fusing the rest."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        train_step(step, parts)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        train_step(step, parts)
+        wall = time.perf_counter() - t
+    mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
+    return {"profiled_step_s": wall, "matmul_s": mm, "matmul_gflops": counter.get_total_flops() / mm / 1e9}
 
 
 def _routetune_flops(trainer, part, objective: str) -> float:
@@ -313,6 +342,12 @@ def main() -> None:
                       f"{r['seconds']:.1f} s  {r['flops_per_token'] / 1e6:.1f} MFLOP/token  "
                       f"{100 * r['peak_fraction']:.1f}% of peak  peak RSS {r['peak_rss_mb']:.0f} MB  "
                       f"({args.skip} warm-up steps {r['warmup_seconds']:.1f} s)", flush=True)
+                if "matmul_s" in r:
+                    r["matmul_peak_fraction"] = r["matmul_gflops"] / peak
+                    print(f"{'':4s} {kind:10s} one profiled step: matmuls {r['matmul_s']:.2f} of {r['profiled_step_s']:.2f} s "
+                          f"({100 * r['matmul_s'] / r['profiled_step_s']:.0f}%), running at {r['matmul_gflops']:.0f} GFLOP/s "
+                          f"= {100 * r['matmul_peak_fraction']:.1f}% of peak (the bound for a step of matmuls alone)",
+                          flush=True)
             if len(row) == 2:
                 row["ratio"] = row["routetune"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
                 print(f"{work:4s} ratio routetune/HF: {row['ratio']:.2f}", flush=True)
