@@ -10,9 +10,12 @@ its gradient with respect to the hidden states (and, when it trains, the head we
 in the same pass: backward only scales the stored gradient by the incoming one.
 
 Numerics follow transformers' path under bf16 autocast: logits from a matmul in the autocast
-dtype, upcast to fp32, log-softmax in fp32, the mean over scored rows, and a logit gradient cast
-back to the matmul dtype before the backward matmuls. Only the summation order differs (losses
-summed chunk by chunk; a trained head's weight gradient accumulated in fp32 across chunks).
+dtype, an fp32 softmax of them (the loss is -log p[target], with an exact log-sum-exp for rows
+where p[target] underflows), the mean over scored rows, and the logit gradient (softmax - one-hot,
+in fp32) cast to the matmul dtype before the backward matmuls. What differs is rounding: losses
+are summed chunk by chunk, the mean's 1/n scales the gradient after the backward matmul (in fp32)
+rather than the logit gradient before its cast, and a trained head's weight gradient is
+accumulated in fp32 across chunks.
 
 Written here rather than taken from a library: the fused kernels that do this (Liger Kernel,
 Apple's cut-cross-entropy) are Triton/CUDA only.
@@ -58,10 +61,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += nll.sum()
                 if grad_hidden is None and grad_weight is None:
                     continue
-                # d(NLL)/d(logits) = softmax - one_hot, cast to the matmul dtype as autocast's
-                # backward does; the 1/n of the mean is applied to the (small) results instead
+                # d(NLL)/d(logits) = softmax - one_hot (in fp32, so p_t close to 1 keeps its
+                # small difference), cast to the matmul dtype as autocast's backward does; the 1/n
+                # of the mean is applied to the (small) results instead, in backward()
+                p[rows, t] -= 1.0
                 g = p.to(hidden.dtype)
-                g[rows, t] -= 1.0
                 if grad_hidden is not None:
                     torch.mm(g, weight, out=grad_hidden[start : start + step])
                 if grad_weight is not None:
@@ -73,8 +77,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss * ctx.scale
-        gh = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
+        scale = grad_loss.float() * ctx.scale  # in fp32: a bf16 scale would be off by up to 0.4%
+        gh = (grad_hidden.float() * scale).to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = grad_weight * scale if grad_weight is not None else None
         return gh, gw, None, None, None
 
