@@ -19,9 +19,10 @@ Printed per variant: non-padding tokens/s (special tokens included, as the atten
 counts them) over the timed steps (the first `--skip` steps are warm-up and not timed), peak RSS
 of the child, and achieved training FLOP/s as a share of the bf16 matmul peak of this invocation
 (the best rate of `matmul_peak` measured at the start and again right after every child: the
-machine's speed moves by 2-3x between minutes, so one measurement is not enough). Training FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one
-forward+backward of a padding-free batch of the work's mean length gives FLOPs per token, which
-is multiplied by the tokens/s. The ratio routetune/HF is what issue #8 targets (>= 1.5 ner,
+machine's speed moves by 2-3x between minutes, so one measurement is not enough). Training FLOPs
+are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward+backward
+of a padding-free batch of the work's mean length gives FLOPs per token, which is multiplied by
+the tokens/s. The ratio routetune/HF is what issue #8 targets (>= 1.5 ner,
 >= 1.3 clm). For routetune, one more step after the timed ones is profiled: the share of the step
 its matrix multiplications take and the rate they run at, as a share of the peak (what a step of
 matmuls alone would reach; see matmul_profile).
