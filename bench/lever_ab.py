@@ -20,12 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def main() -> None:
@@ -34,23 +29,17 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=0)
     args = ap.parse_args()
 
-    from routetune.config import load_config
-    from routetune.model.attention import NAME
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
+    from _runs import prepare_example, run_steps
 
-    cfg = load_config(ROOT / "examples" / "wnut17-minilm.yaml",
-                      ["routing.weights.general=0", f"train.max_steps={args.steps}", "train.eval_each_epoch=false",
-                       "train.eval_before=false", "train.log_every=1000000", "train.progress=false"])
-    setup = prepare(cfg)
+    from routetune.model.attention import NAME
+
+    setup = prepare_example("wnut17-minilm.yaml", args.steps)
     lm = setup.model.lm
     if lm.config._attn_implementation != NAME:
         sys.exit("fast attention dropout is not active for this model; nothing to compare")
     stats: dict[tuple[int, int], list] = {}
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(setup, Path(out))
-        step_fn = trainer.train_step
 
+    def wrap(trainer, step_fn):
         def step(i, parts):
             variant = (i // 2 + args.offset) % 4
             attn, clip = variant & 1, variant >> 1
@@ -68,8 +57,9 @@ def main() -> None:
                 s[2] += 1
             return result
 
-        trainer.train_step = step
-        trainer.run()
+        return step
+
+    run_steps(setup, wrap)
     base = stats[(0, 0)][1] / stats[(0, 0)][0]
     for (attn, clip), (seconds, tokens, n) in sorted(stats.items()):
         print(f"fast attention dropout {'on ' if attn else 'off'}  clip in AdamW {'on ' if clip else 'off'}  "

@@ -17,12 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def main() -> None:
@@ -31,23 +26,15 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps not timed")
     args = ap.parse_args()
 
-    import routetune  # noqa: F401  (first, as the CLI does)
-    from routetune.config import load_config
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
+    from _runs import prepare_example, run_steps
 
-    cfg = load_config(ROOT / "examples" / "shakespeare-smollm2.yaml",
-                      ["routing.weights.general=0", f"train.max_steps={args.steps}", "train.eval_each_epoch=false",
-                       "train.eval_before=false", "train.log_every=1000000", "train.progress=false"])
-    setup = prepare(cfg)
+    setup = prepare_example("shakespeare-smollm2.yaml", args.steps)
     model = setup.model
     if model._plain_lm_head() is None:
         sys.exit("the chunked loss is not used for this model; nothing to compare")
     times: dict[bool, list[float]] = {True: [], False: []}
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(setup, Path(out))
-        original = trainer.train_step
 
+    def wrap(trainer, original):
         def step(i, parts):
             fused = i % 2 == 1
             model.fused_lm_loss = fused
@@ -57,8 +44,9 @@ def main() -> None:
                 times[fused].append(time.perf_counter() - t)
             return losses
 
-        trainer.train_step = step
-        trainer.run()
+        return step
+
+    run_steps(setup, wrap)
     for fused, label in ((False, "transformers' loss"), (True, "chunked loss (lm_loss.py)")):
         ts = times[fused]
         print(f"{label:28s} {len(ts)} steps  mean {statistics.mean(ts):.3f} s  median {statistics.median(ts):.3f} s")

@@ -17,12 +17,7 @@ import argparse
 import ctypes
 import resource
 import sys
-import tempfile
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 PR_SET_THP_DISABLE = 41
 
@@ -33,21 +28,13 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=0)
     args = ap.parse_args()
 
-    import routetune  # noqa: F401  (before torch, as the CLI: sets the allocator switch)
-    from routetune.config import load_config
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
+    from _runs import prepare_example, run_steps
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    cfg = load_config(ROOT / "examples" / "wnut17-minilm.yaml",
-                      ["routing.weights.general=0", f"train.max_steps={args.steps}", "train.eval_each_epoch=false",
-                       "train.eval_before=false", "train.log_every=1000000", "train.progress=false"])
-    setup = prepare(cfg)
+    setup = prepare_example("wnut17-minilm.yaml", args.steps)
     stats = {False: [0.0, 0, 0, 0], True: [0.0, 0, 0, 0]}  # seconds, tokens, faults, steps
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(setup, Path(out))
-        step_fn = trainer.train_step
 
+    def wrap(trainer, step_fn):
         def timed(i, parts):
             huge = ((i + args.offset) // 2) % 2 == 1
             if libc.prctl(PR_SET_THP_DISABLE, 0 if huge else 1, 0, 0, 0) != 0:
@@ -63,8 +50,9 @@ def main() -> None:
                 s[3] += 1
             return result
 
-        trainer.train_step = timed
-        trainer.run()
+        return timed
+
+    run_steps(setup, wrap)
     for huge, (sec, tok, faults, k) in stats.items():
         print(f"huge pages {'on ' if huge else 'off'}: {1e6 * sec / tok:.1f} us/token  {tok / sec:.0f} tokens/s  "
               f"{faults / k:.0f} page faults/step  ({k} steps)")

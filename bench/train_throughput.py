@@ -196,23 +196,15 @@ def hf_clm(steps: int, skip: int) -> dict:
 # ------------------------------------------------------------------ routetune
 
 def routetune_run(work: str, steps: int, skip: int, overrides: list[str]) -> dict:
+    from _runs import prepare_example, run_steps
 
-    from routetune.config import load_config
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
-
-    config = ROOT / "examples" / ("wnut17-minilm.yaml" if work == "ner" else "shakespeare-smollm2.yaml")
+    example = "wnut17-minilm.yaml" if work == "ner" else "shakespeare-smollm2.yaml"
     # one step more than timed: the last one is profiled (see matmul_profile), not timed
-    sets = ["routing.weights.general=0", f"train.max_steps={steps + 1}", "train.eval_each_epoch=false",
-            "train.eval_before=false", "train.log_every=1000000", "train.progress=false", *overrides]
-    cfg = load_config(config, sets)
-    setup = prepare(cfg)
+    setup = prepare_example(example, steps + 1, overrides)
     timer = Timer(skip)
     profiled: dict = {}
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(setup, Path(out))
-        original = trainer.train_step
 
+    def wrap(trainer, original):
         def timed_step(step, parts):
             if step == steps:
                 profiled.update(matmul_profile(original, step, parts))
@@ -223,10 +215,11 @@ def routetune_run(work: str, steps: int, skip: int, overrides: list[str]) -> dic
             timer.end()
             return losses
 
-        trainer.train_step = timed_step
-        trainer.run()
+        return timed_step
+
+    trainer = run_steps(setup, wrap)
     # FLOPs per token of the same module graph, on a padding-free batch of the mean length
-    name = next(iter(cfg.sources))
+    name = next(iter(setup.cfg.sources))
     setup.model.train()
     flops = _routetune_flops(trainer, timer.last_parts[0], trainer.objectives[name])
     return {**timer.result(), "flops_per_token": flops, **profiled}
