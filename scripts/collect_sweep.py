@@ -20,7 +20,7 @@ def describe(cfg: dict) -> str:
         parts.append(f"{s['kind']} to " + " + ".join(f"{n} {s['end'].get(n, 0):g}" for n in others))
     for name, w in (r.get("loss_weights") or {}).items():
         parts.append(f"loss weight {name} {w:g}")
-    distilled = {n: cfg["sources"][n].get("distill", 0) for n in others if cfg["sources"][n].get("distill", 0)}
+    distilled = {n: d for n in others if (d := cfg["sources"][n].get("distill", 0))}
     if distilled:
         if set(distilled.values()) == {1.0}:
             parts.append(f"{', '.join(distilled)} distilled (KL to base)")

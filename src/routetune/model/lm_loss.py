@@ -23,6 +23,8 @@ Apple's cut-cross-entropy) are Triton/CUDA only.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 # rows per chunk are chosen so one chunk's fp32 probabilities hold about this many elements
@@ -98,8 +100,6 @@ def _cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     hit = _CAST_CACHE.get(key)
     if hit is not None and hit[0] == stamp and hit[1]() is weight:
         return hit[2]
-    import weakref
-
     cast = weight.detach().to(dtype)
     _CAST_CACHE.clear()  # one head at a time; never holds more than one copy
     _CAST_CACHE[key] = (stamp, weakref.ref(weight), cast)
