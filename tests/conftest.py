@@ -16,6 +16,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not CUDA, reason="no CUDA device on this machine")])])
+def device(request) -> str:
+    """Run a device-agnostic test on the CPU and, where present, on the GPU (shown as skipped elsewhere)."""
+    return request.param
+
+
+def run_cli(*args, fault=None, check=True, env_extra=None):
+    """`python -m routetune.cli ARGS` in a subprocess (optionally killed at a fault point)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": "0", **(env_extra or {})}
+    env.pop("ROUTETUNE_FAULT", None)
+    if fault:
+        env["ROUTETUNE_FAULT"] = fault
+    proc = subprocess.run([sys.executable, "-m", "routetune.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_before_cache(tmp_path_factory):
     """Base-model scores of test runs go to a temporary cache, not the user's."""
@@ -141,7 +167,7 @@ def make_config(tmp_path: Path, model_dir: Path, files: dict, **overrides) -> Pa
             "general": {"objective": "masked-lm", "train": str(files["general"])},
         },
         "routing": {"weights": {"ner": 0.75, "general": 0.25}, "seed": 3},
-        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "seed": 1, "progress": False,
+        "train": {"precision": "fp32", "device": "cpu", "epochs": 2, "batch_size": 4, "lr": 1e-3, "seed": 1, "progress": False,
                   "early_stopping": {"metric": "ner/f1", "patience": 5}},
         "run": {"name": "tiny", "output_dir": str(tmp_path / "runs")},
     }

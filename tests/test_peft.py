@@ -43,7 +43,7 @@ def _config(tmp_path, model_dir, decoder, peft, freeze, **train):
            "sources": {"cls": {"objective": "sequence-classification", "train": str(cls)},
                        "general": {"objective": "language-modeling", "train": str(text)}},
            "routing": {"strategy": "interleaved", "weights": {"cls": 0.5, "general": 0.5}},
-           "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False, "seed": 3,
+           "train": {"precision": "fp32", "device": "cpu", "max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False, "seed": 3,
                      "weight_decay": 0.0, **train},
            "peft": peft, "freeze": freeze,
            "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}

@@ -17,7 +17,7 @@ def cfg(routing=None, train_cfg=None):
            "sources": {"task": {"objective": "token-classification", "train": "t.conll"},
                        "aux": {"objective": "token-classification", "train": "a.conll"},
                        "general": {"objective": "masked-lm", "train": "g.txt"}},
-           "routing": routing or {}, "train": {"batch_size": 10, "epochs": 2, **(train_cfg or {})}}
+           "routing": routing or {}, "train": {"precision": "fp32", "device": "cpu", "batch_size": 10, "epochs": 2, **(train_cfg or {})}}
     return parse_config(raw)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_config
+from conftest import make_config, run_cli
 from routetune.train import checkpoint as ckpt
 
 STEPS = 20
@@ -26,15 +26,7 @@ def _config(tmp_path, tiny_model_dir, ner_files, name):
 
 
 def _cli(*args, fault=None, check=True):
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    env.pop("ROUTETUNE_FAULT", None)
-    if fault:
-        env["ROUTETUNE_FAULT"] = fault
-    proc = subprocess.run([sys.executable, "-m", "routetune.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_cli(*args, fault=fault, check=check)
 
 
 def _final(run_dir: Path):
@@ -198,7 +190,7 @@ def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method):
         cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 24},
                "sources": {"lm": {"objective": "causal-lm", "train": str(text), "text": {"stream": False}}},
                "peft": {"method": method, "r": 2, "adapter_size": 4},
-               "train": {"max_steps": 8, "batch_size": 3, "lr": 1e-2, "progress": False, "save_every_steps": 4},
+               "train": {"precision": "fp32", "device": "cpu", "max_steps": 8, "batch_size": 3, "lr": 1e-2, "progress": False, "save_every_steps": 4},
                "run": {"name": "run", "output_dir": str(tmp_path / name)}}
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))

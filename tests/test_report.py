@@ -91,7 +91,7 @@ def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog)
     cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 16},
            "sources": {"domain": {"objective": "causal-lm", "train": str(text), "text": {"stream": False},
                                   "holdout": {"test": 0.2}}},
-           "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False},
+           "train": {"precision": "fp32", "device": "cpu", "max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False},
            "evals": {"held": {"path": str(held)}},
            "run": {"output_dir": str(tmp_path / "runs")}}
     import yaml

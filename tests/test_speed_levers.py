@@ -176,7 +176,8 @@ def test_embedding_grad_buffer_matches_torch_and_reuses_storage():
 def test_for_inference_gives_the_same_outputs(tiny_model_dir, precision):
     """predict/serve hold bf16 weight copies: exactly the operands autocast would cast to."""
     from routetune.model.heads import build_model
-    from routetune.model.inference import autocast, for_inference
+    from routetune.device import autocast
+    from routetune.model.inference import for_inference
 
     model = build_model(str(tiny_model_dir), 0)
     model.add_head("ner", "token-classification", ["O", "B-x", "I-x"], seed=1)

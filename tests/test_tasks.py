@@ -118,7 +118,7 @@ def _cls_config(tmp_path, model_dir, class_files, objective="sequence-classifica
     cfg = {"model": {"name": str(model_dir), "max_length": 32},
            "sources": {"polarity": {"objective": objective, "train": str(class_files["jsonl"]),
                                     "holdout": {"dev": 0.2, "test": 0.2, "seed": 1}}},
-           "train": {"epochs": 25, "batch_size": 4, "lr": 3e-3, "progress": False},
+           "train": {"precision": "fp32", "device": "cpu", "epochs": 25, "batch_size": 4, "lr": 3e-3, "progress": False},
            "run": {"name": "cls", "output_dir": str(tmp_path / "runs")}}
     for key, value in extra.items():
         node = cfg
@@ -189,7 +189,7 @@ def test_decoder_causal_lm_text_and_prompts(tmp_path, tiny_llama_dir, ner_files)
                               "test": str(prompts), "max_new_tokens": 4, "eval_generate": 5},
                        "general": {"objective": "language-modeling", "train": str(ner_files["general"])}},
            "routing": {"weights": {"domain": 0.5, "qa": 0.3, "general": 0.2}},
-           "train": {"max_steps": 30, "batch_size": 4, "lr": 3e-3, "progress": False, "eval_each_epoch": False},
+           "train": {"precision": "fp32", "device": "cpu", "max_steps": 30, "batch_size": 4, "lr": 3e-3, "progress": False, "eval_each_epoch": False},
            "evals": {"heldout": {"path": str(ner_files["general"]), "max_blocks": 4}},
            "run": {"name": "lm", "output_dir": str(tmp_path / "runs")}}
     path = tmp_path / "lm.yaml"

@@ -18,6 +18,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune pretrained language models with seeded routing of task and general data.")
 
 
+DEVICE_HELP = "auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N"
+PRECISION_HELP = ("auto (bf16 where this device computes it natively, fp16 on GPUs without bf16, else fp32), "
+                  "fp32, bf16 or fp16; chosen for this machine, not copied from the run")
+
+
+def _device_option():
+    return typer.Option(None, "--device", help=DEVICE_HELP)
+
+
+def _precision_option():
+    return typer.Option(None, "--precision", help=PRECISION_HELP)
+
+
 def _setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("routetune")
     if not logger.handlers:
@@ -55,11 +68,15 @@ def train_cmd(
 def resume_cmd(
     run: Path = typer.Argument(..., help="Run folder"),
     test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the test sets at the end"),
+    device: Optional[str] = typer.Option(None, "--device", help=f"Continue on another device: {DEVICE_HELP} "
+                                         "(default: the run's train.device)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Continue in another precision (default: the "
+                                            "run's train.precision)"),
 ) -> None:
     """Continue an interrupted run exactly from its newest complete checkpoint."""
     from routetune.workflow import resume_run
 
-    run_dir, summary = resume_run(run, run_test=test)
+    run_dir, summary = resume_run(run, run_test=test, device=device, precision=precision)
     _print_summary(run_dir, summary)
 
 
@@ -80,6 +97,8 @@ def eval_cmd(
     split: str = typer.Option("test", "--split", help="dev or test"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report"),
+    device: Optional[str] = _device_option(),
+    precision: Optional[str] = _precision_option(),
 ) -> None:
     """Evaluate a run's checkpoint on the dev or test sets of its sources."""
     from routetune.evaluate.tasks import format_scores
@@ -87,7 +106,7 @@ def eval_cmd(
 
     if split not in ("dev", "test"):
         raise typer.BadParameter("expected dev or test", param_hint="--split")
-    scores = evaluate(run, split, checkpoint)
+    scores = evaluate(run, split, checkpoint, device=device, precision=precision)
     if as_json:
         typer.echo(json.dumps({"run": str(run), "split": split, "checkpoint": checkpoint, "scores": scores}))
         return
@@ -103,22 +122,22 @@ def predict_cmd(
     source: Optional[str] = typer.Option(None, "--source", help="Task head to use (default: the primary)"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL here instead of stdout"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (default: the run's train.precision)"),
+    precision: Optional[str] = _precision_option(),
+    device: Optional[str] = _device_option(),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Generation: tokens per prompt"),
 ) -> None:
     """Predict (plain lines or JSONL in, JSONL out): entity tags and spans, a label with probabilities, or - for a
     language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
     from routetune.model.inference import for_inference
     from routetune.serve.predictor import Predictor, parse_line
-    from routetune.workflow import load_run
+    from routetune.workflow import inference_hardware, load_run
 
     if fmt not in ("auto", "lines", "jsonl"):
         raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
-    if precision not in (None, "fp32", "bf16"):
-        raise typer.BadParameter("expected fp32 or bf16", param_hint="--precision")
+    hw = inference_hardware(device, precision)
     cfg, model, tokenizer = load_run(run, checkpoint)
-    precision = precision or cfg.train.precision
-    for_inference(model, precision)
+    precision = hw.precision
+    for_inference(model, precision, hw.device)
     head = source or cfg.train.primary
     if head not in model.heads and model.is_decoder and (source is None or source in cfg.sources):
         _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, precision)
@@ -182,14 +201,19 @@ def generate_cmd(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate per prompt"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL here instead of stdout"),
+    device: Optional[str] = _device_option(),
+    precision: Optional[str] = _precision_option(),
 ) -> None:
     """Greedy generation for new prompts with a fine-tuned decoder; writes JSONL {prompt, completion}."""
-    from routetune.workflow import load_run
+    from routetune.model.inference import for_inference
+    from routetune.workflow import inference_hardware, load_run
 
+    hw = inference_hardware(device, precision)
     cfg, model, tokenizer = load_run(run, checkpoint)
     if not model.is_decoder:
         raise RoutetuneError(f"{run}: generate needs a decoder backbone; this run's is an encoder")
-    _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, cfg.train.precision)
+    for_inference(model, hw.precision, hw.device)
+    _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, hw.precision)
 
 
 @app.command("export")
@@ -213,7 +237,8 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: loopback only)"),
     port: int = typer.Option(8080, "--port"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (default: the run's)"),
+    precision: Optional[str] = _precision_option(),
+    device: Optional[str] = _device_option(),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Items per micro-batch"),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="Wait this long to fill a micro-batch"),
     max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1, help="Larger bodies get 413"),
@@ -227,12 +252,10 @@ def serve_cmd(
     """Serve a run over HTTP (FastAPI + uvicorn): /v1/ner, /v1/classify, /v1/generate, /healthz, /metrics, /docs."""
     from routetune.serve.server import Limits, serve_run
 
-    if precision not in (None, "fp32", "bf16"):
-        raise typer.BadParameter("expected fp32 or bf16", param_hint="--precision")
     limits = Limits(max_body_bytes=max_body_bytes, max_items=max_items, max_tokens=max_tokens, truncate=truncate,
                     max_concurrency=max_concurrency, timeout_s=timeout_s, max_batch=max_batch,
                     max_wait_ms=max_wait_ms, max_new_tokens=max_new_tokens)
-    serve_run(run, host, port, checkpoint, limits, precision)
+    serve_run(run, host, port, checkpoint, limits, precision, device=device)
 
 
 @app.command("continual")

@@ -229,7 +229,7 @@ class TrainConfig(_Strict):
     group_by_length: bool = True
     """Serve sized sources in a length-grouped order (mega-batches of 50 batches sorted by length, batches shuffled): less padding, same examples per epoch."""
     bf16_frozen_weights: bool = True
-    """With `precision: bf16`: hold frozen Linear weights (e.g. the base model under LoRA) as bf16 copies while training, instead of autocast re-casting them at every call. Same matmul operands; fp32 originals are what checkpoints save."""
+    """When training in bf16: hold frozen Linear weights (e.g. the base model under LoRA) as bf16 copies while training, instead of autocast re-casting them at every call. Same matmul operands; fp32 originals are what checkpoints save."""
     fast_dropout: bool = True
     """Dropout masks from 16-bit slices of 64-bit random words (keep probability quantised to 1/65536) instead of torch's per-element Bernoulli draws, which are slow on CPU; also for attention-probability dropout of SDPA models (a registered attention function, model/attention.py). false: torch's dropout."""
     fused_lm_loss: bool = True
@@ -244,8 +244,10 @@ class TrainConfig(_Strict):
     """Share of steps with linear warm-up, then linear decay to 0."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping norm; null disables clipping."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 runs forward/backward under CPU autocast (weights stay fp32)."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """`auto` (a CUDA GPU when PyTorch sees one, else the CPU), `cpu`, `cuda` or `cuda:N`. Model, heads, batches and optimizer state live there; checkpoints are device-independent (a run trained on a GPU resumes, evaluates and serves on a CPU)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 autocast on GPUs that support it, fp16 with a gradient scaler on older GPUs, bf16 on CPUs with native bf16 (AMX or AVX512-BF16), fp32 on other CPUs (where bf16 is emulated and several times slower). The choice and its reason are logged and written to the run's hardware.json. bf16/fp16 autocast keeps the weights in fp32."""
     seed: int = 42
     """Seed for head initialisation, dropout and masking."""
     primary: str | None = None
@@ -547,6 +549,7 @@ _TYPE_WORDS = {
     "model_type": "expected a mapping",
     "missing": "required key is missing",
     "extra_forbidden": "unknown key",
+    "string_pattern_mismatch": "expected auto, cpu, cuda or cuda:N",
 }
 
 

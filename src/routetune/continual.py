@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from routetune.device import resolve
 from routetune.config import load_config
 from routetune.errors import ConfigError, RunError
 
@@ -102,9 +103,12 @@ def score(run_dir: Path, task_cfg, source: str) -> tuple[float, str]:
     """Test score of `source` (as defined by its own task config) with the run's best model."""
     from routetune.data.build import build, resolve_objective
     from routetune.evaluate.tasks import evaluate_set
+    from routetune.model.inference import for_inference
     from routetune.workflow import load_run
 
     _, model, tokenizer = load_run(run_dir, "best")
+    hw = resolve(task_cfg.train.device, task_cfg.train.precision)
+    for_inference(model, hw.precision, hw.device)
     if source not in model.heads:
         raise RunError(f"{run_dir}: has no head {source!r}")
     objectives = {n: resolve_objective(sc.objective, model.is_decoder, n) for n, sc in task_cfg.sources.items()}
@@ -114,7 +118,7 @@ def score(run_dir: Path, task_cfg, source: str) -> tuple[float, str]:
         raise ConfigError(f"source {source!r} has no test set (give `test:` or `holdout.test`)")
     evalset = test[source]
     metric = HEADLINE[evalset.kind]
-    scores = evaluate_set(model, source, objectives[source], evalset, tokenizer, task_cfg)
+    scores = evaluate_set(model, source, objectives[source], evalset, tokenizer, task_cfg, hw.precision)
     return float(scores[metric]), metric
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from routetune.config import Config, config_from_run, dump_config, load_config
+from routetune.device import Hardware, resolve
 from routetune.errors import ConfigError, RunError
 from routetune.model.heads import RoutedModel
 from routetune.model.load import load_tokenizer
@@ -82,8 +83,11 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
     return _fit_and_report(setup, run_dir, run_test, resume_from=None)
 
 
-def resume_run(run_dir: str | Path, run_test: bool = True) -> tuple[Path, dict]:
-    """Continue a run from its newest complete checkpoint, exactly where it stopped."""
+def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = None,
+               precision: str | None = None) -> tuple[Path, dict]:
+    """Continue a run from its newest complete checkpoint, exactly where it stopped. `device` and
+    `precision` override the run's (a GPU run can continue on a CPU; exact continuation holds on
+    the same device type and precision)."""
     run_dir = Path(run_dir)
     cfg = config_from_run(run_dir)
     removed = ckpt.clean_incomplete(run_dir / "checkpoints")
@@ -92,9 +96,17 @@ def resume_run(run_dir: str | Path, run_test: bool = True) -> tuple[Path, dict]:
     folder = ckpt.newest_valid(run_dir / "checkpoints")
     if folder is None:
         raise RunError(f"{run_dir}: no complete checkpoint to resume from")
-    setup = prepare(cfg)
+    setup = prepare(cfg, device, precision)
     _check_labels(run_dir, setup.labels)
     return _fit_and_report(setup, run_dir, run_test, resume_from=folder)
+
+
+def _write_hardware(run_dir: Path, hardware: Hardware, resumed: bool) -> None:
+    """hardware.json: the device and precision of each session of the run (a resume appends)."""
+    path = run_dir / "hardware.json"
+    sessions = json.loads(path.read_text(encoding="utf-8")) if resumed and path.is_file() else []
+    sessions.append({**hardware.describe(), "started": datetime.now().isoformat(timespec="seconds")})
+    path.write_text(json.dumps(sessions, indent=2) + "\n", encoding="utf-8")
 
 
 def _before_after(before: dict, after: dict) -> dict:
@@ -187,13 +199,13 @@ def score_with_fitted_head(setup: Setup, model, fit: dict) -> dict:
     content = cfg.model.max_length - len(prefix) - len(suffix)
     parts = text_parts(resolve_text_files(fit["text"], "*.txt"))
     blocks = [prefix + b + suffix for b in islice(iter_blocks(parts, tok, content, fit["strip_gutenberg"]), fit["blocks"])]
-    losses = fit_mlm_head(model, blocks, tok, fit["steps"], fit["batch_size"], fit["lr"], fit["seed"],
-                          cfg.train.precision)
+    precision = setup.hardware.precision
+    losses = fit_mlm_head(model, blocks, tok, fit["steps"], fit["batch_size"], fit["lr"], fit["seed"], precision)
     log.info("fitted the MLM head (%d steps): loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
     out = {}
     for name, evalset in setup.before_sets().items():
         if setup.objectives[name] == "masked-lm":
-            out[name] = {**text_scores(model, "masked-lm", tok, evalset, cfg.model.max_length, cfg.train),
+            out[name] = {**text_scores(model, "masked-lm", tok, evalset, cfg.model.max_length, cfg.train, precision),
                          "head_fit_loss": [losses[0], losses[-1]]}
     return out
 
@@ -207,7 +219,8 @@ def score_before(setup: Setup) -> dict:
     fit = retention_fit(setup)
     sets = setup.before_sets()
     keys = {n: before_key(setup.model_path, n, setup.objectives[n], s, cfg,
-                          fit if setup.objectives[n] == "masked-lm" else None) for n, s in sets.items()}
+                          fit if setup.objectives[n] == "masked-lm" else None, setup.hardware)
+            for n, s in sets.items()}
     out, todo = {}, {}
     for name, evalset in sets.items():
         hit = cached(keys[name]) if cfg.retention.cache_before else None
@@ -226,7 +239,8 @@ def score_before(setup: Setup) -> dict:
     if fit is not None and any(setup.objectives[n] == "masked-lm" for n in todo):
         log.info("fitting an MLM head on the base model for masked-LM retention: %s", fit_note(fit))
         torch.manual_seed(cfg.train.seed)
-        base = build_model(setup.model_path, cfg.train.seed, cfg.model.attention)
+        base = build_model(setup.model_path, cfg.train.seed, cfg.model.attention,
+                           setup.hardware.device.type).to(setup.hardware.device)
         out.update({n: v for n, v in score_with_fitted_head(setup, base, fit).items() if n in todo})
         del base
     for name in todo:
@@ -241,6 +255,9 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
     handler = _add_file_log(run_dir / "train.log")
     try:
         log.info("run folder %s", run_dir)
+        log.info("device %s, precision %s (%s)", setup.hardware.device, setup.hardware.precision,
+                 setup.hardware.reason)
+        _write_hardware(run_dir, setup.hardware, resumed=resume_from is not None)
         trainer = Trainer(setup, run_dir)
         before_path = run_dir / "before.json"
         if resume_from is not None:
@@ -263,11 +280,12 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
             "train_seconds": round(result.train_seconds, 2),
             "tokens_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
             "parameters": _parameter_summary(setup.model),
+            "hardware": setup.hardware.describe(),
         }
         if run_test and (setup.test or setup.extra):
             if checkpoint == "best":
                 ckpt.verify(best)
-                setup.model = RoutedModel.load(best)
+                setup.model = RoutedModel.load(best).to(setup.hardware.device)
             _, full = evaluate_dev(setup, {**setup.test, **setup.extra})
             fit = retention_fit(setup)
             if fit is not None:  # masked-LM retention through an equally fitted head on both sides
@@ -286,7 +304,7 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best"):
-    """(config, model, tokenizer) of a run, from a verified checkpoint."""
+    """(config, model, tokenizer) of a run, from a verified checkpoint; the model is on the CPU."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder")
@@ -295,13 +313,23 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
     return cfg, RoutedModel.load(folder), load_tokenizer(str(folder))
 
 
+def inference_hardware(device: str | None = None, precision: str | None = None) -> Hardware:
+    """Device and precision for evaluating, predicting or serving a run on this machine: chosen
+    here like a training run's `auto` (not copied from the run, which may have trained on other
+    hardware), unless given (the CLI's --device / --precision)."""
+    return resolve(device or "auto", precision or "auto", names=("--device", "--precision"))
+
+
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
-             sources: list[str] | None = None) -> dict:
+             sources: list[str] | None = None, device: str | None = None, precision: str | None = None) -> dict:
     """Score a run's checkpoint on the dev or test sets of its sources (files or holdout)."""
     from routetune.data.build import build, resolve_objective
     from routetune.evaluate.tasks import evaluate_set
+    from routetune.model.inference import for_inference
 
     cfg, model, tokenizer = load_run(run_dir, checkpoint)
+    hw = inference_hardware(device, precision)
+    for_inference(model, hw.precision, hw.device)
     objectives = {n: resolve_objective(sc.objective, model.is_decoder, n) for n, sc in cfg.sources.items()}
     labels = {n: h.labels for n, h in model.heads.items()}
     _, dev, test = build(cfg, tokenizer, objectives, labels, allow_new_labels=False)
@@ -310,7 +338,7 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
     for name, evalset in sets.items():
         if sources and name not in sources:
             continue
-        out[name] = evaluate_set(model, name, objectives[name], evalset, tokenizer, cfg)
+        out[name] = evaluate_set(model, name, objectives[name], evalset, tokenizer, cfg, hw.precision)
     if not out:
         raise RunError(f"{run_dir}: no source has a {split} set")
     return out

@@ -53,14 +53,14 @@ def model_digest(model_path: str) -> str:
     return _files_digest(files) if files else hashlib.sha256(model_path.encode()).hexdigest()
 
 
-def before_key(model_path: str, name: str, objective: str, evalset, cfg, fit: dict | None) -> str:
+def before_key(model_path: str, name: str, objective: str, evalset, cfg, fit: dict | None, hardware) -> str:
     items = [(str(p), a, b) for p, a, b in evalset.items] if evalset.kind == "text" else []
     text_files = [Path(p) for p, _, _ in evalset.items] if evalset.kind == "text" else [Path(evalset.origin)]
     payload = {
         "model": model_digest(model_path), "objective": objective, "kind": evalset.kind, "items": items,
         "files": _files_digest([p for p in text_files if p.is_file()], content=True),
         "strip": getattr(evalset, "strip_gutenberg", None), "max_blocks": getattr(evalset, "max_blocks", None),
-        "max_length": cfg.model.max_length, "precision": cfg.train.precision,
+        "max_length": cfg.model.max_length, "precision": hardware.precision, "device": hardware.device.type,
         "batch": cfg.train.eval_batch_size, "attention": cfg.model.attention, "fit": fit, "version": 2,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -141,9 +141,10 @@ def fit_mlm_head(model, blocks: list[list[int]], tokenizer, steps: int, batch_si
     the loss per step."""
     from routetune.data.collate import mask_sequence, pad_batch
     from routetune.data.sources import derive_seed
-    from routetune.model.inference import autocast
+    from routetune.device import autocast, model_device
 
     lm = model.lm
+    device = model_device(model)
     reset_head(lm, seed)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     params = head_parameters(lm)
@@ -166,8 +167,8 @@ def fit_mlm_head(model, blocks: list[list[int]], tokenizer, steps: int, batch_si
                                      derive_seed(seed, "fit-mask", step, i))
                 inputs.append(x)
                 labels.append(y)
-            batch = pad_batch(inputs, tokenizer.pad_token_id, labels)
-            with autocast(precision):
+            batch = {k: v.to(device) for k, v in pad_batch(inputs, tokenizer.pad_token_id, labels).items()}
+            with autocast(precision, device.type):
                 loss = model.masked_lm_loss(batch)
             loss.backward()
             optimizer.step()

@@ -41,21 +41,22 @@ def metric_names(evalset: EvalSet, objective: str, source_cfg=None) -> tuple[str
     return METRICS[evalset.kind]
 
 
-def evaluate_set(model, name: str, objective: str, evalset: EvalSet, tokenizer, cfg) -> dict:
+def evaluate_set(model, name: str, objective: str, evalset: EvalSet, tokenizer, cfg, precision: str) -> dict:
+    """Score `evalset` with `model` (on its device) in the resolved `precision` (fp32, bf16, fp16)."""
     sc, tc, max_length = cfg.sources.get(name), cfg.train, cfg.model.max_length
     if evalset.kind == "tags":
-        return evaluate_tagging(model, name, tokenizer, evalset.items, max_length, tc.eval_batch_size, tc.precision)
+        return evaluate_tagging(model, name, tokenizer, evalset.items, max_length, tc.eval_batch_size, precision)
     if evalset.kind == "classes":
-        return classification_scores(model, name, tokenizer, evalset.items, max_length, tc, sc)
+        return classification_scores(model, name, tokenizer, evalset.items, max_length, tc, sc, precision)
     if evalset.kind == "prompts":
-        return prompt_scores(model, tokenizer, evalset.items, max_length, tc, sc)
-    return text_scores(model, objective, tokenizer, evalset, max_length, tc)
+        return prompt_scores(model, tokenizer, evalset.items, max_length, tc, sc, precision)
+    return text_scores(model, objective, tokenizer, evalset, max_length, tc, precision)
 
 
-def classification_scores(model, name, tokenizer, examples, max_length, tc, sc) -> dict:
+def classification_scores(model, name, tokenizer, examples, max_length, tc, sc, precision: str) -> dict:
     head = model.heads[name]
     probs, cut = classify(model, name, tokenizer, [e.text for e in examples], max_length,
-                          tc.eval_batch_size, tc.precision)
+                          tc.eval_batch_size, precision)
     if getattr(head, "binary", False):
         pred = (probs[:, 1] > head.threshold).long().tolist()
     else:
@@ -92,17 +93,17 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def prompt_scores(model, tokenizer, examples, max_length, tc, sc) -> dict:
+def prompt_scores(model, tokenizer, examples, max_length, tc, sc, precision: str) -> dict:
     # perplexity of the completions given their prompts (teacher forcing; no loss on the prompts)
     rows = [encode_prompt(tokenizer, e.text, e.completion, max_length) for e in examples]
-    loss, count = lm_loss(model, "causal-lm", [r[0] for r in rows], tokenizer, tc.eval_batch_size, tc.precision,
+    loss, count = lm_loss(model, "causal-lm", [r[0] for r in rows], tokenizer, tc.eval_batch_size, precision,
                           labels=[r[1] for r in rows])
     out = {"perplexity": math.exp(loss) if count else float("nan"), "examples": len(examples),
            "completion_tokens": count}
     if sc.eval_generate:
         subset = examples[: sc.eval_generate]
         outputs = generate(model, tokenizer, [e.text for e in subset], sc.max_new_tokens, max_length,
-                           tc.eval_batch_size, tc.precision)
+                           tc.eval_batch_size, precision)
         out["exact_match"] = sum(_normalise(o) == _normalise(e.completion) for o, e in zip(outputs, subset)) / len(subset)
         out["token_f1"] = sum(token_f1(o, e.completion) for o, e in zip(outputs, subset)) / len(subset)
         out["generated"] = len(subset)
@@ -110,7 +111,7 @@ def prompt_scores(model, tokenizer, examples, max_length, tc, sc) -> dict:
     return out
 
 
-def text_scores(model, objective, tokenizer, evalset: EvalSet, max_length, tc) -> dict:
+def text_scores(model, objective, tokenizer, evalset: EvalSet, max_length, tc, precision: str) -> dict:
     """Non-overlapping blocks of `max_length` tokens, as in training."""
     from itertools import islice
 
@@ -118,7 +119,7 @@ def text_scores(model, objective, tokenizer, evalset: EvalSet, max_length, tc) -
     content = max_length - len(prefix) - len(suffix)
     blocks = iter_blocks(evalset.items, tokenizer, content, evalset.strip_gutenberg)
     blocks = [prefix + b + suffix for b in islice(blocks, evalset.max_blocks)]
-    loss, tokens = lm_loss(model, objective, blocks, tokenizer, tc.eval_batch_size, tc.precision)
+    loss, tokens = lm_loss(model, objective, blocks, tokenizer, tc.eval_batch_size, precision)
     if objective == "causal-lm":
         return {"perplexity": math.exp(loss), "loss": loss, "tokens": tokens, "blocks": len(blocks)}
     return {"mlm_loss": loss, "tokens": tokens, "blocks": len(blocks)}

@@ -84,7 +84,7 @@ class SequenceClassificationHead(nn.Module):
             pooled = torch.tanh(self.pooler(hidden[:, 0]))
             return self.classifier(self.dropout(pooled))
         last = attention_mask.sum(-1) - 1  # right padding: the last real token
-        return self.score(hidden[torch.arange(hidden.shape[0]), last])
+        return self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.binary:
@@ -510,8 +510,10 @@ def _copy_pooler(head: SequenceClassificationHead, path: str) -> None:
                 return
 
 
-def build_model(path: str, seed: int, attention: str = "auto") -> RoutedModel:
-    lm, missing_head = load_lm(path, attention)
+def build_model(path: str, seed: int, attention: str = "auto", device_type: str | None = None) -> RoutedModel:
+    """The LM of `path` as a RoutedModel without task heads, on the CPU (the caller moves it);
+    `device_type` is where it will train, which decides `auto` attention."""
+    lm, missing_head = load_lm(path, attention, device_type)
     if missing_head:
         tied = lm_head_is_tied(lm)
         log.info("the checkpoint has no LM head weights (%s): initialised a new one%s",

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from routetune.data.collate import encode_words, pad_batch
+from routetune.device import autocast, model_device
 from routetune.errors import RunError
 
 
-def autocast(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def for_inference(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Prepare a model loaded only to predict or serve: no parameter needs gradients, and with
-    bf16 the Linear weights are held as the bf16 copies autocast would otherwise make at every
-    call (model/frozen_bf16.py), so outputs are the same and each batch skips the casts."""
+def for_inference(model: torch.nn.Module, precision: str, device: torch.device | str | None = None) -> torch.nn.Module:
+    """Prepare a model loaded only to predict or serve: on `device` (default: where it is), no
+    parameter needs gradients, and with bf16 the Linear weights are held as the bf16 copies
+    autocast would otherwise make at every call (model/frozen_bf16.py), so outputs are the same
+    and each batch skips the casts."""
     from routetune.model.frozen_bf16 import FrozenBf16
 
+    if device is not None:
+        model.to(device)
     model.requires_grad_(False)
     if precision == "bf16":
         FrozenBf16(model).cast()
     return model.eval()
+
+
+def _on(batch: dict, device: torch.device) -> dict:
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int):
@@ -53,11 +54,12 @@ def tag_words(model, head: str, tokenizer, sentences: list[list[str]], max_lengt
     labels = model.heads[head].labels
     was_training = model.training
     model.eval()
+    device = model_device(model)
     encoded = encode_words(tokenizer, sentences, max_length)
     tags: list[list[str] | None] = [None] * len(encoded)
     for idx in length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
-        batch = pad_batch([encoded[i].input_ids for i in idx], tokenizer.pad_token_id)
-        with autocast(precision):
+        batch = _on(pad_batch([encoded[i].input_ids for i in idx], tokenizer.pad_token_id), device)
+        with autocast(precision, device.type):
             logits = model.token_logits(head, batch["input_ids"], batch["attention_mask"])
         best = logits.float().argmax(-1).tolist()
         for row, i in enumerate(idx):
@@ -80,13 +82,14 @@ def classify(model, head: str, tokenizer, texts: list[str], max_length: int, bat
 
     was_training = model.training
     model.eval()
+    device = model_device(model)
     encoded = encode_texts(tokenizer, texts, max_length)
     binary = getattr(model.heads[head], "binary", False)
     out = torch.zeros(len(texts), 2 if binary else len(model.heads[head].labels))
     for idx in length_sorted_batches([len(e[0]) for e in encoded], batch_size):
-        batch = pad_batch([encoded[i][0] for i in idx], tokenizer.pad_token_id)
-        with autocast(precision):
-            logits = model.head_logits(head, batch["input_ids"], batch["attention_mask"]).float()
+        batch = _on(pad_batch([encoded[i][0] for i in idx], tokenizer.pad_token_id), device)
+        with autocast(precision, device.type):
+            logits = model.head_logits(head, batch["input_ids"], batch["attention_mask"]).float().cpu()
         if binary:
             p = torch.sigmoid(logits.squeeze(-1))
             out[idx] = torch.stack([1 - p, p], dim=-1)
@@ -109,13 +112,14 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = model_device(model)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     for start in range(0, len(blocks), batch_size):
         chunk = blocks[start : start + batch_size]
         if objective == "causal-lm":
             targets_in = labels[start : start + batch_size] if labels is not None else chunk
-            batch = pad_batch(chunk, tokenizer.pad_token_id, targets_in)
-            with autocast(precision):
+            batch = _on(pad_batch(chunk, tokenizer.pad_token_id, targets_in), device)
+            with autocast(precision, device.type):
                 logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])
             targets = batch["labels"][:, 1:]
             logits = logits[:, :-1]
@@ -126,8 +130,8 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
                                      derive_seed(seed, "eval-mask", start + i))
                 inputs.append(x)
                 labels.append(y)
-            batch = pad_batch(inputs, tokenizer.pad_token_id, labels)
-            with autocast(precision):
+            batch = _on(pad_batch(inputs, tokenizer.pad_token_id, labels), device)
+            with autocast(precision, device.type):
                 logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])
             targets = batch["labels"]
         mask = targets != IGNORE
@@ -148,6 +152,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_leng
                        "be threaded through transformers' generation cache); use prompt_tuning or lora")
     was_training = model.training
     model.eval()
+    device = model_device(model)
     room = max(8, max_length - max_new_tokens)
     encoded = [encode_prompt(tokenizer, p, None, room)[0] for p in prompts]
     out: list[str] = [""] * len(prompts)
@@ -160,7 +165,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_leng
             seq = encoded[i]
             ids[row, width - len(seq):] = torch.tensor(seq)
             mask[row, width - len(seq):] = 1
-        with autocast(precision):
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast(precision, device.type):
             if model.prompt is None:
                 gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                         do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)

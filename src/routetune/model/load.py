@@ -134,7 +134,7 @@ def load_tokenizer(path: str):
     return tok
 
 
-def pick_attention(choice: str, decoder: bool) -> str:
+def pick_attention(choice: str, decoder: bool, device_type: str | None = None) -> str:
     """`auto`: eager attention for decoders on CPU, SDPA otherwise.
 
     Measured on the 2-core AMX machine (docs/benchmarks.md): for smollm2-135m at 8 x 128
@@ -144,10 +144,12 @@ def pick_attention(choice: str, decoder: bool) -> str:
     """
     if choice != "auto":
         return choice
-    return "eager" if decoder and not torch.cuda.is_available() else "sdpa"
+    on_cpu = device_type == "cpu" if device_type is not None else not torch.cuda.is_available()
+    return "eager" if decoder and on_cpu else "sdpa"
 
 
-def load_lm(path: str, attention: str = "auto") -> tuple[transformers.PreTrainedModel, list[str]]:
+def load_lm(path: str, attention: str = "auto",
+            device_type: str | None = None) -> tuple[transformers.PreTrainedModel, list[str]]:
     """Load the backbone with its LM head (masked-LM for encoders, causal-LM for decoders).
 
     Returns the model and the names of LM-head tensors that the checkpoint lacked (newly
@@ -160,7 +162,7 @@ def load_lm(path: str, attention: str = "auto") -> tuple[transformers.PreTrained
     transformers.logging.set_verbosity_error()  # we report missing heads ourselves, briefly
     try:
         model, info = cls.from_pretrained(path, output_loading_info=True, dtype=torch.float32,
-                                           attn_implementation=pick_attention(attention, decoder))
+                                           attn_implementation=pick_attention(attention, decoder, device_type))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
     finally:

@@ -56,7 +56,8 @@ def build_prompt_module(pconfig, word_embeddings: nn.Embedding, generator: torch
 
 
 def virtual_tokens(module: nn.Module, n: int, batch: int) -> torch.Tensor:
-    idx = torch.arange(n).unsqueeze(0).expand(batch, -1)
+    device = next(module.parameters()).device
+    idx = torch.arange(n, device=device).unsqueeze(0).expand(batch, -1)
     return module(idx)
 
 

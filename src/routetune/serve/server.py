@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from routetune.serve.predictor import Predictor, item_from_text, item_from_tokens
+
+log = logging.getLogger("routetune")
 
 
 @dataclass
@@ -267,7 +270,10 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
     limits = limits or Limits()
     # items are cut at the smaller of the limit and the model's max_length (as offline predict cuts)
     max_tokens = min(limits.max_tokens or cfg.model.max_length, cfg.model.max_length)
-    precision = precision or cfg.train.precision
+    if precision is None:  # chosen for the device the model is on, as `auto` does
+        from routetune.device import model_device, resolve
+
+        precision = resolve(str(model_device(model)), "auto").precision
     heads = {name: head.kind for name, head in model.heads.items()}
     token_heads = [n for n, k in heads.items() if k == "token-classification"]
     class_heads = [n for n, k in heads.items() if k in ("sequence-classification", "binary-classification")]
@@ -450,16 +456,19 @@ def tune_process() -> None:
 
 
 def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "best",
-              limits: Limits | None = None, precision: str | None = None, drain_s: float = 30.0) -> None:
+              limits: Limits | None = None, precision: str | None = None, drain_s: float = 30.0,
+              device: str | None = None) -> None:
     import uvicorn
 
     from routetune.model.inference import for_inference
-    from routetune.workflow import load_run
+    from routetune.workflow import inference_hardware, load_run
 
     tune_process()
+    hw = inference_hardware(device, precision)
     cfg, model, tokenizer = load_run(run_dir, checkpoint)
-    for_inference(model, precision or cfg.train.precision)
-    app = create_app(model, tokenizer, cfg, limits, precision, after_batch=_Trim())
+    for_inference(model, hw.precision, hw.device)
+    log.info("serving on %s in %s (%s)", hw.device, hw.precision, hw.reason)
+    app = create_app(model, tokenizer, cfg, limits, hw.precision, after_batch=_Trim())
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s,
                             access_log=False)
     uvicorn.Server(config).run()

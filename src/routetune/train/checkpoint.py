@@ -183,7 +183,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
     py = random.getstate()
     np_state = np.random.get_state()
-    return ({"torch": torch.get_rng_state()},
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout masks drawn on the GPU
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return (tensors,
             {"python": [py[0], list(py[1]), py[2]],
              "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]})
 
@@ -194,6 +197,13 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        for i, state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
+    elif cuda:  # a GPU run resumed on a CPU: its CPU generator draws from here on (docs/reliability.md)
+        log.info("the checkpoint holds CUDA random-number state; this machine has no CUDA device, so dropout "
+                 "draws from the CPU generator from here on")
     py = meta["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = meta["numpy"]

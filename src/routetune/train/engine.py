@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from routetune.device import to_device
 from routetune.errors import RoutetuneError
 from routetune.evaluate.tasks import evaluate_set, metric_names
 from routetune.model.frozen_bf16 import FrozenBf16
-from routetune.model.inference import autocast
 from routetune.train import checkpoint as ckpt
 from routetune.train.callbacks import EarlyStopping, MetricsLog
 from routetune.train.faults import maybe_kill
@@ -85,7 +85,8 @@ def evaluate_dev(setup: Setup, sets: dict) -> tuple[dict, dict]:
     """Score every source that has a set in `sets`; returns (flat metrics, full reports)."""
     flat, full = {}, {}
     for name, evalset in sets.items():
-        scores = evaluate_set(setup.model, name, setup.objectives[name], evalset, setup.tokenizer, setup.cfg)
+        scores = evaluate_set(setup.model, name, setup.objectives[name], evalset, setup.tokenizer, setup.cfg,
+                              setup.hardware.precision)
         full[name] = scores
         flat.update({f"{name}/{m}": scores[m] for m in metric_names(evalset, setup.objectives[name],
                                                                    setup.cfg.sources.get(name))})
@@ -123,10 +124,13 @@ class Trainer:
         self.loss_weights = cfg.routing.loss_weights
         self.distill = {n: s.distill for n, s in cfg.sources.items() if s.distill > 0}
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.clip_in_optimizer = tc.optimizer == "adamw" and tc.fused
+        self.hw = setup.hardware
+        # fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.hw.device.type) if self.hw.precision == "fp16" else None
+        self.clip_in_optimizer = tc.optimizer == "adamw" and tc.fused and self.scaler is None
         # bf16 copies of frozen Linear weights while training (see model/frozen_bf16.py); DoRA
         # reads the base weight to compute its magnitude norm, so it keeps autocast's casts.
-        self.frozen = FrozenBf16(self.model) if (tc.precision == "bf16" and tc.bf16_frozen_weights
+        self.frozen = FrozenBf16(self.model) if (self.hw.precision == "bf16" and tc.bf16_frozen_weights
                                                  and cfg.peft.method != "dora") else None
 
     # ---------------------------------------------------------------- the loop
@@ -195,21 +199,30 @@ class Trainer:
         n_total = sum(len(p.example_ids) for p in parts)
         total, losses = 0.0, {}
         for part in parts:  # one part per source in the batch (always one with granularity=batch)
-            with autocast(tc.precision):
+            tensors = to_device(part.tensors, self.hw.device)
+            with self.hw.autocast():
                 share = self.distill.get(part.source)
                 if share:
-                    loss = self.model.distill_loss(self.objectives[part.source], part.tensors, share)
+                    loss = self.model.distill_loss(self.objectives[part.source], tensors, share)
                 else:
-                    loss = self.model.loss(part.source, self.objectives[part.source], part.tensors)
+                    loss = self.model.loss(part.source, self.objectives[part.source], tensors)
             value = loss.item()
             if not math.isfinite(value):
                 return self.non_finite(step, part, value)
             losses[part.source] = value
             total = total + self.loss_weights.get(part.source, 1.0) * len(part.example_ids) / n_total * loss
-        total.backward()
-        if tc.max_grad_norm is not None:
-            self.clip(tc.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            if tc.max_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm)
+            self.scaler.step(self.optimizer)  # skipped by the scaler when a gradient overflowed
+            self.scaler.update()
+        else:
+            total.backward()
+            if tc.max_grad_norm is not None:
+                self.clip(tc.max_grad_norm)
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped_in_a_row = 0
@@ -282,6 +295,7 @@ class Trainer:
             tensors, rng_meta = ckpt.rng_state()
             save_file(tensors, str(folder / "rng.safetensors"))
             state = {"step": step, "batches": self.batches.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "early_stopping": self.stopper.state_dict(), "stats": {n: asdict(s) for n, s in self.stats.items()},
                      "train_seconds": self.train_seconds, "skipped_in_a_row": self.skipped_in_a_row, "rng": rng_meta}
             (folder / "trainer_state.json").write_text(json.dumps(state))
@@ -298,6 +312,8 @@ class Trainer:
         ckpt.load_optimizer(self.optimizer, folder)
         state = json.loads((folder / "trainer_state.json").read_text())
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.batches.load_state_dict(state["batches"])
         self.stopper.load_state_dict(state["early_stopping"])
         self.stats = {n: SourceStats(**s) for n, s in state["stats"].items()}

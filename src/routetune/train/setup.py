@@ -22,6 +22,7 @@ from routetune.data.build import (
 from routetune.data.plan import RoutedBatches, plan_run
 from routetune.data.sources import LabelledSource, MemorySource, derive_seed
 from routetune.data.text import TextStream
+from routetune.device import Hardware, resolve
 from routetune.errors import ConfigError
 from routetune.evaluate.tasks import metric_names
 from routetune.model.attention import use_fast_attention_dropout
@@ -46,6 +47,7 @@ class Setup:
     batches: RoutedBatches
     total_steps: int
     primary_batches_per_epoch: int
+    hardware: Hardware
     dev: dict[str, EvalSet] = field(default_factory=dict)
     test: dict[str, EvalSet] = field(default_factory=dict)
     source_table: list[dict] = field(default_factory=list)
@@ -61,7 +63,10 @@ class Setup:
         return {**{n: s for n, s in self.test.items() if s.kind in ("text", "prompts")}, **self.extra}
 
 
-def prepare(cfg: Config) -> Setup:
+def prepare(cfg: Config, device: str | None = None, precision: str | None = None) -> Setup:
+    """Build and check everything a run needs. `device` / `precision` override the config's
+    (e.g. a GPU run resumed on a CPU-only machine)."""
+    hardware = resolve(device or cfg.train.device, precision or cfg.train.precision)
     earlier_labels, earlier = {}, None
     if cfg.model.init_from:
         earlier = run_checkpoint(Path(cfg.model.init_from), "best")
@@ -83,7 +88,7 @@ def prepare(cfg: Config) -> Setup:
     _check_early_stopping(cfg, dev, objectives)
 
     torch.manual_seed(cfg.train.seed)  # newly initialised LM-head weights, dropout
-    model = build_model(model_path, cfg.train.seed, cfg.model.attention)
+    model = build_model(model_path, cfg.train.seed, cfg.model.attention, hardware.device.type)
     for name, src in sources.items():
         if objectives[name] in HEADS:
             options = {"threshold": cfg.sources[name].threshold} if objectives[name] == "binary-classification" else {}
@@ -99,6 +104,7 @@ def prepare(cfg: Config) -> Setup:
                                **{k: spec[k] for k in ("pooling", "threshold") if k in spec})
         model.load_heads_from(earlier, list(earlier_specs))
     apply_peft(model, cfg.peft, cfg.freeze, model_path)
+    model.to(hardware.device)
     if earlier is not None:
         for name in model.heads:
             if name not in sources:
@@ -114,13 +120,18 @@ def prepare(cfg: Config) -> Setup:
 
     distilled = [n for n, s in cfg.sources.items() if s.distill > 0]
     if distilled:
-        how = model.enable_teacher(cfg.train.precision)
+        how = model.enable_teacher(hardware.precision)
         log.info("self-distillation on %s: the teacher is %s", ", ".join(distilled), how)
     if cfg.train.group_by_length:
         for src in sources.values():
             if isinstance(src, MemorySource):
                 src.group_by_length(cfg.train.batch_size)
-    if cfg.train.fast_dropout:
+    if cfg.train.fast_dropout and hardware.cuda:
+        # a CPU lever: torch's per-element Bernoulli draws are slow on CPU only; CUDA's dropout
+        # kernel draws its mask in the same fused pass
+        log.info("train.fast_dropout: skipped on %s (a CPU lever; CUDA's own dropout kernel is used)",
+                 hardware.device)
+    elif cfg.train.fast_dropout:
         use_fast_dropout(model)
         use_fast_attention_dropout(model.lm)
     model.fused_lm_loss = cfg.train.fused_lm_loss
@@ -130,8 +141,8 @@ def prepare(cfg: Config) -> Setup:
     r = cfg.routing
     batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted)
     per_epoch = math.ceil(len(sources[cfg.train.primary]) / cfg.train.batch_size)
-    setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, dev, test,
-                  extra=extra)
+    setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, hardware,
+                  dev, test, extra=extra)
     describe(setup)
     return setup
 
@@ -158,6 +169,8 @@ def describe(setup: Setup) -> list[dict]:
     per_step = 1 if cfg.routing.granularity == "batch" else cfg.train.batch_size
     rows = []
     log.info("model %s -> %s", cfg.model.name, setup.model_path)
+    hw = setup.hardware
+    log.info("device %s, precision %s (%s)", hw.device, hw.precision, hw.reason)
     log.info("routing: strategy %s, granularity %s, schedule %s, on_exhausted %s, seed %d", cfg.routing.strategy,
              cfg.routing.granularity, router.schedule.kind, cfg.routing.on_exhausted, cfg.routing.seed)
     for i, (name, src) in enumerate(setup.sources.items()):
