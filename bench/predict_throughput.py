@@ -48,7 +48,7 @@ def main() -> None:
     from transformers import pipeline
 
     from routetune.data.readers import read_conll
-    from routetune.model.export import export
+    from routetune.export import export
     from routetune.model.inference import for_inference
     from routetune.serve.predictor import Predictor, item_from_text
     from routetune.workflow import load_run

@@ -184,7 +184,7 @@ def main() -> None:
     run_server(cmd, port, texts, clients, args.duration, expected, "routetune")
     if args.skip_naive:
         return
-    from routetune.model.export import export
+    from routetune.export import export
 
     with tempfile.TemporaryDirectory() as tmp:
         export(Path(args.run), Path(tmp) / "hf", "best")

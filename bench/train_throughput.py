@@ -8,12 +8,19 @@
 Works (each variant runs in its own child process, one after the other, so peak RSS is its own
 and the two never share the cores):
 
-* ner: minilm-l6 token classification on WNUT-17 train, batch 16, max_length 128, AdamW lr 5e-5,
-  bf16 autocast on both. HF: AutoModelForTokenClassification + DataCollatorForTokenClassification
-  + Trainer (random sampler). routetune: examples/wnut17-minilm.yaml with general routing at 0.
+* ner: minilm-l6 token classification on WNUT-17 train, batch 16, max_length 128, AdamW lr 5e-5.
+  HF: AutoModelForTokenClassification + DataCollatorForTokenClassification + Trainer, twice: the
+  default (random) sampler and `train_sampling_strategy="group_by_length"`; the ratio is taken
+  against the faster of the two. routetune: examples/wnut17-minilm.yaml with general routing at 0.
 * clm: smollm2-135m, LoRA r=8 alpha 16 dropout 0.05 on q,k,v,o, causal-LM on 128-token blocks of
-  Tiny Shakespeare, batch 8, lr 2e-4, bf16. HF: get_peft_model + Trainer. routetune:
+  Tiny Shakespeare, batch 8, lr 2e-4. HF: get_peft_model + Trainer. routetune:
   examples/shakespeare-smollm2.yaml with general routing at 0.
+
+Like for like: both sides train in the same precision (`--precision`, default what routetune's
+`auto` picks on this CPU: bf16 only where it is native), with the attention kernel routetune's
+`auto` picks (SDPA for the encoder, eager for the decoder on CPU), in the same allocator
+environment (huge pages as `import routetune` sets them), and tokens are counted from the batch
+each step actually trains on.
 
 Printed per variant: non-padding tokens/s (special tokens included, as the attention mask
 counts them) over the timed steps (the first `--skip` steps are warm-up and not timed), peak RSS
@@ -22,8 +29,7 @@ of the child, and achieved training FLOP/s as a share of the bf16 matmul peak of
 machine's speed moves by 2-3x between minutes, so one measurement is not enough). Training FLOPs
 are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward+backward
 of a padding-free batch of the work's mean length gives FLOPs per token, which is multiplied by
-the tokens/s. The ratio routetune/HF is what issue #8 targets (>= 1.5 ner,
->= 1.3 clm). For routetune, one more step after the timed ones is profiled: the share of the step
+the tokens/s. The ratio routetune/HF is printed against the reference's best setting. For routetune, one more step after the timed ones is profiled: the share of the step
 its matrix multiplications take and the rate they run at, as a share of the peak (what a step of
 matmuls alone would reach; see matmul_profile).
 """
@@ -104,9 +110,9 @@ class Timer:
 # ------------------------------------------------------------------ Hugging Face reference
 
 def hf_train(model, rows, timer: Timer, tokens_of_step, batch_size: int, lr: float, weight_decay: float, steps: int,
-             collator=None) -> None:
-    """The standard Trainer recipe (bf16 autocast on CPU, AdamW as Trainer picks it), timed per
-    optimizer step by a callback."""
+             collator=None, precision: str = "bf16", sampling: str = "random") -> None:
+    """The standard Trainer recipe (autocast in `precision` on CPU, AdamW as Trainer picks it,
+    `sampling` random or group_by_length), timed per optimizer step by a callback."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class StepTimer(TrainerCallback):
@@ -118,12 +124,13 @@ def hf_train(model, rows, timer: Timer, tokens_of_step, batch_size: int, lr: flo
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(out, per_device_train_batch_size=batch_size, learning_rate=lr,
-                                 weight_decay=weight_decay, max_steps=steps, bf16=True, use_cpu=True, report_to=[],
-                                 save_strategy="no", logging_strategy="no", seed=42, dataloader_num_workers=0)
+                                 weight_decay=weight_decay, max_steps=steps, bf16=precision == "bf16", use_cpu=True,
+                                 report_to=[], save_strategy="no", logging_strategy="no", seed=42,
+                                 dataloader_num_workers=0, train_sampling_strategy=sampling)
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[StepTimer()]).train()
 
 
-def hf_ner(steps: int, skip: int) -> dict:
+def hf_ner(steps: int, skip: int, precision: str, sampling: str) -> dict:
     import torch
     from transformers import (
         AutoModelForTokenClassification,
@@ -132,7 +139,7 @@ def hf_ner(steps: int, skip: int) -> dict:
     )
 
     from routetune.data.readers import read_conll
-    from routetune.model.load import resolve_model
+    from routetune.model.load import pick_attention, resolve_model
 
     path = resolve_model("minilm-l6")
     sents = read_conll(DATA / "wnut17" / "wnut17train.conll")
@@ -146,7 +153,9 @@ def hf_ner(steps: int, skip: int) -> dict:
             lab.append(-100 if w is None or w == prev else labels.index(s.tags[w]))
             prev = w
         rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": lab})
-    model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(labels))
+    # the attention kernel routetune's `auto` picks for this work (SDPA for an encoder)
+    model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(labels),
+                                                            attn_implementation=pick_attention("auto", False, "cpu"))
     collate = DataCollatorForTokenClassification(tok)
     timer = Timer(skip)
 
@@ -155,7 +164,7 @@ def hf_ner(steps: int, skip: int) -> dict:
         timer.pending = int(batch["attention_mask"].sum())
         return batch
 
-    hf_train(model, rows, timer, lambda: timer.pending, 16, 5e-5, 0.01, steps, counting_collate)
+    hf_train(model, rows, timer, lambda: timer.pending, 16, 5e-5, 0.01, steps, counting_collate, precision, sampling)
     mean = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
     probe = collate(rows[:16])
     probe = {k: v[:, :mean].contiguous() for k, v in probe.items()}
@@ -170,7 +179,7 @@ def shakespeare_blocks(tok, n_blocks: int | None = None) -> list[list[int]]:
     return [ids[i:i + 128] for i in range(0, len(ids) - 127, 128)][:n_blocks]
 
 
-def hf_clm(steps: int, skip: int) -> dict:
+def hf_clm(steps: int, skip: int, precision: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -178,17 +187,19 @@ def hf_clm(steps: int, skip: int) -> dict:
         AutoTokenizer,
     )
 
-    from routetune.model.load import resolve_model
+    from routetune.model.load import pick_attention, resolve_model
 
     path = resolve_model("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     rows = [{"input_ids": b, "labels": b} for b in shakespeare_blocks(tok)]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # eager attention, as routetune's `auto` picks for a decoder on CPU (SDPA's CPU backward is slow here)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation=pick_attention("auto", True, "cpu"))
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     timer = Timer(skip)
 
-    hf_train(model, rows, timer, lambda: 8 * 128, 8, 2e-4, 0.0, steps)
+    hf_train(model, rows, timer, lambda: 8 * 128, 8, 2e-4, 0.0, steps, precision=precision)
     x = torch.tensor([r["input_ids"] for r in rows[:8]])
     return {**timer.result(), "flops_per_token": flops_per_token(model, {"input_ids": x, "labels": x}, x.numel())}
 
@@ -269,31 +280,29 @@ def _routetune_flops(trainer, part, objective: str) -> float:
 
 # ------------------------------------------------------------------ driver
 
-def child(kind: str, work: str, steps: int, skip: int, overrides: list[str]) -> None:
-    if kind == "routetune":
-        import routetune  # noqa: F401  (first, as the CLI does: it sets torch's allocator switch)
+def child(kind: str, work: str, steps: int, skip: int, overrides: list[str], precision: str) -> None:
+    import routetune  # noqa: F401  (both sides: the same allocator switch, see run_child)
     import torch
 
     torch.manual_seed(0)
-    if kind == "hf":
-        result = hf_ner(steps, skip) if work == "ner" else hf_clm(steps, skip)
+    if kind.startswith("hf"):
+        sampling = "group_by_length" if kind == "hf-grouped" else "random"
+        result = hf_ner(steps, skip, precision, sampling) if work == "ner" else hf_clm(steps, skip, precision)
     else:
-        result = routetune_run(work, steps, skip, overrides)
+        result = routetune_run(work, steps, skip, [f"train.precision={precision}", *overrides])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["matmul_peak_after_gflops"] = matmul_peak()  # the machine's speed right after these steps
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(kind: str, work: str, steps: int, skip: int, overrides: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--work", work, "--steps", str(steps), "--skip", str(skip)]
+def run_child(kind: str, work: str, steps: int, skip: int, overrides: list[str], precision: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--work", work, "--steps", str(steps), "--skip", str(skip),
+           "--precision", precision]
     for o in overrides:
         cmd += ["--set", o]
-    env = dict(os.environ)
-    if kind == "hf":
-        # The reference runs with torch's defaults: importing routetune's readers would otherwise
-        # switch on huge pages (routetune/__init__.py) for the Trainer too.
-        env["THP_MEM_ALLOC_ENABLE"] = "0"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # Both sides run in the same allocator environment: `import routetune` turns torch's huge
+    # pages on (THP_MEM_ALLOC_ENABLE=1) unless it is set, in the HF child as in routetune's.
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -311,42 +320,55 @@ def main() -> None:
     ap.add_argument("--only", choices=["hf", "routetune"], help="run one side only")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of HF then routetune; medians are printed")
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--child", choices=["hf", "routetune"], help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="autocast of both sides; auto: what routetune picks on this CPU (bf16 only where native)")
+    ap.add_argument("--child", choices=["hf", "hf-grouped", "routetune"], help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.work, args.steps, args.skip, args.set)
+        child(args.child, args.work, args.steps, args.skip, args.set, args.precision)
         return
     import torch
 
+    from routetune.device import cpu_bf16, resolve
+
+    if args.precision == "auto":
+        args.precision = resolve("cpu", "auto").precision
+    native, why = cpu_bf16()
+    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}; {why}; both sides train in {args.precision}")
     peak = matmul_peak()
     print(f"bf16 matmul peak at the start ({torch.get_num_threads()} threads): {peak:.0f} GFLOP/s")
     works = ["ner", "clm"] if args.work == "all" else [args.work]
-    results = {"overrides": args.set}
+    results = {"overrides": args.set, "precision": args.precision, "cpu": why,
+               "capability": torch.backends.cpu.get_cpu_capability()}
     peaks = [peak]
     for work in works:
         steps = args.ner_steps if work == "ner" else args.clm_steps
         rounds = []
         for k in range(args.repeat):  # HF and routetune alternate, so slow drifts of the machine hit both
             row = {}
-            for kind in ("hf", "routetune"):
-                if args.only and kind != args.only:
+            kinds = ("hf", "hf-grouped", "routetune") if work == "ner" else ("hf", "routetune")
+            for kind in kinds:
+                if args.only and not kind.startswith(args.only):
                     continue
-                r = run_child(kind, work, steps, args.skip, args.set if kind == "routetune" else [])
+                r = run_child(kind, work, steps, args.skip, args.set if kind == "routetune" else [], args.precision)
                 peaks.append(r["matmul_peak_after_gflops"])
                 row[kind] = r
                 print(f"{work:4s} {kind:10s} {r['tokens_per_s']:8.0f} tokens/s  {r['timed_steps']} steps "
                       f"{r['seconds']:.1f} s  {r['tokens_per_s'] * r['flops_per_token'] / 1e9:.0f} GFLOP/s  "
                       f"peak RSS {r['peak_rss_mb']:.0f} MB  ({args.skip} warm-up steps {r['warmup_seconds']:.1f} s; "
                       f"matmul peak right after: {r['matmul_peak_after_gflops']:.0f} GFLOP/s)", flush=True)
-            if len(row) == 2:
-                row["ratio"] = row["routetune"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
-                print(f"{work:4s} ratio routetune/HF: {row['ratio']:.2f}", flush=True)
+            hf_best = max((row[k]["tokens_per_s"], k) for k in row if k.startswith("hf")) if "hf" in row else None
+            if hf_best and "routetune" in row:
+                # against the reference's best setting (default sampler or length grouping)
+                row["ratio"] = row["routetune"]["tokens_per_s"] / hf_best[0]
+                row["hf_best"] = hf_best[1]
+                print(f"{work:4s} ratio routetune/HF best ({hf_best[1]}): {row['ratio']:.2f}", flush=True)
             rounds.append(row)
         results[work] = rounds[0] if args.repeat == 1 else {"rounds": rounds}
         if args.repeat > 1:
             summary = {kind: statistics.median(r[kind]["tokens_per_s"] for r in rounds) for kind in rounds[0]
-                       if kind != "ratio"}
+                       if kind not in ("ratio", "hf_best")}
             if "ratio" in rounds[0]:
                 summary["ratio"] = statistics.median(r["ratio"] for r in rounds)
             results[work]["median"] = summary
@@ -363,7 +385,7 @@ def main() -> None:
     for work in works:
         rounds = results[work]["rounds"] if args.repeat > 1 else [results[work]]
         for n, row in enumerate(rounds, 1):
-            for kind in ("hf", "routetune"):
+            for kind in ("hf", "hf-grouped", "routetune"):
                 if kind not in row:
                     continue
                 r = row[kind]

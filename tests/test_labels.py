@@ -58,5 +58,6 @@ def test_new_labels_refused_then_allowed_keeping_old_rows(tmp_path, tiny_model_d
 
 def test_resume_refuses_a_changed_label_set(tmp_path, tiny_model_dir, ner_files, earlier):
     _add_label(ner_files["train"])
+    (earlier / "summary.json").unlink()  # as if it had been interrupted (a finished run is not resumed)
     with pytest.raises(RunError, match=r"label set of source 'ner' changed .*new: \['B-product', 'I-product'\]"):
         resume_run(earlier)

@@ -162,7 +162,7 @@ def test_bottleneck_adapter_is_identity_at_start(tiny_model_dir):
 def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-    from routetune.model.export import export
+    from routetune.export import export
 
     path = _config(tmp_path, tiny_model_dir, False, {"method": method, "r": 4}, {})
     run_dir, _ = train(path)
@@ -185,7 +185,7 @@ def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
 
 def test_export_refuses_bottleneck_merge(tmp_path, tiny_model_dir):
     from routetune.errors import RunError
-    from routetune.model.export import export
+    from routetune.export import export
 
     run_dir, _ = train(_config(tmp_path, tiny_model_dir, False, {"method": "adapter", "adapter_size": 4}, {}))
     with pytest.raises(RunError, match="cannot be merged"):
@@ -198,7 +198,7 @@ def test_virtual_token_methods_export_as_peft_folders_and_refuse_merge(tmp_path,
     from transformers import AutoModelForCausalLM
 
     from routetune.errors import RunError
-    from routetune.model.export import export
+    from routetune.export import export
 
     run_dir, _ = train(_config(tmp_path, tiny_llama_dir, True, {"method": method, "num_virtual_tokens": 3}, {}))
     with pytest.raises(RunError, match="cannot be merged"):

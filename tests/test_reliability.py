@@ -136,7 +136,10 @@ def test_unmarked_checkpoint_is_never_used_and_damaged_newest_falls_back(tmp_pat
 
     folder = _checkpoint(tmp_path, tiny_model_dir, ner_files)
     root = folder.parent
-    older = root / "step-00000001"
+    for _, other in ckpt.step_checkpoints(root):  # only the newest stays (the run also saved step 1)
+        if other != folder:
+            shutil.rmtree(other)
+    older = root / "step-00000000"  # older than the real checkpoint
     shutil.copytree(folder, older)
     (folder / "heads.safetensors").write_bytes(b"garbage")
     assert ckpt.newest_valid(root) == older  # the damaged newer one is skipped, with a warning
@@ -145,7 +148,7 @@ def test_unmarked_checkpoint_is_never_used_and_damaged_newest_falls_back(tmp_pat
         ckpt.newest_valid(root)
     with pytest.raises(ckpt.CheckpointError):
         load_run(root.parent, "last")
-    assert "step-00000001" in ckpt.clean_incomplete(root)
+    assert "step-00000000" in ckpt.clean_incomplete(root)
 
 
 @pytest.mark.parametrize("policy", ["abort", "skip"])
@@ -170,7 +173,7 @@ def test_non_finite_loss_policy(tmp_path, tiny_model_dir, ner_files, monkeypatch
     if policy == "abort":
         assert "step 4: non-finite loss nan" in str(err.value) and "source" in str(err.value)
         steps = [s for s, _ in ckpt.step_checkpoints(tmp_path / "runs" / "tiny" / "checkpoints")]
-        assert steps == [2]  # nothing saved after the bad step
+        assert steps == [1, 2]  # nothing saved after the bad step (step 1 is always saved)
     else:
         assert "3 consecutive skipped steps" in str(err.value) and "step 6" in str(err.value)
         events = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]

@@ -130,7 +130,8 @@ def predict_cmd(
     language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
     from routetune.model.inference import for_inference
     from routetune.serve.predictor import Predictor, parse_line
-    from routetune.workflow import inference_hardware, load_run
+    from routetune.device import inference_hardware
+    from routetune.runs import load_run
 
     if fmt not in ("auto", "lines", "jsonl"):
         raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
@@ -206,7 +207,8 @@ def generate_cmd(
 ) -> None:
     """Greedy generation for new prompts with a fine-tuned decoder; writes JSONL {prompt, completion}."""
     from routetune.model.inference import for_inference
-    from routetune.workflow import inference_hardware, load_run
+    from routetune.device import inference_hardware
+    from routetune.runs import load_run
 
     hw = inference_hardware(device, precision)
     cfg, model, tokenizer = load_run(run, checkpoint)
@@ -225,7 +227,7 @@ def export_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder"),
 ) -> None:
     """Export standard Hugging Face / PEFT folders: the LM, the adapter, and each task head as a transformers task model."""
-    from routetune.model.export import export
+    from routetune.export import export
 
     for folder in export(run, out, checkpoint, merge, overwrite):
         typer.echo(folder)

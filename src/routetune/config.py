@@ -34,10 +34,10 @@ class _Strict(BaseModel):
 
 
 class RunConfig(_Strict):
-    name: str | None = None
-    """Run folder name under `output_dir`. Default: `<config file stem>-<YYYYmmdd-HHMMSS>`."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+    """Run folder name under `output_dir`: one folder name (letters, digits, `.`, `_`, `-`, not starting with `.`; no `/`). Default: `<config file stem>-<YYYYmmdd-HHMMSS>`."""
     output_dir: str = "runs"
-    """Folder that holds run folders (relative to the working directory)."""
+    """Folder that holds run folders (relative to the working directory); set it to write runs elsewhere."""
 
 
 class ModelConfig(_Strict):
@@ -265,7 +265,9 @@ class TrainConfig(_Strict):
     log_plan: bool = True
     """Write plan.jsonl: the source and example ids of every step (an audit trail of the routing)."""
     save_every_steps: int | None = Field(None, ge=1)
-    """Write a full resumable checkpoint every N steps (one is always written at each dev evaluation and at the end)."""
+    """Write a full resumable checkpoint every N steps (one is always written after the first step, at each dev evaluation and at the end)."""
+    save_every_minutes: float | None = Field(10.0, gt=0)
+    """Also write one when this many minutes have passed since the last (bounds the work a kill can cost); null: by steps only."""
     keep_last: int = Field(2, ge=1)
     """Step checkpoints kept (the newest N); `best` is kept besides them."""
     nonfinite: Literal["abort", "skip"] = "abort"
@@ -549,7 +551,12 @@ _TYPE_WORDS = {
     "model_type": "expected a mapping",
     "missing": "required key is missing",
     "extra_forbidden": "unknown key",
-    "string_pattern_mismatch": "expected auto, cpu, cuda or cuda:N",
+}
+# keys whose values must match a pattern: what a user is told instead of the regular expression
+_PATTERN_WORDS = {
+    ("train", "device"): "expected auto, cpu, cuda or cuda:N",
+    ("run", "name"): "expected one folder name (letters, digits, '.', '_', '-', not starting with '.'); "
+                     "set run.output_dir to write runs elsewhere",
 }
 
 
@@ -572,6 +579,8 @@ def _format_errors(exc: ValidationError, lines: dict, origin: str) -> str:
             msgs.append(f"{where}{key}.{text}" if loc else text)
             continue
         word = _TYPE_WORDS.get(etype, err["msg"].lower() if etype not in ("literal_error",) else err["msg"])
+        if etype == "string_pattern_mismatch":
+            word = _PATTERN_WORDS.get(loc, word)
         got = "" if etype in ("missing",) else f", got {err.get('input')!r}"
         if etype == "extra_forbidden":
             got = ""

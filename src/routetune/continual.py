@@ -104,7 +104,7 @@ def score(run_dir: Path, task_cfg, source: str) -> tuple[float, str]:
     from routetune.data.build import build, resolve_objective
     from routetune.evaluate.tasks import evaluate_set
     from routetune.model.inference import for_inference
-    from routetune.workflow import load_run
+    from routetune.runs import load_run
 
     _, model, tokenizer = load_run(run_dir, "best")
     hw = resolve(task_cfg.train.device, task_cfg.train.precision)

@@ -156,12 +156,19 @@ def resolve(device: str = "auto", precision: str = "auto",
     if precision == "auto":
         return Hardware(dev, "bf16" if native else "fp32", f"auto: {why}")
     if precision == "bf16" and not native:
-        log.warning("%s=bf16 on a %s: bf16 is emulated there and slower than fp32 (a bf16 matmul "
-                    "measured ~200x slower, a bf16 training step 3-4x slower); use precision auto or fp32", key, why)
+        log.warning("%s=bf16, but %s: bf16 is emulated there, far slower than fp32 (measured: a bf16 matmul "
+                    "~200x, a quickstart training step ~20x slower); use precision auto or fp32", key, why)
     if precision == "fp16":
         log.warning("%s=fp16 on the CPU: fp16 autocast there is meant for testing; most CPUs compute "
                     "it slower than fp32, and bf16 (where native) is the CPU's fast 16-bit type", key)
     return Hardware(dev, precision, f"{precision} as configured ({why})")
+
+
+def inference_hardware(device: str | None = None, precision: str | None = None) -> Hardware:
+    """Device and precision for evaluating, predicting or serving a run on this machine: chosen
+    here like a training run's `auto` (not copied from the run, which may have trained on other
+    hardware), unless given (the CLI's --device / --precision)."""
+    return resolve(device or "auto", precision or "auto", names=("--device", "--precision"))
 
 
 def autocast(precision: str, device_type: str = "cpu"):

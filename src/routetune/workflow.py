@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -13,10 +12,10 @@ from pathlib import Path
 import torch
 
 from routetune.config import Config, config_from_run, dump_config, load_config
-from routetune.device import Hardware, resolve
+from routetune.device import Hardware, inference_hardware
 from routetune.errors import ConfigError, RunError
 from routetune.model.heads import RoutedModel
-from routetune.model.load import load_tokenizer
+from routetune.runs import Claim, RunLock, check_claimable, claim, load_run  # noqa: F401  (load_run: API)
 from routetune.train import checkpoint as ckpt
 from routetune.train.engine import Trainer, evaluate_dev
 from routetune.train.setup import Setup, prepare
@@ -27,16 +26,6 @@ log = logging.getLogger("routetune")
 def run_dir_for(cfg: Config, config_path: Path) -> Path:
     name = cfg.run.name or f"{config_path.stem}-{datetime.now():%Y%m%d-%H%M%S}"
     return Path(cfg.run.output_dir) / name
-
-
-def claim_run_dir(path: Path, overwrite: bool) -> None:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise RunError(f"{path}: run folder exists and is not empty; choose another run.name "
-                           "or pass --overwrite to replace it")
-        log.warning("--overwrite: removing the existing run folder %s", path)
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
 
 
 def _add_file_log(path: Path) -> logging.Handler:
@@ -74,13 +63,17 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
             raise RunError(f"{run_dir}: the config differs from the run's saved config at "
                            f"{', '.join(diff[:5])}; resume with the same config (or start a new run)")
         return resume_run(run_dir, run_test)
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:  # refuse before any heavy work
-        claim_run_dir(run_dir, overwrite)
+    check_claimable(run_dir, overwrite)  # refuse before any heavy work
     setup = prepare(cfg)  # reads and checks all data, loads the model: fails before the folder is touched
-    claim_run_dir(run_dir, overwrite)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    (run_dir / "labels.json").write_text(json.dumps(setup.labels, indent=2) + "\n", encoding="utf-8")
-    return _fit_and_report(setup, run_dir, run_test, resume_from=None)
+    claimed = claim(run_dir, overwrite)
+    try:
+        with RunLock(run_dir):
+            (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+            (run_dir / "labels.json").write_text(json.dumps(setup.labels, indent=2) + "\n", encoding="utf-8")
+            return _fit_and_report(setup, run_dir, run_test, resume_from=None, claimed=claimed)
+    except BaseException:
+        claimed.rollback()  # a no-op once the new run has its first checkpoint
+        raise
 
 
 def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = None,
@@ -90,15 +83,22 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
     the same device type and precision)."""
     run_dir = Path(run_dir)
     cfg = config_from_run(run_dir)
-    removed = ckpt.clean_incomplete(run_dir / "checkpoints")
-    if removed:
-        log.warning("removed incomplete checkpoint folders: %s", ", ".join(removed))
-    folder = ckpt.newest_valid(run_dir / "checkpoints")
-    if folder is None:
-        raise RunError(f"{run_dir}: no complete checkpoint to resume from")
-    setup = prepare(cfg, device, precision)
-    _check_labels(run_dir, setup.labels)
-    return _fit_and_report(setup, run_dir, run_test, resume_from=folder)
+    finished = run_dir / "summary.json"
+    if finished.is_file():
+        summary = json.loads(finished.read_text(encoding="utf-8"))
+        log.info("%s finished at step %s of %s (summary.json); nothing to resume, nothing changed", run_dir,
+                 summary.get("steps"), summary.get("planned_steps"))
+        return run_dir, summary
+    with RunLock(run_dir):  # a live run's temporary checkpoint folders are not ours to clean
+        removed = ckpt.clean_incomplete(run_dir / "checkpoints")
+        if removed:
+            log.warning("removed incomplete checkpoint folders: %s", ", ".join(removed))
+        folder = ckpt.newest_valid(run_dir / "checkpoints")
+        if folder is None:
+            raise RunError(f"{run_dir}: no complete checkpoint to resume from")
+        setup = prepare(cfg, device, precision)
+        _check_labels(run_dir, setup.labels)
+        return _fit_and_report(setup, run_dir, run_test, resume_from=folder)
 
 
 def _write_hardware(run_dir: Path, hardware: Hardware, resumed: bool) -> None:
@@ -249,7 +249,8 @@ def score_before(setup: Setup) -> dict:
     return {n: out[n] for n in sets}
 
 
-def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Path | None) -> tuple[Path, dict]:
+def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Path | None,
+                    claimed: Claim | None = None) -> tuple[Path, dict]:
     started = time.time()
     cfg = setup.cfg
     handler = _add_file_log(run_dir / "train.log")
@@ -259,6 +260,8 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
                  setup.hardware.reason)
         _write_hardware(run_dir, setup.hardware, resumed=resume_from is not None)
         trainer = Trainer(setup, run_dir)
+        if claimed is not None:  # the replaced run folder goes once this one can be resumed
+            trainer.after_checkpoint.append(lambda step: claimed.commit())
         before_path = run_dir / "before.json"
         if resume_from is not None:
             step = trainer.restore(resume_from)
@@ -301,23 +304,6 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
         logging.getLogger("routetune").removeHandler(handler)
         handler.close()
     return run_dir, summary
-
-
-def load_run(run_dir: str | Path, checkpoint: str = "best"):
-    """(config, model, tokenizer) of a run, from a verified checkpoint; the model is on the CPU."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run folder")
-    cfg = config_from_run(run_dir)
-    folder = ckpt.run_checkpoint(run_dir, checkpoint)
-    return cfg, RoutedModel.load(folder), load_tokenizer(str(folder))
-
-
-def inference_hardware(device: str | None = None, precision: str | None = None) -> Hardware:
-    """Device and precision for evaluating, predicting or serving a run on this machine: chosen
-    here like a training run's `auto` (not copied from the run, which may have trained on other
-    hardware), unless given (the CLI's --device / --precision)."""
-    return resolve(device or "auto", precision or "auto", names=("--device", "--precision"))
 
 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",

@@ -461,7 +461,8 @@ def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: st
     import uvicorn
 
     from routetune.model.inference import for_inference
-    from routetune.workflow import inference_hardware, load_run
+    from routetune.device import inference_hardware
+    from routetune.runs import load_run
 
     tune_process()
     hw = inference_hardware(device, precision)

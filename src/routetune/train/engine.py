@@ -119,6 +119,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.skipped_in_a_row = 0
         self.ckpt_dir = run_dir / "checkpoints"
+        self.after_checkpoint: list = []  # called with the step after each step checkpoint is complete
+        self.last_save = time.monotonic()
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.plan_log = None  # opened in run(), after a resume has truncated the file
         self.loss_weights = cfg.routing.loss_weights
@@ -173,8 +175,7 @@ class Trainer:
             due_eval = bool((tc.eval_every_steps and done % tc.eval_every_steps == 0) or (tc.eval_each_epoch and epoch_end))
             if setup.dev and due_eval:
                 stopped = self.evaluate(done)
-            if (setup.dev and due_eval) or (tc.save_every_steps and done % tc.save_every_steps == 0) \
-                    or stopped or done == setup.total_steps:
+            if (setup.dev and due_eval) or stopped or done == setup.total_steps or self.save_due(done):
                 self.save(done)
             maybe_kill("after_step", done)
             if stopped:
@@ -192,6 +193,14 @@ class Trainer:
                          tokens=sum(s.tokens for s in self.stats.values()),
                          sources={n: {"batches": s.batches, "examples": s.examples, "tokens": s.tokens}
                                   for n, s in self.stats.items()})
+
+    def save_due(self, done: int) -> bool:
+        """A step checkpoint after the first step (so a kill at any later moment can resume), every
+        `save_every_steps`, and when `save_every_minutes` have passed since the last one."""
+        tc = self.setup.cfg.train
+        minutes = tc.save_every_minutes
+        return (done == 1 or bool(tc.save_every_steps and done % tc.save_every_steps == 0)
+                or bool(minutes and time.monotonic() - self.last_save >= 60 * minutes))
 
     def train_step(self, step: int, parts: list) -> dict[str, float]:
         """Forward each source's part, combine the losses, update. Returns per-source losses."""
@@ -304,6 +313,9 @@ class Trainer:
             ckpt.save_atomic(self.ckpt_dir / f"step-{step:08d}", write,
                              after_files=lambda tmp: maybe_kill("in_checkpoint", step))
         ckpt.prune(self.ckpt_dir, self.setup.cfg.train.keep_last)
+        self.last_save = time.monotonic()
+        for hook in self.after_checkpoint:
+            hook(step)
 
     def restore(self, folder: Path) -> int:
         """Load everything from a verified step checkpoint; returns its step."""

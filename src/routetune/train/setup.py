@@ -169,8 +169,6 @@ def describe(setup: Setup) -> list[dict]:
     per_step = 1 if cfg.routing.granularity == "batch" else cfg.train.batch_size
     rows = []
     log.info("model %s -> %s", cfg.model.name, setup.model_path)
-    hw = setup.hardware
-    log.info("device %s, precision %s (%s)", hw.device, hw.precision, hw.reason)
     log.info("routing: strategy %s, granularity %s, schedule %s, on_exhausted %s, seed %d", cfg.routing.strategy,
              cfg.routing.granularity, router.schedule.kind, cfg.routing.on_exhausted, cfg.routing.seed)
     for i, (name, src) in enumerate(setup.sources.items()):

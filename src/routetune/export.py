@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 from routetune.errors import RunError
+from routetune.runs import load_run
+from routetune.train.checkpoint import run_checkpoint
 
 TASK_CLASSES = {"token-classification": "AutoModelForTokenClassification",
                 "sequence-classification": "AutoModelForSequenceClassification",
@@ -73,13 +77,26 @@ def task_model(model, name: str):
     return task.eval()
 
 
-def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = False, overwrite: bool = False) -> list[str]:
-    from routetune.workflow import load_run
+EXPORT_MARKER = "routetune-export.json"
 
-    if out.exists() and any(out.iterdir()):
+
+def _replaceable(out: Path) -> bool:
+    """An earlier export: its marker, or (older exports) only lm/, adapter/ and heads/ folders."""
+    names = {p.name for p in out.iterdir()}
+    return EXPORT_MARKER in names or (bool(names) and names <= {"lm", "adapter", "heads"})
+
+
+def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = False, overwrite: bool = False) -> list[str]:
+    """Write the export into a temporary folder beside `out`, then put it in place. Nothing at
+    `out` is touched until the run has loaded and the export is complete; --overwrite replaces
+    only an earlier export (never other files), and the old one is removed after the swap."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise RunError(f"{out}: exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
+            raise RunError(f"{out}: exists and is not empty; pass --overwrite to replace an earlier export")
+        if not out.is_dir() or not _replaceable(out):
+            raise RunError(f"{out}: --overwrite replaces only an earlier routetune export (it has no {EXPORT_MARKER} "
+                           "and holds other files); nothing was changed; choose another --out")
     cfg, model, tokenizer = load_run(run_dir, checkpoint)
     if model.peft_method == "adapter":
         raise RunError(f"{run_dir}: bottleneck adapters are non-linear and cannot be merged into plain transformers "
@@ -87,26 +104,44 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = Fal
     if merge and model.prompt is not None:
         raise RunError(f"{run_dir}: {model.peft_method} adds virtual tokens, which cannot be merged into the "
                        "weights; export without --merge (a peft adapter folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        parts = _write_export(model, tokenizer, run_checkpoint(run_dir, checkpoint), tmp, merge)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint,
+                                                     "merge": merge, "method": model.peft_method}) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".old-export-{out.name}-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+    return [str(out / p) for p in parts]
+
+
+def _write_export(model, tokenizer, folder: Path, out: Path, merge: bool) -> list[str]:
+    """The export's folders under `out` (relative names returned)."""
     written = []
     adapter = model.adapter_config is not None
     if adapter and not merge:
-        from routetune.train.checkpoint import run_checkpoint
-
-        folder = run_checkpoint(run_dir, checkpoint)
         (out / "adapter").mkdir(parents=True)
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(folder / f, out / "adapter" / f)
         tokenizer.save_pretrained(out / "adapter")
-        written.append(str(out / "adapter"))
+        written.append("adapter")
     if adapter and merge:
         merge_adapters(model.lm)
     if not adapter or merge:
         model.lm.save_pretrained(out / "lm")
         tokenizer.save_pretrained(out / "lm")
-        written.append(str(out / "lm"))
+        written.append("lm")
         for name in model.heads:
-            folder = out / "heads" / name
-            task_model(model, name).save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            written.append(str(folder))
+            task_model(model, name).save_pretrained(out / "heads" / name)
+            tokenizer.save_pretrained(out / "heads" / name)
+            written.append(f"heads/{name}")
     return written
