@@ -13,6 +13,13 @@ this process before the load starts: entities, tags and tokens must be equal. Th
 load; its answers are in the pipeline's own format and are not compared.
 
 The clients run on the same two cores as the server, so absolute numbers include their cost.
+
+With `--slow-clients N` (routetune only), N more connections send their headers and half a body
+and then nothing, through the whole load (re-opened when the server closes them): they must not
+take prediction slots (the server reads a body before a request takes a slot, and drops a body
+that has not arrived within `--body-timeout`). Also printed: `/healthz` latency, polled every
+100 ms during the load, and once while one maximal request (48 items of 20,000 characters, with
+`--truncate`) is being prepared.
 """
 
 from __future__ import annotations
@@ -86,7 +93,57 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-async def load(port: int, texts: list[str], clients: int, duration: float, expected: dict | None, seed: int = 0):
+async def stall(port: int, end: float, stats: dict) -> None:
+    """One slow client: headers and half a declared body, then silence, until `end`."""
+    while time.perf_counter() < end:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/ner HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 2000\r\n\r\n{\"texts\": [\"aaaa")
+            await writer.drain()
+            stats["opened"] = stats.get("opened", 0) + 1
+            line = await asyncio.wait_for(reader.readline(), max(0.1, end - time.perf_counter()))
+            code = line.split()[1].decode() if len(line.split()) > 1 else "closed"
+            stats[code] = stats.get(code, 0) + 1
+            writer.close()
+        except (asyncio.TimeoutError, OSError):
+            pass
+
+
+async def poll_health(port: int, end: float, out: list) -> None:
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            try:
+                await http.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+                out.append(time.perf_counter() - t0)
+            except httpx.HTTPError:
+                out.append(float("inf"))
+            await asyncio.sleep(0.1)
+
+
+async def health_during_big_request(port: int) -> dict:
+    import httpx
+
+    body = {"texts": ["word " * 4_000] * 48}  # 48 x 20,000 characters: about the largest body the default 1 MB admits
+    async with httpx.AsyncClient() as http:
+        big = asyncio.create_task(http.post(f"http://127.0.0.1:{port}/v1/ner", json=body, timeout=120))
+        await asyncio.sleep(0.05)
+        lat = []
+        while not big.done():
+            t0 = time.perf_counter()
+            await http.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+            lat.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.05)
+        r = await big
+    return {"big_status": r.status_code, "healthz_max_ms": 1000 * max(lat) if lat else float("nan"),
+            "healthz_polls": len(lat)}
+
+
+async def load(port: int, texts: list[str], clients: int, duration: float, expected: dict | None, seed: int = 0,
+               slow_clients: int = 0):
     import httpx
 
     codes: dict[int, int] = {}
@@ -117,27 +174,36 @@ async def load(port: int, texts: list[str], clients: int, duration: float, expec
             elif code == 503:
                 await asyncio.sleep(0.1)  # a client backs off on 503 (100 ms; the server suggests Retry-After: 1)
 
+    stalls: dict = {}
+    health: list[float] = []
     async with httpx.AsyncClient(limits=limits) as http:
         started = time.perf_counter()
-        await asyncio.gather(*(client(k, http) for k in range(clients)))
+        await asyncio.gather(*(client(k, http) for k in range(clients)),
+                             *(stall(port, end, stalls) for _ in range(slow_clients)), poll_health(port, end, health))
         elapsed = time.perf_counter() - started
+    health.sort()
     latencies.sort()
 
     def pct(p):
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
 
     return {"elapsed": elapsed, "codes": dict(sorted(codes.items())), "ok_per_s": codes.get(200, 0) / elapsed,
-            "p50_ms": pct(0.5), "p99_ms": pct(0.99), "mismatches": len(mismatches), "mismatch_examples": mismatches[:3]}
+            "p50_ms": pct(0.5), "p99_ms": pct(0.99), "mismatches": len(mismatches), "mismatch_examples": mismatches[:3],
+            "slow_clients": stalls, "healthz_p50_ms": 1000 * health[len(health) // 2] if health else float("nan"),
+            "healthz_max_ms": 1000 * health[-1] if health else float("nan")}
 
 
-def run_server(cmd: list[str], port: int, texts: list[str], clients: int, duration: float, expected, label: str):
+def run_server(cmd: list[str], port: int, texts: list[str], clients: int, duration: float, expected, label: str,
+               slow_clients: int = 0):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     try:
         wait_ready(port, proc)
         asyncio.run(load(port, texts, clients, 10.0, None, seed=99))  # warm-up at full load, not timed
         before = rss_mb(proc.pid)
-        result = asyncio.run(load(port, texts, clients, duration, expected))
+        result = asyncio.run(load(port, texts, clients, duration, expected, slow_clients=slow_clients))
         after = rss_mb(proc.pid)
+        if expected is not None:
+            result.update(asyncio.run(health_during_big_request(port)))
     finally:
         proc.terminate()
         try:
@@ -150,6 +216,10 @@ def run_server(cmd: list[str], port: int, texts: list[str], clients: int, durati
           f"codes {result['codes']}  5xx other than 503: {five}  RSS {before:.0f} -> {after:.0f} MB "
           f"({100 * result['rss_growth']:+.1f}%)" + (f"  answers != offline: {result['mismatches']}"
                                                      if expected is not None else ""), flush=True)
+    print(f"{'':10s} /healthz during the load: p50 {result['healthz_p50_ms']:.1f} ms, max {result['healthz_max_ms']:.1f} ms"
+          + (f"; slow clients {result['slow_clients']}" if slow_clients else "")
+          + (f"; during one maximal request ({result['big_status']}): max {result['healthz_max_ms']:.1f} ms over "
+             f"{result['healthz_polls']} polls" if "big_status" in result else ""), flush=True)
     return result
 
 
@@ -163,12 +233,13 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--slow-clients", type=int, default=0, help="stalled connections during routetune's load")
     args = ap.parse_args()
     clients = args.clients or 2 * args.cap
 
     from routetune.data.readers import read_conll
     from routetune.serve.predictor import Predictor, item_from_text
-    from routetune.workflow import load_run
+    from routetune.runs import load_run
 
     texts = sorted({" ".join(s.tokens) for s in read_conll(DATA / "wnut17" / "emerging.test.annotated")})
     cfg, model, tokenizer = load_run(Path(args.run), "best")
@@ -181,7 +252,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "routetune.cli", "serve", args.run, "--port", str(port), "--max-concurrency",
            str(args.cap), "--precision", args.precision, "--max-batch", str(args.max_batch),
            "--max-wait-ms", str(args.max_wait_ms), "--timeout", "30", "--truncate"]
-    run_server(cmd, port, texts, clients, args.duration, expected, "routetune")
+    run_server(cmd, port, texts, clients, args.duration, expected, "routetune", args.slow_clients)
     if args.skip_naive:
         return
     from routetune.export import export

@@ -24,7 +24,7 @@ each step actually trains on.
 
 Printed per variant: non-padding tokens/s (special tokens included, as the attention mask
 counts them) over the timed steps (the first `--skip` steps are warm-up and not timed), peak RSS
-of the child, and achieved training FLOP/s as a share of the bf16 matmul peak of this invocation
+of the child, and achieved training FLOP/s as a share of the matmul peak (in the trained precision) of this invocation
 (the best rate of `matmul_peak` measured at the start and again right after every child: the
 machine's speed moves by 2-3x between minutes, so one measurement is not enough). Training FLOPs
 are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward+backward
@@ -52,14 +52,16 @@ sys.path.insert(0, str(ROOT / "src"))
 DATA = Path(os.environ.get("ROUTETUNE_DATA", ROOT.parent / "shared" / "data"))
 
 
-def matmul_peak() -> float:
-    """Best bf16 matmul GFLOP/s over a few square sizes, three trials each (all threads): the
-    machine's clock and neighbours vary, so the best trial is the peak."""
+def matmul_peak(precision: str = "bf16") -> float:
+    """Best matmul GFLOP/s in the trained precision (bf16 or fp32) over a few square sizes, three
+    trials each (all threads): the machine's clock and neighbours vary, so the best trial is the
+    peak."""
     import torch
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     best = 0.0
     for n in (1024, 2048, 4096):
-        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         for _ in range(2):
             a @ b
         reps = max(3, int(2e11 / (2 * n**3)))
@@ -285,13 +287,15 @@ def child(kind: str, work: str, steps: int, skip: int, overrides: list[str], pre
     import torch
 
     torch.manual_seed(0)
+    if kind.endswith("-fp32"):  # a reference variant in fp32 (on a bf16 machine a user may keep fp32)
+        kind, precision = kind.removesuffix("-fp32"), "fp32"
     if kind.startswith("hf"):
         sampling = "group_by_length" if kind == "hf-grouped" else "random"
         result = hf_ner(steps, skip, precision, sampling) if work == "ner" else hf_clm(steps, skip, precision)
     else:
         result = routetune_run(work, steps, skip, [f"train.precision={precision}", *overrides])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["matmul_peak_after_gflops"] = matmul_peak()  # the machine's speed right after these steps
+    result["matmul_peak_after_gflops"] = matmul_peak(precision)  # the machine's speed right after these steps
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -322,7 +326,10 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="autocast of both sides; auto: what routetune picks on this CPU (bf16 only where native)")
-    ap.add_argument("--child", choices=["hf", "hf-grouped", "routetune"], help=argparse.SUPPRESS)
+    ap.add_argument("--hf-fp32", action="store_true",
+                    help="also run the reference in fp32 (when both train in bf16): a user may find it faster")
+    ap.add_argument("--child", choices=["hf", "hf-grouped", "hf-fp32", "hf-grouped-fp32", "routetune"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -336,8 +343,8 @@ def main() -> None:
         args.precision = resolve("cpu", "auto").precision
     native, why = cpu_bf16()
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}; {why}; both sides train in {args.precision}")
-    peak = matmul_peak()
-    print(f"bf16 matmul peak at the start ({torch.get_num_threads()} threads): {peak:.0f} GFLOP/s")
+    peak = matmul_peak(args.precision)
+    print(f"{args.precision} matmul peak at the start ({torch.get_num_threads()} threads): {peak:.0f} GFLOP/s")
     works = ["ner", "clm"] if args.work == "all" else [args.work]
     results = {"overrides": args.set, "precision": args.precision, "cpu": why,
                "capability": torch.backends.cpu.get_cpu_capability()}
@@ -347,14 +354,17 @@ def main() -> None:
         rounds = []
         for k in range(args.repeat):  # HF and routetune alternate, so slow drifts of the machine hit both
             row = {}
-            kinds = ("hf", "hf-grouped", "routetune") if work == "ner" else ("hf", "routetune")
+            kinds = ["hf", "hf-grouped"] if work == "ner" else ["hf"]
+            if args.hf_fp32 and args.precision == "bf16":
+                kinds += [k + "-fp32" for k in kinds]
+            kinds.append("routetune")
             for kind in kinds:
                 if args.only and not kind.startswith(args.only):
                     continue
                 r = run_child(kind, work, steps, args.skip, args.set if kind == "routetune" else [], args.precision)
                 peaks.append(r["matmul_peak_after_gflops"])
                 row[kind] = r
-                print(f"{work:4s} {kind:10s} {r['tokens_per_s']:8.0f} tokens/s  {r['timed_steps']} steps "
+                print(f"{work:4s} {kind:15s} {r['tokens_per_s']:8.0f} tokens/s  {r['timed_steps']} steps "
                       f"{r['seconds']:.1f} s  {r['tokens_per_s'] * r['flops_per_token'] / 1e9:.0f} GFLOP/s  "
                       f"peak RSS {r['peak_rss_mb']:.0f} MB  ({args.skip} warm-up steps {r['warmup_seconds']:.1f} s; "
                       f"matmul peak right after: {r['matmul_peak_after_gflops']:.0f} GFLOP/s)", flush=True)
@@ -380,17 +390,17 @@ def main() -> None:
     # and a peak taken once, in a slow minute, would flatter every share below.
     peak = max(peaks)
     results["peak_gflops"], results["peak_trials_gflops"] = peak, peaks
-    print(f"bf16 matmul peak of this invocation: {peak:.0f} GFLOP/s (best of {len(peaks)} measurements: "
+    print(f"{args.precision} matmul peak of this invocation: {peak:.0f} GFLOP/s (best of {len(peaks)} measurements: "
           + ", ".join(f"{p:.0f}" for p in peaks) + ")")
     for work in works:
         rounds = results[work]["rounds"] if args.repeat > 1 else [results[work]]
         for n, row in enumerate(rounds, 1):
-            for kind in ("hf", "hf-grouped", "routetune"):
+            for kind in ("hf", "hf-grouped", "hf-fp32", "hf-grouped-fp32", "routetune"):
                 if kind not in row:
                     continue
                 r = row[kind]
                 r["peak_fraction"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
-                line = f"{work:4s} round {n} {kind:10s} {100 * r['peak_fraction']:5.1f}% of peak"
+                line = f"{work:4s} round {n} {kind:15s} {100 * r['peak_fraction']:5.1f}% of peak"
                 if "matmul_s" in r:
                     r["matmul_peak_fraction"] = r["matmul_gflops"] / peak
                     line += (f"; one profiled step: matmuls {r['matmul_s']:.2f} of {r['profiled_step_s']:.2f} s "

@@ -1,5 +1,6 @@
 """Hostile inputs: every reader and the config loader raise only routetune's own errors
-(ValueError subclasses naming file:line or the key), never KeyError, IndexError,
+(ValueError subclasses whose message names the file, as FILE:LINE where a line is at fault, and
+the key for configs), never KeyError, IndexError,
 UnicodeDecodeError or anything else. A fast subset runs by default; `-m slow` runs 10,000+
 inputs per target."""
 
@@ -55,25 +56,32 @@ def _file(data: bytes) -> Path:
     return path
 
 
-def _only_ours(fn, *args, **kwargs):
+def _only_ours(fn, *args, where: str | None = None, **kwargs):
+    """Only routetune's own errors escape, each with a message; with `where`, the message names
+    that file (as `FILE:LINE: ...` or `FILE: ...`) or input."""
     try:
         fn(*args, **kwargs)
     except RoutetuneError as exc:
         assert str(exc)  # always a message
+        if where is not None:
+            assert where in str(exc), (where, str(exc))
     # anything else propagates and fails the test
 
 
 def conll_case(data, scheme, token_column, tag_column):
-    _only_ours(read_conll, _file(data), token_column=token_column, tag_column=tag_column, scheme=scheme)
+    path = _file(data)
+    _only_ours(read_conll, path, token_column=token_column, tag_column=tag_column, scheme=scheme, where=str(path))
 
 
 def text_case(data, strip):
-    _only_ours(lambda p: list(iter_text(p, strip_gutenberg=strip)), _file(data))
-    _only_ours(lambda p: list(text_range(p, 0.3, 0.9, strip)), _file(data))
+    path = _file(data)
+    _only_ours(lambda p: list(iter_text(p, strip_gutenberg=strip)), path, where=str(path))
+    _only_ours(lambda p: list(text_range(p, 0.3, 0.9, strip)), path, where=str(path))
 
 
 def examples_case(data, fmt):
-    _only_ours(read_examples, str(_file(data)), fmt)
+    path = _file(data)
+    _only_ours(read_examples, str(path), fmt, where=str(path))
 
 
 def folder_case(files_data):
@@ -84,19 +92,20 @@ def folder_case(files_data):
     for i, (label, data) in enumerate(files_data):
         (root / label).mkdir(parents=True, exist_ok=True)
         (root / label / f"{i}.txt").write_bytes(data)
-    _only_ours(read_examples, str(root), "folders")
+    _only_ours(read_examples, str(root), "folders", where=str(root))
     _only_ours(read_examples, str(root / "*" / "*.txt"), "lines-per-class")
 
 
 def prompts_case(data):
-    _only_ours(read_prompt_completions, str(_file(data)))
+    path = _file(data)
+    _only_ours(read_prompt_completions, str(path), where=str(path))
 
 
 def config_case(text):
     path = TMP / "config.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass") if "\ud800" not in text else None
     if path.exists():
-        _only_ours(load_config, path)
+        _only_ours(load_config, path, where=str(path))
 
 
 def tree_case(tree, override):
@@ -106,7 +115,7 @@ def tree_case(tree, override):
 
 
 def predict_case(line, fmt):
-    _only_ours(parse_line, line, fmt, "<fuzz>", 1)
+    _only_ours(parse_line, line, fmt, "<fuzz>", 1, where="<fuzz>:1: ")
 
 
 CASES = {

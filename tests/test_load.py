@@ -16,7 +16,14 @@ def test_local_folder_and_errors(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="unknown model 'bert-tiny'.*not an alias"):
         load.resolve_model("bert-tiny")
-    assert load.resolve_model("org/some-model") == "org/some-model"  # hub ids pass through
+    with pytest.raises(ModelError, match="not in the Hugging Face cache, and the hub is off"):
+        load.resolve_model("org/some-model")  # offline and not cached: refused at once
+    monkeypatch.setattr(load, "_hub_cached", lambda name: True)
+    assert load.resolve_model("org/some-model") == "org/some-model"  # cached hub ids pass through offline
+    monkeypatch.setattr(load, "_hub_cached", lambda name: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(load, "_hub_reachable", lambda timeout=3.0: True)
+    assert load.resolve_model("org/some-model") == "org/some-model"  # with a reachable hub, too
 
 
 def test_alias_without_its_package(monkeypatch):

@@ -13,8 +13,11 @@ from typing import Optional
 import typer
 
 from routetune.errors import RoutetuneError
+from routetune.serve.limits import Limits
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+_LIMITS = Limits()  # the serving defaults, defined once (serve/limits.py)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained language models with seeded routing of task and general data.")
 
 
@@ -29,6 +32,29 @@ def _device_option():
 
 def _precision_option():
     return typer.Option(None, "--precision", help=PRECISION_HELP)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import importlib.metadata
+
+        from routetune import __version__
+
+        try:
+            import torch
+
+            torch_line = f"torch {torch.__version__}"
+        except ImportError:  # pragma: no cover
+            torch_line = "torch not installed"
+        typer.echo(f"routetune {__version__} ({torch_line}, transformers "
+                   f"{importlib.metadata.version('transformers')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the versions of routetune, torch and transformers and exit")) -> None:
+    """Fine-tune pretrained language models with seeded routing of task and general data."""
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -56,10 +82,13 @@ def train_cmd(
                                           help="With model.init_from: add labels the earlier heads lack"),
 ) -> None:
     """Train a config into a new run folder (or continue one with --resume)."""
-    from routetune.workflow import train
+    from routetune.config import load_config
 
     if allow_new_labels:
         set_ = [*set_, "model.allow_new_labels=true"]
+    load_config(config, set_)  # a config mistake is reported before torch and transformers load (seconds)
+    from routetune.workflow import train
+
     run_dir, summary = train(config, set_, overwrite=overwrite, run_test=test, resume=resume)
     _print_summary(run_dir, summary)
 
@@ -160,6 +189,10 @@ def _parse_prompt(line: str, where: str, n: int):
             raise RoutetuneError(f"{where}:{n}: invalid JSON ({exc.msg})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise RoutetuneError(f"{where}:{n}: expected a JSON object with a string field 'prompt'")
+        from routetune.serve.predictor import unicode_problem
+
+        if problem := unicode_problem(obj["prompt"]):
+            raise RoutetuneError(f"{where}:{n}: 'prompt': {problem}")
         return obj["prompt"]
     return text
 
@@ -241,23 +274,50 @@ def serve_cmd(
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     precision: Optional[str] = _precision_option(),
     device: Optional[str] = _device_option(),
-    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Items per micro-batch"),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="Wait this long to fill a micro-batch"),
-    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1, help="Larger bodies get 413"),
-    max_items: int = typer.Option(64, "--max-items", min=1, help="Items per request (more: 422)"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Tokens per item (default: model.max_length; more: 422)"),
-    truncate: bool = typer.Option(False, "--truncate", help="Cut long items to --max-tokens and flag them instead of 422"),
-    max_concurrency: int = typer.Option(32, "--max-concurrency", min=1, help="Requests served at once (more: 503)"),
-    timeout_s: float = typer.Option(10.0, "--timeout", min=0.001, help="Per-request timeout in seconds (504)"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Largest max_new_tokens a request may ask for"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="ROUTETUNE_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (all but /healthz); "
+                                               "needed to bind a non-loopback host"),
+    allow_unauthenticated: bool = typer.Option(False, "--allow-unauthenticated",
+                                               help="Serve a non-loopback host without an API key (warns)"),
+    docs: bool = typer.Option(True, "--docs/--no-docs", help="Serve /docs, /redoc and /openapi.json"),
+    metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Serve /metrics (Prometheus)"),
+    ssl_certfile: Optional[str] = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM): serve HTTPS"),
+    ssl_keyfile: Optional[str] = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM)"),
+    max_batch: int = typer.Option(_LIMITS.max_batch, "--max-batch", min=1, help="Items per micro-batch"),
+    max_batch_tokens: int = typer.Option(_LIMITS.max_batch_tokens, "--max-batch-tokens", min=1,
+                                         help="Tokens per micro-batch"),
+    max_wait_ms: float = typer.Option(_LIMITS.max_wait_ms, "--max-wait-ms", min=0,
+                                      help="Wait this long to fill a micro-batch"),
+    max_body_bytes: int = typer.Option(_LIMITS.max_body_bytes, "--max-body-bytes", min=1,
+                                       help="Larger bodies get 413"),
+    body_timeout_s: float = typer.Option(_LIMITS.body_timeout_s, "--body-timeout", min=0.001,
+                                         help="Seconds a request body may take to arrive (408)"),
+    max_items: int = typer.Option(_LIMITS.max_items, "--max-items", min=1, help="Items per request (more: 422)"),
+    max_chars: int = typer.Option(_LIMITS.max_chars, "--max-chars", min=1,
+                                  help="Characters per item, checked before tokenising (more: 422)"),
+    max_tokens: Optional[int] = typer.Option(_LIMITS.max_tokens, "--max-tokens", min=1,
+                                             help="Tokens per item (default: model.max_length; more: 422)"),
+    truncate: bool = typer.Option(_LIMITS.truncate, "--truncate",
+                                  help="Cut long items to the limits and flag them instead of 422"),
+    max_concurrency: int = typer.Option(_LIMITS.max_concurrency, "--max-concurrency", min=1,
+                                        help="Requests served at once, once their body is in (more: 503)"),
+    max_connections: int = typer.Option(_LIMITS.max_connections, "--max-connections", min=1,
+                                        help="Open connections (more: 503)"),
+    timeout_s: float = typer.Option(_LIMITS.timeout_s, "--timeout", min=0.001,
+                                    help="Seconds from a request's body to its response (504)"),
+    max_new_tokens: int = typer.Option(_LIMITS.max_new_tokens, "--max-new-tokens", min=1,
+                                       help="Largest max_new_tokens a request may ask for"),
 ) -> None:
     """Serve a run over HTTP (FastAPI + uvicorn): /v1/ner, /v1/classify, /v1/generate, /healthz, /metrics, /docs."""
-    from routetune.serve.server import Limits, serve_run
+    from routetune.serve.server import serve_run
 
-    limits = Limits(max_body_bytes=max_body_bytes, max_items=max_items, max_tokens=max_tokens, truncate=truncate,
-                    max_concurrency=max_concurrency, timeout_s=timeout_s, max_batch=max_batch,
-                    max_wait_ms=max_wait_ms, max_new_tokens=max_new_tokens)
-    serve_run(run, host, port, checkpoint, limits, precision, device=device)
+    limits = Limits(max_body_bytes=max_body_bytes, max_items=max_items, max_tokens=max_tokens, max_chars=max_chars,
+                    truncate=truncate, max_concurrency=max_concurrency, max_connections=max_connections,
+                    body_timeout_s=body_timeout_s, timeout_s=timeout_s, max_batch=max_batch,
+                    max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_new_tokens=max_new_tokens)
+    serve_run(run, host, port, checkpoint, limits, precision, device=device, api_key=api_key,
+              allow_unauthenticated=allow_unauthenticated, docs=docs, metrics=metrics, ssl_certfile=ssl_certfile,
+              ssl_keyfile=ssl_keyfile)
 
 
 @app.command("continual")
@@ -291,22 +351,41 @@ def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run folders to put 
     typer.echo(compare_table(runs))
 
 
+def _usage_error(exc: BaseException) -> bool:
+    """A command-line usage error (unknown command or option, bad or missing value). typer ships
+    its own copy of click, whose exceptions are not click's, so they are recognised by shape."""
+    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
+
+
 def main() -> None:
     _setup_logging()
     try:
-        app(standalone_mode=False)
+        result = app(standalone_mode=False, prog_name="routetune")
     except RoutetuneError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:  # a path the user gave or owns
+        typer.echo(f"error: {exc.filename or ''}: {exc.strerror or exc}".replace("error: : ", "error: "), err=True)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno == 30:  # EROFS: a read-only file system
+            typer.echo(f"error: {exc.filename}: read-only file system", err=True)
+            sys.exit(2)
         raise
+    except Exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `routetune`: the help, as click shows it
+            exc.show()
+            sys.exit(2)
+        if _usage_error(exc):
+            command = getattr(getattr(exc, "ctx", None), "command_path", None) or "routetune"
+            typer.echo(f"error: {exc.format_message()} (see: {command} --help)", err=True)
+            sys.exit(2)
+        raise
+    if isinstance(result, int) and result:  # typer.Exit(code) in non-standalone mode
+        sys.exit(result)
 
 
 if __name__ == "__main__":

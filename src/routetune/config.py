@@ -560,18 +560,24 @@ _PATTERN_WORDS = {
 }
 
 
-def _format_errors(exc: ValidationError, lines: dict, origin: str) -> str:
+def _format_errors(exc: ValidationError, lines: dict, origin: str, overrides: dict | None = None) -> str:
+    """One line per error, naming where the value came from: `FILE:LINE:`, or `--set K=V:` when a
+    command-line override set it."""
     msgs = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc)
         etype = err["type"]
-        line = None
+        line, where = None, None
         for n in range(len(loc), 0, -1):
+            if overrides and loc[:n] in overrides:
+                where = f"--set {overrides[loc[:n]]}: "
+                break
             if loc[:n] in lines:
                 line = lines[loc[:n]]
                 break
-        where = f"{origin}:{line}: " if line else f"{origin}: "
+        if where is None:
+            where = f"{origin}:{line}: " if line else f"{origin}: "
         if etype == "value_error":
             text = str(err.get("ctx", {}).get("error", err["msg"]))
             # top-level cross-checks name their whole key; a nested model's check names its own
@@ -590,14 +596,15 @@ def _format_errors(exc: ValidationError, lines: dict, origin: str) -> str:
     return "\n".join(msgs)
 
 
-def parse_config(raw: Any, origin: str = "<config>", lines: dict | None = None) -> Config:
+def parse_config(raw: Any, origin: str = "<config>", lines: dict | None = None,
+                 overrides: dict | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a YAML mapping at the top level, got {type(raw).__name__}")
     raw = _expand_env(raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, lines or {}, origin)) from None
+        raise ConfigError(_format_errors(exc, lines or {}, origin, overrides)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -621,7 +628,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(raw).__name__}")
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    cfg = parse_config(raw, origin=str(path), lines=_line_map(text))
+    given = {tuple(a.partition("=")[0].strip().split(".")): a for a in overrides or []}
+    cfg = parse_config(raw, origin=str(path), lines=_line_map(text), overrides=given)
     return resolve_paths(cfg, path.parent)
 
 
@@ -657,5 +665,14 @@ def config_from_run(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; is {run_dir} a routetune run folder?")
-    text = path.read_text(encoding="utf-8")
-    return parse_config(yaml.safe_load(text), origin=str(path), lines=_line_map(text))
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8; the run's config is damaged") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)}); the run's config is "
+                          "damaged") from None
+    return parse_config(raw, origin=str(path), lines=_line_map(text))

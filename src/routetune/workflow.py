@@ -28,9 +28,29 @@ def run_dir_for(cfg: Config, config_path: Path) -> Path:
     return Path(cfg.run.output_dir) / name
 
 
-def _add_file_log(path: Path) -> logging.Handler:
+class _HeldLogs(logging.Handler):
+    """Keeps the log records of the set-up (before the run folder exists) for train.log."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> _HeldLogs:
+        logging.getLogger("routetune").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("routetune").removeHandler(self)
+
+
+def _add_file_log(path: Path, held: list | None = None) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for record in held or []:  # the set-up summary, logged before the folder existed
+        handler.handle(record)
     logging.getLogger("routetune").addHandler(handler)
     return handler
 
@@ -64,7 +84,9 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
                            f"{', '.join(diff[:5])}; resume with the same config (or start a new run)")
         return resume_run(run_dir, run_test)
     check_claimable(run_dir, overwrite)  # refuse before any heavy work
-    setup = prepare(cfg)  # reads and checks all data, loads the model: fails before the folder is touched
+    with _HeldLogs() as held:
+        setup = prepare(cfg)  # reads and checks all data, loads the model: fails before the folder is touched
+    setup.held_logs = held.records
     claimed = claim(run_dir, overwrite)
     try:
         with RunLock(run_dir):
@@ -96,7 +118,9 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
         folder = ckpt.newest_valid(run_dir / "checkpoints")
         if folder is None:
             raise RunError(f"{run_dir}: no complete checkpoint to resume from")
-        setup = prepare(cfg, device, precision)
+        with _HeldLogs() as held:
+            setup = prepare(cfg, device, precision)
+        setup.held_logs = held.records
         _check_labels(run_dir, setup.labels)
         return _fit_and_report(setup, run_dir, run_test, resume_from=folder)
 
@@ -253,7 +277,7 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
                     claimed: Claim | None = None) -> tuple[Path, dict]:
     started = time.time()
     cfg = setup.cfg
-    handler = _add_file_log(run_dir / "train.log")
+    handler = _add_file_log(run_dir / "train.log", getattr(setup, "held_logs", None))
     try:
         log.info("run folder %s", run_dir)
         log.info("device %s, precision %s (%s)", setup.hardware.device, setup.hardware.precision,
@@ -313,8 +337,8 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
     from routetune.evaluate.tasks import evaluate_set
     from routetune.model.inference import for_inference
 
+    hw = inference_hardware(device, precision)  # a bad option is reported before the run loads
     cfg, model, tokenizer = load_run(run_dir, checkpoint)
-    hw = inference_hardware(device, precision)
     for_inference(model, hw.precision, hw.device)
     objectives = {n: resolve_objective(sc.objective, model.is_decoder, n) for n, sc in cfg.sources.items()}
     labels = {n: h.labels for n, h in model.heads.items()}

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from routetune.model.lm_loss import linear_cross_entropy
-from routetune.model.load import is_decoder, lm_head_is_tied, load_lm
+from routetune.errors import ModelError
+from routetune.model.load import base_digest, is_decoder, lm_head_is_tied, load_lm
 from routetune.model.peft import is_adapter_param
 
 log = logging.getLogger("routetune")
@@ -375,8 +376,8 @@ class RoutedModel(nn.Module):
         (folder / "routetune.json").write_text(json.dumps(self._note()) + "\n")
 
     def _note(self) -> dict:
-        return {"base": self.base_path, "method": self.peft_method, "adapter": self.adapter_config is not None,
-                **self.peft_options}
+        return {"base": self.base_path, "base_digest": base_digest(self.base_path), "method": self.peft_method,
+                "adapter": self.adapter_config is not None, **self.peft_options}
 
     def _save_trained(self, folder: Path) -> None:
         """Only the tensors this method trains (adapters or biases, the LM head's own), plus a
@@ -457,6 +458,8 @@ class RoutedModel(nn.Module):
     def load(cls, folder: str | Path) -> RoutedModel:
         folder = Path(folder)
         note = json.loads((folder / "routetune.json").read_text()) if (folder / "routetune.json").is_file() else {}
+        if note:
+            _check_base(folder, note)
         if note.get("adapter"):
             from peft import PeftConfig, inject_adapter_in_model
 
@@ -494,6 +497,19 @@ class RoutedModel(nn.Module):
         model._load_head_tensors(folder, list(specs))
         model.eval()
         return model
+
+
+def _check_base(folder: Path, note: dict) -> None:
+    """An adapter or trained-tensors checkpoint applies to the exact base it was trained on."""
+    recorded, base = note.get("base_digest"), note.get("base")
+    if recorded is None:
+        log.warning("%s/routetune.json records no digest of its base %s (written by an older routetune): "
+                    "the base is loaded unchecked", folder, base)
+        return
+    now = base_digest(base)
+    if now is not None and now != recorded:
+        raise ModelError(f"{folder}/routetune.json: the base model at {base} is not the one this checkpoint was "
+                         "trained on (its files changed: different SHA-256); restore that model or retrain")
 
 
 def _copy_pooler(head: SequenceClassificationHead, path: str) -> None:

@@ -6,6 +6,7 @@ package is dequantised once into a normal Hugging Face folder under the cache an
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -103,12 +104,44 @@ def resolve_model(name: str) -> str:
         return str(p)
     if name.startswith((".", "/", "~")):
         raise ModelError(f"{name}: model folder not found")
-    if "/" not in name and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelError(
-            f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), not a folder, "
-            "and the hub is offline (HF_HUB_OFFLINE=1)"
-        )
+    if _hub_cached(name):
+        return name
+    aliases = ", ".join(ALIASES)
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(f"unknown model {name!r}: not an alias ({aliases}), not a model folder, not in the "
+                         "Hugging Face cache, and the hub is off (HF_HUB_OFFLINE=1)")
+    if not _hub_reachable():
+        raise ModelError(f"unknown model {name!r}: not an alias ({aliases}), not a model folder, not in the "
+                         "Hugging Face cache, and the hub cannot be reached from here; use an alias or a local "
+                         "model folder")
     return name
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether a hub id's config is in the local Hugging Face cache (usable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id the hub library rejects is simply not cached
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint, so an unreachable hub fails in seconds, not
+    after a minute of download retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def is_decoder(config: transformers.PretrainedConfig) -> bool:
@@ -161,7 +194,7 @@ def load_lm(path: str, attention: str = "auto",
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # we report missing heads ourselves, briefly
     try:
-        model, info = cls.from_pretrained(path, output_loading_info=True, dtype=torch.float32,
+        model, info = cls.from_pretrained(path, output_loading_info=True, dtype=torch.float32, use_safetensors=True,
                                            attn_implementation=pick_attention(attention, decoder, device_type))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
@@ -173,6 +206,26 @@ def load_lm(path: str, attention: str = "auto",
     if missing_base:
         raise ModelError(f"{path}: checkpoint lacks backbone weights, e.g. {missing_base[:3]}")
     return model, missing_head
+
+
+_DIGESTS: dict = {}
+
+
+def base_digest(path: str) -> str | None:
+    """SHA-256 over the weight and config files of a local model folder (names and contents):
+    what an adapter checkpoint records of its base, and checks on load. None for a hub id."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
+    key = (str(folder.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if key not in _DIGESTS:  # hashed once per process (a few hundred MB take about a second)
+        h = hashlib.sha256()
+        for p in files:
+            with p.open("rb") as fh:
+                h.update(p.name.encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def lm_head_is_tied(model: transformers.PreTrainedModel) -> bool:

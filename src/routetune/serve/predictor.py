@@ -30,6 +30,16 @@ class Item:
     offsets: list[tuple[int, int]]
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why `text` cannot be encoded as UTF-8 (a lone surrogate, e.g. from a JSON escape
+    "\\ud800"), or None. Tokenizers fail on such strings with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"not valid Unicode: a lone surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}"
+    return None
+
+
 def item_from_text(text: str) -> Item:
     words = split_words(text)
     return Item(text, [w for w, _, _ in words], [(s, e) for _, s, e in words])
@@ -58,8 +68,13 @@ def parse_line(line: str, fmt: str, path: str = "<stdin>", lineno: int | None = 
     if not isinstance(obj, dict):
         raise DataError("expected a JSON object with 'text' or 'tokens'", path, lineno)
     if isinstance(obj.get("tokens"), list) and all(isinstance(t, str) and t for t in obj["tokens"]):
+        for t in obj["tokens"]:
+            if problem := unicode_problem(t):
+                raise DataError(f"'tokens': {problem}", path, lineno)
         return item_from_tokens(obj["tokens"])
     if isinstance(obj.get("text"), str):
+        if problem := unicode_problem(obj["text"]):
+            raise DataError(f"'text': {problem}", path, lineno)
         return item_from_text(obj["text"])
     raise DataError("expected 'text' (a string) or 'tokens' (a list of non-empty strings)", path, lineno)
 

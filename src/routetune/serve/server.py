@@ -6,10 +6,14 @@
 * Dynamic micro-batching: items of concurrent requests to the same head are gathered until
   ``max_batch`` items or ``max_wait_ms`` have passed, then run as one model call on one worker
   thread (torch keeps its own intra-op threads); each request gets its own slice back.
-* Limits, each configurable: body size (413, checked on Content-Length and while the body
-  streams in, before it is buffered), items per request and tokens per item (422, or
-  truncation flagged per result with ``--truncate``), a concurrency cap (503 beyond it, with
-  Retry-After), a per-request timeout (504). Request schemas are strict (unknown fields: 422).
+* Limits (serve/limits.py), each configurable: body size (413) and a body deadline (408), both
+  before a prediction slot is taken; a connection cap; a concurrency cap (503 with Retry-After);
+  items per request, characters and tokens per item (422, or cut and flagged with
+  ``--truncate``), tokens per micro-batch; one deadline over the whole request (504).
+  Splitting words and counting tokens run on a worker thread, never on the event loop.
+  Request schemas are strict (unknown fields, strings that are not valid Unicode: 422).
+* Access: an optional bearer API key; /docs and /metrics can be switched off; Swagger's files
+  are not fetched from a CDN by routetune (FastAPI's default page does: use --no-docs offline).
 * Nothing in a request names a file, a model or a pickle: the run is loaded once at start from
   its safetensors checkpoint. Binds 127.0.0.1 unless told otherwise. SIGTERM: uvicorn stops
   accepting connections and in-flight requests finish (graceful shutdown) before the batchers stop.
@@ -28,25 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from routetune.serve.predictor import Predictor, item_from_text, item_from_tokens
+from routetune.errors import RoutetuneError
+from routetune.serve.limits import Auth, BodyReader, ConcurrencyLimit, Limits, Metrics, StatusMetrics
+from routetune.serve.predictor import Predictor, item_from_text, item_from_tokens, unicode_problem
 
 log = logging.getLogger("routetune")
-
-
-@dataclass
-class Limits:
-    max_body_bytes: int = 1_000_000
-    max_items: int = 64
-    max_tokens: int | None = None  # per item; default: the run's model.max_length
-    truncate: bool = False
-    max_concurrency: int = 32
-    timeout_s: float = 10.0
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_new_tokens: int = 64
 
 
 # ------------------------------------------------------------------ request / response schemas
@@ -55,31 +49,49 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _valid_unicode(value):
+    """Every string of a request must be encodable (a lone surrogate from a JSON escape is not)."""
+    strings = value if isinstance(value, list) else [value]
+    for i, s in enumerate(strings):
+        if isinstance(s, list):
+            _valid_unicode(s)
+        elif isinstance(s, str) and (problem := unicode_problem(s)):
+            raise ValueError(f"item {i}: {problem}")
+    return value
+
+
 class NerRequest(_Strict):
     texts: list[str] | None = Field(None, description="Raw texts; words are split as by `routetune predict`.")
     tokens: list[list[str]] | None = Field(None, description="Pre-split words (one list per item).")
     head: str | None = Field(None, description="Token-classification head (default: the only one).")
+    _unicode = field_validator("texts", "tokens", "head")(_valid_unicode)
 
 
 class ClassifyRequest(_Strict):
     texts: list[str]
     head: str | None = Field(None, description="Classification head (default: the only one).")
+    _unicode = field_validator("texts", "head")(_valid_unicode)
 
 
 class GenerateRequest(_Strict):
     prompts: list[str]
     max_new_tokens: int = Field(32, ge=1)
+    _unicode = field_validator("prompts")(_valid_unicode)
 
 
 # ------------------------------------------------------------------ micro-batching
 
 class Batcher:
-    """Gathers items of concurrent requests into one model call."""
+    """Gathers items of concurrent requests into one model call, up to `max_batch` items and
+    `max_tokens` tokens (a request that would pass either waits for the next call)."""
 
-    def __init__(self, fn, max_batch: int, max_wait_ms: float, executor: ThreadPoolExecutor, observe):
+    def __init__(self, fn, max_batch: int, max_wait_ms: float, executor: ThreadPoolExecutor, observe,
+                 max_tokens: int | None = None):
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
+        self.max_tokens = max_tokens
         self.executor, self.observe = executor, observe
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.carry = None  # a request that did not fit the previous call goes first into the next
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -91,28 +103,40 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
 
-    async def submit(self, items: list) -> list:
+    async def submit(self, items: list, tokens: int = 0) -> list:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((items, future))
+        await self.queue.put((items, tokens, future))
         return await future
+
+    def _fits(self, n: int, tokens: int, entry) -> bool:
+        return (n + len(entry[0]) <= self.max_batch
+                and (self.max_tokens is None or tokens + entry[1] <= self.max_tokens))
+
+    async def _gather(self) -> list:
+        loop = asyncio.get_running_loop()
+        first, self.carry = self.carry or await self.queue.get(), None
+        batch, n, tokens = [first], len(first[0]), first[1]
+        deadline = loop.time() + self.max_wait
+        while n < self.max_batch:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                nxt = await asyncio.wait_for(self.queue.get(), remaining)
+            except asyncio.TimeoutError:
+                break
+            if not self._fits(n, tokens, nxt):
+                self.carry = nxt
+                break
+            batch.append(nxt)
+            n, tokens = n + len(nxt[0]), tokens + nxt[1]
+        return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            n = len(batch[0][0])
-            deadline = loop.time() + self.max_wait
-            while n < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    nxt = await asyncio.wait_for(self.queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-                batch.append(nxt)
-                n += len(nxt[0])
-            live = [(items, fut) for items, fut in batch if not fut.done()]  # timed-out requests are dropped
+            batch = await self._gather()
+            live = [(items, fut) for items, _, fut in batch if not fut.done()]  # timed-out requests are dropped
             if not live:
                 continue
             flat = [x for items, _ in live for x in items]
@@ -131,185 +155,52 @@ class Batcher:
                 k += len(items)
 
 
-# ------------------------------------------------------------------ limits as ASGI middleware
-
-class _TooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """413 for bodies over the limit: refused on Content-Length before reading, and counted
-    while a body without one streams in (never buffered past the limit)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send)
-        seen, started, too_large = 0, False, False
-
-        async def limited_receive():
-            nonlocal seen, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    too_large = True
-                    raise _TooLarge  # the app may turn this into its own error response: replaced below
-            return message
-
-        async def tracking_send(message):
-            nonlocal started
-            if too_large:  # whatever the app answers to a cut-off body becomes our 413
-                if message["type"] == "http.response.start" and not started:
-                    started = True
-                    await self._reject(send)
-                return
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._reject(send)
-
-    async def _reject(self, send):
-        body = b'{"detail":"request body too large (limit %d bytes)"}' % self.limit
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class ConcurrencyLimit:
-    """503 (with Retry-After) for a prediction request beyond the cap, decided before its body is
-    read or parsed: under overload, turning a request away must cost almost nothing, or the
-    rejections themselves take the CPU from the model."""
-
-    def __init__(self, app, limit: int, state: dict, metrics):
-        self.app, self.limit, self.state, self.metrics = app, limit, state, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        if self.state["inflight"] >= self.limit:
-            body = b'{"detail":"server busy: concurrency limit reached"}'
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        self.state["inflight"] += 1
-        self.metrics.inflight.inc()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.state["inflight"] -= 1
-            self.metrics.inflight.dec()
-
-
-class StatusMetrics:
-    """Counts every response by endpoint and status code (including 413s from BodyLimit) and
-    times it."""
-
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
-        path = scope.get("path", "")
-
-        async def capture(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            endpoint = path if path in self.metrics.endpoints else "other"
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-
-
-class Metrics:
-    def __init__(self, endpoints: list[str]):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.endpoints = set(endpoints)
-        self.requests = Counter("routetune_requests", "HTTP responses by endpoint and status code",
-                                ["endpoint", "code"], registry=self.registry)
-        self.latency = Histogram("routetune_request_seconds", "Request latency", ["endpoint"], registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.batch = Histogram("routetune_batch_items", "Items per model call (micro-batches)", registry=self.registry,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.batch_seconds = Histogram("routetune_batch_seconds", "Seconds per model call (one micro-batch)",
-                                       registry=self.registry,
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-        self.items = Counter("routetune_items", "Items predicted", ["endpoint"], registry=self.registry)
-        self.inflight = Gauge("routetune_inflight_requests", "Requests being served", registry=self.registry)
-        self.truncated = Counter("routetune_truncated_items", "Items cut to the token limit", registry=self.registry)
-
-
 # ------------------------------------------------------------------ the app
 
-def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: str | None = None,
-               after_batch=None) -> FastAPI:
-    """The API for one loaded run (model + tokenizer + its config)."""
-    limits = limits or Limits()
-    # items are cut at the smaller of the limit and the model's max_length (as offline predict cuts)
-    max_tokens = min(limits.max_tokens or cfg.model.max_length, cfg.model.max_length)
-    if precision is None:  # chosen for the device the model is on, as `auto` does
-        from routetune.device import model_device, resolve
+class Service:
+    """What the endpoints share: the run, its predictors and batchers, the limits, and the two
+    executors: one thread for the model, two for preparing requests (word splitting and token
+    counting are CPU work that must not stall the event loop)."""
 
-        precision = resolve(str(model_device(model)), "auto").precision
-    heads = {name: head.kind for name, head in model.heads.items()}
-    token_heads = [n for n, k in heads.items() if k == "token-classification"]
-    class_heads = [n for n, k in heads.items() if k in ("sequence-classification", "binary-classification")]
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routetune-model")
-    endpoints = ["/v1/ner", "/v1/classify", "/v1/generate", "/healthz", "/metrics"]
-    metrics = Metrics(endpoints)
-    predictors = {n: Predictor(model, tokenizer, n, max_tokens, limits.max_batch, precision)
-                  for n in token_heads + class_heads}
-    batchers: dict[Any, Batcher] = {}
-    state = {"inflight": 0}
+    def __init__(self, model, tokenizer, cfg, limits: Limits, precision: str, after_batch=None):
+        self.model, self.tokenizer, self.limits, self.precision = model, tokenizer, limits, precision
+        self.after_batch = after_batch
+        # items are cut at the smaller of the limit and the model's max_length (as offline predict cuts)
+        self.max_tokens = min(limits.max_tokens or cfg.model.max_length, cfg.model.max_length)
+        self.heads = {name: head.kind for name, head in model.heads.items()}
+        self.token_heads = [n for n, k in self.heads.items() if k == "token-classification"]
+        self.class_heads = [n for n, k in self.heads.items() if k in ("sequence-classification", "binary-classification")]
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routetune-model")
+        self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="routetune-prepare")
+        self.metrics = Metrics(["/v1/ner", "/v1/classify", "/v1/generate", "/healthz", "/metrics"])
+        self.predictors = {n: Predictor(model, tokenizer, n, self.max_tokens, limits.max_batch, precision)
+                           for n in self.token_heads + self.class_heads}
+        self.batchers: dict[Any, Batcher] = {}
+        self.state = {"inflight": 0}
 
-    def batcher(key, fn) -> Batcher:
-        if key not in batchers:
+    def batcher(self, key, fn) -> Batcher:
+        if key not in self.batchers:
             def timed(items):  # on the worker thread: time the model call, then trim the heap
                 start = time.perf_counter()
                 try:
                     return fn(items)
                 finally:
-                    metrics.batch_seconds.observe(time.perf_counter() - start)
-                    if after_batch is not None:
-                        after_batch()
+                    self.metrics.batch_seconds.observe(time.perf_counter() - start)
+                    if self.after_batch is not None:
+                        self.after_batch()
 
-            batchers[key] = Batcher(timed, limits.max_batch, limits.max_wait_ms, executor, metrics.batch.observe)
-            batchers[key].start()
-        return batchers[key]
+            self.batchers[key] = Batcher(timed, self.limits.max_batch, self.limits.max_wait_ms, self.executor,
+                                         self.metrics.batch.observe, self.limits.max_batch_tokens)
+            self.batchers[key].start()
+        return self.batchers[key]
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        yield
-        for b in batchers.values():
+    async def close(self) -> None:
+        for b in self.batchers.values():
             await b.stop()
-        executor.shutdown(wait=True)
+        self.executor.shutdown(wait=True)
+        self.prep.shutdown(wait=False)
 
-    app = FastAPI(title="routetune", version="1", lifespan=lifespan,
-                  description="Predictions of a routetune run: entity spans, class labels, generations.")
-
+    @staticmethod
     def pick(head: str | None, available: list[str], what: str) -> str:
         if not available:
             raise HTTPException(404, f"this run has no {what} head")
@@ -321,103 +212,196 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
             raise HTTPException(422, f"unknown {what} head {head!r} (available: {', '.join(available)})")
         return head
 
-    def check_items(n: int) -> None:
+    def check_items(self, n: int) -> None:
         if n == 0:
             raise HTTPException(422, "no items in the request")
-        if n > limits.max_items:
-            raise HTTPException(422, f"{n} items in one request; the limit is {limits.max_items}")
+        if n > self.limits.max_items:
+            raise HTTPException(422, f"{n} items in one request; the limit is {self.limits.max_items}")
 
-    def token_counts(texts: list[str] | None = None, words: list[list[str]] | None = None) -> list[int]:
-        if words is not None:
-            enc = tokenizer(words, is_split_into_words=True, add_special_tokens=True)
-        else:
-            enc = tokenizer(texts, add_special_tokens=True)
-        return [len(ids) for ids in enc["input_ids"]]
+    def cap_chars(self, texts: list[str]) -> tuple[list[str], list[bool]]:
+        """Characters per item, before any tokenising: a 900k-character item would take seconds."""
+        limit = self.limits.max_chars
+        over = [i for i, t in enumerate(texts) if len(t) > limit]
+        if over and not self.limits.truncate:
+            raise HTTPException(422, f"items {over[:10]} have more than {limit} characters "
+                                     f"(e.g. item {over[0]}: {len(texts[over[0]])}); shorten them")
+        return [t[:limit] for t in texts], [len(t) > limit for t in texts]
 
-    def check_tokens(counts: list[int]) -> list[bool]:
-        over = [i for i, c in enumerate(counts) if c > max_tokens]
-        if over and not limits.truncate:
-            raise HTTPException(422, f"items {over[:10]} have more than {max_tokens} tokens "
+    def check_tokens(self, counts: list[int]) -> list[bool]:
+        over = [i for i, c in enumerate(counts) if c > self.max_tokens]
+        if over and not self.limits.truncate:
+            raise HTTPException(422, f"items {over[:10]} have more than {self.max_tokens} tokens "
                                      f"(e.g. item {over[0]}: {counts[over[0]]}); shorten them")
         if over:
-            metrics.truncated.inc(len(over))
-        return [c > max_tokens for c in counts]
+            self.metrics.truncated.inc(len(over))
+        return [c > self.max_tokens for c in counts]
 
-    async def serve(endpoint: str, key, fn, items: list) -> list:
+    def token_counts(self, texts: list[str] | None = None, words: list[list[str]] | None = None) -> list[int]:
+        if words is not None:
+            enc = self.tokenizer(words, is_split_into_words=True, add_special_tokens=True)
+        else:
+            enc = self.tokenizer(texts, add_special_tokens=True)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    async def run(self, request: Request, endpoint: str, key, prepare, fn) -> tuple[list, list, list]:
+        """The whole request under one deadline (from its body's arrival): `prepare()` on a
+        preparing thread -> (items, cut flags, token count), then the micro-batched model call."""
+        loop = asyncio.get_running_loop()
+        deadline = request.scope.get("state", {}).get("deadline", time.monotonic() + self.limits.timeout_s)
+
+        async def whole():
+            items, cut, tokens = await loop.run_in_executor(self.prep, prepare)
+            request.scope.setdefault("state", {})["items"] = len(items)
+            return items, cut, await self.batcher(key, fn).submit(items, tokens)
+
         try:
-            results = await asyncio.wait_for(batcher(key, fn).submit(items), limits.timeout_s)
+            items, cut, results = await asyncio.wait_for(whole(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            raise HTTPException(504, f"prediction took longer than {limits.timeout_s} s") from None
-        metrics.items.labels(endpoint).inc(len(items))
-        return results
+            raise HTTPException(504, f"the request took longer than {self.limits.timeout_s} s") from None
+        self.metrics.items.labels(endpoint).inc(len(items))
+        return items, cut, results
 
+
+def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: str | None = None,
+               after_batch=None, api_key: str | None = None, docs: bool = True, metrics: bool = True) -> FastAPI:
+    """The API for one loaded run (model + tokenizer + its config)."""
+    limits = limits or Limits()
+    if precision is None:  # chosen for the device the model is on, as `auto` does
+        from routetune.device import model_device, resolve
+
+        precision = resolve(str(model_device(model)), "auto").precision
+    svc = Service(model, tokenizer, cfg, limits, precision, after_batch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await svc.close()
+
+    app = FastAPI(title="routetune", version="1", lifespan=lifespan,
+                  description="Predictions of a routetune run: entity spans, class labels, generations.",
+                  **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
+    _prediction_routes(app, svc)
+    _service_routes(app, svc, metrics)
+    _error_handlers(app)
+    app.add_middleware(ConcurrencyLimit, limit=limits.max_concurrency, state=svc.state, metrics=svc.metrics)
+    app.add_middleware(BodyReader, limit=limits.max_body_bytes, timeout_s=limits.body_timeout_s,
+                       request_timeout_s=limits.timeout_s)
+    app.add_middleware(Auth, api_key=api_key)
+    app.add_middleware(StatusMetrics, metrics=svc.metrics)
+    app.state.limits, app.state.metrics, app.state.service = limits, svc.metrics, svc
+    return app
+
+
+def _prediction_routes(app: FastAPI, svc: Service) -> None:
     @app.post("/v1/ner")
-    async def ner(req: NerRequest) -> dict:
+    async def ner(req: NerRequest, request: Request) -> dict:
         """Entity tags and spans (character offsets into the text) per item."""
-        head = pick(req.head, token_heads, "token-classification")
+        head = svc.pick(req.head, svc.token_heads, "token-classification")
         if (req.texts is None) == (req.tokens is None):
             raise HTTPException(422, "give exactly one of 'texts' or 'tokens'")
         if req.tokens is not None:
-            check_items(len(req.tokens))
+            svc.check_items(len(req.tokens))
             if any(not t or any(not w for w in t) for t in req.tokens):
                 raise HTTPException(422, "'tokens' items must be non-empty lists of non-empty strings")
-            items = [item_from_tokens(t) for t in req.tokens]
+            _, chars_cut = svc.cap_chars([" ".join(t) for t in req.tokens])
+            words = [_cap_words(t, svc.limits.max_chars) for t in req.tokens]
         else:
-            check_items(len(req.texts))
-            items = [item_from_text(t) for t in req.texts]
-        cut = check_tokens(token_counts(words=[it.tokens or [""] for it in items]))
-        results = await serve("/v1/ner", ("ner", head), predictors[head].predict, items)
+            svc.check_items(len(req.texts))
+            texts, chars_cut = svc.cap_chars(req.texts)
+
+        def prepare():
+            items = ([item_from_tokens(t) for t in words] if req.tokens is not None
+                     else [item_from_text(t) for t in texts])
+            counts = svc.token_counts(words=[it.tokens or [""] for it in items])
+            cut = [a or b for a, b in zip(svc.check_tokens(counts), chars_cut)]
+            return items, cut, sum(min(c, svc.max_tokens) for c in counts)
+
+        _, cut, results = await svc.run(request, "/v1/ner", ("ner", head), prepare, svc.predictors[head].predict)
         return {"head": head, "results": [{**r, "truncated": c} for r, c in zip(results, cut)]}
 
     @app.post("/v1/classify")
-    async def classify(req: ClassifyRequest) -> dict:
+    async def classify(req: ClassifyRequest, request: Request) -> dict:
         """A label with class probabilities per text."""
-        head = pick(req.head, class_heads, "classification")
-        check_items(len(req.texts))
-        cut = check_tokens(token_counts(texts=req.texts))
-        items = [item_from_text(t) for t in req.texts]
-        results = await serve("/v1/classify", ("classify", head), predictors[head].predict, items)
+        head = svc.pick(req.head, svc.class_heads, "classification")
+        svc.check_items(len(req.texts))
+        texts, chars_cut = svc.cap_chars(req.texts)
+
+        def prepare():
+            counts = svc.token_counts(texts=texts)
+            cut = [a or b for a, b in zip(svc.check_tokens(counts), chars_cut)]
+            return [item_from_text(t) for t in texts], cut, sum(min(c, svc.max_tokens) for c in counts)
+
+        _, cut, results = await svc.run(request, "/v1/classify", ("classify", head), prepare,
+                                        svc.predictors[head].predict)
         return {"head": head, "results": [{**r, "truncated": c} for r, c in zip(results, cut)]}
 
     @app.post("/v1/generate")
-    async def generate_(req: GenerateRequest) -> dict:
+    async def generate_(req: GenerateRequest, request: Request) -> dict:
         """Greedy continuations (decoder backbones)."""
         from routetune.model.inference import generate
 
-        if not model.is_decoder:
+        if not svc.model.is_decoder:
             raise HTTPException(404, "generation needs a decoder backbone; this run's is an encoder")
-        check_items(len(req.prompts))
-        if req.max_new_tokens > limits.max_new_tokens:
-            raise HTTPException(422, f"max_new_tokens {req.max_new_tokens} is over the limit {limits.max_new_tokens}")
-        cut = check_tokens(token_counts(texts=req.prompts))
+        svc.check_items(len(req.prompts))
+        if req.max_new_tokens > svc.limits.max_new_tokens:
+            raise HTTPException(422, f"max_new_tokens {req.max_new_tokens} is over the limit "
+                                     f"{svc.limits.max_new_tokens}")
+        prompts, chars_cut = svc.cap_chars(req.prompts)
         n = req.max_new_tokens
 
-        def run(prompts):
-            return generate(model, tokenizer, prompts, n, max_tokens + n, limits.max_batch, precision)
+        def prepare():
+            counts = svc.token_counts(texts=prompts)
+            cut = [a or b for a, b in zip(svc.check_tokens(counts), chars_cut)]
+            return prompts, cut, sum(min(c, svc.max_tokens) + n for c in counts)
 
-        outputs = await serve("/v1/generate", ("generate", n), run, req.prompts)
+        def run(batch):
+            return generate(svc.model, svc.tokenizer, batch, n, svc.max_tokens + n, svc.limits.max_batch,
+                            svc.precision)
+
+        _, cut, outputs = await svc.run(request, "/v1/generate", ("generate", n), prepare, run)
         return {"results": [{"prompt": p, "completion": o, "truncated": c}
                             for p, o, c in zip(req.prompts, outputs, cut)]}
 
+
+def _cap_words(words: list[str], limit: int) -> list[str]:
+    """The leading words whose joined length stays within `limit` characters (the first word
+    itself cut if it alone is longer)."""
+    out, used = [], 0
+    for w in words:
+        if used + len(w) > limit:
+            if not out:
+                out.append(w[:limit])
+            break
+        out.append(w)
+        used += len(w) + 1
+    return out
+
+
+def _service_routes(app: FastAPI, svc: Service, metrics: bool) -> None:
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "heads": heads, "decoder": model.is_decoder, "inflight": state["inflight"]}
+        return {"status": "ok", "heads": svc.heads, "decoder": svc.model.is_decoder, "inflight": svc.state["inflight"]}
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    if metrics:
+        @app.get("/metrics")
+        async def prometheus() -> Response:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+            return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-    app.add_middleware(ConcurrencyLimit, limit=limits.max_concurrency, state=state, metrics=metrics)
-    app.add_middleware(StatusMetrics, metrics=metrics)
-    app.state.limits, app.state.metrics = limits, metrics
-    return app
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes each bad input back, and a NaN or a lone surrogate in it
+        # makes that response fail to encode (a 500); where and what is enough
+        detail = [{"loc": [x if isinstance(x, int) else str(x) for x in e.get("loc", ())],
+                   "msg": str(e.get("msg", ""))[:300], "type": str(e.get("type", ""))} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
 
 def _libc():
@@ -455,21 +439,49 @@ def tune_process() -> None:
         libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to serve a non-loopback interface without an API key, unless told to (then warn)."""
+    if is_loopback(host) or api_key:
+        return
+    if not allow_unauthenticated:
+        raise RoutetuneError(f"--host {host}: serving beyond this machine needs an API key (--api-key or "
+                             "ROUTETUNE_API_KEY); pass --allow-unauthenticated to serve it open anyway")
+    log.warning("serving on %s WITHOUT an API key: anyone who can reach this address can use the model "
+                "and its /docs and /metrics", host)
+
+
 def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "best",
               limits: Limits | None = None, precision: str | None = None, drain_s: float = 30.0,
-              device: str | None = None) -> None:
+              device: str | None = None, api_key: str | None = None, allow_unauthenticated: bool = False,
+              docs: bool = True, metrics: bool = True, ssl_certfile: str | None = None,
+              ssl_keyfile: str | None = None) -> None:
     import uvicorn
 
-    from routetune.model.inference import for_inference
     from routetune.device import inference_hardware
+    from routetune.model.inference import for_inference
     from routetune.runs import load_run
 
+    limits = limits or Limits()
+    check_exposure(host, api_key, allow_unauthenticated)
     tune_process()
     hw = inference_hardware(device, precision)
     cfg, model, tokenizer = load_run(run_dir, checkpoint)
     for_inference(model, hw.precision, hw.device)
     log.info("serving on %s in %s (%s)", hw.device, hw.precision, hw.reason)
-    app = create_app(model, tokenizer, cfg, limits, hw.precision, after_batch=_Trim())
+    app = create_app(model, tokenizer, cfg, limits, hw.precision, after_batch=_Trim(), api_key=api_key, docs=docs,
+                     metrics=metrics)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s,
-                            access_log=False)
+                            access_log=False, limit_concurrency=limits.max_connections,
+                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     uvicorn.Server(config).run()

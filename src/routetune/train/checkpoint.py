@@ -88,15 +88,59 @@ def save_atomic(folder: Path, write, after_files=None) -> None:
         shutil.rmtree(old)
 
 
+# The files a checkpoint of each kind cannot be without: a manifest that lists fewer (one rewritten
+# after a file was removed) is refused, whatever its digests say.
+REQUIRED = {
+    "full": {"config.json", "heads.json"},  # + model.safetensors (or its sharded index)
+    "adapter": {"adapter_config.json", "adapter_model.safetensors", "lm_trainable.safetensors", "routetune.json",
+                "heads.json"},
+    "trained": {"config.json", "lm_trainable.safetensors", "routetune.json", "heads.json"},
+}
+STEP_STATE = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer_state.json"}
+
+
+def _kind(folder: Path, listed: set[str]) -> str:
+    if "routetune.json" not in listed:
+        return "full"
+    try:
+        note = json.loads((folder / "routetune.json").read_text())
+    except (OSError, ValueError):
+        return "adapter"  # its digest check below names the file
+    return "adapter" if note.get("adapter") else "trained"
+
+
+def _check_file_set(folder: Path, manifest: dict) -> None:
+    listed = set(manifest)
+    kind = _kind(folder, listed)
+    need = set(REQUIRED[kind])
+    if kind == "full" and "model.safetensors.index.json" not in listed:
+        need.add("model.safetensors")
+    if STEP_DIR.match(folder.name):
+        need |= STEP_STATE
+    missing = sorted(need - listed)
+    if missing:
+        raise CheckpointError(f"{folder / MANIFEST}: a {kind} checkpoint must list {', '.join(missing)}; "
+                              "the manifest does not (altered, or written by something else)")
+    unlisted = sorted(p.relative_to(folder).as_posix() for p in _files(folder)
+                      if p.relative_to(folder).as_posix() not in listed)
+    if unlisted:
+        raise CheckpointError(f"{folder / unlisted[0]}: file not in the checkpoint's manifest (added afterwards)")
+
+
 def verify(folder: Path) -> None:
-    """Raise CheckpointError unless `folder` is complete and every file matches its digest."""
+    """Raise CheckpointError unless `folder` is complete, its manifest lists the full file set
+    of its kind and nothing else, and every file matches its digest."""
     folder = Path(folder)
     if not (folder / COMPLETE).is_file():
         raise CheckpointError(f"{folder}: checkpoint is incomplete (no {COMPLETE} marker)")
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file() or _sha256(manifest_path) != (folder / COMPLETE).read_text().strip():
         raise CheckpointError(f"{manifest_path}: manifest missing or altered")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        raise CheckpointError(f"{manifest_path}: not valid JSON") from None
+    _check_file_set(folder, manifest)
     for rel, digest in manifest.items():
         path = folder / rel
         if not path.is_file():
@@ -226,5 +270,10 @@ def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
             raise RunError(f"{root}: no complete checkpoint; did training finish?")
     else:
         folder = root / which
+        if not folder.is_dir() or "/" in which or which.startswith("."):
+            there = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+                if root.is_dir() else []
+            raise RunError(f"{run_dir}: no checkpoint named {which!r} (this run has: "
+                           f"{', '.join(['last', *there]) if there else 'none'})")
     verify(folder)
     return folder

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from routetune.device import to_device
-from routetune.errors import RoutetuneError
+from routetune.errors import RoutetuneError, RunError
 from routetune.evaluate.tasks import evaluate_set, metric_names
 from routetune.model.frozen_bf16 import FrozenBf16
 from routetune.train import checkpoint as ckpt
@@ -94,11 +94,30 @@ def evaluate_dev(setup: Setup, sets: dict) -> tuple[dict, dict]:
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop events logged after `step` (they belong to the part of a run that a resume redoes)."""
+    """Drop events logged after `step` (they belong to the part of a run that a resume redoes).
+    A last line cut off by a kill mid-write is dropped with a warning; a bad line elsewhere is an
+    error naming file and line."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise RunError(f"{path}: not valid UTF-8; the run's log is damaged") from None
+    kept = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                log.warning("%s:%d: dropped a line cut off by an interrupted write", path, n)
+                continue
+            raise RunError(f"{path}:{n}: not a JSON line; the run's log is damaged") from None
+        if not isinstance(event, dict):
+            raise RunError(f"{path}:{n}: expected a JSON object per line")
+        if event.get("step", 0) <= step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
@@ -300,6 +319,7 @@ class Trainer:
     def save(self, step: int) -> None:
         def write(folder: Path) -> None:
             self.model.save(folder, self.setup.tokenizer)
+            maybe_kill("in_write", step)  # tests: a checkpoint folder with some files written, others not
             ckpt.save_optimizer(self.optimizer, folder)
             tensors, rng_meta = ckpt.rng_state()
             save_file(tensors, str(folder / "rng.safetensors"))

@@ -1,6 +1,8 @@
 """Fault injection for the reliability tests: ``ROUTETUNE_FAULT="after_step:12"`` kills the
-process with SIGKILL right after step 12; ``in_checkpoint:10`` kills it while the checkpoint of
-step 10 is half written. Unset (the normal case), this does nothing."""
+process with SIGKILL right after step 12; ``in_write:10`` kills it while the files of step 10's
+checkpoint are being written (the weights are, the optimizer state is not); ``in_checkpoint:10``
+once they are all written and fsynced, before the folder is renamed into place. Unset (the
+normal case), this does nothing."""
 
 from __future__ import annotations
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from routetune.config import Config
@@ -87,6 +89,11 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
                           "stream: false (loads its blocks into memory) or choose another train.primary")
     _check_early_stopping(cfg, dev, objectives)
 
+    # every generator a library might draw from, as transformers' set_seed does: routetune's own
+    # draws use torch's generator and seeds derived from (seed, name, step); Python's and NumPy's
+    # global ones are seeded too, so the state a checkpoint saves is the same in every process
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed % 2**32)
     torch.manual_seed(cfg.train.seed)  # newly initialised LM-head weights, dropout
     model = build_model(model_path, cfg.train.seed, cfg.model.attention, hardware.device.type)
     for name, src in sources.items():

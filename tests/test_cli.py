@@ -1,0 +1,85 @@
+"""The command line behaves: every usage mistake is one line on stderr and exit status 2, a
+config mistake is reported before the heavy libraries load, --version, python -m routetune."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import make_config, run_cli
+
+
+@pytest.mark.parametrize("args, message", [
+    (["trian"], "error: No such command 'trian'. Did you mean 'train'? (see: routetune --help)"),
+    (["--bogus"], "error: No such option: --bogus (see: routetune --help)"),
+    (["eval"], "error: Missing argument 'run'. (see: routetune eval --help)"),
+    (["eval", "runs/x", "--split", "foo"], "error: Invalid value for --split: expected dev or test"),
+    (["predict", "runs/x", "--format", "xml"], "error: Invalid value for --format: expected auto, lines or jsonl"),
+    (["serve", "runs/x", "--port", "many"], "error: Invalid value for '--port': Input should be a valid integer"),
+    (["eval", "runs/x", "--precision", "fp8"], "error: --precision: expected one of auto, fp32, bf16, fp16"),
+], ids=["unknown-command", "unknown-option", "missing-argument", "bad-choice", "bad-format", "bad-integer",
+        "bad-precision"])
+def test_usage_errors_are_one_line_and_exit_2(args, message):
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_arguments_shows_the_help_and_exit_2():
+    proc = run_cli(check=False)
+    assert proc.returncode == 2 and "Usage" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_version_and_python_dash_m():
+    proc = subprocess.run([sys.executable, "-m", "routetune", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("routetune 0.") and "torch" in proc.stdout
+
+
+def test_set_errors_name_the_override_not_the_file(tmp_path, tiny_model_dir, ner_files):
+    path = make_config(tmp_path, tiny_model_dir, ner_files)
+    proc = run_cli("train", str(path), "--set", "train.lrr=1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --set train.lrr=1: train.lrr: unknown key under train"
+    proc = run_cli("train", str(path), "--set", "train.lr=fast", check=False)
+    assert proc.stderr.strip() == "error: --set train.lr=fast: train.lr: expected a number, got 'fast'"
+
+
+def test_a_config_mistake_is_reported_before_torch_loads(tmp_path, tiny_model_dir, ner_files):
+    path = make_config(tmp_path, tiny_model_dir, ner_files, **{"train.lr": "fast"})
+    code = ("import sys; import routetune.cli as c; sys.argv = ['routetune', 'train', %r]\n"
+            "try:\n    c.main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)") % str(path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert "train.lr: expected a number" in proc.stderr
+
+
+def test_unknown_checkpoint_lists_the_ones_there(tmp_path, tiny_model_dir, ner_files):
+    from routetune.workflow import train
+
+    run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}))
+    for name in ("step-99999999", "../../elsewhere/checkpoints/best"):
+        proc = run_cli("eval", str(run_dir), "--checkpoint", name, check=False)
+        assert proc.returncode == 2
+        line = proc.stderr.strip().splitlines()[-1]
+        assert f"no checkpoint named {name!r} (this run has: last, step-00000001, step-00000002)" in line
+
+
+def test_unknown_model_fails_in_seconds_naming_the_aliases(monkeypatch):
+    from routetune.errors import ModelError
+    from routetune.model import load
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(load, "_hub_reachable", lambda timeout=3.0: False)  # as on an offline machine
+    t = time.perf_counter()
+    with pytest.raises(ModelError, match=r"unknown model 'minilm-l12': not an alias \(minilm-l6, smollm2-135m\).*"
+                                         r"cannot be reached"):
+        load.resolve_model("minilm-l12")
+    assert time.perf_counter() - t < 5
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=r"HF_HUB_OFFLINE=1"):
+        load.resolve_model("some-org/some-model")

@@ -1,0 +1,271 @@
+"""The server against slow and hostile clients: stalled bodies cannot take prediction slots,
+preparation runs off the event loop, one deadline covers the whole request, an API key guards
+it, and no input (lone surrogates, NaN, huge tokens, random JSON) gets a 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_config
+from routetune.errors import DataError, RoutetuneError
+from routetune.serve.limits import Limits
+from routetune.serve.predictor import parse_line
+from routetune.serve.server import Batcher, check_exposure, create_app
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory, tiny_model_dir):
+    from conftest import GENERAL, write_ner
+    from routetune.runs import load_run
+    from routetune.workflow import train
+
+    tmp = tmp_path_factory.mktemp("harden")
+    files = write_ner(tmp / "ner")
+    files["general"] = tmp / "general.txt"
+    files["general"].write_text(GENERAL)
+    run_dir, _ = train(make_config(tmp, tiny_model_dir, files, **{"train.max_steps": 3}))
+    return load_run(run_dir)
+
+
+def client(loaded, **kw):
+    cfg, model, tok = loaded
+    limits = {k: v for k, v in kw.items() if k in Limits.__dataclass_fields__}
+    options = {k: v for k, v in kw.items() if k not in limits}
+    return TestClient(create_app(model, tok, cfg, Limits(**limits), "fp32", **options))
+
+
+class LiveServer:
+    """The app under a real uvicorn on a free loopback port, in a thread (slow sockets need one)."""
+
+    def __init__(self, app, **config):
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    **config))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def post(self, path: str, body: dict, timeout: float = 10.0):
+        import httpx
+
+        return httpx.post(f"http://127.0.0.1:{self.port}{path}", json=body, timeout=timeout)
+
+
+def _stall(port: int, declared: int = 2000) -> socket.socket:
+    """A client that sends its headers and half a body, then nothing."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/ner HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n{\"texts\": [\"aaaa" % declared)
+    return s
+
+
+def test_stalled_bodies_take_no_prediction_slot_and_time_out(loaded):
+    cfg, model, tok = loaded
+    app = create_app(model, tok, cfg, Limits(max_concurrency=2, body_timeout_s=1.0), "fp32")
+    with LiveServer(app) as server:
+        stalled = [_stall(server.port) for _ in range(32)]
+        time.sleep(0.2)
+        codes = [server.post("/v1/ner", {"texts": ["John in Paris"]}).status_code for _ in range(10)]
+        assert codes == [200] * 10  # 32 stalled clients hold connections, not the 2 slots
+        for s in stalled:
+            s.settimeout(5)
+            answer = s.recv(4096).decode(errors="replace")
+            assert answer.startswith("HTTP/1.1 408"), answer[:80]
+            s.close()
+
+
+def test_preparation_runs_off_the_event_loop(loaded):
+    threads = []
+    with client(loaded) as c:
+        svc = c.app.state.service
+        original = svc.token_counts
+
+        def spy(*a, **k):
+            threads.append(threading.current_thread().name)
+            return original(*a, **k)
+
+        svc.token_counts = spy
+        assert c.post("/v1/ner", json={"texts": ["John in Paris"]}).status_code == 200
+        assert c.post("/v1/ner", json={"tokens": [["John", "in", "Paris"]]}).status_code == 200
+    assert threads and all(t.startswith("routetune-prepare") for t in threads), threads
+
+
+def test_healthz_answers_while_a_maximal_request_is_prepared(loaded):
+    """The event loop stays free while a request is tokenised: /healthz answers in a fraction of
+    the time the big request takes (the 100 ms figure is measured in bench/serve_load.py)."""
+    cfg, model, tok = loaded
+    app = create_app(model, tok, cfg, Limits(truncate=True, timeout_s=60), "fp32")
+    svc = app.state.service
+    original = svc.token_counts
+
+    def slow_counts(*a, **k):  # a slow tokenizer, on the preparing thread
+        time.sleep(1.5)
+        return original(*a, **k)
+
+    svc.token_counts = slow_counts
+    with LiveServer(app) as server:
+        import httpx
+
+        big = threading.Thread(target=server.post, args=("/v1/ner", {"texts": ["word " * 4_000] * 48}, 60))
+        big.start()
+        time.sleep(0.3)
+        latencies = []
+        for _ in range(5):
+            t = time.perf_counter()
+            assert httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status_code == 200
+            latencies.append(time.perf_counter() - t)
+        big.join()
+    assert max(latencies) < 0.75, latencies
+
+
+def test_the_deadline_covers_preparation(loaded):
+    with client(loaded, timeout_s=0.3) as c:
+        svc = c.app.state.service
+        original = svc.token_counts
+        svc.token_counts = lambda *a, **k: (time.sleep(0.8), original(*a, **k))[1]
+        r = c.post("/v1/ner", json={"texts": ["John"]})
+    assert r.status_code == 504 and "longer than 0.3 s" in r.json()["detail"]
+
+
+def test_characters_are_capped_before_tokenising(loaded):
+    with client(loaded, max_chars=50) as c:
+        r = c.post("/v1/ner", json={"texts": ["x" * 51]})
+        assert r.status_code == 422 and "more than 50 characters" in r.json()["detail"]
+        r = c.post("/v1/classify", json={"texts": ["x" * 900_000]})
+        assert r.status_code in (404, 422)  # no classification head here: refused before any tokenising
+    with client(loaded, max_chars=50, truncate=True) as c:
+        r = c.post("/v1/ner", json={"texts": ["John " * 40], "head": "ner"})
+        assert r.status_code == 200 and r.json()["results"][0]["truncated"] is True
+        r = c.post("/v1/ner", json={"tokens": [["y" * 900_000, "John"]]})
+        assert r.status_code == 200 and r.json()["results"][0]["tokens"] == ["y" * 50]
+
+
+def test_micro_batches_stay_within_the_token_budget():
+    calls = []
+
+    async def scenario():
+        from concurrent.futures import ThreadPoolExecutor
+
+        b = Batcher(lambda items: (calls.append(len(items)), items)[1], max_batch=100, max_wait_ms=50,
+                    executor=ThreadPoolExecutor(1), observe=lambda n: None, max_tokens=100)
+        b.start()
+        results = await asyncio.gather(*(b.submit([i] * 2, tokens=60) for i in range(4)))
+        await b.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results == [[i, i] for i in range(4)]
+    assert calls == [2, 2, 2, 2]  # 60 + 60 tokens would pass 100: each request gets its own call
+
+
+@pytest.mark.parametrize("body", [
+    {"texts": ["\ud800"]}, {"tokens": [["ok", "\udc00x"]]}, {"texts": ["fine"], "head": "\ud83d"},
+], ids=["text", "token", "head"])
+def test_lone_surrogates_are_422(loaded, body):
+    with client(loaded) as c:
+        r = c.post("/v1/ner", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "not valid Unicode" in json.dumps(r.json())
+
+
+def test_nan_in_a_mistyped_field_is_a_422_that_encodes(loaded):
+    with client(loaded) as c:
+        for raw in ('{"texts": NaN}', '{"texts": ["a"], "head": Infinity}', '{"prompts": ["a"], "max_new_tokens": NaN}'):
+            path = "/v1/generate" if "prompts" in raw else "/v1/ner"
+            r = c.post(path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 422, (raw, r.status_code, r.text)
+            assert r.json()["detail"]
+
+
+def test_api_key_and_switches(loaded):
+    with client(loaded, api_key="s3cret", docs=False, metrics=False) as c:
+        assert c.get("/healthz").status_code == 200  # open: for load balancers
+        assert c.post("/v1/ner", json={"texts": ["a"]}).status_code == 401
+        r = c.post("/v1/ner", json={"texts": ["a"]}, headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        ok = {"authorization": "Bearer s3cret"}
+        assert c.post("/v1/ner", json={"texts": ["a"]}, headers=ok).status_code == 200
+        assert c.get("/docs", headers=ok).status_code == 404
+        assert c.get("/metrics", headers=ok).status_code == 404
+    with client(loaded, api_key="s3cret") as c:
+        assert c.get("/metrics").status_code == 401 and c.get("/docs").status_code == 401
+        assert c.get("/metrics", headers={"authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_non_loopback_host_needs_a_key(caplog):
+    check_exposure("127.0.0.1", None, False)
+    check_exposure("::1", None, False)
+    check_exposure("0.0.0.0", "key", False)
+    with pytest.raises(RoutetuneError, match=r"--host 0\.0\.0\.0: serving beyond this machine needs an API key"):
+        check_exposure("0.0.0.0", None, False)
+    with caplog.at_level(logging.WARNING, logger="routetune"):
+        check_exposure("0.0.0.0", None, True)
+    assert "WITHOUT an API key" in caplog.text
+
+
+def test_access_log_line(loaded, caplog):
+    logging.getLogger("routetune").setLevel(logging.INFO)
+    with caplog.at_level(logging.INFO, logger="routetune"), client(loaded) as c:
+        c.post("/v1/ner", json={"texts": ["a", "b"]})
+        c.post("/v1/ner", json={"texts": []})
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /v1/ner")]
+    assert lines[0].startswith("POST /v1/ner 200 items=2 ") and lines[0].endswith(" ms")
+    assert lines[1].startswith("POST /v1/ner 422 items=- ")
+
+
+# ------------------------------------------------------------------ fuzzing
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+                     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+                     max_leaves=20)
+_bodies = st.one_of(
+    _json,
+    st.fixed_dictionaries({"texts": st.lists(st.text(max_size=60), max_size=5)}),
+    st.fixed_dictionaries({"tokens": st.lists(st.lists(st.text(max_size=20), max_size=4), max_size=4)}),
+    st.fixed_dictionaries({"texts": st.lists(st.text(alphabet=st.characters(blacklist_categories=[]), max_size=80),
+                                             min_size=1, max_size=3)}),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_bodies, path=st.sampled_from(["/v1/ner", "/v1/classify", "/v1/generate"]))
+def test_fuzz_http_api_never_5xx(loaded, body, path):
+    raw = json.dumps(body, ensure_ascii=True, allow_nan=True)  # surrogates and NaN go over the wire as escapes
+    with client(loaded, max_items=4, max_chars=200) as c:
+        r = c.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code < 500, (body, r.status_code, r.text[:300])
+    r.json()  # every answer is JSON
+
+
+@settings(max_examples=300, deadline=None)
+@given(line=st.text(alphabet=st.characters(blacklist_categories=[]), max_size=120) |
+       st.builds(lambda v: json.dumps(v, ensure_ascii=True), _json))
+def test_fuzz_predict_lines_give_data_errors_with_file_and_line(line):
+    try:
+        parse_line(line, "auto", "in.jsonl", 7)
+    except DataError as exc:
+        assert str(exc).startswith("in.jsonl:7: "), str(exc)
