@@ -146,13 +146,18 @@ GENERAL = textwrap.dedent("""\
     """) * 20
 
 
-@pytest.fixture
-def ner_files(tmp_path) -> dict[str, Path]:
-    paths = write_ner(tmp_path / "ner")
-    general = tmp_path / "general.txt"
+def write_task_and_general(root: Path) -> dict[str, Path]:
+    """The small NER files plus a general text, under `root` (for module-scoped fixtures too)."""
+    paths = write_ner(root / "ner")
+    general = root / "general.txt"
     general.write_text(GENERAL, encoding="utf-8")
     paths["general"] = general
     return paths
+
+
+@pytest.fixture
+def ner_files(tmp_path) -> dict[str, Path]:
+    return write_task_and_general(tmp_path)
 
 
 def make_config(tmp_path: Path, model_dir: Path, files: dict, **overrides) -> Path:

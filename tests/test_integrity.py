@@ -16,13 +16,11 @@ from routetune.train import checkpoint as ckpt
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
-    from conftest import GENERAL, write_ner
+    from conftest import write_task_and_general
     from routetune.workflow import train
 
     root = tmp_path_factory.mktemp("integrity")
-    files = write_ner(root / "ner")
-    (root / "general.txt").write_text(GENERAL)
-    files["general"] = root / "general.txt"
+    files = write_task_and_general(root)
     run_dir, _ = train(make_config(root, tiny_model_dir, files, **{"train.max_steps": 3}))
     return run_dir
 

@@ -99,12 +99,10 @@ def run_with_random_kills(cfg: Path, run_dir: Path, seed: int, train_s: float, k
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
-    from conftest import GENERAL, write_ner
+    from conftest import write_task_and_general
 
     root = tmp_path_factory.mktemp("kill-ref")
-    files = write_ner(root / "ner")
-    (root / "general.txt").write_text(GENERAL)
-    files["general"] = root / "general.txt"
+    files = write_task_and_general(root)
     cfg = _config(root, tiny_model_dir, files, "ref")
     run_dir = root / "ref" / "runs" / "run"
     code, train_s = _launch(["train", str(cfg), "--no-test"], run_dir, None)

@@ -39,12 +39,10 @@ def _final(run_dir: Path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
-    from conftest import GENERAL, write_ner
+    from conftest import write_task_and_general
 
     root = tmp_path_factory.mktemp("reference")
-    files = write_ner(root / "ner")
-    (root / "general.txt").write_text(GENERAL)
-    files["general"] = root / "general.txt"
+    files = write_task_and_general(root)
     cfg = _config(root, tiny_model_dir, files, "ref")
     _cli("train", str(cfg))
     run_dir = root / "ref" / "runs" / "run"

@@ -19,13 +19,11 @@ from routetune.serve.server import Limits, create_app
 
 @pytest.fixture(scope="module")
 def ner_run(tmp_path_factory, tiny_model_dir):
-    from conftest import GENERAL, write_ner
+    from conftest import write_task_and_general
     from routetune.workflow import train
 
     tmp = tmp_path_factory.mktemp("serve")
-    files = write_ner(tmp / "ner")
-    files["general"] = tmp / "general.txt"
-    files["general"].write_text(GENERAL)
+    files = write_task_and_general(tmp)
     run_dir, _ = train(make_config(tmp, tiny_model_dir, files))
     return run_dir
 

@@ -25,14 +25,12 @@ from routetune.serve.server import Batcher, check_exposure, create_app
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, tiny_model_dir):
-    from conftest import GENERAL, write_ner
+    from conftest import write_task_and_general
     from routetune.runs import load_run
     from routetune.workflow import train
 
     tmp = tmp_path_factory.mktemp("harden")
-    files = write_ner(tmp / "ner")
-    files["general"] = tmp / "general.txt"
-    files["general"].write_text(GENERAL)
+    files = write_task_and_general(tmp)
     run_dir, _ = train(make_config(tmp, tiny_model_dir, files, **{"train.max_steps": 3}))
     return load_run(run_dir)
 

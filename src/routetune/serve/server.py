@@ -293,6 +293,12 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
 
 
 def _prediction_routes(app: FastAPI, svc: Service) -> None:
+    _ner_route(app, svc)
+    _classify_route(app, svc)
+    _generate_route(app, svc)
+
+
+def _ner_route(app: FastAPI, svc: Service) -> None:
     @app.post("/v1/ner")
     async def ner(req: NerRequest, request: Request) -> dict:
         """Entity tags and spans (character offsets into the text) per item."""
@@ -319,6 +325,8 @@ def _prediction_routes(app: FastAPI, svc: Service) -> None:
         _, cut, results = await svc.run(request, "/v1/ner", ("ner", head), prepare, svc.predictors[head].predict)
         return {"head": head, "results": [{**r, "truncated": c} for r, c in zip(results, cut)]}
 
+
+def _classify_route(app: FastAPI, svc: Service) -> None:
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest, request: Request) -> dict:
         """A label with class probabilities per text."""
@@ -335,6 +343,8 @@ def _prediction_routes(app: FastAPI, svc: Service) -> None:
                                         svc.predictors[head].predict)
         return {"head": head, "results": [{**r, "truncated": c} for r, c in zip(results, cut)]}
 
+
+def _generate_route(app: FastAPI, svc: Service) -> None:
     @app.post("/v1/generate")
     async def generate_(req: GenerateRequest, request: Request) -> dict:
         """Greedy continuations (decoder backbones)."""

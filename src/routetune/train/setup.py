@@ -129,6 +129,19 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     if distilled:
         how = model.enable_teacher(hardware.precision)
         log.info("self-distillation on %s: the teacher is %s", ", ".join(distilled), how)
+    _speed_levers(cfg, model, sources, hardware)
+    router, total, _ = plan_run(cfg, source_sizes(sources))
+    r = cfg.routing
+    batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted)
+    per_epoch = math.ceil(len(sources[cfg.train.primary]) / cfg.train.batch_size)
+    setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, hardware,
+                  dev, test, extra=extra)
+    describe(setup)
+    return setup
+
+
+def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hardware) -> None:
+    """The switches of docs/benchmarks.md (speed levers), each where it applies."""
     if cfg.train.group_by_length:
         for src in sources.values():
             if isinstance(src, MemorySource):
@@ -144,14 +157,6 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     model.fused_lm_loss = cfg.train.fused_lm_loss
     if cfg.train.embedding_grad_buffer:
         use_embedding_grad_buffer(model.lm)
-    router, total, _ = plan_run(cfg, source_sizes(sources))
-    r = cfg.routing
-    batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted)
-    per_epoch = math.ceil(len(sources[cfg.train.primary]) / cfg.train.batch_size)
-    setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, hardware,
-                  dev, test, extra=extra)
-    describe(setup)
-    return setup
 
 
 def _check_early_stopping(cfg: Config, dev: dict, objectives: dict) -> None:
