@@ -109,7 +109,11 @@ def test_preparation_runs_off_the_event_loop(loaded):
         svc.token_counts = spy
         assert c.post("/v1/ner", json={"texts": ["John in Paris"]}).status_code == 200
         assert c.post("/v1/ner", json={"tokens": [["John", "in", "Paris"]]}).status_code == 200
+        # a fast tokenizer is not safe to share between threads (each call resets its truncation
+        # on the Rust object): the preparing threads count with their own copies
+        used = {id(t) for t in svc.prep.map(lambda _: svc.thread_tokenizer(), range(8))}
     assert threads and all(t.startswith("routetune-prepare") for t in threads), threads
+    assert id(svc.tokenizer) not in used and 1 <= len(used) <= 2
 
 
 def test_healthz_answers_while_a_maximal_request_is_prepared(loaded):

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -177,6 +179,16 @@ class Service:
                            for n in self.token_heads + self.class_heads}
         self.batchers: dict[Any, Batcher] = {}
         self.state = {"inflight": 0}
+        # a fast tokenizer sets its truncation and padding on the shared Rust object at every call,
+        # so threads must not share one: the model thread keeps the run's, each preparing thread
+        # counts with its own copy
+        self._local = threading.local()
+
+    def thread_tokenizer(self):
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
+        return tok
 
     def batcher(self, key, fn) -> Batcher:
         if key not in self.batchers:
@@ -237,10 +249,11 @@ class Service:
         return [c > self.max_tokens for c in counts]
 
     def token_counts(self, texts: list[str] | None = None, words: list[list[str]] | None = None) -> list[int]:
+        tokenizer = self.thread_tokenizer()
         if words is not None:
-            enc = self.tokenizer(words, is_split_into_words=True, add_special_tokens=True)
+            enc = tokenizer(words, is_split_into_words=True, add_special_tokens=True)
         else:
-            enc = self.tokenizer(texts, add_special_tokens=True)
+            enc = tokenizer(texts, add_special_tokens=True)
         return [len(ids) for ids in enc["input_ids"]]
 
     async def run(self, request: Request, endpoint: str, key, prepare, fn) -> tuple[list, list, list]:
