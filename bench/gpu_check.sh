@@ -3,6 +3,7 @@
 # offline GPU machine prepared by bench/gpu_prepare.sh (its .gpu/ folder copied along):
 #
 #   bash bench/gpu_check.sh [OUT]          # OUT: results folder (default /tmp/gpu-check)
+#   CHECK_DEVICE=cpu bash bench/gpu_check.sh   # a dry run of the script on a CPU-only machine
 #
 # 1. the cuda-marked tests (tests/test_device.py: a run on the GPU, a GPU run killed mid-way and
 #    resumed on the CPU);
@@ -12,12 +13,17 @@
 #    (.gpu/hf_anchor.py, default sampler, length grouping, LoRA eager) on the same works.
 set -euo pipefail
 OUT=${1:-/tmp/gpu-check}
+CHECK_DEVICE=${CHECK_DEVICE:-cuda}
 mkdir -p "$OUT"
 SECONDS=0
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -2 || true
+if [ "$CHECK_DEVICE" = cuda ]; then  # the kit's wheels are for the GPU machine's Python (3.12)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -2 || true
+fi
 export PYTHONPATH=/tmp/site:$PWD/src ROUTETUNE_DATA=$PWD/.gpu/data HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 RT="python3 -m routetune.cli"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+fi
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
 python3 .gpu/random_weights.py .gpu/assets /tmp/models > /dev/null
 
@@ -38,12 +44,12 @@ train: {max_steps: 60, batch_size: 16, lr: 5.0e-5, eval_every_steps: 30, eval_ea
 run: {name: gpu-ner, output_dir: $OUT/runs}
 YAML
 $RT train "$OUT/ner.yaml" --overwrite 2>&1 | tail -2
-python3 - "$OUT/runs/gpu-ner" <<'PY'
+python3 - "$OUT/runs/gpu-ner" "$CHECK_DEVICE" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1] + "/summary.json"))
-assert s["hardware"]["device"].startswith("cuda"), s["hardware"]
-print("trained on", s["hardware"]["gpu"], "in", s["hardware"]["precision"], "-", s["hardware"]["reason"],
-      f"; {s['tokens_per_s']:.0f} tokens/s incl. evaluation steps")
+assert s["hardware"]["device"].startswith(sys.argv[2]), s["hardware"]
+print("trained on", s["hardware"].get("gpu", s["hardware"]["cpu"]), "in", s["hardware"]["precision"], "-",
+      s["hardware"]["reason"], f"; {s['tokens_per_s']:.0f} tokens/s incl. evaluation steps")
 PY
 $RT eval "$OUT/runs/gpu-ner" --split dev --json > "$OUT/eval-gpu.json"
 $RT eval "$OUT/runs/gpu-ner" --split dev --json --device cpu --precision fp32 > "$OUT/eval-cpu.json"
@@ -81,6 +87,11 @@ print("plan identical;", [h["device"] for h in json.load(open(f"{root}/gpu-kill/
 PY
 
 echo "== 4. throughput, routetune and the Trainer reference ($SECONDS s)"
+if [ "$CHECK_DEVICE" != cuda ]; then  # a dry run: the throughput scripts need CUDA (the Trainer's bf16 too)
+  python3 bench/gpu_throughput.py /tmp/models .gpu/data "$OUT/routetune.json" --set train.device=cpu --set train.max_steps=14
+  echo "== dry run done in $SECONDS s; results in $OUT"
+  exit 0
+fi
 python3 bench/gpu_throughput.py /tmp/models .gpu/data "$OUT/routetune.json"
 python3 .gpu/hf_anchor.py .gpu/assets .gpu/data "$OUT/hf.json" ner_default,ner_group_by_length,clm_lora 2>&1 | grep -v Warning | tail -4
 python3 - "$OUT" <<'PY'
