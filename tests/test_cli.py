@@ -83,3 +83,19 @@ def test_unknown_model_fails_in_seconds_naming_the_aliases(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match=r"HF_HUB_OFFLINE=1"):
         load.resolve_model("some-org/some-model")
+
+
+def test_predict_input_that_is_not_unicode_is_one_line(tmp_path, tiny_model_dir, ner_files):
+    from routetune.workflow import train
+
+    run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}))
+    proc = subprocess.run([sys.executable, "-m", "routetune", "predict", str(run_dir)], input=b"John in \xff Paris\n",
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip().splitlines()[-1].startswith("error: <stdin>:1: invalid UTF-8")
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('John in Paris\n\n{"text": "Apple \\ud800"}\n')
+    proc = run_cli("predict", str(run_dir), str(bad), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {bad}:3: 'text': not valid Unicode: a lone surrogate "
+                                                     "(U+D800) at character 6")

@@ -207,14 +207,22 @@ def _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, precisi
 
 
 def _read_items(input_file: Optional[Path], parse) -> list:
+    """Parse every line of the input file or of standard input. Lines are decoded as strict UTF-8
+    here, one by one, so an undecodable byte is reported with its line (Python's own stdin would
+    hand it on as a lone surrogate, which tokenizers reject with a TypeError)."""
     name = str(input_file) if input_file else "<stdin>"
     if input_file is not None and not input_file.is_file():
         raise RoutetuneError(f"{input_file}: input file not found")
-    stream = input_file.open(encoding="utf-8-sig", errors="strict") if input_file else sys.stdin
+    stream = input_file.open("rb") if input_file else sys.stdin.buffer
     try:
-        return [parse(line, name, lineno) for lineno, line in enumerate(stream, start=1)]
-    except UnicodeDecodeError as exc:
-        raise RoutetuneError(f"{name}: invalid UTF-8 ({exc.reason})") from None
+        out = []
+        for lineno, raw in enumerate(stream, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RoutetuneError(f"{name}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            out.append(parse(line.removeprefix("\ufeff") if lineno == 1 else line, name, lineno))
+        return out
     finally:
         if input_file:
             stream.close()

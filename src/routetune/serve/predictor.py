@@ -60,6 +60,8 @@ def parse_line(line: str, fmt: str, path: str = "<stdin>", lineno: int | None = 
     if not stripped:
         return None
     if fmt == "lines" or (fmt == "auto" and not stripped.startswith("{")):
+        if problem := unicode_problem(line):
+            raise DataError(problem, path, lineno)
         return item_from_text(line.rstrip("\r\n"))
     try:
         obj = json.loads(stripped)

@@ -181,8 +181,9 @@ def clean_incomplete(root: Path) -> list[str]:
     removed = []
     if not root.is_dir():
         return removed
-    for p in root.iterdir():
-        if p.is_dir() and (p.name.startswith((".tmp-", ".old-")) or not (p / COMPLETE).is_file()):
+    for p in root.iterdir():  # only names routetune writes: anything else in the folder is not ours
+        ours = p.name.startswith((".tmp-", ".old-")) or STEP_DIR.match(p.name) or p.name == "best"
+        if p.is_dir() and ours and (p.name.startswith((".tmp-", ".old-")) or not (p / COMPLETE).is_file()):
             shutil.rmtree(p)
             removed.append(p.name)
     return removed
