@@ -209,3 +209,24 @@ def test_a_gpu_run_killed_midway_resumes_on_the_cpu(tmp_path, tiny_model_dir, ne
         out[name] = (run_dir / "plan.jsonl").read_text(), json.loads((run_dir / "hardware.json").read_text())
     assert out["ref"][0] == out["killed"][0]
     assert [s["device"].split(":")[0] for s in out["killed"][1]] == ["cuda", "cpu"]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_learning_rate_schedules(tmp_path, tiny_model_dir, ner_files, schedule):
+    """train.schedule after a linear warm-up: the learning rate of each step follows its formula."""
+    import math
+
+    from routetune.train.engine import Trainer
+    from routetune.train.setup import prepare
+
+    cfg = load_config(make_config(tmp_path, tiny_model_dir, ner_files, **{
+        "train.schedule": schedule, "train.max_steps": 10, "train.warmup_ratio": 0.2, "train.lr": 1e-3}))
+    trainer = Trainer(prepare(cfg), tmp_path / "run")
+    seen = []
+    for _ in range(10):
+        seen.append(trainer.scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    after = {"linear": lambda p: 1 - p, "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)), "constant": lambda p: 1.0}
+    expected = [1e-3 * (s / 2 if s < 2 else after[schedule]((s - 2) / 8)) for s in range(10)]
+    assert seen == pytest.approx(expected, rel=1e-6)

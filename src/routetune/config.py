@@ -241,7 +241,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     """Weight decay (decoupled for AdamW; not applied to biases and LayerNorm weights)."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    """Share of steps with linear warm-up, then linear decay to 0."""
+    """Share of steps with a linear warm-up from 0 to `lr`, before the `schedule`."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning rate after the warm-up: `linear` decay to 0, `cosine` decay to 0 (half a cosine), or `constant` (transformers' schedules of the same names)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping norm; null disables clipping."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

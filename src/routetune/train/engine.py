@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_scheduler
 
 from routetune.device import to_device
 from routetune.errors import RoutetuneError, RunError
@@ -130,8 +130,9 @@ class Trainer:
         self.model, self.batches = setup.model, setup.batches
         self.objectives = {n: s.objective for n, s in setup.sources.items()}
         self.optimizer = build_optimizer(self.model, tc)
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, round(tc.warmup_ratio * setup.total_steps), setup.total_steps)
+        name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[tc.schedule]
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=round(tc.warmup_ratio * setup.total_steps),
+                                       num_training_steps=setup.total_steps)
         es = tc.early_stopping
         self.stopper = EarlyStopping(es.metric, es.mode, es.patience, es.min_delta)
         self.stats = {n: SourceStats() for n in setup.sources}
