@@ -230,3 +230,25 @@ def test_learning_rate_schedules(tmp_path, tiny_model_dir, ner_files, schedule):
     after = {"linear": lambda p: 1 - p, "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)), "constant": lambda p: 1.0}
     expected = [1e-3 * (s / 2 if s < 2 else after[schedule]((s - 2) / 8)) for s in range(10)]
     assert seen == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("peft", [{"method": "none"}, {"method": "lora", "r": 2}])
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_model_dir, ner_files, peft):
+    import torch
+
+    from routetune.train.engine import Trainer
+    from routetune.train.setup import prepare
+
+    weights = []
+    for on in (False, True):
+        cfg = load_config(make_config(tmp_path / str(on), tiny_model_dir, ner_files, **{
+            "train.gradient_checkpointing": on, "train.max_steps": 4, "train.eval_each_epoch": False, "peft": peft}))
+        setup = prepare(cfg)
+        lm = setup.model.lm
+        assert getattr(lm, "is_activation_checkpointing", getattr(lm, "is_gradient_checkpointing", None)) is on
+        trainer = Trainer(setup, tmp_path / str(on) / "run")
+        (tmp_path / str(on) / "run").mkdir(parents=True)
+        trainer.run()
+        weights.append({n: p.detach().clone() for n, p in setup.model.named_parameters() if p.requires_grad})
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, rtol=1e-5, atol=1e-6, msg=name)

@@ -155,6 +155,16 @@ def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hard
         use_fast_dropout(model)
         use_fast_attention_dropout(model.lm)
     model.fused_lm_loss = cfg.train.fused_lm_loss
+    if cfg.train.gradient_checkpointing:
+        if not model.lm.supports_gradient_checkpointing:
+            raise ConfigError(f"train.gradient_checkpointing: {type(model.lm).__name__} does not support it")
+        # non-reentrant: works with frozen inputs (adapters) and keeps the RNG state for dropout;
+        # transformers 5.x renames the switch (the old name warns, then goes in v6)
+        enable = getattr(model.lm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.embedding_grad_buffer:
         use_embedding_grad_buffer(model.lm)
 
