@@ -99,3 +99,19 @@ def test_predict_input_that_is_not_unicode_is_one_line(tmp_path, tiny_model_dir,
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (f"error: {bad}:3: 'text': not valid Unicode: a lone surrogate "
                                                      "(U+D800) at character 6")
+
+
+def test_predict_keeps_lines_and_ids(tmp_path, tiny_model_dir, ner_files):
+    import json
+
+    from routetune.workflow import train
+
+    run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}))
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a-1", "text": "John in Paris"}\n\nApple in London\n{"id": 7, "tokens": ["John", "Smith"]}\n')
+    out = [json.loads(x) for x in run_cli("predict", str(run_dir), str(src)).stdout.splitlines()]
+    assert len(out) == 4  # one answer per input line, the blank one included
+    assert out[0]["id"] == "a-1" and out[0]["tokens"] == ["John", "in", "Paris"]
+    assert out[1] == {"text": "", "tokens": [], "tags": [], "entities": []}
+    assert "id" not in out[2] and out[2]["text"] == "Apple in London"
+    assert out[3]["id"] == 7 and out[3]["tokens"] == ["John", "Smith"]

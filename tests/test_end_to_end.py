@@ -52,7 +52,7 @@ def test_train_eval_predict(trained):
                            input='John opened a store in Paris\n{"tokens": ["Apple", "in", "London"]}\n\n')
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
-    assert len(rows) == 2
+    assert len(rows) == 3 and rows[2]["tokens"] == []  # the blank line keeps its place
     assert rows[0]["tokens"] == ["John", "opened", "a", "store", "in", "Paris"]
     assert len(rows[0]["tags"]) == 6 and len(rows[1]["tags"]) == 3
     for row in rows:

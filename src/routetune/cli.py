@@ -155,7 +155,7 @@ def predict_cmd(
     device: Optional[str] = _device_option(),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Generation: tokens per prompt"),
 ) -> None:
-    """Predict (plain lines or JSONL in, JSONL out): entity tags and spans, a label with probabilities, or - for a
+    """Predict (plain lines or JSONL in, JSONL out, one output line per input line; a JSONL "id" is kept): entity tags and spans, a label with probabilities, or - for a
     language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
     from routetune.model.inference import for_inference
     from routetune.serve.predictor import Predictor, parse_line
@@ -173,9 +173,10 @@ def predict_cmd(
         _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, precision)
         return
     predictor = Predictor(model, tokenizer, head, cfg.model.max_length, cfg.train.eval_batch_size, precision)
-    items = [item for item in _read_items(input_file, lambda line, where, n: parse_line(line, fmt, where, n))
-             if item is not None]
-    _write_jsonl(output, predictor.predict(items))
+    items = _read_items(input_file, lambda line, where, n: parse_line(line, fmt, where, n))
+    results = iter(predictor.predict([it for it in items if it is not None]))
+    # one output line per input line, blank ones included, so outputs join back to inputs by line
+    _write_jsonl(output, (next(results) if it is not None else predictor.empty() for it in items))
 
 
 def _parse_prompt(line: str, where: str, n: int):

@@ -28,6 +28,7 @@ class Item:
     text: str
     tokens: list[str]
     offsets: list[tuple[int, int]]
+    id: object = None  # a JSONL input's "id", echoed in its result so outputs join back to inputs
 
 
 def unicode_problem(text: str) -> str | None:
@@ -73,12 +74,17 @@ def parse_line(line: str, fmt: str, path: str = "<stdin>", lineno: int | None = 
         for t in obj["tokens"]:
             if problem := unicode_problem(t):
                 raise DataError(f"'tokens': {problem}", path, lineno)
-        return item_from_tokens(obj["tokens"])
-    if isinstance(obj.get("text"), str):
+        item = item_from_tokens(obj["tokens"])
+    elif isinstance(obj.get("text"), str):
         if problem := unicode_problem(obj["text"]):
             raise DataError(f"'text': {problem}", path, lineno)
-        return item_from_text(obj["text"])
-    raise DataError("expected 'text' (a string) or 'tokens' (a list of non-empty strings)", path, lineno)
+        item = item_from_text(obj["text"])
+    else:
+        raise DataError("expected 'text' (a string) or 'tokens' (a list of non-empty strings)", path, lineno)
+    if isinstance(obj.get("id"), str) and (problem := unicode_problem(obj["id"])):
+        raise DataError(f"'id': {problem}", path, lineno)
+    item.id = obj.get("id")
+    return item
 
 
 class Predictor:
@@ -94,9 +100,14 @@ class Predictor:
         self.max_length, self.batch_size, self.precision = max_length, batch_size, precision
 
     def predict(self, items: list[Item]) -> list[dict]:
+        out = self._tag(items) if self.kind == "token-classification" else self._classify(items)
+        return [{"id": it.id, **r} if it.id is not None else r for it, r in zip(items, out)]
+
+    def empty(self) -> dict:
+        """The result of a blank input line (kept, so output line N answers input line N)."""
         if self.kind == "token-classification":
-            return self._tag(items)
-        return self._classify(items)
+            return {"text": "", "tokens": [], "tags": [], "entities": []}
+        return {"text": "", "label": None, "probabilities": {}}
 
     def _tag(self, items: list[Item]) -> list[dict]:
         result = tag_words(self.model, self.head, self.tokenizer, [it.tokens for it in items],
