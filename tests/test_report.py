@@ -205,7 +205,8 @@ def test_compare_and_report_of_several_runs(tmp_path, tiny_model_dir, ner_files)
     result = runner.invoke(app, ["compare", str(a), str(b)])
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if x.startswith("| ner | f1 |"))
-    assert line == f"| ner | f1 | {sa['test']['ner']['f1']:.4f} | {sb['test']['ner']['f1']:.4f} |"
+    fa, fb = sa["test"]["ner"]["f1"], sb["test"]["ner"]["f1"]
+    assert line == f"| ner | f1 | {fa:.4f} | {fb:.4f} | {fb - fa:+.4f} |"
     result = runner.invoke(app, ["report", str(a), str(b), "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
     parser = _Refs()
@@ -213,3 +214,22 @@ def test_compare_and_report_of_several_runs(tmp_path, tiny_model_dir, ner_files)
     assert all((tmp_path / "cmp" / ref).is_file() for ref in parser.refs)
     result = runner.invoke(app, ["report", str(a), str(b)])
     assert result.exit_code == 2 or "needs --out" in str(result.exception)
+
+
+def test_compare_names_runs_apart_counts_as_integers_and_differences(tmp_path, tiny_model_dir, ner_files):
+    import shutil
+
+    from routetune.report import compare_table
+    from routetune.workflow import train
+
+    run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}))
+    other = tmp_path / "elsewhere" / run_dir.name  # another run with the same folder name
+    shutil.copytree(run_dir, other)
+    table = compare_table([run_dir, other])
+    assert f"runs/{run_dir.name}" in table and f"elsewhere/{run_dir.name}" in table
+    row = next(line for line in table.splitlines() if "| support |" in line or "| words |" in line)
+    assert ".0000" not in row.split("|")[3]  # a count prints as an integer
+    header = next(line for line in table.splitlines() if line.startswith("| source | metric"))
+    assert header.rstrip(" |").endswith(f"elsewhere/{run_dir.name} - runs/{run_dir.name}")
+    f1 = next(line for line in table.splitlines() if "| f1 |" in line)
+    assert f1.rstrip(" |").endswith("+0.0000")

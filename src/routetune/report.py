@@ -216,12 +216,34 @@ def plot_continual(continual: dict, out: Path) -> str:
 
 # ------------------------------------------------------------------ text
 
-def _fmt(v) -> str:
+COUNTS = {"support", "tokens", "examples", "blocks", "completion_tokens", "generated", "steps", "batches",
+          "sentences", "words", "untokenizable_words", "n_truncated_words", "n_truncated_sentences",
+          "truncated_words", "truncated_sentences", "truncated"}
+
+
+def _fmt(v, key: str | None = None) -> str:
     if v is None:
         return "-"
+    if key in COUNTS and isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer():
+        return f"{int(v):,}"  # a count, not a measurement
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
+
+
+def _seconds(v) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def _label_runs(runs: list[dict]) -> None:
+    """Give runs with the same folder name labels that tell them apart: as many trailing path
+    parts as needed (`a/quickstart`, `b/quickstart`)."""
+    for depth in range(1, 1 + max(len(r["dir"].resolve().parts) for r in runs)):
+        labels = ["/".join(r["dir"].resolve().parts[-depth:]) for r in runs]
+        if len(set(labels)) == len(labels) or depth == 1 and len({r["name"] for r in runs}) == len(runs):
+            for r, label in zip(runs, labels):
+                r["name"] = label
+            return
 
 
 def sections(runs: list[dict], images: dict[str, list[str]]) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
@@ -235,8 +257,8 @@ def sections(runs: list[dict], images: dict[str, list[str]]) -> list[tuple[str, 
             continue
         best = s.get("best", {})
         params = s.get("parameters", {})
-        rows.append([run["name"], _fmt(s.get("steps")), _fmt(best.get("metric")), _fmt(best.get("value")),
-                     _fmt(best.get("step")), _fmt(s.get("train_seconds")), _fmt(s.get("tokens_per_s")),
+        rows.append([run["name"], _fmt(s.get("steps"), "steps"), _fmt(best.get("metric")), _fmt(best.get("value")),
+                     _fmt(best.get("step"), "steps"), _seconds(s.get("train_seconds")), _seconds(s.get("tokens_per_s")),
                      f"{params['trainable']:,} / {params['total']:,}" if params else "-"])
     if rows:
         out.append(("Run", header, rows, []))
@@ -244,8 +266,19 @@ def sections(runs: list[dict], images: dict[str, list[str]]) -> list[tuple[str, 
     keys = sorted({(src, m) for run in runs for src, m, _ in test_rows(run["summary"])})
     if keys:
         values = {run["name"]: {(src, m): v for src, m, v in test_rows(run["summary"])} for run in runs}
-        out.append(("Test metrics", ["source", "metric", *[r["name"] for r in runs]],
-                    [[src, m, *[_fmt(values[r["name"]].get((src, m), "-")) for r in runs]] for src, m in keys],
+        first, others = runs[0]["name"], [r["name"] for r in runs[1:]]
+        diff_header = [f"{name} - {first}" for name in others]
+
+        def diff(src, m, name):
+            a, b = values[first].get((src, m)), values[name].get((src, m))
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+                return "-"
+            d = b - a
+            return f"{int(d):+,}" if m in COUNTS and float(d).is_integer() else f"{d:+.4f}"
+
+        out.append(("Test metrics", ["source", "metric", *[r["name"] for r in runs], *diff_header],
+                    [[src, m, *[_fmt(values[r["name"]].get((src, m), "-"), m) for r in runs],
+                      *[diff(src, m, name) for name in others]] for src, m in keys],
                     images.get("test", [])))
     # before / after
     ba_rows = []
@@ -266,8 +299,9 @@ def sections(runs: list[dict], images: dict[str, list[str]]) -> list[tuple[str, 
         for name, counts in run["summary"].get("sources", {}).items():
             last_share = shares.get(name, [(0, float("nan"), float("nan"))])[-1]
             last_loss = curves.get(name, [(0, None)])[-1][1]
-            src_rows.append([run["name"], name, _fmt(counts.get("batches")), _fmt(counts.get("examples")),
-                             _fmt(counts.get("tokens")), _fmt(last_share[1]), _fmt(last_share[2]),
+            src_rows.append([run["name"], name, _fmt(counts.get("batches"), "batches"),
+                             _fmt(counts.get("examples"), "examples"), _fmt(counts.get("tokens"), "tokens"),
+                             _fmt(last_share[1]), _fmt(last_share[2]),
                              _fmt(last_loss) if last_loss is not None else "-"])
     if src_rows:
         out.append(("Sources during training", ["run", "source", "batches", "examples", "tokens",
@@ -344,5 +378,6 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
 def compare_table(run_dirs: list[Path]) -> str:
     """The Markdown table of `routetune compare`: test metrics and before/after, runs side by side."""
     runs = [read_run(Path(d)) for d in run_dirs]
+    _label_runs(runs)
     parts = [p for p in sections(runs, {}) if p[0].startswith(("Test", "Before", "Run"))]
     return render_md("comparison", parts)
