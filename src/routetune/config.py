@@ -219,7 +219,9 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, ge=1)
     """Hard cap on optimizer steps (wins over `epochs`)."""
     batch_size: int = Field(16, ge=1)
-    """Examples per batch (each batch from one source)."""
+    """Examples per optimizer step (each batch from one source, or mixed with granularity `example`)."""
+    grad_accum: int = Field(1, ge=1)
+    """Split each step's batch into this many micro-batches, run one after another with their gradients added up (less memory; the same update: each micro-batch's loss is weighted by its share of the batch's scored tokens or examples)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """`adamw` (torch AdamW, fused kernel) or `sgd` (with `momentum`)."""
     momentum: float = Field(0.0, ge=0, lt=1)

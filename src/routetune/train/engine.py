@@ -123,6 +123,34 @@ def truncate_log(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
+def scored_units(objective: str, tensors: dict) -> torch.Tensor:
+    """Per example, what its source's loss averages over: scored tokens (labels that are not
+    -100; for causal LM the shifted targets), or 1 for a sequence-level label."""
+    labels = tensors["labels"]
+    if labels.dim() == 1:
+        return torch.ones(labels.shape[0], device=labels.device)
+    if objective == "causal-lm":
+        labels = labels[:, 1:]
+    return (labels != -100).sum(1).float()
+
+
+def micro_batches(tensors: dict, objective: str, k: int):
+    """The batch in `k` slices of consecutive examples, each cut to its own longest row, with
+    the slice's share of the batch's scored units; slices with none are skipped."""
+    units = scored_units(objective, tensors)
+    total = float(units.sum())
+    n = tensors["input_ids"].shape[0]
+    size = math.ceil(n / k)
+    for start in range(0, n, size):
+        piece = {key: v[start:start + size] for key, v in tensors.items()}
+        u = float(units[start:start + size].sum())
+        if u == 0 or total == 0:
+            continue
+        width = int(piece["attention_mask"].sum(1).max())  # right padding beyond it is not needed
+        piece = {key: v[:, :width] if v.dim() == 2 else v for key, v in piece.items()}
+        yield piece, u / total
+
+
 class Trainer:
     def __init__(self, setup: Setup, run_dir: Path):
         self.setup, self.run_dir = setup, run_dir
@@ -225,6 +253,8 @@ class Trainer:
     def train_step(self, step: int, parts: list) -> dict[str, float]:
         """Forward each source's part, combine the losses, update. Returns per-source losses."""
         tc = self.setup.cfg.train
+        if tc.grad_accum > 1:
+            return self.accumulated_step(step, parts)
         n_total = sum(len(p.example_ids) for p in parts)
         total, losses = 0.0, {}
         for part in parts:  # one part per source in the batch (always one with granularity=batch)
@@ -240,15 +270,20 @@ class Trainer:
                 return self.non_finite(step, part, value)
             losses[part.source] = value
             total = total + self.loss_weights.get(part.source, 1.0) * len(part.example_ids) / n_total * loss
+        (self.scaler.scale(total) if self.scaler is not None else total).backward()
+        self.update(parts, losses)
+        return losses
+
+    def update(self, parts: list, losses: dict[str, float]) -> None:
+        """Clip, step the optimizer and the schedule, count the step's examples."""
+        tc = self.setup.cfg.train
         if self.scaler is not None:
-            self.scaler.scale(total).backward()
             if tc.max_grad_norm is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm)
             self.scaler.step(self.optimizer)  # skipped by the scaler when a gradient overflowed
             self.scaler.update()
         else:
-            total.backward()
             if tc.max_grad_norm is not None:
                 self.clip(tc.max_grad_norm)
             self.optimizer.step()
@@ -257,6 +292,31 @@ class Trainer:
         self.skipped_in_a_row = 0
         for part in parts:
             self.stats[part.source].add(len(part.example_ids), part.n_tokens, losses[part.source])
+
+    def accumulated_step(self, step: int, parts: list) -> dict[str, float]:
+        """`train.grad_accum` micro-batches per part, backward after each, one update. A part's
+        loss is a mean over its scored units (tokens, or examples for sequence heads), so each
+        micro-batch's mean is weighted by its share of the part's units: the sum is the part's
+        loss, and the gradient the one a single batch would give (up to rounding)."""
+        n_total = sum(len(p.example_ids) for p in parts)
+        losses = {}
+        for part in parts:
+            objective, share = self.objectives[part.source], self.distill.get(part.source)
+            scale = self.loss_weights.get(part.source, 1.0) * len(part.example_ids) / n_total
+            value = 0.0
+            for tensors, weight in micro_batches(to_device(part.tensors, self.hw.device), objective,
+                                                 self.setup.cfg.train.grad_accum):
+                with self.hw.autocast():
+                    loss = (self.model.distill_loss(objective, tensors, share) if share
+                            else self.model.loss(part.source, objective, tensors))
+                v = loss.item()
+                if not math.isfinite(v):
+                    return self.non_finite(step, part, v)
+                value += weight * v
+                scaled = scale * weight * loss
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            losses[part.source] = value
+        self.update(parts, losses)
         return losses
 
     def clip(self, max_norm: float) -> None:
