@@ -115,3 +115,11 @@ def test_predict_keeps_lines_and_ids(tmp_path, tiny_model_dir, ner_files):
     assert out[1] == {"text": "", "tokens": [], "tags": [], "entities": []}
     assert "id" not in out[2] and out[2]["text"] == "Apple in London"
     assert out[3]["id"] == 7 and out[3]["tokens"] == ["John", "Smith"]
+
+
+def test_train_log_holds_the_set_up_summary(tmp_path, tiny_model_dir, ner_files):
+    path = make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2})
+    run_cli("train", str(path), "--no-test")
+    log = (tmp_path / "runs" / "tiny" / "train.log").read_text()
+    for line in ("device cpu, precision fp32", "source ner", "source general", "2 steps of batch 4"):
+        assert line in log, line  # logged before the run folder existed, kept for train.log
