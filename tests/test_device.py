@@ -252,3 +252,13 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_model_dir
         weights.append({n: p.detach().clone() for n, p in setup.model.named_parameters() if p.requires_grad})
     for name, w in weights[0].items():
         torch.testing.assert_close(weights[1][name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(CUDA, reason="needs a machine without CUDA")
+def test_resume_on_a_missing_device_names_the_option(tmp_path, tiny_model_dir, ner_files):
+    from routetune.workflow import train
+
+    run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}), run_test=False)
+    (run_dir / "summary.json").unlink()  # as if interrupted
+    proc = run_cli("resume", str(run_dir), "--device", "cuda", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --device: cuda asked for")

@@ -157,17 +157,13 @@ def predict_cmd(
 ) -> None:
     """Predict (plain lines or JSONL in, JSONL out, one output line per input line; a JSONL "id" is kept): entity tags and spans, a label with probabilities, or - for a
     language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
-    from routetune.model.inference import for_inference
+    from routetune.runs import load_for_inference
     from routetune.serve.predictor import Predictor, parse_line
-    from routetune.device import inference_hardware
-    from routetune.runs import load_run
 
     if fmt not in ("auto", "lines", "jsonl"):
         raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
-    hw = inference_hardware(device, precision)
-    cfg, model, tokenizer = load_run(run, checkpoint)
+    cfg, model, tokenizer, hw = load_for_inference(run, checkpoint, device, precision)
     precision = hw.precision
-    for_inference(model, precision, hw.device)
     head = source or cfg.train.primary
     if head not in model.heads and model.is_decoder and (source is None or source in cfg.sources):
         _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, precision)
@@ -248,15 +244,11 @@ def generate_cmd(
     precision: Optional[str] = _precision_option(),
 ) -> None:
     """Greedy generation for new prompts with a fine-tuned decoder; writes JSONL {prompt, completion}."""
-    from routetune.model.inference import for_inference
-    from routetune.device import inference_hardware
-    from routetune.runs import load_run
+    from routetune.runs import load_for_inference
 
-    hw = inference_hardware(device, precision)
-    cfg, model, tokenizer = load_run(run, checkpoint)
+    cfg, model, tokenizer, hw = load_for_inference(run, checkpoint, device, precision)
     if not model.is_decoder:
         raise RoutetuneError(f"{run}: generate needs a decoder backbone; this run's is an encoder")
-    for_inference(model, hw.precision, hw.device)
     _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, hw.precision)
 
 

@@ -83,10 +83,6 @@ class Hardware:
     reason: str
 
     @property
-    def dtype(self) -> torch.dtype | None:
-        return DTYPES.get(self.precision)
-
-    @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 

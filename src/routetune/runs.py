@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 from routetune.config import config_from_run
+from routetune.device import Hardware, inference_hardware
 from routetune.errors import RunError
 from routetune.model.heads import RoutedModel
+from routetune.model.inference import for_inference
 from routetune.model.load import load_tokenizer
 from routetune.train import checkpoint as ckpt
 
@@ -145,3 +147,14 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
     cfg = config_from_run(run_dir)
     folder = ckpt.run_checkpoint(run_dir, checkpoint)
     return cfg, RoutedModel.load(folder), load_tokenizer(str(folder))
+
+
+def load_for_inference(run_dir: str | Path, checkpoint: str = "best", device: str | None = None,
+                       precision: str | None = None) -> tuple:
+    """(config, model, tokenizer, hardware) of a run, ready to evaluate, predict or serve on this
+    machine: device and precision chosen here (`--device` / `--precision`, default auto), checked
+    before the run is loaded, the model moved there and prepared for inference."""
+    hw: Hardware = inference_hardware(device, precision)
+    cfg, model, tokenizer = load_run(run_dir, checkpoint)
+    for_inference(model, hw.precision, hw.device)
+    return cfg, model, tokenizer, hw

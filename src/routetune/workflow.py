@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from routetune.config import Config, config_from_run, dump_config, load_config
-from routetune.device import Hardware, inference_hardware
+from routetune.device import Hardware
 from routetune.errors import ConfigError, RunError
 from routetune.model.heads import RoutedModel
-from routetune.runs import Claim, RunLock, check_claimable, claim, load_run  # noqa: F401  (load_run: API)
+from routetune.runs import Claim, RunLock, check_claimable, claim, load_for_inference, load_run  # noqa: F401  (load_run: API)
 from routetune.train import checkpoint as ckpt
 from routetune.train.engine import Trainer, evaluate_dev
 from routetune.train.setup import Setup, prepare
@@ -86,13 +86,12 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
     check_claimable(run_dir, overwrite)  # refuse before any heavy work
     with _HeldLogs() as held:
         setup = prepare(cfg)  # reads and checks all data, loads the model: fails before the folder is touched
-    setup.held_logs = held.records
     claimed = claim(run_dir, overwrite)
     try:
         with RunLock(run_dir):
             (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
             (run_dir / "labels.json").write_text(json.dumps(setup.labels, indent=2) + "\n", encoding="utf-8")
-            return _fit_and_report(setup, run_dir, run_test, resume_from=None, claimed=claimed)
+            return _fit_and_report(setup, run_dir, run_test, resume_from=None, claimed=claimed, held=held.records)
     except BaseException:
         claimed.rollback()  # a no-op once the new run has its first checkpoint
         raise
@@ -120,9 +119,8 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
             raise RunError(f"{run_dir}: no complete checkpoint to resume from")
         with _HeldLogs() as held:
             setup = prepare(cfg, device, precision)
-        setup.held_logs = held.records
         _check_labels(run_dir, setup.labels)
-        return _fit_and_report(setup, run_dir, run_test, resume_from=folder)
+        return _fit_and_report(setup, run_dir, run_test, resume_from=folder, held=held.records)
 
 
 def _write_hardware(run_dir: Path, hardware: Hardware, resumed: bool) -> None:
@@ -274,10 +272,10 @@ def score_before(setup: Setup) -> dict:
 
 
 def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Path | None,
-                    claimed: Claim | None = None) -> tuple[Path, dict]:
+                    claimed: Claim | None = None, held: list | None = None) -> tuple[Path, dict]:
     started = time.time()
     cfg = setup.cfg
-    handler = _add_file_log(run_dir / "train.log", getattr(setup, "held_logs", None))
+    handler = _add_file_log(run_dir / "train.log", held)
     try:
         log.info("run folder %s", run_dir)
         log.info("device %s, precision %s (%s)", setup.hardware.device, setup.hardware.precision,
@@ -335,11 +333,8 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
     """Score a run's checkpoint on the dev or test sets of its sources (files or holdout)."""
     from routetune.data.build import build, resolve_objective
     from routetune.evaluate.tasks import evaluate_set
-    from routetune.model.inference import for_inference
 
-    hw = inference_hardware(device, precision)  # a bad option is reported before the run loads
-    cfg, model, tokenizer = load_run(run_dir, checkpoint)
-    for_inference(model, hw.precision, hw.device)
+    cfg, model, tokenizer, hw = load_for_inference(run_dir, checkpoint, device, precision)
     objectives = {n: resolve_objective(sc.objective, model.is_decoder, n) for n, sc in cfg.sources.items()}
     labels = {n: h.labels for n, h in model.heads.items()}
     _, dev, test = build(cfg, tokenizer, objectives, labels, allow_new_labels=False)

@@ -491,16 +491,12 @@ def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: st
               ssl_keyfile: str | None = None) -> None:
     import uvicorn
 
-    from routetune.device import inference_hardware
-    from routetune.model.inference import for_inference
-    from routetune.runs import load_run
+    from routetune.runs import load_for_inference
 
     limits = limits or Limits()
     check_exposure(host, api_key, allow_unauthenticated)
     tune_process()
-    hw = inference_hardware(device, precision)
-    cfg, model, tokenizer = load_run(run_dir, checkpoint)
-    for_inference(model, hw.precision, hw.device)
+    cfg, model, tokenizer, hw = load_for_inference(run_dir, checkpoint, device, precision)
     log.info("serving on %s in %s (%s)", hw.device, hw.precision, hw.reason)
     app = create_app(model, tokenizer, cfg, limits, hw.precision, after_batch=_Trim(), api_key=api_key, docs=docs,
                      metrics=metrics)

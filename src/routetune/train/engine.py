@@ -258,13 +258,7 @@ class Trainer:
         n_total = sum(len(p.example_ids) for p in parts)
         total, losses = 0.0, {}
         for part in parts:  # one part per source in the batch (always one with granularity=batch)
-            tensors = to_device(part.tensors, self.hw.device)
-            with self.hw.autocast():
-                share = self.distill.get(part.source)
-                if share:
-                    loss = self.model.distill_loss(self.objectives[part.source], tensors, share)
-                else:
-                    loss = self.model.loss(part.source, self.objectives[part.source], tensors)
+            loss = self.part_loss(part.source, to_device(part.tensors, self.hw.device))
             value = loss.item()
             if not math.isfinite(value):
                 return self.non_finite(step, part, value)
@@ -273,6 +267,15 @@ class Trainer:
         (self.scaler.scale(total) if self.scaler is not None else total).backward()
         self.update(parts, losses)
         return losses
+
+    def part_loss(self, source: str, tensors: dict) -> torch.Tensor:
+        """One source's loss on a batch (or micro-batch) already on the device, under autocast:
+        self-distillation where the source has a share, its objective's loss otherwise."""
+        with self.hw.autocast():
+            share = self.distill.get(source)
+            if share:
+                return self.model.distill_loss(self.objectives[source], tensors, share)
+            return self.model.loss(source, self.objectives[source], tensors)
 
     def update(self, parts: list, losses: dict[str, float]) -> None:
         """Clip, step the optimizer and the schedule, count the step's examples."""
@@ -301,14 +304,11 @@ class Trainer:
         n_total = sum(len(p.example_ids) for p in parts)
         losses = {}
         for part in parts:
-            objective, share = self.objectives[part.source], self.distill.get(part.source)
             scale = self.loss_weights.get(part.source, 1.0) * len(part.example_ids) / n_total
             value = 0.0
-            for tensors, weight in micro_batches(to_device(part.tensors, self.hw.device), objective,
+            for tensors, weight in micro_batches(to_device(part.tensors, self.hw.device), self.objectives[part.source],
                                                  self.setup.cfg.train.grad_accum):
-                with self.hw.autocast():
-                    loss = (self.model.distill_loss(objective, tensors, share) if share
-                            else self.model.loss(part.source, objective, tensors))
+                loss = self.part_loss(part.source, tensors)
                 v = loss.item()
                 if not math.isfinite(v):
                     return self.non_finite(step, part, v)

@@ -68,7 +68,8 @@ class Setup:
 def prepare(cfg: Config, device: str | None = None, precision: str | None = None) -> Setup:
     """Build and check everything a run needs. `device` / `precision` override the config's
     (e.g. a GPU run resumed on a CPU-only machine)."""
-    hardware = resolve(device or cfg.train.device, precision or cfg.train.precision)
+    hardware = resolve(device or cfg.train.device, precision or cfg.train.precision,
+                       names=("--device" if device else "train.device", "--precision" if precision else "train.precision"))
     earlier_labels, earlier = {}, None
     if cfg.model.init_from:
         earlier = run_checkpoint(Path(cfg.model.init_from), "best")
