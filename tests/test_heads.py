@@ -3,7 +3,7 @@
 import torch
 from transformers import BertForMaskedLM, BertForTokenClassification
 
-from routetune.model.heads import RoutedModel, build_model
+from routetune.model.routed import RoutedModel, build_model
 
 
 def _batch(vocab, labels_max=None, seed=0):

@@ -56,7 +56,7 @@ def test_an_adapter_refuses_a_changed_base(tmp_path, tiny_llama_dir):
     import yaml
 
     from conftest import GENERAL
-    from routetune.model.heads import RoutedModel
+    from routetune.model.routed import RoutedModel
     from routetune.workflow import train
 
     base = tmp_path / "base"

@@ -5,7 +5,7 @@ import torch
 
 from routetune.config import FreezeConfig, PeftConfig
 from routetune.model import lm_loss
-from routetune.model.heads import build_model
+from routetune.model.routed import build_model
 from routetune.model.lm_loss import linear_cross_entropy
 from routetune.model.peft import apply_peft
 

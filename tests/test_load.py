@@ -40,7 +40,7 @@ def test_hub_id_unreachable_is_a_model_error(monkeypatch):
 
 @pytest.mark.slow
 def test_minilm_alias_loads_and_reports_new_mlm_head(caplog):
-    from routetune.model.heads import build_model
+    from routetune.model.routed import build_model
 
     logging.getLogger("routetune").setLevel(logging.INFO)
     path = load.resolve_model("minilm-l6")

@@ -12,7 +12,8 @@ from conftest import GENERAL
 from safetensors.torch import load_file
 
 from routetune.errors import ConfigError
-from routetune.model.heads import RoutedModel
+from routetune.model.methods import METHODS as METHOD_REGISTRY
+from routetune.model.routed import RoutedModel
 from routetune.train.checkpoint import run_checkpoint
 from routetune.workflow import train
 
@@ -64,13 +65,20 @@ def _expected_change(kind, name, decoder):
         return not embed
     if kind == "top-layer":
         return ".layer.1." in name or ".layers.1." in name
+    if kind == "norms":
+        return "norm" in name.lower()
     return False
 
 
 @pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
 @pytest.mark.parametrize("peft, freeze, kind", METHODS, ids=[f"{p['method']}{'-' + '-'.join(p.get('adapter_placement', [])) if 'adapter_placement' in p else ''}-{'-'.join(f) or 'all'}" for p, f, _ in METHODS])
 def test_method_contract(tmp_path, tiny_model_dir, tiny_llama_dir, decoder, peft, freeze, kind):
-    model_dir = tiny_llama_dir if decoder else tiny_model_dir
+    check_method_contract(tmp_path, tiny_llama_dir if decoder else tiny_model_dir, decoder, peft, freeze, kind)
+
+
+def check_method_contract(tmp_path, model_dir, decoder, peft, freeze, kind):
+    """One row of the table: train 3 steps, save, load; only the intended parameters changed;
+    outputs identical after loading; the checkpoint holds the method's format."""
     path = _config(tmp_path, model_dir, decoder, peft, freeze)
     if peft["method"] == "bitfit" and decoder:
         with pytest.raises(ConfigError, match="bitfit trains only bias terms, and this backbone has none"):
@@ -104,7 +112,8 @@ def test_method_contract(tmp_path, tiny_model_dir, tiny_llama_dir, decoder, peft
     mask = torch.ones_like(ids)
     trained = RoutedModel.load(folder)
     assert torch.equal(loaded.head_logits("cls", ids, mask), trained.head_logits("cls", ids, mask))
-    if peft["method"] in ("adapter", "bitfit"):  # only the trained tensors + a manifest
+    fmt = METHOD_REGISTRY[peft["method"]].checkpoint
+    if fmt == "trained":  # only the trained tensors + a manifest
         assert not (folder / "model.safetensors").exists()
         trained = {n for n, p in loaded.lm.named_parameters() if p.requires_grad}
         assert set(load_file(str(folder / "lm_trainable.safetensors"))) == trained
@@ -121,7 +130,7 @@ def test_method_contract(tmp_path, tiny_model_dir, tiny_llama_dir, decoder, peft
             ours = loaded.lm_logits(ids, mask)
             out = plain(input_ids=ids, attention_mask=mask).logits
             assert torch.allclose(ours, out[:, -ids.shape[1]:], atol=1e-5)
-    if peft["method"] in ("lora", "dora", "ia3"):
+    if fmt == "adapter" and not prompt:
         assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
@@ -149,7 +158,7 @@ def test_trainable_parameters_logged(tmp_path, tiny_llama_dir, caplog):
 
 def test_bottleneck_adapter_is_identity_at_start(tiny_model_dir):
     from routetune.model.adapters import add_bottleneck_adapters
-    from routetune.model.heads import build_model
+    from routetune.model.routed import build_model
 
     model = build_model(str(tiny_model_dir), 0).eval()
     ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -151,7 +151,7 @@ def test_unmarked_checkpoint_is_never_used_and_damaged_newest_falls_back(tmp_pat
 
 @pytest.mark.parametrize("policy", ["abort", "skip"])
 def test_non_finite_loss_policy(tmp_path, tiny_model_dir, ner_files, monkeypatch, policy):
-    from routetune.model.heads import RoutedModel
+    from routetune.model.routed import RoutedModel
     from routetune.train.engine import NonFiniteLoss
     from routetune.workflow import train
 

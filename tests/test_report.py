@@ -35,7 +35,7 @@ def _direct_mlm_retention(model_dir, run_dir, general, cfg_path):
     from routetune.data.sources import special_affixes
     from routetune.data.text import iter_blocks, text_parts
     from routetune.evaluate.retention import fit_mlm_head
-    from routetune.model.heads import RoutedModel, build_model
+    from routetune.model.routed import RoutedModel, build_model
     from routetune.model.inference import lm_loss
     from routetune.model.load import load_tokenizer
 
@@ -108,7 +108,7 @@ def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog)
     assert runs[0]["before"] == runs[1]["before"]
     from routetune.data.sources import special_affixes
     from routetune.data.text import iter_blocks, text_parts
-    from routetune.model.heads import build_model
+    from routetune.model.routed import build_model
     from routetune.model.inference import lm_loss
     from routetune.model.load import load_tokenizer
 
@@ -118,7 +118,7 @@ def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog)
     loss, _ = lm_loss(build_model(str(tiny_llama_dir), 0), "causal-lm", blocks, tok, 64, "fp32")
     assert runs[1]["before"]["held"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     # the report's before/after row: the base model and the run's best checkpoint, scored directly
-    from routetune.model.heads import RoutedModel
+    from routetune.model.routed import RoutedModel
     from routetune.report import write_report
 
     run_dir = tmp_path / "runs" / "b"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from routetune.data.sources import Encoded, MemorySource
 from routetune.model.fast_dropout import FastDropout, fast_dropout, use_fast_dropout
 from routetune.model.frozen_bf16 import FrozenBf16
-from routetune.model.heads import build_model
+from routetune.model.routed import build_model
 from routetune.model.load import pick_attention
 
 
@@ -175,7 +175,7 @@ def test_embedding_grad_buffer_matches_torch_and_reuses_storage():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_for_inference_gives_the_same_outputs(tiny_model_dir, precision):
     """predict/serve hold bf16 weight copies: exactly the operands autocast would cast to."""
-    from routetune.model.heads import build_model
+    from routetune.model.routed import build_model
     from routetune.device import autocast
     from routetune.model.inference import for_inference
 

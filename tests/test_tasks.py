@@ -11,7 +11,7 @@ from conftest import make_config
 from routetune.data.readers import read_examples
 from routetune.data.sources import encode_prompt
 from routetune.errors import ConfigError, DataError
-from routetune.model.heads import build_model
+from routetune.model.routed import build_model
 from routetune.workflow import evaluate, train
 
 

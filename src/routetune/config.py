@@ -12,21 +12,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from routetune import objectives
 from routetune.errors import ConfigError
 
-SUPERVISED_OBJECTIVES = ("token-classification", "sequence-classification", "binary-classification")
-DEFAULT_METRIC = {"token-classification": "f1", "sequence-classification": "accuracy",
-                  "binary-classification": "accuracy", "causal-lm": "perplexity", "masked-lm": "mlm_loss",
-                  "language-modeling": "perplexity"}
-DEFAULT_FORMAT = {"token-classification": "conll", "sequence-classification": "jsonl",
-                  "binary-classification": "jsonl", "causal-lm": "text", "masked-lm": "text",
-                  "language-modeling": "text"}
-FORMATS_OF = {"token-classification": ("conll",),
-              "sequence-classification": ("csv", "tsv", "jsonl", "folders", "lines-per-class"),
-              "binary-classification": ("csv", "tsv", "jsonl", "folders", "lines-per-class"),
-              "causal-lm": ("text", "jsonl"), "masked-lm": ("text",), "language-modeling": ("text",)}
+
+
+def _one_of(value: str, choices) -> str:
+    """A value checked against a registry (objectives, ...) rather than a fixed Literal."""
+    if value not in choices:
+        raise PydanticCustomError("choice", "expected one of {choices}", {"choices": ", ".join(choices)})
+    return value
 
 
 class _Strict(BaseModel):
@@ -97,8 +95,7 @@ class HoldoutConfig(_Strict):
 
 
 class SourceConfig(_Strict):
-    objective: Literal["token-classification", "sequence-classification", "binary-classification", "causal-lm",
-                       "masked-lm", "language-modeling"]
+    objective: str = Field(json_schema_extra={"choices": objectives.names()})
     """How a batch of this source becomes a loss. `language-modeling` follows the backbone: causal-LM for a decoder, masked-LM for an encoder."""
     train: str
     """Training data: a file, or for text also a folder or a glob."""
@@ -129,20 +126,22 @@ class SourceConfig(_Strict):
     distill: float = Field(0.0, ge=0.0, le=1.0)
     """Language-modelling sources: share of this source's loss that is self-distillation, the KL divergence from the predictions of the frozen starting model (the teacher: the same model with its LoRA/DoRA/IA3 adapters or virtual tokens switched off, or for other methods a frozen copy of the backbone taken before the first step) to the trained model's, on the same tokens; the rest (1 - distill) is the usual LM loss on the text. Holds the model's general predictions in place instead of pulling them towards this text's style. Costs one extra forward without gradients on this source's examples."""
 
+    _objective = field_validator("objective")(lambda v: _one_of(v, objectives.names()))
+
     @model_validator(mode="after")
     def _default_format(self) -> SourceConfig:
+        spec = objectives.get(self.objective)
         if self.format is None:
-            object.__setattr__(self, "format", DEFAULT_FORMAT[self.objective])
-        if self.format not in FORMATS_OF[self.objective]:
-            raise ValueError(f"format: {self.objective} reads {' or '.join(FORMATS_OF[self.objective])}, "
-                             f"got {self.format!r}")
-        if self.distill and self.objective in SUPERVISED_OBJECTIVES:
+            object.__setattr__(self, "format", spec.default_format)
+        if self.format not in spec.formats:
+            raise ValueError(f"format: {self.objective} reads {' or '.join(spec.formats)}, got {self.format!r}")
+        if self.distill and spec.supervised:
             raise ValueError(f"distill: self-distillation applies to language-modelling sources, not {self.objective}")
         return self
 
     @property
     def supervised(self) -> bool:
-        return self.objective in SUPERVISED_OBJECTIVES
+        return objectives.get(self.objective).supervised
 
 
 class StageConfig(_Strict):
@@ -287,7 +286,7 @@ class TrainConfig(_Strict):
 
 
 class PeftConfig(_Strict):
-    method: Literal["none", "lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "adapter", "bitfit"] = "none"
+    method: str = Field("none", json_schema_extra={"registry": "methods"})
     """Parameter-efficient method: `lora`, `dora` (weight-decomposed LoRA), `ia3`, `prompt_tuning` (trained virtual-token embeddings before the input) and `prefix_tuning` (trained virtual keys/values in every layer) come from the peft library; `adapter` is routetune's bottleneck adapter; `bitfit` trains only bias terms; `none` is full fine-tuning (see `freeze`)."""
     r: int = Field(8, ge=1)
     """LoRA / DoRA rank."""
@@ -319,8 +318,9 @@ class FreezeConfig(_Strict):
 class EvalTextConfig(_Strict):
     path: str
     """Held-out text: a file, a folder or a glob (relative to the config file)."""
-    objective: Literal["causal-lm", "masked-lm", "language-modeling"] = "language-modeling"
+    objective: str = Field("language-modeling", json_schema_extra={"choices": objectives.names(lm_only=True)})
     """How it is scored: perplexity (causal-lm) or masked-LM loss; `language-modeling` follows the backbone."""
+    _objective = field_validator("objective")(lambda v: _one_of(v, objectives.names(lm_only=True)))
     glob: str = "*.txt"
     """File pattern used when `path` is a folder."""
     strip_gutenberg: bool = False
@@ -372,84 +372,104 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if not self.sources:
-            raise ValueError("sources: at least one source is required")
-        for name in [*self.sources, *self.evals]:
-            if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-                raise ValueError(f"{'sources' if name in self.sources else 'evals'}.{name}: names may hold "
-                                 "letters, digits, '_' and '-' only")
-        for name in self.evals:
-            if name in self.sources:
-                raise ValueError(f"evals.{name}: a source has this name already")
-        f = self.freeze
-        if self.peft.method != "none" and (f.embeddings or f.head_only or f.top_k_layers):
-            raise ValueError("freeze: freezing strategies apply to full fine-tuning; with peft.method "
-                             f"{self.peft.method} the backbone is frozen already")
-        if f.head_only and f.top_k_layers:
-            raise ValueError("freeze: give head_only or top_k_layers, not both")
-        r = self.routing
-        given = [k for k in ("weights", "temperature", "counts") if getattr(r, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"routing: give exactly one of weights, temperature or counts (got {' and '.join(given)})")
-        names = list(self.sources)
-        if r.weights is None and not given:
-            object.__setattr__(r, "weights", {n: 1.0 for n in names})
-        if r.weights is not None:
-            _check_weights("routing.weights", r.weights, names)
-        if r.counts is not None:
-            _check_names("routing.counts", r.counts, names)
-            for name, c in r.counts.items():
-                if (c.repeat is None) == (c.choose is None):
-                    raise ValueError(f"routing.counts.{name}: give exactly one of repeat or choose")
-            if sum((c.repeat or 0) + (c.choose or 0) for c in r.counts.values()) <= 0:
-                raise ValueError("routing.counts: all counts are zero")
-        _check_names("routing.loss_weights", r.loss_weights, names, complete=False)
-        for name, w in r.loss_weights.items():
-            if not (0 <= w < float("inf")):
-                raise ValueError(f"routing.loss_weights.{name}: expected a finite number >= 0, got {w}")
-        distilled = [n for n, src in self.sources.items() if src.distill > 0]
-        if r.strategy == "adaptive" and distilled:
-            raise ValueError(f"sources.{distilled[0]}.distill: the adaptive strategy rewards a source by its loss "
-                             "relative to its first value, and a distilled loss starts at 0 (the model is its own "
-                             "teacher); use iid or interleaved routing with distillation")
-        if r.schedule is not None and r.schedule.kind != "constant":
-            if r.counts is not None:
-                raise ValueError("routing.schedule: schedules move weights; they cannot be combined with routing.counts")
-            if r.strategy == "adaptive":
-                raise ValueError("routing.schedule: the adaptive strategy sets its own weights; remove the schedule")
-            sch = r.schedule
-            if sch.kind in ("linear", "cosine"):
-                if sch.end is None:
-                    raise ValueError(f"routing.schedule.end: required for kind {sch.kind}")
-                _check_weights("routing.schedule.end", sch.end, names)
-            if sch.kind == "stages":
-                if not sch.stages:
-                    raise ValueError("routing.schedule.stages: required for kind stages")
-                prev = 0.0
-                for i, st in enumerate(sch.stages):
-                    if st.until <= prev:
-                        raise ValueError(f"routing.schedule.stages.{i}.until: stages must end in increasing order")
-                    prev = st.until
-                    _check_weights(f"routing.schedule.stages.{i}.weights", st.weights, names)
-                if prev < 1.0:
-                    raise ValueError("routing.schedule.stages: the last stage must end at until: 1.0")
-        labelled = [n for n, sc in self.sources.items() if sc.supervised]
-        primary = self.train.primary or (labelled or names)[0]
-        if primary not in self.sources:
-            raise ValueError(f"train.primary: no source named {primary!r}")
-        if r.weights is not None and r.weights[primary] <= 0 and r.schedule is None and self.train.max_steps is None:
-            raise ValueError(
-                f"routing.weights.{primary}: the primary source has weight 0, so its epochs never end; "
-                "give it a weight > 0 or set train.max_steps"
-            )
-        object.__setattr__(self.train, "primary", primary)
-        es = self.train.early_stopping
-        if es.metric is None:
-            object.__setattr__(es, "metric", f"{primary}/{DEFAULT_METRIC[self.sources[primary].objective]}")
-        if es.mode is None:
-            lower_is_better = es.metric.endswith(("perplexity", "loss"))
-            object.__setattr__(es, "mode", "min" if lower_is_better else "max")
+        _check_source_names(self)
+        _check_freeze(self)
+        _check_routing(self.routing, list(self.sources), self.sources)
+        _check_primary(self)
         return self
+
+
+def _check_source_names(cfg: Config) -> None:
+    if not cfg.sources:
+        raise ValueError("sources: at least one source is required")
+    for name in [*cfg.sources, *cfg.evals]:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+            raise ValueError(f"{'sources' if name in cfg.sources else 'evals'}.{name}: names may hold "
+                             "letters, digits, '_' and '-' only")
+    for name in cfg.evals:
+        if name in cfg.sources:
+            raise ValueError(f"evals.{name}: a source has this name already")
+
+
+def _check_freeze(cfg: Config) -> None:
+    f = cfg.freeze
+    if cfg.peft.method != "none" and (f.embeddings or f.head_only or f.top_k_layers):
+        raise ValueError("freeze: freezing strategies apply to full fine-tuning; with peft.method "
+                         f"{cfg.peft.method} the backbone is frozen already")
+    if f.head_only and f.top_k_layers:
+        raise ValueError("freeze: give head_only or top_k_layers, not both")
+
+
+def _check_routing(r: RoutingConfig, names: list[str], sources: dict) -> None:
+    given = [k for k in ("weights", "temperature", "counts") if getattr(r, k) is not None]
+    if len(given) > 1:
+        raise ValueError(f"routing: give exactly one of weights, temperature or counts (got {' and '.join(given)})")
+    if r.weights is None and not given:
+        object.__setattr__(r, "weights", {n: 1.0 for n in names})
+    if r.weights is not None:
+        _check_weights("routing.weights", r.weights, names)
+    if r.counts is not None:
+        _check_names("routing.counts", r.counts, names)
+        for name, c in r.counts.items():
+            if (c.repeat is None) == (c.choose is None):
+                raise ValueError(f"routing.counts.{name}: give exactly one of repeat or choose")
+        if sum((c.repeat or 0) + (c.choose or 0) for c in r.counts.values()) <= 0:
+            raise ValueError("routing.counts: all counts are zero")
+    _check_names("routing.loss_weights", r.loss_weights, names, complete=False)
+    for name, w in r.loss_weights.items():
+        if not (0 <= w < float("inf")):
+            raise ValueError(f"routing.loss_weights.{name}: expected a finite number >= 0, got {w}")
+    distilled = [n for n, src in sources.items() if src.distill > 0]
+    if r.strategy == "adaptive" and distilled:
+        raise ValueError(f"sources.{distilled[0]}.distill: the adaptive strategy rewards a source by its loss "
+                         "relative to its first value, and a distilled loss starts at 0 (the model is its own "
+                         "teacher); use iid or interleaved routing with distillation")
+    if r.schedule is not None and r.schedule.kind != "constant":
+        _check_schedule(r, names)
+
+
+def _check_schedule(r: RoutingConfig, names: list[str]) -> None:
+    if r.counts is not None:
+        raise ValueError("routing.schedule: schedules move weights; they cannot be combined with routing.counts")
+    if r.strategy == "adaptive":
+        raise ValueError("routing.schedule: the adaptive strategy sets its own weights; remove the schedule")
+    sch = r.schedule
+    if sch.kind in ("linear", "cosine"):
+        if sch.end is None:
+            raise ValueError(f"routing.schedule.end: required for kind {sch.kind}")
+        _check_weights("routing.schedule.end", sch.end, names)
+    if sch.kind == "stages":
+        if not sch.stages:
+            raise ValueError("routing.schedule.stages: required for kind stages")
+        prev = 0.0
+        for i, st in enumerate(sch.stages):
+            if st.until <= prev:
+                raise ValueError(f"routing.schedule.stages.{i}.until: stages must end in increasing order")
+            prev = st.until
+            _check_weights(f"routing.schedule.stages.{i}.weights", st.weights, names)
+        if prev < 1.0:
+            raise ValueError("routing.schedule.stages: the last stage must end at until: 1.0")
+
+
+def _check_primary(cfg: Config) -> None:
+    """The primary source (epochs count its batches) and the default early-stopping metric:
+    the primary's headline metric (objectives.py)."""
+    names, r = list(cfg.sources), cfg.routing
+    labelled = [n for n, sc in cfg.sources.items() if sc.supervised]
+    primary = cfg.train.primary or (labelled or names)[0]
+    if primary not in cfg.sources:
+        raise ValueError(f"train.primary: no source named {primary!r}")
+    if r.weights is not None and r.weights[primary] <= 0 and r.schedule is None and cfg.train.max_steps is None:
+        raise ValueError(
+            f"routing.weights.{primary}: the primary source has weight 0, so its epochs never end; "
+            "give it a weight > 0 or set train.max_steps"
+        )
+    object.__setattr__(cfg.train, "primary", primary)
+    es = cfg.train.early_stopping
+    if es.metric is None:
+        object.__setattr__(es, "metric", f"{primary}/{objectives.get(cfg.sources[primary].objective).headline}")
+    if es.mode is None:
+        object.__setattr__(es, "mode", "min" if objectives.lower_is_better(es.metric) else "max")
 
 
 def _check_names(key: str, mapping: dict, names: list[str], complete: bool = True) -> None:

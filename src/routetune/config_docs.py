@@ -64,7 +64,14 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
         else:
             default = _default(field.default)
         constraints = ", ".join(_constraint(m) for m in field.metadata)
-        rows.append((key, _type_name(ann) + (f" ({constraints})" if constraints else ""), default,
+        extra = field.json_schema_extra or {}
+        choices = extra.get("choices")  # values checked against a registry
+        if extra.get("registry") == "methods":  # checked when a run is prepared (the methods load torch)
+            from routetune.model.methods import METHODS
+
+            choices = list(METHODS)
+        kind = "one of " + ", ".join(f"`{c}`" for c in choices) if choices else _type_name(ann)
+        rows.append((key, kind + (f" ({constraints})" if constraints else ""), default,
                      field.description or ""))
     return rows
 

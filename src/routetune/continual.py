@@ -36,14 +36,12 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from routetune.device import resolve
+from routetune import objectives
 from routetune.config import load_config
 from routetune.errors import ConfigError, RunError
+from routetune.workflow import evaluate, train
 
 log = logging.getLogger("routetune")
-
-HEADLINE = {"tags": "f1", "classes": "accuracy"}
-
 
 class Task(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -73,8 +71,7 @@ def load_continual(path: Path) -> ContinualConfig:
 
 
 def task_source(cfg) -> str:
-    labelled = [n for n, sc in cfg.sources.items()
-                if sc.objective in ("token-classification", "sequence-classification", "binary-classification")]
+    labelled = [n for n, sc in cfg.sources.items() if sc.supervised]
     if len(labelled) != 1:
         raise ConfigError(f"a continual task config needs exactly one labelled source, found {labelled or 'none'}")
     return labelled[0]
@@ -100,31 +97,15 @@ def stage_overrides(ccfg: ContinualConfig, i: int, base: Path, previous: Path | 
 
 
 def score(run_dir: Path, task_cfg, source: str) -> tuple[float, str]:
-    """Test score of `source` (as defined by its own task config) with the run's best model."""
-    from routetune.data.build import build, resolve_objective
-    from routetune.evaluate.tasks import evaluate_set
-    from routetune.model.inference import for_inference
-    from routetune.runs import load_run
-
-    _, model, tokenizer = load_run(run_dir, "best")
-    hw = resolve(task_cfg.train.device, task_cfg.train.precision)
-    for_inference(model, hw.precision, hw.device)
-    if source not in model.heads:
-        raise RunError(f"{run_dir}: has no head {source!r}")
-    objectives = {n: resolve_objective(sc.objective, model.is_decoder, n) for n, sc in task_cfg.sources.items()}
-    labels = {n: h.labels for n, h in model.heads.items()}
-    _, _, test = build(task_cfg, tokenizer, objectives, labels, allow_new_labels=False)
-    if source not in test:
-        raise ConfigError(f"source {source!r} has no test set (give `test:` or `holdout.test`)")
-    evalset = test[source]
-    metric = HEADLINE[evalset.kind]
-    scores = evaluate_set(model, source, objectives[source], evalset, tokenizer, task_cfg, hw.precision)
+    """Test score of `source` (as its own task config defines it) with the run's best model, in
+    the device and precision of that config: its headline metric (objectives.py)."""
+    tc = task_cfg.train
+    scores = evaluate(run_dir, "test", "best", [source], tc.device, tc.precision, cfg=task_cfg)[source]
+    metric = objectives.get(task_cfg.sources[source].objective).headline
     return float(scores[metric]), metric
 
 
 def run_continual(path: Path, overwrite: bool = False) -> dict:
-    from routetune.workflow import train
-
     path = Path(path)
     ccfg = load_continual(path)
     base = (path.parent / ccfg.output_dir / ccfg.name).resolve()

@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from routetune.errors import RunError
 from routetune.runs import load_run
@@ -25,23 +24,6 @@ from routetune.train.checkpoint import run_checkpoint
 TASK_CLASSES = {"token-classification": "AutoModelForTokenClassification",
                 "sequence-classification": "AutoModelForSequenceClassification",
                 "binary-classification": "AutoModelForSequenceClassification"}
-
-
-def merge_adapters(lm: nn.Module) -> int:
-    """Merge every injected peft layer into its base layer and put the base layer back."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    merged = 0
-    for name, module in list(lm.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = lm.get_submodule(parent_name) if parent_name else lm
-            setattr(parent, child, module.get_base_layer())
-            merged += 1
-    if hasattr(lm, "peft_config"):
-        del lm.peft_config  # a plain transformers model again
-    return merged
 
 
 def task_model(model, name: str):
@@ -98,12 +80,9 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = Fal
             raise RunError(f"{out}: --overwrite replaces only an earlier routetune export (it has no {EXPORT_MARKER} "
                            "and holds other files); nothing was changed; choose another --out")
     cfg, model, tokenizer = load_run(run_dir, checkpoint)
-    if model.peft_method == "adapter":
-        raise RunError(f"{run_dir}: bottleneck adapters are non-linear and cannot be merged into plain transformers "
-                       "weights; the checkpoint (lm_trainable.safetensors + routetune.json) loads with routetune")
-    if merge and model.prompt is not None:
-        raise RunError(f"{run_dir}: {model.peft_method} adds virtual tokens, which cannot be merged into the "
-                       "weights; export without --merge (a peft adapter folder)")
+    method = model.method
+    if method.export_refusal or (merge and method.merge_refusal):
+        raise RunError(f"{run_dir}: {method.export_refusal or method.merge_refusal}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
     if tmp.exists():
@@ -111,7 +90,7 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = Fal
     try:
         parts = _write_export(model, tokenizer, run_checkpoint(run_dir, checkpoint), tmp, merge)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint,
-                                                     "merge": merge, "method": model.peft_method}) + "\n")
+                                                     "merge": merge, "method": method.name}) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -127,7 +106,7 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = Fal
 def _write_export(model, tokenizer, folder: Path, out: Path, merge: bool) -> list[str]:
     """The export's folders under `out` (relative names returned)."""
     written = []
-    adapter = model.adapter_config is not None
+    adapter = model.method.checkpoint == "adapter"  # peft's format: exported as a peft adapter folder
     if adapter and not merge:
         (out / "adapter").mkdir(parents=True)
         for f in ("adapter_config.json", "adapter_model.safetensors"):
@@ -135,7 +114,7 @@ def _write_export(model, tokenizer, folder: Path, out: Path, merge: bool) -> lis
         tokenizer.save_pretrained(out / "adapter")
         written.append("adapter")
     if adapter and merge:
-        merge_adapters(model.lm)
+        model.method.merge(model.lm)
     if not adapter or merge:
         model.lm.save_pretrained(out / "lm")
         tokenizer.save_pretrained(out / "lm")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from routetune.errors import RunError
+from routetune.train.events import EARLY_STOP, EVAL, TRAIN
 
 
 # ------------------------------------------------------------------ reading a run
@@ -37,7 +38,7 @@ def loss_curves(events: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """Per source: (step, mean training loss over the steps since the previous log line)."""
     out: dict[str, list[tuple[int, float]]] = {}
     for e in events:
-        if e["event"] == "train":
+        if e["event"] == TRAIN:
             for name, s in e["sources"].items():
                 if s.get("loss") is not None:
                     out.setdefault(name, []).append((e["step"], s["loss"]))
@@ -48,7 +49,7 @@ def share_curves(events: list[dict]) -> dict[str, list[tuple[int, float, float]]
     """Per source: (step, realised share of examples so far, target share at that step)."""
     out: dict[str, list[tuple[int, float, float]]] = {}
     for e in events:
-        if e["event"] == "train":
+        if e["event"] == TRAIN:
             for name, s in e["sources"].items():
                 out.setdefault(name, []).append((e["step"], s["share"], s["target"]))
     return out
@@ -57,14 +58,14 @@ def share_curves(events: list[dict]) -> dict[str, list[tuple[int, float, float]]
 def dev_curves(events: list[dict]) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     for e in events:
-        if e["event"] == "eval" and e.get("split") == "dev":
+        if e["event"] == EVAL and e.get("split") == "dev":
             for metric, value in e["metrics"].items():
                 out.setdefault(metric, []).append((e["step"], value))
     return out
 
 
 def early_stop(events: list[dict]) -> dict | None:
-    return next((e for e in events if e["event"] == "early_stop"), None)
+    return next((e for e in events if e["event"] == EARLY_STOP), None)
 
 
 def test_rows(summary: dict) -> list[tuple[str, str, float]]:
@@ -248,7 +249,12 @@ def _label_runs(runs: list[dict]) -> None:
 
 def sections(runs: list[dict], images: dict[str, list[str]]) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
     """(title, table header, table rows, images) per section; rendered as Markdown and HTML."""
-    out = []
+    parts = [_run_section(runs), _test_section(runs, images), _before_after_section(runs, images),
+             _sources_section(runs, images), *_continual_sections(runs, images)]
+    return [p for p in parts if p is not None]
+
+
+def _run_section(runs: list[dict]):
     header = ["run", "steps", "best metric", "best value", "best step", "train s", "tokens/s", "trainable params"]
     rows = []
     for run in runs:
@@ -260,53 +266,63 @@ def sections(runs: list[dict], images: dict[str, list[str]]) -> list[tuple[str, 
         rows.append([run["name"], _fmt(s.get("steps"), "steps"), _fmt(best.get("metric")), _fmt(best.get("value")),
                      _fmt(best.get("step"), "steps"), _seconds(s.get("train_seconds")), _seconds(s.get("tokens_per_s")),
                      f"{params['trainable']:,} / {params['total']:,}" if params else "-"])
-    if rows:
-        out.append(("Run", header, rows, []))
-    # test metrics, runs side by side
+    return ("Run", header, rows, []) if rows else None
+
+
+def _test_section(runs: list[dict], images: dict):
+    """Test metrics, runs side by side, with each run's difference from the first."""
     keys = sorted({(src, m) for run in runs for src, m, _ in test_rows(run["summary"])})
-    if keys:
-        values = {run["name"]: {(src, m): v for src, m, v in test_rows(run["summary"])} for run in runs}
-        first, others = runs[0]["name"], [r["name"] for r in runs[1:]]
-        diff_header = [f"{name} - {first}" for name in others]
+    if not keys:
+        return None
+    values = {run["name"]: {(src, m): v for src, m, v in test_rows(run["summary"])} for run in runs}
+    first, others = runs[0]["name"], [r["name"] for r in runs[1:]]
 
-        def diff(src, m, name):
-            a, b = values[first].get((src, m)), values[name].get((src, m))
-            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
-                return "-"
-            d = b - a
-            return f"{int(d):+,}" if m in COUNTS and float(d).is_integer() else f"{d:+.4f}"
+    def diff(src, m, name):
+        a, b = values[first].get((src, m)), values[name].get((src, m))
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+            return "-"
+        d = b - a
+        return f"{int(d):+,}" if m in COUNTS and float(d).is_integer() else f"{d:+.4f}"
 
-        out.append(("Test metrics", ["source", "metric", *[r["name"] for r in runs], *diff_header],
-                    [[src, m, *[_fmt(values[r["name"]].get((src, m), "-"), m) for r in runs],
-                      *[diff(src, m, name) for name in others]] for src, m in keys],
-                    images.get("test", [])))
-    # before / after
-    ba_rows = []
+    return ("Test metrics", ["source", "metric", *[r["name"] for r in runs], *[f"{n} - {first}" for n in others]],
+            [[src, m, *[_fmt(values[r["name"]].get((src, m), "-"), m) for r in runs],
+              *[diff(src, m, name) for name in others]] for src, m in keys],
+            images.get("test", []))
+
+
+def _before_after_section(runs: list[dict], images: dict):
+    rows = []
     for run in runs:
         for key, v in run["summary"].get("before_after", {}).items():
-            ba_rows.append([run["name"], key, _fmt(v["before"]), _fmt(v["after"]), _fmt(v["ratio"]),
-                            f"{100 * (v['ratio'] - 1):+.2f}%"])
-    if ba_rows:
-        note = [r["summary"]["retention_note"] for r in runs if r["summary"].get("retention_note")]
-        out.append(("Before vs after (base model vs fine-tuned)" + (": " + note[0] if note else ""),
-                    ["run", "set/metric", "before", "after", "after/before", "change"], ba_rows,
-                    images.get("retention", [])))
-    # per-source training
-    src_rows = []
+            rows.append([run["name"], key, _fmt(v["before"]), _fmt(v["after"]), _fmt(v["ratio"]),
+                         f"{100 * (v['ratio'] - 1):+.2f}%"])
+    if not rows:
+        return None
+    note = [r["summary"]["retention_note"] for r in runs if r["summary"].get("retention_note")]
+    return ("Before vs after (base model vs fine-tuned)" + (": " + note[0] if note else ""),
+            ["run", "set/metric", "before", "after", "after/before", "change"], rows, images.get("retention", []))
+
+
+def _sources_section(runs: list[dict], images: dict):
+    rows = []
     for run in runs:
         curves = loss_curves(run["events"])
         shares = share_curves(run["events"])
         for name, counts in run["summary"].get("sources", {}).items():
             last_share = shares.get(name, [(0, float("nan"), float("nan"))])[-1]
             last_loss = curves.get(name, [(0, None)])[-1][1]
-            src_rows.append([run["name"], name, _fmt(counts.get("batches"), "batches"),
-                             _fmt(counts.get("examples"), "examples"), _fmt(counts.get("tokens"), "tokens"),
-                             _fmt(last_share[1]), _fmt(last_share[2]),
-                             _fmt(last_loss) if last_loss is not None else "-"])
-    if src_rows:
-        out.append(("Sources during training", ["run", "source", "batches", "examples", "tokens",
-                                                "realised share", "target share (last)", "last logged loss"],
-                    src_rows, images.get("training", [])))
+            rows.append([run["name"], name, _fmt(counts.get("batches"), "batches"),
+                         _fmt(counts.get("examples"), "examples"), _fmt(counts.get("tokens"), "tokens"),
+                         _fmt(last_share[1]), _fmt(last_share[2]),
+                         _fmt(last_loss) if last_loss is not None else "-"])
+    if not rows:
+        return None
+    return ("Sources during training", ["run", "source", "batches", "examples", "tokens", "realised share",
+                                        "target share (last)", "last logged loss"], rows, images.get("training", []))
+
+
+def _continual_sections(runs: list[dict], images: dict) -> list:
+    out = []
     for run in runs:
         c = run["continual"]
         if c:

@@ -22,7 +22,7 @@ from pathlib import Path
 from routetune.config import config_from_run
 from routetune.device import Hardware, inference_hardware
 from routetune.errors import RunError
-from routetune.model.heads import RoutedModel
+from routetune.model.routed import RoutedModel
 from routetune.model.inference import for_inference
 from routetune.model.load import load_tokenizer
 from routetune.train import checkpoint as ckpt

@@ -9,15 +9,19 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
 
+from routetune import objectives
 from routetune.config import Config, config_from_run, dump_config, load_config
 from routetune.device import Hardware
-from routetune.errors import ConfigError, RunError
-from routetune.model.heads import RoutedModel
+from routetune.errors import RunError
+from routetune.data.build import build, resolve_objective
+from routetune.evaluate import retention
+from routetune.evaluate.tasks import score_sets
+from routetune.model.peft import parameter_groups
+from routetune.model.routed import RoutedModel
 from routetune.runs import Claim, RunLock, check_claimable, claim, load_for_inference, load_run  # noqa: F401  (load_run: API)
 from routetune.train import checkpoint as ckpt
-from routetune.train.engine import Trainer, evaluate_dev
+from routetune.train.engine import Trainer
 from routetune.train.setup import Setup, prepare
 
 log = logging.getLogger("routetune")
@@ -56,8 +60,6 @@ def _add_file_log(path: Path, held: list | None = None) -> logging.Handler:
 
 
 def _parameter_summary(model) -> dict:
-    from routetune.model.peft import parameter_groups
-
     groups = parameter_groups(model)
     return {"trainable": sum(t for t, _ in groups.values()), "total": sum(n for _, n in groups.values()),
             "groups": {g: {"trainable": t, "total": n} for g, (t, n) in sorted(groups.items())}}
@@ -131,18 +133,6 @@ def _write_hardware(run_dir: Path, hardware: Hardware, resumed: bool) -> None:
     path.write_text(json.dumps(sessions, indent=2) + "\n", encoding="utf-8")
 
 
-def _before_after(before: dict, after: dict) -> dict:
-    """Base vs fine-tuned for every language-modelling score present on both sides."""
-    out = {}
-    for name, b in before.items():
-        a = after.get(name, {})
-        for metric in ("perplexity", "mlm_loss", "exact_match", "token_f1"):
-            if metric in b and metric in a:
-                out[f"{name}/{metric}"] = {"before": b[metric], "after": a[metric],
-                                           "ratio": a[metric] / b[metric] if b[metric] else None}
-    return out
-
-
 def _check_labels(run_dir: Path, labels: dict) -> None:
     saved = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
     for name in set(saved) | set(labels):
@@ -162,113 +152,9 @@ def _config_diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-# ---------------------------------------------------------------- retention (before vs after)
-
-def _base_name(cfg: Config) -> str:
-    """The pretrained model a chain of init_from runs started from."""
-    for _ in range(100):  # a chain of runs, each started from the one before
-        if not cfg.model.init_from:
-            break
-        cfg = config_from_run(cfg.model.init_from)
-    return cfg.model.name
-
-
-def retention_fit(setup: Setup) -> dict | None:
-    """The head-fit recipe for masked-LM retention, or None when the base's own head is used."""
-    from routetune.model.load import load_lm, resolve_model
-
-    cfg = setup.cfg
-    rc = cfg.retention
-    mlm_sets = [n for n, s in setup.before_sets().items() if setup.objectives[n] == "masked-lm"]
-    if rc.fit_head == "never" or not mlm_sets:
-        return None
-    base = resolve_model(_base_name(cfg))
-    if rc.fit_head == "auto":
-        if setup.base_head_missing is None:
-            _, missing = load_lm(base)
-            setup.base_head_missing = bool(missing)
-        if not setup.base_head_missing:
-            return None
-    text, strip = rc.fit_text, rc.fit_strip_gutenberg
-    if text is None:
-        source = next((sc for n, sc in cfg.sources.items() if setup.objectives.get(n) == "masked-lm" and sc.train),
-                      None)
-        text, strip = (source.train, source.text.strip_gutenberg) if source else (None, False)
-    if text is None:
-        raise ConfigError("retention.fit_text: masked-LM retention needs text to fit the MLM head on "
-                          "(no masked-LM source to take it from)")
-    return {"base": base, "text": text, "strip_gutenberg": strip, "steps": rc.fit_steps, "batch_size": rc.fit_batch_size, "lr": rc.fit_lr,
-            "blocks": rc.fit_blocks, "seed": rc.seed}
-
-
-def fit_note(fit: dict) -> str:
-    return (f"masked-LM head fitted on both sides with the backbone frozen ({fit['steps']} steps x "
-            f"{fit['batch_size']} blocks, lr {fit['lr']}, seed {fit['seed']}, text {fit['text']})")
-
-
-def score_with_fitted_head(setup: Setup, model, fit: dict) -> dict:
-    """Fit the MLM head on `model` (backbone frozen) and score the masked-LM sets."""
-    from itertools import islice
-
-    from routetune.data.readers import resolve_text_files
-    from routetune.data.sources import special_affixes
-    from routetune.data.text import iter_blocks, text_parts
-    from routetune.evaluate.retention import fit_mlm_head
-    from routetune.evaluate.tasks import text_scores
-
-    cfg, tok = setup.cfg, setup.tokenizer
-    prefix, suffix = special_affixes(tok)
-    content = cfg.model.max_length - len(prefix) - len(suffix)
-    parts = text_parts(resolve_text_files(fit["text"], "*.txt"))
-    blocks = [prefix + b + suffix for b in islice(iter_blocks(parts, tok, content, fit["strip_gutenberg"]), fit["blocks"])]
-    precision = setup.hardware.precision
-    losses = fit_mlm_head(model, blocks, tok, fit["steps"], fit["batch_size"], fit["lr"], fit["seed"], precision)
-    log.info("fitted the MLM head (%d steps): loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
-    out = {}
-    for name, evalset in setup.before_sets().items():
-        if setup.objectives[name] == "masked-lm":
-            out[name] = {**text_scores(model, "masked-lm", tok, evalset, cfg.model.max_length, cfg.train, precision),
-                         "head_fit_loss": [losses[0], losses[-1]]}
-    return out
-
-
-def score_before(setup: Setup) -> dict:
-    """Base-model scores of every set that can be scored before training (cached by content)."""
-    from routetune.evaluate.retention import before_key, cached, store
-    from routetune.model.heads import build_model
-
-    cfg = setup.cfg
-    fit = retention_fit(setup)
-    sets = setup.before_sets()
-    keys = {n: before_key(setup.model_path, n, setup.objectives[n], s, cfg,
-                          fit if setup.objectives[n] == "masked-lm" else None, setup.hardware)
-            for n, s in sets.items()}
-    out, todo = {}, {}
-    for name, evalset in sets.items():
-        hit = cached(keys[name]) if cfg.retention.cache_before else None
-        if hit is not None:
-            out[name] = hit
-        else:
-            todo[name] = evalset
-    if len(todo) < len(sets):
-        log.info("base-model scores of %s from the cache (~/.cache/routetune/before)",
-                 ", ".join(n for n in sets if n not in todo))
-    plain = {n: s for n, s in todo.items() if fit is None or setup.objectives[n] != "masked-lm"}
-    if plain:
-        log.info("scoring the base model before training: %s", ", ".join(plain))
-        _, scores = evaluate_dev(setup, plain)
-        out.update(scores)
-    if fit is not None and any(setup.objectives[n] == "masked-lm" for n in todo):
-        log.info("fitting an MLM head on the base model for masked-LM retention: %s", fit_note(fit))
-        torch.manual_seed(cfg.train.seed)
-        base = build_model(setup.model_path, cfg.train.seed, cfg.model.attention,
-                           setup.hardware.device.type).to(setup.hardware.device)
-        out.update({n: v for n, v in score_with_fitted_head(setup, base, fit).items() if n in todo})
-        del base
-    for name in todo:
-        if cfg.retention.cache_before:
-            store(keys[name], out[name])
-    return {n: out[n] for n in sets}
+def _fit(setup: Setup) -> dict | None:
+    """The masked-LM head-fit recipe of this run's retention sets (evaluate/retention.py)."""
+    return retention.fit_recipe(setup.cfg, setup.before_sets(), setup.objectives)
 
 
 def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Path | None,
@@ -289,7 +175,8 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
             step = trainer.restore(resume_from)
             log.info("resumed from %s at step %d of %d", resume_from.name, step, setup.total_steps)
         elif cfg.train.eval_before and setup.before_sets():
-            before = score_before(setup)
+            before = retention.score_before(setup.model, setup.model_path, setup.before_sets(), setup.objectives,
+                                            setup.tokenizer, cfg, setup.hardware, _fit(setup))
             before_path.write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
         result = trainer.run()
         best = run_dir / "checkpoints" / "best"
@@ -311,15 +198,17 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
             if checkpoint == "best":
                 ckpt.verify(best)
                 setup.model = RoutedModel.load(best).to(setup.hardware.device)
-            _, full = evaluate_dev(setup, {**setup.test, **setup.extra})
-            fit = retention_fit(setup)
+            _, full = score_sets(setup.model, {**setup.test, **setup.extra}, setup.objectives, setup.tokenizer, cfg,
+                                 setup.hardware.precision)
+            fit = _fit(setup)
             if fit is not None:  # masked-LM retention through an equally fitted head on both sides
-                full.update(score_with_fitted_head(setup, setup.model, fit))
-                summary["retention_note"] = fit_note(fit)
+                full.update(retention.score_with_fitted_head(setup.model, fit, setup.before_sets(), setup.objectives,
+                                                             setup.tokenizer, cfg, setup.hardware.precision))
+                summary["retention_note"] = retention.fit_note(fit)
             summary["test"] = full
         if before_path.is_file():
             summary["before"] = json.loads(before_path.read_text(encoding="utf-8"))
-            summary["before_after"] = _before_after(summary["before"], summary.get("test", {}))
+            summary["before_after"] = retention.before_after(summary["before"], summary.get("test", {}))
         summary["wall_seconds"] = round(time.time() - started, 2)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     finally:
@@ -329,21 +218,24 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
 
 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
-             sources: list[str] | None = None, device: str | None = None, precision: str | None = None) -> dict:
-    """Score a run's checkpoint on the dev or test sets of its sources (files or holdout)."""
-    from routetune.data.build import build, resolve_objective
-    from routetune.evaluate.tasks import evaluate_set
-
-    cfg, model, tokenizer, hw = load_for_inference(run_dir, checkpoint, device, precision)
-    objectives = {n: resolve_objective(sc.objective, model.is_decoder, n) for n, sc in cfg.sources.items()}
+             sources: list[str] | None = None, device: str | None = None, precision: str | None = None,
+             cfg: Config | None = None) -> dict:
+    """Score a run's checkpoint on the dev or test sets of its sources (files or holdout). `cfg`
+    gives the sources to score instead of the run's own config (a continual stage scores each
+    earlier task as its own config defines it)."""
+    run_cfg, model, tokenizer, hw = load_for_inference(run_dir, checkpoint, device, precision)
+    cfg = cfg or run_cfg
+    missing = [n for n in sources or [] if n not in cfg.sources]
+    if missing:
+        raise RunError(f"{run_dir}: no source named {missing[0]!r} (sources: {', '.join(cfg.sources)})")
+    objectives_of = {n: resolve_objective(sc.objective, model.is_decoder, n) for n, sc in cfg.sources.items()}
+    for name in sources or []:
+        if objectives.get(objectives_of[name]).supervised and name not in model.heads:
+            raise RunError(f"{run_dir}: has no head {name!r}")
     labels = {n: h.labels for n, h in model.heads.items()}
-    _, dev, test = build(cfg, tokenizer, objectives, labels, allow_new_labels=False)
-    sets = dev if split == "dev" else test
-    out = {}
-    for name, evalset in sets.items():
-        if sources and name not in sources:
-            continue
-        out[name] = evaluate_set(model, name, objectives[name], evalset, tokenizer, cfg, hw.precision)
-    if not out:
-        raise RunError(f"{run_dir}: no source has a {split} set")
-    return out
+    _, dev, test = build(cfg, tokenizer, objectives_of, labels, allow_new_labels=False)
+    sets = {n: s for n, s in (dev if split == "dev" else test).items() if not sources or n in sources}
+    if not sets:
+        raise RunError(f"{run_dir}: no {'source' if not sources else 'source of ' + ', '.join(sources)} "
+                       f"has a {split} set")
+    return score_sets(model, sets, objectives_of, tokenizer, cfg, hw.precision)[1]

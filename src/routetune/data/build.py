@@ -15,7 +15,9 @@ from routetune.data.readers import read_conll, read_examples, read_prompt_comple
 from routetune.data.sources import (ClassificationSource, LabelledSource, PromptSource, check_classes, check_tags,
                                     class_list_from, derive_seed, label_list_from)
 from routetune.data.text import TextBlocks, TextStream, text_parts
+from routetune import objectives
 from routetune.errors import ConfigError, DataError
+
 
 @dataclass
 class EvalSet:
@@ -27,15 +29,12 @@ class EvalSet:
 
 
 def resolve_objective(objective: str, decoder: bool, name: str) -> str:
-    if objective == "language-modeling":
-        return "causal-lm" if decoder else "masked-lm"
-    if objective == "causal-lm" and not decoder:
-        raise ConfigError(f"sources.{name}.objective: causal-lm needs a decoder backbone; this one is an "
-                          "encoder (use masked-lm or language-modeling)")
-    if objective == "masked-lm" and decoder:
-        raise ConfigError(f"sources.{name}.objective: masked-lm needs an encoder backbone; this one is a "
-                          "decoder (use causal-lm or language-modeling)")
-    return objective
+    """The objective source `name` trains on this backbone (`language-modeling` follows it)."""
+    try:
+        return objectives.resolve(objective, decoder)
+    except ValueError as exc:
+        key = name if name.startswith("evals.") else f"sources.{name}"
+        raise ConfigError(f"{key}.objective: {exc}") from None
 
 
 def _split(items: list, sc, name: str) -> tuple[list, list, list]:
@@ -63,69 +62,106 @@ def _merge_labels(found: list[str], earlier: list[str] | None, allow_new: bool, 
     return list(earlier) + new
 
 
-def build(cfg, tokenizer, objectives: dict[str, str], earlier_labels: dict | None = None,
+def build(cfg, tokenizer, objectives_of: dict[str, str], earlier_labels: dict | None = None,
           allow_new_labels: bool = False):
-    """Returns (sources, dev sets, test sets), all validated."""
+    """Returns (sources, dev sets, test sets), all validated. Each source is read by the builder
+    of the kind of examples its objective gives for its format (objectives.py)."""
     sources, dev, test = {}, {}, {}
     earlier_labels = earlier_labels or {}
     for name, sc in cfg.sources.items():
-        seed = derive_seed(cfg.routing.seed, "source", name)
-        objective = objectives[name]
-        max_length = cfg.model.max_length
-        extra = {}
-        if objective == "token-classification":
-            fmt = sc.conll
-
-            def read(path, fmt=fmt):
-                return read_conll(path, fmt.token_column, fmt.tag_column, fmt.scheme, fmt.separator)
-
-            train, extra["dev"], extra["test"] = _split(read(sc.train), sc, name)
-            labels = _merge_labels(label_list_from(train), earlier_labels.get(name), allow_new_labels, name, sc.train)
-            sources[name] = LabelledSource(name, train, labels, tokenizer, max_length, seed)
-            for split in ("dev", "test"):
-                path = getattr(sc, split)
-                items = read(path) if path else extra[split]
-                if path:
-                    check_tags(items, labels, path, split)
-                if items:
-                    (dev if split == "dev" else test)[name] = EvalSet("tags", items, path or "holdout")
-        elif objective in ("sequence-classification", "binary-classification"):
-            def read(path, sc=sc):
-                return read_examples(path, sc.format, sc.fields.text, sc.fields.label, sc.text.glob)
-
-            train, extra["dev"], extra["test"] = _split(read(sc.train), sc, name)
-            labels = _merge_labels(class_list_from(train), earlier_labels.get(name), allow_new_labels, name, sc.train)
-            binary = objective == "binary-classification"
-            if binary and sc.positive_label is not None:
-                if sc.positive_label not in labels:
-                    raise ConfigError(f"sources.{name}.positive_label: {sc.positive_label!r} is not a label "
-                                      f"of the data ({', '.join(labels)})")
-                labels = [t for t in labels if t != sc.positive_label] + [sc.positive_label]
-            sources[name] = ClassificationSource(name, train, labels, tokenizer, max_length, seed, binary)
-            for split in ("dev", "test"):
-                path = getattr(sc, split)
-                items = read(path) if path else extra[split]
-                check_classes(items, labels, split)
-                if items:
-                    (dev if split == "dev" else test)[name] = EvalSet("classes", items, path or "holdout")
-        elif sc.format == "jsonl":  # causal-lm prompt / completion pairs
-            def read(path, sc=sc):
-                return read_prompt_completions(path, sc.fields.prompt, sc.fields.completion)
-
-            train, extra["dev"], extra["test"] = _split(read(sc.train), sc, name)
-            sources[name] = PromptSource(name, train, tokenizer, max_length, seed)
-            for split in ("dev", "test"):
-                path = getattr(sc, split)
-                items = read(path) if path else extra[split]
-                if items:
-                    (dev if split == "dev" else test)[name] = EvalSet("prompts", items, path or "holdout")
-        else:  # plain text for masked-lm / causal-lm
-            sources[name], dev_set, test_set = _text_source(name, sc, objective, tokenizer, max_length, seed)
-            if dev_set:
-                dev[name] = dev_set
-            if test_set:
-                test[name] = test_set
+        objective = objectives_of[name]
+        kind = objectives.get(objective).formats[sc.format]
+        ctx = _Context(name, sc, objective, tokenizer, cfg.model.max_length, derive_seed(cfg.routing.seed, "source", name),
+                       earlier_labels.get(name), allow_new_labels)
+        sources[name], dev_set, test_set = BUILDERS[kind](ctx)
+        if dev_set is not None:
+            dev[name] = dev_set
+        if test_set is not None:
+            test[name] = test_set
     return sources, dev, test
+
+
+@dataclass
+class _Context:
+    """What a builder needs to read one source."""
+    name: str
+    sc: object  # SourceConfig
+    objective: str
+    tokenizer: object
+    max_length: int
+    seed: int
+    earlier_labels: list[str] | None
+    allow_new_labels: bool
+
+
+def _labelled(ctx: _Context, read, found, make_source, check, kind: str):
+    """Shared by the labelled kinds: read train, split off holdout dev/test, fix the label list,
+    read or carve the dev/test sets and check their labels."""
+    sc, name = ctx.sc, ctx.name
+    train, held_dev, held_test = _split(read(sc.train), sc, name)
+    labels = _merge_labels(found(train), ctx.earlier_labels, ctx.allow_new_labels, name, sc.train)
+    source, labels = make_source(train, labels)
+    sets = []
+    for split, held in (("dev", held_dev), ("test", held_test)):
+        path = getattr(sc, split)
+        items = read(path) if path else held
+        if check is not None:
+            check(items, labels, path, split)
+        sets.append(EvalSet(kind, items, path or "holdout") if items else None)
+    return source, sets[0], sets[1]
+
+
+def _tags(ctx: _Context):
+    fmt = ctx.sc.conll
+
+    def read(path):
+        return read_conll(path, fmt.token_column, fmt.tag_column, fmt.scheme, fmt.separator)
+
+    def check(items, labels, path, split):
+        if path:
+            check_tags(items, labels, path, split)
+
+    def make(train, labels):
+        return LabelledSource(ctx.name, train, labels, ctx.tokenizer, ctx.max_length, ctx.seed), labels
+
+    return _labelled(ctx, read, label_list_from, make, check, "tags")
+
+
+def _classes(ctx: _Context):
+    sc, name = ctx.sc, ctx.name
+    binary = objectives.get(ctx.objective).head == "binary-classification"
+
+    def read(path):
+        return read_examples(path, sc.format, sc.fields.text, sc.fields.label, sc.text.glob)
+
+    def make(train, labels):
+        if binary and sc.positive_label is not None:
+            if sc.positive_label not in labels:
+                raise ConfigError(f"sources.{name}.positive_label: {sc.positive_label!r} is not a label "
+                                  f"of the data ({', '.join(labels)})")
+            labels = [t for t in labels if t != sc.positive_label] + [sc.positive_label]
+        source = ClassificationSource(name, train, labels, ctx.tokenizer, ctx.max_length, ctx.seed, binary)
+        return source, labels
+
+    return _labelled(ctx, read, class_list_from, make,
+                     lambda items, labels, _path, split: check_classes(items, labels, split), "classes")
+
+
+def _prompts(ctx: _Context):
+    """Causal-LM prompt / completion pairs."""
+    sc = ctx.sc
+
+    def read(path):
+        return read_prompt_completions(path, sc.fields.prompt, sc.fields.completion)
+
+    def make(train, _labels):
+        return PromptSource(ctx.name, train, ctx.tokenizer, ctx.max_length, ctx.seed), []
+
+    return _labelled(ctx, read, lambda _train: [], make, None, "prompts")
+
+
+def _text(ctx: _Context):
+    return _text_source(ctx.name, ctx.sc, ctx.objective, ctx.tokenizer, ctx.max_length, ctx.seed)
 
 
 def _text_source(name, sc, objective, tokenizer, max_length, seed):
@@ -152,6 +188,10 @@ def _text_source(name, sc, objective, tokenizer, max_length, seed):
         return None
 
     return src, eval_set(sc.dev, cut_dev, cut_test), eval_set(sc.test, cut_test, 1.0)
+
+
+BUILDERS = {"tags": _tags, "classes": _classes, "prompts": _prompts, "text": _text}
+"""Kind of examples (objectives.py) -> builder: (source, dev set or None, test set or None)."""
 
 
 def build_evals(cfg, decoder: bool) -> tuple[dict[str, EvalSet], dict[str, str]]:

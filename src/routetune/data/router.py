@@ -234,11 +234,19 @@ class AdaptiveRouter(Router):
         self.probs = self._probabilities()
 
 
+def _adaptive(routing, names: list[str], schedule: Schedule, horizon: int) -> Router:
+    a = routing.adaptive
+    return AdaptiveRouter(names, schedule, routing.seed, horizon, a.eta, a.floor, a.smoothing, a.update_every,
+                          importance=routing.granularity == "batch")
+
+
+STRATEGIES = {
+    "iid": lambda routing, names, schedule, horizon: IIDRouter(names, schedule, routing.seed, horizon),
+    "interleaved": lambda routing, names, schedule, horizon: InterleavedRouter(names, schedule, routing.seed, horizon),
+    "adaptive": _adaptive,
+}
+"""`routing.strategy` -> factory (routing config, source names, schedule, horizon) -> Router."""
+
+
 def make_router(routing, names: list[str], schedule: Schedule, horizon: int) -> Router:
-    if routing.strategy == "interleaved":
-        return InterleavedRouter(names, schedule, routing.seed, horizon)
-    if routing.strategy == "adaptive":
-        a = routing.adaptive
-        return AdaptiveRouter(names, schedule, routing.seed, horizon, a.eta, a.floor, a.smoothing, a.update_every,
-                              importance=routing.granularity == "batch")
-    return IIDRouter(names, schedule, routing.seed, horizon)
+    return STRATEGIES[routing.strategy](routing, names, schedule, horizon)

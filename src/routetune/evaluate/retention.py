@@ -15,16 +15,29 @@ Two pieces:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import os
 import random
+from itertools import islice
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from routetune.model.load import cache_dir
+from routetune import objectives
+from routetune.config import config_from_run
+from routetune.data.collate import mask_sequence, pad_batch
+from routetune.data.readers import resolve_text_files
+from routetune.data.sources import derive_seed, special_affixes
+from routetune.data.text import iter_blocks, text_parts
+from routetune.device import autocast, model_device
+from routetune.errors import ConfigError
+from routetune.evaluate.tasks import score_sets, text_scores
+from routetune.model.load import cache_dir, load_lm, resolve_model
+from routetune.model.routed import build_model
 
 log = logging.getLogger("routetune")
 
@@ -67,8 +80,6 @@ def before_key(model_path: str, name: str, objective: str, evalset, cfg, fit: di
 
 
 def before_dir() -> Path:
-    import os
-
     return Path(os.environ.get("ROUTETUNE_BEFORE_CACHE", cache_dir() / "before"))
 
 
@@ -139,10 +150,6 @@ def fit_mlm_head(model, blocks: list[list[int]], tokenizer, steps: int, batch_si
     """Train only the LM head (seeded init) on masked-LM over `blocks`; the backbone is frozen
     and in eval mode (no dropout), so both sides see the same deterministic features. Returns
     the loss per step."""
-    from routetune.data.collate import mask_sequence, pad_batch
-    from routetune.data.sources import derive_seed
-    from routetune.device import autocast, model_device
-
     lm = model.lm
     device = model_device(model)
     reset_head(lm, seed)
@@ -179,3 +186,104 @@ def fit_mlm_head(model, blocks: list[list[int]], tokenizer, steps: int, batch_si
             p.requires_grad_(flags[id(p)])
         model.train(was_training)
     return losses
+
+
+# ------------------------------------------------------------------ base vs fine-tuned
+
+def before_after(before: dict, after: dict) -> dict:
+    """Base vs fine-tuned for every language-modelling score present on both sides."""
+    out = {}
+    for name, b in before.items():
+        a = after.get(name, {})
+        for metric in objectives.lm_metrics():
+            if metric in b and metric in a:
+                out[f"{name}/{metric}"] = {"before": b[metric], "after": a[metric],
+                                           "ratio": a[metric] / b[metric] if b[metric] else None}
+    return out
+
+
+def base_model_name(cfg) -> str:
+    """The pretrained model a chain of init_from runs started from."""
+    for _ in range(100):  # a chain of runs, each started from the one before
+        if not cfg.model.init_from:
+            break
+        cfg = config_from_run(cfg.model.init_from)
+    return cfg.model.name
+
+
+@functools.lru_cache(maxsize=8)
+def _head_missing(base: str, digest: str) -> bool:
+    """Whether the checkpoint at `base` lacks an MLM head (loaded once per version of its files)."""
+    return bool(load_lm(base)[1])
+
+
+def fit_recipe(cfg, sets: dict, objectives_of: dict) -> dict | None:
+    """The head-fit recipe for masked-LM retention of `sets`, or None when the base's own head is
+    used (it has one, or `retention.fit_head: never`)."""
+    rc = cfg.retention
+    if rc.fit_head == "never" or not any(objectives_of[n] == "masked-lm" for n in sets):
+        return None
+    base = resolve_model(base_model_name(cfg))
+    if rc.fit_head == "auto" and not _head_missing(base, model_digest(base)):
+        return None
+    text, strip = rc.fit_text, rc.fit_strip_gutenberg
+    if text is None:
+        source = next((sc for n, sc in cfg.sources.items() if objectives_of.get(n) == "masked-lm" and sc.train), None)
+        text, strip = (source.train, source.text.strip_gutenberg) if source else (None, False)
+    if text is None:
+        raise ConfigError("retention.fit_text: masked-LM retention needs text to fit the MLM head on "
+                          "(no masked-LM source to take it from)")
+    return {"base": base, "text": text, "strip_gutenberg": strip, "steps": rc.fit_steps, "batch_size": rc.fit_batch_size,
+            "lr": rc.fit_lr, "blocks": rc.fit_blocks, "seed": rc.seed}
+
+
+def fit_note(fit: dict) -> str:
+    return (f"masked-LM head fitted on both sides with the backbone frozen ({fit['steps']} steps x "
+            f"{fit['batch_size']} blocks, lr {fit['lr']}, seed {fit['seed']}, text {fit['text']})")
+
+
+def score_with_fitted_head(model, fit: dict, sets: dict, objectives_of: dict, tokenizer, cfg, precision: str) -> dict:
+    """Fit the MLM head on `model` (backbone frozen) and score the masked-LM sets of `sets`."""
+    prefix, suffix = special_affixes(tokenizer)
+    content = cfg.model.max_length - len(prefix) - len(suffix)
+    parts = text_parts(resolve_text_files(fit["text"], "*.txt"))
+    blocks = [prefix + b + suffix
+              for b in islice(iter_blocks(parts, tokenizer, content, fit["strip_gutenberg"]), fit["blocks"])]
+    losses = fit_mlm_head(model, blocks, tokenizer, fit["steps"], fit["batch_size"], fit["lr"], fit["seed"], precision)
+    log.info("fitted the MLM head (%d steps): loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
+    return {name: {**text_scores(model, "masked-lm", tokenizer, evalset, cfg.model.max_length, cfg.train, precision),
+                   "head_fit_loss": [losses[0], losses[-1]]}
+            for name, evalset in sets.items() if objectives_of[name] == "masked-lm"}
+
+
+def score_before(model, model_path: str, sets: dict, objectives_of: dict, tokenizer, cfg, hardware,
+                 fit: dict | None) -> dict:
+    """Base-model scores of `sets` (cached by content). `model` is the untrained model of the run;
+    masked-LM sets with a `fit` recipe are scored through a head fitted on a fresh copy of the base."""
+    keys = {n: before_key(model_path, n, objectives_of[n], s, cfg, fit if objectives_of[n] == "masked-lm" else None,
+                          hardware) for n, s in sets.items()}
+    out, todo = {}, {}
+    for name, evalset in sets.items():
+        hit = cached(keys[name]) if cfg.retention.cache_before else None
+        if hit is not None:
+            out[name] = hit
+        else:
+            todo[name] = evalset
+    if len(todo) < len(sets):
+        log.info("base-model scores of %s from the cache (~/.cache/routetune/before)",
+                 ", ".join(n for n in sets if n not in todo))
+    fitted = {n: s for n, s in todo.items() if fit is not None and objectives_of[n] == "masked-lm"}
+    plain = {n: s for n, s in todo.items() if n not in fitted}
+    if plain:
+        log.info("scoring the base model before training: %s", ", ".join(plain))
+        out.update(score_sets(model, plain, objectives_of, tokenizer, cfg, hardware.precision)[1])
+    if fitted:
+        log.info("fitting an MLM head on the base model for masked-LM retention: %s", fit_note(fit))
+        torch.manual_seed(cfg.train.seed)
+        base = build_model(model_path, cfg.train.seed, cfg.model.attention, hardware.device.type).to(hardware.device)
+        out.update(score_with_fitted_head(base, fit, fitted, objectives_of, tokenizer, cfg, hardware.precision))
+        del base
+    for name in todo:
+        if cfg.retention.cache_before:
+            store(keys[name], out[name])
+    return {n: out[n] for n in sets}

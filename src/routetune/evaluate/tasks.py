@@ -1,5 +1,8 @@
 """Evaluate one source's dev/test set with the metrics of its task.
 
+Which metrics a set has is its objective's (objectives.py); how a set is scored is its kind's
+(``SCORERS``):
+
 | set kind | metrics |
 |---|---|
 | tags (token classification) | entity precision / recall / f1 (seqeval, on words), per type |
@@ -22,35 +25,57 @@ from sklearn.metrics import (
     f1_score,
 )
 
+from routetune import objectives
 from routetune.data.build import EvalSet
 from routetune.data.sources import encode_prompt, special_affixes
 from routetune.data.text import iter_blocks
-from routetune.evaluate.metrics import evaluate_tagging
+from routetune.evaluate.metrics import evaluate_tagging, format_report
 from routetune.model.inference import classify, generate, lm_loss
 
-METRICS = {"tags": ("f1", "precision", "recall"), "classes": ("accuracy", "macro_f1"),
-           "prompts": ("perplexity", "exact_match", "token_f1"), "text-causal-lm": ("perplexity",),
-           "text-masked-lm": ("mlm_loss",)}
-
-
 def metric_names(evalset: EvalSet, objective: str, source_cfg=None) -> tuple[str, ...]:
-    if evalset.kind == "text":
-        return METRICS[f"text-{objective}"]
-    if evalset.kind == "prompts" and not source_cfg.eval_generate:
-        return ("perplexity",)
-    return METRICS[evalset.kind]
+    """The flat metrics of a set (dev metrics, early stopping): its objective's, plus generation
+    metrics for prompt sets that are generated."""
+    spec = objectives.get(objective)
+    if evalset.kind == "prompts" and source_cfg is not None and source_cfg.eval_generate:
+        return spec.metrics + spec.generation_metrics
+    return spec.metrics
 
 
 def evaluate_set(model, name: str, objective: str, evalset: EvalSet, tokenizer, cfg, precision: str) -> dict:
-    """Score `evalset` with `model` (on its device) in the resolved `precision` (fp32, bf16, fp16)."""
-    sc, tc, max_length = cfg.sources.get(name), cfg.train, cfg.model.max_length
-    if evalset.kind == "tags":
-        return evaluate_tagging(model, name, tokenizer, evalset.items, max_length, tc.eval_batch_size, precision)
-    if evalset.kind == "classes":
-        return classification_scores(model, name, tokenizer, evalset.items, max_length, tc, sc, precision)
-    if evalset.kind == "prompts":
-        return prompt_scores(model, tokenizer, evalset.items, max_length, tc, sc, precision)
-    return text_scores(model, objective, tokenizer, evalset, max_length, tc, precision)
+    """Score `evalset` with `model` (on its device) in the resolved `precision` (fp32, bf16, fp16)
+    by the scorer of its kind of examples."""
+    return SCORERS[evalset.kind](model, name, objective, evalset, tokenizer, cfg, precision)
+
+
+def score_sets(model, sets: dict, objectives_of: dict, tokenizer, cfg, precision: str) -> tuple[dict, dict]:
+    """Score every set of `sets` (name -> EvalSet); returns (flat `name/metric` values, full reports).
+    Dev evaluation during training, before/after scoring, `routetune eval` and continual stages
+    all score through here."""
+    flat, full = {}, {}
+    for name, evalset in sets.items():
+        scores = evaluate_set(model, name, objectives_of[name], evalset, tokenizer, cfg, precision)
+        full[name] = scores
+        flat.update({f"{name}/{m}": scores[m] for m in metric_names(evalset, objectives_of[name], cfg.sources.get(name))})
+    return flat, full
+
+
+def _tags(model, name, objective, evalset, tokenizer, cfg, precision) -> dict:
+    return evaluate_tagging(model, name, tokenizer, evalset.items, cfg.model.max_length, cfg.train.eval_batch_size,
+                            precision)
+
+
+def _classes(model, name, objective, evalset, tokenizer, cfg, precision) -> dict:
+    return classification_scores(model, name, tokenizer, evalset.items, cfg.model.max_length, cfg.train,
+                                 cfg.sources.get(name), precision)
+
+
+def _prompts(model, name, objective, evalset, tokenizer, cfg, precision) -> dict:
+    return prompt_scores(model, tokenizer, evalset.items, cfg.model.max_length, cfg.train, cfg.sources.get(name),
+                         precision)
+
+
+def _text(model, name, objective, evalset, tokenizer, cfg, precision) -> dict:
+    return text_scores(model, objective, tokenizer, evalset, cfg.model.max_length, cfg.train, precision)
 
 
 def classification_scores(model, name, tokenizer, examples, max_length, tc, sc, precision: str) -> dict:
@@ -125,10 +150,12 @@ def text_scores(model, objective, tokenizer, evalset: EvalSet, max_length, tc, p
     return {"mlm_loss": loss, "tokens": tokens, "blocks": len(blocks)}
 
 
+SCORERS = {"tags": _tags, "classes": _classes, "prompts": _prompts, "text": _text}
+"""Kind of examples (objectives.py) -> scorer of a set: a dict of metrics and details."""
+
+
 def format_scores(name: str, split: str, scores: dict) -> str:
     """A readable report of any task's scores."""
-    from routetune.evaluate.metrics import format_report
-
     if "per_type" in scores:
         return format_report(name, split, scores)
     if "per_class" in scores:

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from routetune.data.collate import encode_words, pad_batch
+from routetune.data.collate import IGNORE, encode_words, mask_sequence, pad_batch
+from routetune.data.sources import derive_seed, encode_prompt, encode_texts
 from routetune.device import autocast, model_device
 from routetune.errors import RunError
+from routetune.model.frozen_bf16 import FrozenBf16
 
 
 def for_inference(model: torch.nn.Module, precision: str, device: torch.device | str | None = None) -> torch.nn.Module:
@@ -16,8 +18,6 @@ def for_inference(model: torch.nn.Module, precision: str, device: torch.device |
     parameter needs gradients, and with bf16 the Linear weights are held as the bf16 copies
     autocast would otherwise make at every call (model/frozen_bf16.py), so outputs are the same
     and each batch skips the casts."""
-    from routetune.model.frozen_bf16 import FrozenBf16
-
     if device is not None:
         model.to(device)
     model.requires_grad_(False)
@@ -78,8 +78,6 @@ def classify(model, head: str, tokenizer, texts: list[str], max_length: int, bat
              precision: str = "fp32") -> tuple[torch.Tensor, int]:
     """Class probabilities (N x C; for a binary head the two columns are 1-p and p) and the
     number of texts cut to `max_length`."""
-    from routetune.data.sources import encode_texts
-
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -106,9 +104,6 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
     next-token loss (targets: the blocks themselves, or `labels` with -100 where no loss is
     taken, e.g. on prompts), or masked-LM loss with masks drawn from a fixed seed per block (so
     base and fine-tuned models are scored on the same masks)."""
-    from routetune.data.collate import IGNORE, mask_sequence
-    from routetune.data.sources import derive_seed
-
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -145,11 +140,8 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_length: int,
              batch_size: int = 16, precision: str = "fp32") -> list[str]:
     """Greedy continuations of each prompt (left-padded batches), cut at the end-of-sequence token."""
-    from routetune.data.sources import encode_prompt
-
-    if model.peft_method == "prefix_tuning":
-        raise RunError("generation with prefix tuning is not supported (its virtual keys/values would have to "
-                       "be threaded through transformers' generation cache); use prompt_tuning or lora")
+    if model.method.generate_refusal:
+        raise RunError(model.method.generate_refusal)
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -172,7 +164,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_leng
                                         do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
                 gen = gen[:, width:]
             else:  # prompt tuning: generate from embeddings (returns only the new tokens)
-                inputs, _ = model._inputs(ids, mask)
+                inputs, _ = model.lm_inputs(ids, mask)
                 gen = model.lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for row, i in enumerate(idx):

@@ -38,7 +38,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from routetune.device import model_device, resolve
 from routetune.errors import RoutetuneError
+from routetune.model.inference import generate
+from routetune.runs import load_for_inference
 from routetune.serve.limits import Auth, BodyReader, ConcurrencyLimit, Limits, Metrics, StatusMetrics
 from routetune.serve.predictor import Predictor, item_from_text, item_from_tokens, unicode_problem
 
@@ -280,8 +283,6 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
     """The API for one loaded run (model + tokenizer + its config)."""
     limits = limits or Limits()
     if precision is None:  # chosen for the device the model is on, as `auto` does
-        from routetune.device import model_device, resolve
-
         precision = resolve(str(model_device(model)), "auto").precision
     svc = Service(model, tokenizer, cfg, limits, precision, after_batch)
 
@@ -361,8 +362,6 @@ def _generate_route(app: FastAPI, svc: Service) -> None:
     @app.post("/v1/generate")
     async def generate_(req: GenerateRequest, request: Request) -> dict:
         """Greedy continuations (decoder backbones)."""
-        from routetune.model.inference import generate
-
         if not svc.model.is_decoder:
             raise HTTPException(404, "generation needs a decoder backbone; this run's is an encoder")
         svc.check_items(len(req.prompts))
@@ -489,9 +488,7 @@ def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: st
               device: str | None = None, api_key: str | None = None, allow_unauthenticated: bool = False,
               docs: bool = True, metrics: bool = True, ssl_certfile: str | None = None,
               ssl_keyfile: str | None = None) -> None:
-    import uvicorn
-
-    from routetune.runs import load_for_inference
+    import uvicorn  # only `routetune serve` runs a server; create_app (tests, embedding) does not need it
 
     limits = limits or Limits()
     check_exposure(host, api_key, allow_unauthenticated)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from routetune.errors import ConfigError
+from routetune.train.events import EVENTS
 
 
 class EarlyStopping:
@@ -67,6 +68,8 @@ class MetricsLog:
         self.t0 = time.time()
 
     def write(self, event: str, **fields) -> dict:
+        if event not in EVENTS:
+            raise ValueError(f"unknown event {event!r} (train/events.py names them)")
         record = {"event": event, "time": round(time.time() - self.t0, 3), **fields}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=float) + "\n")

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from routetune.errors import RoutetuneError
+from routetune.errors import RoutetuneError, RunError
+from routetune.model.methods import METHODS
 
 log = logging.getLogger("routetune")
 
@@ -88,7 +89,7 @@ def save_atomic(folder: Path, write, after_files=None) -> None:
         shutil.rmtree(old)
 
 
-# The files a checkpoint of each kind cannot be without: a manifest that lists fewer (one rewritten
+# The files a checkpoint of each format (model/methods/base.py) cannot be without: a manifest that lists fewer (one rewritten
 # after a file was removed) is refused, whatever its digests say.
 REQUIRED = {
     "full": {"config.json", "heads.json"},  # + model.safetensors (or its sharded index)
@@ -100,13 +101,15 @@ STEP_STATE = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "tra
 
 
 def _kind(folder: Path, listed: set[str]) -> str:
+    """The checkpoint format (model/methods/base.py) of the method its routetune.json names."""
     if "routetune.json" not in listed:
         return "full"
     try:
         note = json.loads((folder / "routetune.json").read_text())
     except (OSError, ValueError):
         return "adapter"  # its digest check below names the file
-    return "adapter" if note.get("adapter") else "trained"
+    method = METHODS.get(note.get("method"))
+    return method.checkpoint if method is not None else ("adapter" if note.get("adapter") else "trained")
 
 
 def _check_file_set(folder: Path, manifest: dict) -> None:
@@ -258,8 +261,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
     """A run's checkpoint folder, verified: `best` (the newest step checkpoint when the run had no
     dev set), `last` (the newest step checkpoint), or a checkpoint folder name."""
-    from routetune.errors import RunError
-
     root = Path(run_dir) / "checkpoints"
     if not Path(run_dir).is_dir():
         raise RunError(f"{run_dir}: no such run folder")

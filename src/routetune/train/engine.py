@@ -20,9 +20,10 @@ from transformers import get_scheduler
 
 from routetune.device import to_device
 from routetune.errors import RoutetuneError, RunError
-from routetune.evaluate.tasks import evaluate_set, metric_names
+from routetune.evaluate.tasks import score_sets
 from routetune.model.frozen_bf16 import FrozenBf16
 from routetune.train import checkpoint as ckpt
+from routetune.train import events
 from routetune.train.callbacks import EarlyStopping, MetricsLog
 from routetune.train.faults import maybe_kill
 from routetune.train.setup import Setup
@@ -79,18 +80,6 @@ def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
     if tc.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum)
     return torch.optim.AdamW(groups, lr=tc.lr, fused=tc.fused or None)
-
-
-def evaluate_dev(setup: Setup, sets: dict) -> tuple[dict, dict]:
-    """Score every source that has a set in `sets`; returns (flat metrics, full reports)."""
-    flat, full = {}, {}
-    for name, evalset in sets.items():
-        scores = evaluate_set(setup.model, name, setup.objectives[name], evalset, setup.tokenizer, setup.cfg,
-                              setup.hardware.precision)
-        full[name] = scores
-        flat.update({f"{name}/{m}": scores[m] for m in metric_names(evalset, setup.objectives[name],
-                                                                   setup.cfg.sources.get(name))})
-    return flat, full
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -178,10 +167,10 @@ class Trainer:
         # fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.hw.device.type) if self.hw.precision == "fp16" else None
         self.clip_in_optimizer = tc.optimizer == "adamw" and tc.fused and self.scaler is None
-        # bf16 copies of frozen Linear weights while training (see model/frozen_bf16.py); DoRA
-        # reads the base weight to compute its magnitude norm, so it keeps autocast's casts.
+        # bf16 copies of frozen Linear weights while training (see model/frozen_bf16.py), where the
+        # method allows them (DoRA reads the base weight for its magnitude norm)
         self.frozen = FrozenBf16(self.model) if (self.hw.precision == "bf16" and tc.bf16_frozen_weights
-                                                 and cfg.peft.method != "dora") else None
+                                                 and self.model.method.frozen_bf16) else None
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> FitResult:
@@ -189,7 +178,7 @@ class Trainer:
         batches, model = self.batches, self.model
         start = batches.step
         if start == 0:
-            self.metrics.write("start", total_steps=setup.total_steps, sources=setup.source_table,
+            self.metrics.write(events.START, total_steps=setup.total_steps, sources=setup.source_table,
                                labels=setup.labels, routing=batches.router.state_dict())
         bar = tqdm(total=setup.total_steps, initial=start, disable=not tc.progress, desc="train",
                    dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
@@ -216,7 +205,7 @@ class Trainer:
             bar.set_postfix({n: f"{s.ema:.3f}" for n, s in self.stats.items() if s.ema is not None}, refresh=False)
             update = batches.router.observe(step, part_losses)
             if update is not None:
-                self.metrics.write("route_update", **update)
+                self.metrics.write(events.ROUTE_UPDATE, **update)
             if done % tc.log_every == 0 or done == setup.total_steps:
                 self.log_train(done, step)
             epoch_end = any(p.epoch_ended and p.source == tc.primary for p in parts)
@@ -341,7 +330,7 @@ class Trainer:
             raise NonFiniteLoss(where + "; stopping (train.nonfinite=abort), no checkpoint of this step")
         self.skipped_in_a_row += 1
         self.scheduler.step()  # the step is used up; keep the schedule aligned with the plan
-        self.metrics.write("skipped", step=step + 1, source=part.source, loss=str(value))
+        self.metrics.write(events.SKIPPED, step=step + 1, source=part.source, loss=str(value))
         log.warning("%s; update skipped (%d in a row)", where, self.skipped_in_a_row)
         if self.skipped_in_a_row >= tc.max_skipped:
             raise NonFiniteLoss(where + f"; {self.skipped_in_a_row} consecutive skipped steps "
@@ -351,15 +340,16 @@ class Trainer:
     def log_train(self, done: int, step: int) -> None:
         seen = sum(st.examples for st in self.stats.values()) or 1
         target = dict(zip(self.batches.router.names, self.batches.router.target(step).round(6).tolist()))
-        self.metrics.write("train", step=done, lr=self.scheduler.get_last_lr()[0],
+        self.metrics.write(events.TRAIN, step=done, lr=self.scheduler.get_last_lr()[0],
                            sources={n: {**st.flush(), "share": st.examples / seen, "target": target[n]}
                                     for n, st in self.stats.items()},
                            tokens_per_s=sum(st.tokens for st in self.stats.values()) / max(self.train_seconds, 1e-9))
 
     def evaluate(self, done: int) -> bool:
-        flat, full = evaluate_dev(self.setup, self.setup.dev)
+        st = self.setup
+        flat, full = score_sets(self.model, st.dev, st.objectives, st.tokenizer, st.cfg, self.hw.precision)
         is_best, stop = self.stopper.update(flat, done)
-        self.metrics.write("eval", step=done, split="dev", metrics=flat, best=is_best,
+        self.metrics.write(events.EVAL, step=done, split="dev", metrics=flat, best=is_best,
                            details={n: {k: v for k, v in s.items() if k in ("per_type", "per_class", "confusion")}
                                     for n, s in full.items()})
         log.info("step %d dev %s%s", done, "  ".join(f"{k}={v:.4f}" for k, v in flat.items()),
@@ -370,7 +360,7 @@ class Trainer:
         if stop:
             log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %d)",
                      done, self.stopper.metric, self.stopper.patience, self.stopper.best, self.stopper.best_step)
-            self.metrics.write("early_stop", step=done, best=self.stopper.best, best_step=self.stopper.best_step)
+            self.metrics.write(events.EARLY_STOP, step=done, best=self.stopper.best, best_step=self.stopper.best_step)
         return stop
 
     # ---------------------------------------------------------------- state
@@ -415,5 +405,5 @@ class Trainer:
         step = int(state["step"])
         for name in ("metrics.jsonl", "plan.jsonl"):
             truncate_log(self.run_dir / name, step)
-        self.metrics.write("resume", step=step, checkpoint=folder.name)
+        self.metrics.write(events.RESUME, step=step, checkpoint=folder.name)
         return step

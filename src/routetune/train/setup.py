@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from routetune import objectives as objective_table
 from routetune.config import Config
 from routetune.data.build import (
     EvalSet,
@@ -30,8 +31,9 @@ from routetune.evaluate.tasks import metric_names
 from routetune.model.attention import use_fast_attention_dropout
 from routetune.model.embedding_grad import use_embedding_grad_buffer
 from routetune.model.fast_dropout import use_fast_dropout
-from routetune.model.heads import HEADS, RoutedModel, build_model
+from routetune.model.routed import RoutedModel, build_model
 from routetune.model.load import is_decoder, load_config, load_tokenizer, resolve_model
+from routetune.model import methods
 from routetune.model.peft import apply_peft
 from routetune.train.checkpoint import run_checkpoint
 
@@ -54,7 +56,6 @@ class Setup:
     test: dict[str, EvalSet] = field(default_factory=dict)
     source_table: list[dict] = field(default_factory=list)
     extra: dict[str, EvalSet] = field(default_factory=dict)  # the config's `evals`
-    base_head_missing: bool | None = None  # the base checkpoint lacks an MLM head (checked once, lazily)
 
     @property
     def labels(self) -> dict[str, list[str]]:
@@ -62,19 +63,20 @@ class Setup:
 
     def before_sets(self) -> dict[str, EvalSet]:
         """Sets the untouched base model can be scored on: language-modelling test sets and `evals`."""
-        return {**{n: s for n, s in self.test.items() if s.kind in ("text", "prompts")}, **self.extra}
+        return {**{n: s for n, s in self.test.items() if not objective_table.get(self.objectives[n]).supervised},
+                **self.extra}
 
 
 def prepare(cfg: Config, device: str | None = None, precision: str | None = None) -> Setup:
     """Build and check everything a run needs. `device` / `precision` override the config's
     (e.g. a GPU run resumed on a CPU-only machine)."""
+    methods.get(cfg.peft.method)  # an unknown method is refused before any data is read
     hardware = resolve(device or cfg.train.device, precision or cfg.train.precision,
                        names=("--device" if device else "train.device", "--precision" if precision else "train.precision"))
     earlier_labels, earlier = {}, None
     if cfg.model.init_from:
         earlier = run_checkpoint(Path(cfg.model.init_from), "best")
-        earlier_specs = json.loads((earlier / "heads.json").read_text())
-        earlier_labels = {n: spec["labels"] for n, spec in earlier_specs.items()}
+        earlier_labels = {n: spec["labels"] for n, spec in json.loads((earlier / "heads.json").read_text()).items()}
         model_path = str(earlier)
         log.info("init_from %s: backbone, LM head and heads %s", earlier, ", ".join(earlier_labels) or "-")
     else:
@@ -96,35 +98,7 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed % 2**32)
     torch.manual_seed(cfg.train.seed)  # newly initialised LM-head weights, dropout
-    model = build_model(model_path, cfg.train.seed, cfg.model.attention, hardware.device.type)
-    for name, src in sources.items():
-        if objectives[name] in HEADS:
-            options = {"threshold": cfg.sources[name].threshold} if objectives[name] == "binary-classification" else {}
-            model.add_head(name, objectives[name], src.labels, derive_seed(cfg.train.seed, "head", name),
-                           pooler_from=model_path, **options)
-    if earlier is not None:
-        if (earlier / "routetune.json").is_file():
-            raise ConfigError(f"model.init_from: {cfg.model.init_from} was trained with an adapter method; "
-                              "starting from adapter checkpoints is not supported yet")
-        for name, spec in earlier_specs.items():  # earlier tasks' heads this run does not train: carried, frozen
-            if name not in model.heads:
-                model.add_head(name, spec["kind"], spec["labels"], 0,
-                               **{k: spec[k] for k in ("pooling", "threshold") if k in spec})
-        model.load_heads_from(earlier, list(earlier_specs))
-    apply_peft(model, cfg.peft, cfg.freeze, model_path)
-    model.to(hardware.device)
-    if earlier is not None:
-        for name in model.heads:
-            if name not in sources:
-                model.heads[name].requires_grad_(False)
-                log.info("head %s (from %s) is kept unchanged: no source of this run trains it", name, earlier)
-    if not any(p.requires_grad for p in model.lm.parameters()) and model.prompt is None:
-        lm_sources = [n for n, o in objectives.items() if o in ("masked-lm", "causal-lm") and n in sources
-                      and cfg.routing.weights and cfg.routing.weights.get(n, 0) > 0]
-        if lm_sources:
-            raise ConfigError(f"sources.{lm_sources[0]}: nothing its {objectives[lm_sources[0]]} loss reaches is "
-                              "trainable (the backbone is frozen and the LM head is tied to the frozen embeddings); "
-                              "drop the source or train part of the backbone")
+    model = _build_model(cfg, model_path, sources, objectives, hardware, earlier)
 
     distilled = [n for n, s in cfg.sources.items() if s.distill > 0]
     if distilled:
@@ -139,6 +113,44 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
                   dev, test, extra=extra)
     describe(setup)
     return setup
+
+
+def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, hardware: Hardware,
+                 earlier: Path | None) -> RoutedModel:
+    """The backbone with a head per labelled source (and, with init_from, the earlier run's other
+    heads, frozen), the method applied, on the device."""
+    model = build_model(model_path, cfg.train.seed, cfg.model.attention, hardware.device.type)
+    for name, src in sources.items():
+        head = objective_table.get(objectives[name]).head
+        if head is not None:
+            options = {"threshold": cfg.sources[name].threshold} if head == "binary-classification" else {}
+            model.add_head(name, head, src.labels, derive_seed(cfg.train.seed, "head", name),
+                           pooler_from=model_path, **options)
+    if earlier is not None:
+        if (earlier / "routetune.json").is_file():
+            raise ConfigError(f"model.init_from: {cfg.model.init_from} was trained with an adapter method; "
+                              "starting from adapter checkpoints is not supported yet")
+        earlier_specs = json.loads((earlier / "heads.json").read_text())
+        for name, spec in earlier_specs.items():  # earlier tasks' heads this run does not train: carried, frozen
+            if name not in model.heads:
+                model.add_head(name, spec["kind"], spec["labels"], 0,
+                               **{k: spec[k] for k in ("pooling", "threshold") if k in spec})
+        model.load_heads_from(earlier, list(earlier_specs))
+    apply_peft(model, cfg.peft, cfg.freeze, model_path)
+    model.to(hardware.device)
+    if earlier is not None:
+        for name in model.heads:
+            if name not in sources:
+                model.heads[name].requires_grad_(False)
+                log.info("head %s (from %s) is kept unchanged: no source of this run trains it", name, earlier)
+    if not any(p.requires_grad for p in model.lm.parameters()) and model.prompt is None:
+        lm_sources = [n for n, o in objectives.items() if objective_table.get(o).lm_loss and n in sources
+                      and cfg.routing.weights and cfg.routing.weights.get(n, 0) > 0]
+        if lm_sources:
+            raise ConfigError(f"sources.{lm_sources[0]}: nothing its {objectives[lm_sources[0]]} loss reaches is "
+                              "trainable (the backbone is frozen and the LM head is tied to the frozen embeddings); "
+                              "drop the source or train part of the backbone")
+    return model
 
 
 def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hardware) -> None:

@@ -1,0 +1,197 @@
+"""What a parameter-sharing method is to routetune: one object that knows how to put the method
+into a backbone, which backbone parameters it trains, how its checkpoints are written and read
+back, and what it allows afterwards (merging, generation, a teacher by switching it off).
+
+Checkpoint formats are shared by methods (each names one in ``checkpoint``):
+
+* ``full``: a plain Hugging Face model folder (``config.json`` + ``model.safetensors``);
+* ``adapter``: peft's own adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+  loadable with ``PeftModel.from_pretrained``), the LM head's own trained tensors
+  (``lm_trainable.safetensors``) and ``routetune.json`` naming the base;
+* ``trained``: only the tensors the method trains (``lm_trainable.safetensors``), ``config.json``
+  and ``routetune.json`` naming the base they apply to.
+
+``routetune.json`` holds the base's path and SHA-256 digest, checked on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from routetune.errors import ModelError
+from routetune.model.load import base_digest, load_lm
+
+log = logging.getLogger("routetune")
+
+NOTE = "routetune.json"
+
+ADAPTER_MARKERS = ("lora_", "ia3_", ".adapter.")
+"""Parameter names of adapter tensors (peft's LoRA/DoRA/IA3, routetune's bottleneck adapters)."""
+
+
+def is_adapter_param(name: str) -> bool:
+    return any(m in name for m in ADAPTER_MARKERS)
+
+
+class Method:
+    """The base: full fine-tuning's behaviour where a method does not say otherwise."""
+
+    name = "none"
+    checkpoint = "full"
+    teacher_by_switching = False
+    """The model as it started = this model with the method switched off (no frozen copy needed)."""
+    frozen_bf16 = True
+    """Frozen Linear weights may be held as bf16 copies while training (model/frozen_bf16.py)."""
+    merge_refusal: str | None = None
+    """Why `export --merge` cannot fold this method into plain weights (None: it can)."""
+    export_refusal: str | None = None
+    """Why no plain transformers export exists at all (None: it does)."""
+    generate_refusal: str | None = None
+    """Why generation is not supported (None: it is)."""
+
+    # ---------------------------------------------------------------- training
+    def apply(self, model, pcfg, base_path: str) -> None:
+        """Put the method's modules into `model` (before requires_grad is set)."""
+
+    def trains(self, name: str) -> bool | None:
+        """Whether the backbone parameter `name` (not an embedding) trains; None: the freeze
+        strategies decide (full fine-tuning)."""
+        return None
+
+    def check(self, model) -> None:
+        """Refuse a backbone the method cannot train (after requires_grad is set)."""
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, model, folder: Path) -> None:
+        model.lm.save_pretrained(folder)
+
+    def load_weights(self, model, folder: Path) -> None:
+        """Load a checkpoint's tensors into `model`, which was built by the same config."""
+        state = load_file(str(folder / "model.safetensors"))
+        result = model.lm.load_state_dict(state, strict=False)
+        params = dict(model.lm.named_parameters(remove_duplicate=False))
+        loaded = {params[k].data_ptr() for k in state if k in params}
+        untied = [k for k in result.missing_keys if k in params and params[k].data_ptr() not in loaded]
+        if untied or [k for k in result.unexpected_keys if k in params]:
+            raise ValueError(f"{folder}/model.safetensors does not fit this model (missing {untied[:3]})")
+
+    def rebuild(self, routed_cls, folder: Path, note: dict):
+        """A RoutedModel (without heads) with this checkpoint's LM, for `RoutedModel.load`."""
+        lm, _ = load_lm(str(folder))
+        return routed_cls(lm)
+
+    # ---------------------------------------------------------------- export
+    def merge(self, lm) -> None:
+        """Fold the method into plain weights (export --merge); nothing to do by default."""
+
+    def note(self, model) -> dict:
+        return {"base": model.base_path, "base_digest": base_digest(model.base_path), "method": self.name,
+                "adapter": self.checkpoint == "adapter", **model.peft_options}
+
+
+class TrainedTensors(Method):
+    """Methods whose checkpoint holds only the tensors they train (``trained`` format)."""
+
+    checkpoint = "trained"
+
+    def save(self, model, folder: Path) -> None:
+        trained = {n: p.detach().contiguous() for n, p in model.lm.named_parameters() if p.requires_grad}
+        save_file(trained, str(folder / "lm_trainable.safetensors"))
+        (folder / NOTE).write_text(json.dumps(self.note(model)) + "\n")
+        model.lm.config.save_pretrained(folder)
+
+    def load_weights(self, model, folder: Path, tensors: dict | None = None) -> None:
+        if tensors is None:
+            tensors = load_file(str(folder / "lm_trainable.safetensors"))
+        params = dict(model.lm.named_parameters())
+        unknown = [n for n in tensors if n not in params]
+        if unknown:
+            raise ValueError(f"{folder}/lm_trainable.safetensors does not fit this model ({unknown[:3]})")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
+
+    def inject(self, lm, options: dict) -> None:
+        """Rebuild the method's modules in a freshly loaded base (from the note's options)."""
+
+    def rebuild(self, routed_cls, folder: Path, note: dict):
+        lm, _ = load_lm(note["base"])
+        self.inject(lm, note)
+        model = routed_cls(lm)
+        model.method, model.base_path = self, note["base"]
+        model.peft_options = {k: note[k] for k in ("adapter_size", "adapter_placement") if k in note}
+        trained = load_file(str(folder / "lm_trainable.safetensors"))
+        for name, p in model.lm.named_parameters():
+            p.requires_grad_(name in trained)  # so that a re-save writes the same tensors
+        self.load_weights(model, folder, trained)
+        return model
+
+
+class PeftFormat(Method):
+    """Methods saved in peft's adapter format (``adapter`` format)."""
+
+    checkpoint = "adapter"
+    teacher_by_switching = True
+
+    def save(self, model, folder: Path) -> None:
+        from peft import get_peft_model_state_dict  # peft is imported where it is used: it loads slowly
+
+        if model.prompt is not None:  # peft saves prompt-learning weights under this one key
+            tensors = {"prompt_embeddings": model.prompt.embedding.weight.detach().contiguous()}
+        else:
+            tensors = {f"base_model.model.{k}": v.detach().contiguous()
+                       for k, v in get_peft_model_state_dict(model.lm).items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        model.adapter_config.save_pretrained(str(folder))
+        extra = {n: p.detach().contiguous() for n, p in model.lm.named_parameters()
+                 if p.requires_grad and not is_adapter_param(n)}
+        save_file(extra, str(folder / "lm_trainable.safetensors"))
+        (folder / NOTE).write_text(json.dumps(self.note(model)) + "\n")
+
+    def load_weights(self, model, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+
+        state = load_file(str(folder / "adapter_model.safetensors"))
+        if model.prompt is not None:
+            with torch.no_grad():
+                model.prompt.embedding.weight.copy_(state["prompt_embeddings"])
+        else:
+            set_peft_model_state_dict(model.lm, {k.removeprefix("base_model.model."): v for k, v in state.items()})
+        extra = load_file(str(folder / "lm_trainable.safetensors"))
+        params = dict(model.lm.named_parameters())
+        with torch.no_grad():
+            for name, tensor in extra.items():
+                params[name].copy_(tensor)
+
+    def attach(self, model, config) -> None:
+        """Put the method described by peft `config` into `model` (training and loading alike)."""
+        raise NotImplementedError
+
+    def rebuild(self, routed_cls, folder: Path, note: dict):
+        from peft import PeftConfig
+
+        lm, _ = load_lm(note["base"])
+        config = PeftConfig.from_pretrained(str(folder))
+        model = routed_cls(lm)
+        self.attach(model, config)
+        model.adapter_config, model.base_path, model.method = config, note["base"], self
+        self.load_weights(model, folder)
+        return model
+
+
+def check_base(folder: Path, note: dict) -> None:
+    """An adapter or trained-tensors checkpoint applies to the exact base it was trained on."""
+    recorded, base = note.get("base_digest"), note.get("base")
+    if recorded is None:
+        log.warning("%s/%s records no digest of its base %s (written by an older routetune): "
+                    "the base is loaded unchecked", folder, NOTE, base)
+        return
+    now = base_digest(base)
+    if now is not None and now != recorded:
+        raise ModelError(f"{folder}/{NOTE}: the base model at {base} is not the one this checkpoint was "
+                         "trained on (its files changed: different SHA-256); restore that model or retrain")

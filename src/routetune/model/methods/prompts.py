@@ -1,0 +1,41 @@
+"""`prompt_tuning` and `prefix_tuning`: peft's virtual-token modules, wired into routetune's
+shared backbone by model/prompts.py; the whole backbone is frozen. Checkpoints are peft's format.
+Virtual tokens cannot be merged into weights; prefix tuning cannot generate (its virtual
+keys/values would have to be threaded through transformers' generation cache)."""
+
+from __future__ import annotations
+
+import torch
+
+from routetune.model.methods.base import PeftFormat
+from routetune.model.prompts import peft_prompt_config
+
+
+class VirtualTokens(PeftFormat):
+    def apply(self, model, pcfg, base_path: str) -> None:
+        config = peft_prompt_config(self.name, pcfg.num_virtual_tokens, model.config, model.is_decoder, base_path)
+        model.attach_prompt(config, torch.Generator().manual_seed(pcfg.seed))
+        model.adapter_config = config
+
+    def attach(self, model, config) -> None:
+        model.attach_prompt(config)
+
+    def trains(self, name: str) -> bool:
+        return False  # only the virtual tokens (model.prompt) and the heads train
+
+
+class PromptTuning(VirtualTokens):
+    name = "prompt_tuning"
+    merge_refusal = ("prompt_tuning adds virtual tokens, which cannot be merged into the weights; export without "
+                     "--merge (a peft adapter folder)")
+
+
+class PrefixTuning(VirtualTokens):
+    name = "prefix_tuning"
+    merge_refusal = ("prefix_tuning adds virtual tokens, which cannot be merged into the weights; export without "
+                     "--merge (a peft adapter folder)")
+    generate_refusal = ("generation with prefix tuning is not supported (its virtual keys/values would have to be "
+                        "threaded through transformers' generation cache); use prompt_tuning or lora")
+
+
+PROMPT_TUNING, PREFIX_TUNING = PromptTuning(), PrefixTuning()

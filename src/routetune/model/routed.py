@@ -1,0 +1,267 @@
+"""One shared backbone, several heads: :class:`RoutedModel`.
+
+It holds the pretrained LM (backbone + its LM head, as transformers builds it), a ``ModuleDict``
+of task heads keyed by source name (model/heads.py), the parameter-sharing method
+(model/methods/) and, for prompt methods, peft's virtual-token module. Every head reads the same
+backbone's hidden states; nothing is subclassed per task.
+
+Checkpoint folder (``save`` / ``load``): the method's files (a plain Hugging Face model folder
+for full fine-tuning; see model/methods/base.py for the others), tokenizer files, and
+``heads.safetensors`` + ``heads.json`` (the task heads and their label lists).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from routetune import objectives
+from routetune.model import methods
+from routetune.model.distill import Teacher, distill_loss
+from routetune.model.heads import HEADS, copy_pooler, head_dropout
+from routetune.model.lm_loss import linear_cross_entropy
+from routetune.model.load import is_decoder, lm_head_is_tied, load_lm
+from routetune.model.methods.base import NOTE, Method, check_base
+from routetune.model.prompts import build_prompt_module, prefix_cache, virtual_tokens
+
+log = logging.getLogger("routetune")
+
+
+# decoder model types whose causal-LM forward computes ``logits = lm_head(last_hidden_state)``
+# and transformers' standard shifted mean cross-entropy (checked in transformers 5.x); for them
+# the causal-LM loss goes through model/lm_loss.py. Others (e.g. soft-capped or scaled logits)
+# keep transformers' forward.
+FUSED_LM_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "smollm3",
+                                 "olmo2", "starcoder2", "stablelm"})
+
+
+class RoutedModel(nn.Module):
+    def __init__(self, lm: nn.Module, heads: dict[str, nn.Module] | None = None):
+        super().__init__()
+        self.lm = lm
+        self.heads = nn.ModuleDict(heads or {})
+        self.adapter_config = None  # peft config object when peft adapters are injected
+        self.base_path: str | None = None  # the backbone a partial checkpoint builds on
+        self.method: Method = methods.get("none")  # the parameter-sharing method (model/methods/)
+        self.peft_options: dict = {}
+        self.prompt: nn.Module | None = None  # prompt_tuning / prefix_tuning: peft's trained module
+        self.n_virtual = 0
+        self.fused_lm_loss = True  # causal-LM loss through model/lm_loss.py where the head allows it
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.lm.base_model
+
+    @property
+    def peft_method(self) -> str:
+        return self.method.name
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def is_decoder(self) -> bool:
+        return is_decoder(self.config)
+
+    def add_head(self, name: str, kind: str, labels: list[str], seed: int, pooler_from: str | None = None,
+                 **options) -> nn.Module:
+        cfg = self.config
+        if kind in ("sequence-classification", "binary-classification"):
+            options.setdefault("pooling", "last" if self.is_decoder else "cls")
+        head = HEADS[kind](cfg.hidden_size, labels, head_dropout(cfg), **options)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in head.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.normal_(0.0, getattr(cfg, "initializer_range", 0.02), generator=gen)
+                    if module.bias is not None:
+                        module.bias.zero_()
+        if getattr(head, "pooling", None) == "cls" and pooler_from:
+            copy_pooler(head, pooler_from)
+        self.heads[name] = head
+        return head
+
+    def add_token_head(self, name: str, labels: list[str], seed: int) -> nn.Module:
+        return self.add_head(name, "token-classification", labels, seed)
+
+    def lm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict, int]:
+        """Keyword arguments for the backbone / LM, and how many leading output positions are
+        virtual tokens (prompt tuning) to drop. See model/prompts.py."""
+        if self.prompt is None:
+            return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
+        b, n = input_ids.shape[0], self.n_virtual
+        mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], 1)
+        if self.method.name == "prompt_tuning":
+            embeds = self.lm.get_input_embeddings()(input_ids)
+            virtual = virtual_tokens(self.prompt, n, b).to(embeds.dtype)
+            return {"inputs_embeds": torch.cat([virtual, embeds], 1), "attention_mask": mask}, n
+        return {"input_ids": input_ids, "attention_mask": mask,
+                self._cache_kwarg: prefix_cache(self.prompt, self.config, n, b), "use_cache": False}, 0
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        inputs, drop = self.lm_inputs(input_ids, attention_mask)
+        return self.backbone(**inputs).last_hidden_state[:, drop:]
+
+    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """LM-head logits, one row per input position."""
+        inputs, drop = self.lm_inputs(input_ids, attention_mask)
+        return self.lm(**inputs).logits[:, drop:]
+
+    def causal_lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs, drop = self.lm_inputs(batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"]
+        if drop:
+            labels = torch.cat([labels.new_full((labels.shape[0], drop), -100), labels], 1)
+        head = self._plain_lm_head()
+        if head is None:
+            return self.lm(**inputs, labels=labels).loss
+        # transformers' loss (shift, mean over scored tokens) without the full fp32 logits
+        hidden = self.backbone(**inputs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        scored = targets != -100
+        return linear_cross_entropy(hidden[scored], head.weight, targets[scored])
+
+    def _plain_lm_head(self) -> nn.Linear | None:
+        """The LM head when the causal-LM logits are exactly ``lm_head(last_hidden_state)`` (no
+        bias, soft-capping or logit scaling: the model types in FUSED_LM_LOSS_TYPES) and the fused
+        loss is on; else None (transformers' own forward and loss are used)."""
+        if not self.fused_lm_loss or self.config.model_type not in FUSED_LM_LOSS_TYPES:
+            return None
+        head = self.lm.get_output_embeddings()
+        if type(head) is not nn.Linear or head.bias is not None:
+            return None  # e.g. a LoRA-wrapped head
+        return head
+
+    def head_logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.heads[name](self.hidden_states(input_ids, attention_mask), attention_mask)
+
+    token_logits = head_logits
+
+    def loss(self, name: str, objective: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Source `name`'s loss on `batch`: its task head's, or the LM loss its objective names."""
+        spec = objectives.get(objective)
+        if spec.head is not None:
+            logits = self.head_logits(name, batch["input_ids"], batch["attention_mask"])
+            return self.heads[name].loss(logits, batch["labels"])
+        return self.masked_lm_loss(batch) if spec.lm_loss == "masked-lm" else self.causal_lm_loss(batch)
+
+    def masked_lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Masked-LM loss. For BERT-style heads (``lm.cls``) the vocabulary projection runs only on
+        the ~15% selected positions instead of all of them (same loss as the full forward, which
+        the reference test checks); other architectures use transformers' own forward."""
+        head = getattr(self.lm, "cls", None)
+        labels = batch["labels"]
+        if head is None:
+            logits = self.lm_logits(batch["input_ids"], batch["attention_mask"])
+            return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        selected = labels != -100
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
+        return nn.functional.cross_entropy(head(hidden[selected]).float(), labels[selected])
+
+    # ------------------------------------------------------------------ self-distillation
+
+    def enable_teacher(self, precision: str) -> str:
+        """Keep the model as it is now as the frozen teacher of :meth:`distill_loss` (model/distill.py).
+        Returns how it is held, for the log."""
+        teacher = Teacher(self, precision)
+        self.__dict__["_teacher"] = teacher  # outside the module tree: never trained, saved or counted
+        return teacher.how
+
+    def distill_loss(self, objective: str, batch: dict[str, torch.Tensor], share: float) -> torch.Tensor:
+        if "_teacher" not in self.__dict__:
+            raise RuntimeError("distill_loss needs enable_teacher() first")
+        return distill_loss(self, self.__dict__["_teacher"], objective, batch, share)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, folder: str | Path, tokenizer=None) -> None:
+        folder = Path(folder)
+        self.method.save(self, folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        tensors = {f"{name}.{k}": v.detach().contiguous() for name, head in self.heads.items()
+                   for k, v in head.state_dict().items()}
+        if tensors:
+            save_file(tensors, str(folder / "heads.safetensors"))
+        specs = {name: head.spec() for name, head in self.heads.items()}
+        (folder / "heads.json").write_text(json.dumps(specs, indent=2) + "\n")
+
+    def attach_prompt(self, pconfig, generator: torch.Generator | None = None) -> None:
+        """Add peft's prompt / prefix module for `pconfig` (see model/prompts.py)."""
+        self.prompt = build_prompt_module(pconfig, self.lm.get_input_embeddings(),
+                                          generator or torch.Generator().manual_seed(0))
+        self.n_virtual = pconfig.num_virtual_tokens
+        # transformers 5.x renames `past_key_values` to `cache` (the old name warns, then goes in
+        # 5.40); looked up once here, not on every forward
+        params = inspect.signature(self.backbone.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def _load_head_tensors(self, folder: Path, names: list[str]) -> None:
+        tensors = load_file(str(folder / "heads.safetensors")) if names else {}
+        for name in names:
+            prefix = name + "."
+            self.heads[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def load_weights(self, folder: str | Path) -> None:
+        """Load the exact tensors of a checkpoint saved by :meth:`save` into this model."""
+        folder = Path(folder)
+        specs = json.loads((folder / "heads.json").read_text())
+        if set(specs) != set(self.heads) or any(specs[n] != self.heads[n].spec() for n in specs):
+            raise ValueError(f"{folder}/heads.json: heads or label sets differ from this run's")
+        self.method.load_weights(self, folder)
+        self._load_head_tensors(folder, list(specs))
+
+    def load_heads_from(self, folder: str | Path, names: list[str]) -> None:
+        """Copy the named heads of an earlier checkpoint. A head whose label list grew keeps the
+        earlier classes' weights exactly (their rows come first); the new rows stay as initialised."""
+        folder = Path(folder)
+        specs = json.loads((folder / "heads.json").read_text())
+        tensors = load_file(str(folder / "heads.safetensors"))
+        for name in names:
+            old_labels, head = specs[name]["labels"], self.heads[name]
+            if specs[name]["kind"] != head.kind or head.labels[: len(old_labels)] != old_labels:
+                raise ValueError(f"{folder}/heads.json: head {name!r} ({specs[name]['kind']}, labels {old_labels}) "
+                                 f"does not fit this run's ({head.kind}, labels {head.labels})")
+            with torch.no_grad():
+                for key, target in head.state_dict(keep_vars=True).items():
+                    old = tensors[f"{name}.{key}"]
+                    target[: old.shape[0]].copy_(old)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> RoutedModel:
+        """A checkpoint folder as a model: its method rebuilds the LM (from the base it names, for
+        partial checkpoints), then the heads are added and loaded."""
+        folder = Path(folder)
+        note = json.loads((folder / NOTE).read_text()) if (folder / NOTE).is_file() else {}
+        if note:
+            check_base(folder, note)
+        name = note.get("method") or ("lora" if note.get("adapter") else "none")
+        model = methods.get(name).rebuild(cls, folder, note)
+        specs = json.loads((folder / "heads.json").read_text())
+        for name, spec in specs.items():
+            if spec["kind"] not in HEADS:
+                raise ValueError(f"{folder}/heads.json: unknown head kind {spec['kind']!r}")
+            options = {k: spec[k] for k in ("pooling", "threshold") if k in spec}
+            model.add_head(name, spec["kind"], spec["labels"], seed=0, **options)
+        model._load_head_tensors(folder, list(specs))
+        model.eval()
+        return model
+
+
+def build_model(path: str, seed: int, attention: str = "auto", device_type: str | None = None) -> RoutedModel:
+    """The LM of `path` as a RoutedModel without task heads, on the CPU (the caller moves it);
+    `device_type` is where it will train, which decides `auto` attention."""
+    lm, missing_head = load_lm(path, attention, device_type)
+    if missing_head:
+        tied = lm_head_is_tied(lm)
+        log.info("the checkpoint has no LM head weights (%s): initialised a new one%s",
+                 ", ".join(missing_head[:4]) + (" ..." if len(missing_head) > 4 else ""),
+                 " with its decoder tied to the word embeddings" if tied else "")
+    return RoutedModel(lm)

@@ -1,0 +1,23 @@
+"""The events of a run's ``metrics.jsonl``: written by the trainer (train/engine.py), read by the
+report (report.py) and by tools. One JSON object per line with ``event``, ``time`` (seconds since
+the session started) and the fields below."""
+
+from __future__ import annotations
+
+START = "start"
+"""Before the first step: total_steps, sources (the source table), labels, routing (router state)."""
+TRAIN = "train"
+"""Every `log_every` steps: step, lr, tokens_per_s, and per source: loss (mean since the last
+train event), batches, examples, tokens, share (of examples so far) and target (planned share)."""
+EVAL = "eval"
+"""A dev evaluation: step, split ("dev"), metrics (flat `source/metric`), best, details."""
+EARLY_STOP = "early_stop"
+"""Early stopping ended the run: step, best, best_step."""
+ROUTE_UPDATE = "route_update"
+"""The adaptive router changed its weights: the router's update fields."""
+SKIPPED = "skipped"
+"""A non-finite loss skipped an update: step, source, loss."""
+RESUME = "resume"
+"""A resumed session starts: step, checkpoint."""
+
+EVENTS = frozenset({START, TRAIN, EVAL, EARLY_STOP, ROUTE_UPDATE, SKIPPED, RESUME})
