@@ -82,3 +82,33 @@ def test_registries_and_config_choices_agree():
     assert set(typing.get_args(RoutingConfig.model_fields["strategy"].annotation)) == set(STRATEGIES)
     for name, m in methods.METHODS.items():
         assert m.name == name and m.checkpoint in ("full", "adapter", "trained"), name
+
+
+def test_a_new_reader_is_one_function_one_table_line_and_the_format_in_its_objective(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    import dataclasses
+
+    from routetune.data import readers
+    from routetune.data.readers import Example
+    from routetune.workflow import train
+
+    def pipe_separated(path, text_field, label_field, pattern):
+        for number, line in readers.iter_lines(path):
+            label, _, text = line.partition("|")
+            yield Example(text, label, f"{path}:{number}")
+
+    monkeypatch.setitem(readers.CLASS_READERS, "psv", pipe_separated)
+    row = objectives.OBJECTIVES["sequence-classification"]
+    monkeypatch.setitem(objectives.OBJECTIVES, row.name,
+                        dataclasses.replace(row, formats={**row.formats, "psv": "classes"}))
+    data = tmp_path / "train.psv"
+    data.write_text("".join(f"{y}|{t}\n" for t, y in [("a great film", "pos"), ("the worst store", "neg")] * 6))
+    cfg = {"model": {"name": str(tiny_model_dir), "max_length": 24},
+           "sources": {"cls": {"objective": "sequence-classification", "format": "psv", "train": str(data)}},
+           "train": {"precision": "fp32", "device": "cpu", "max_steps": 2, "batch_size": 4, "progress": False},
+           "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_dir, summary = train(path)
+    assert summary["steps"] == 2
+    assert json.loads((run_dir / "labels.json").read_text()) == {"cls": ["neg", "pos"]}

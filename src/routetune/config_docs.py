@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 import typing
 
 from pydantic import BaseModel
@@ -22,7 +23,7 @@ def _type_name(annotation) -> str:
     if isinstance(annotation, type):
         return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}.get(
             annotation.__name__, annotation.__name__)
-    return str(annotation).replace("typing.", "")
+    return re.sub(r"routetune\.config\.[a-z_]+\.", "", str(annotation).replace("typing.", ""))
 
 
 def _constraint(meta) -> str:
@@ -70,7 +71,9 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
             from routetune.model.methods import METHODS
 
             choices = list(METHODS)
-        kind = "one of " + ", ".join(f"`{c}`" for c in choices) if choices else _type_name(ann)
+        kind = _type_name(ann)
+        if choices:
+            kind = "one of " + ", ".join(f"`{c}`" for c in choices) + (" or null" if type(None) in args else "")
         rows.append((key, kind + (f" ({constraints})" if constraints else ""), default,
                      field.description or ""))
     return rows
@@ -80,7 +83,7 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `src/routetune/config.py` by `python -m routetune.config_docs`; a test keeps",
+        "Generated from `src/routetune/config/` by `python -m routetune.config_docs`; a test keeps",
         "this file in step with the schema. Unknown keys and wrong types are refused with the dotted",
         "key and the line of the YAML file. Any key can be overridden with `--set key.path=value`",
         "(the value is parsed as YAML). Strings may use `${VAR}` or `${VAR:-default}`; relative data",

@@ -74,6 +74,11 @@ def names(lm_only: bool = False) -> tuple[str, ...]:
     return tuple(n for n, o in OBJECTIVES.items() if not (lm_only and o.supervised))
 
 
+def formats() -> tuple[str, ...]:
+    """Every reader some objective reads."""
+    return tuple(dict.fromkeys(f for o in OBJECTIVES.values() for f in o.formats))
+
+
 def lm_metrics() -> tuple[str, ...]:
     """Every metric of a language-modelling set (compared before vs after training)."""
     out: list[str] = []

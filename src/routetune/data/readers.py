@@ -201,15 +201,10 @@ def _delimited_records(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]
         raise DataError("empty file: expected a header line naming the columns", path)
 
 
-def read_examples(spec: str, fmt: str, text_field: str = "text", label_field: str = "label",
-                  pattern: str = "*.txt") -> list[Example]:
-    """Labelled texts from csv/tsv/jsonl (fields named), `folders` (one sub-folder per class, one
-    file per example) or `lines-per-class` (one file per class named by its suffix, one example
-    per line)."""
-    out: list[Example] = []
-    path = Path(spec)
-    if fmt in ("csv", "tsv", "jsonl"):
-        records = _jsonl_records(path) if fmt == "jsonl" else _delimited_records(path, "," if fmt == "csv" else "\t")
+def _fielded(delimited: str | None):
+    """csv / tsv (a header names the columns) or jsonl (one object per line): the named fields."""
+    def read(path: Path, text_field: str, label_field: str, pattern: str) -> Iterator[Example]:
+        records = _jsonl_records(path) if delimited is None else _delimited_records(path, delimited)
         for number, rec in records:
             text = _field(rec, text_field, path, number)
             label = _field(rec, label_field, path, number, "a string or an integer").strip()
@@ -217,23 +212,43 @@ def read_examples(spec: str, fmt: str, text_field: str = "text", label_field: st
                 raise DataError(f"field {text_field!r} is empty", path, number)
             if not label:
                 raise DataError(f"field {label_field!r} is empty", path, number)
-            out.append(Example(text, label, f"{path}:{number}"))
-    elif fmt == "folders":
-        if not path.is_dir():
-            raise DataError("expected a folder with one sub-folder per class", path)
-        for class_dir in sorted(p for p in path.iterdir() if p.is_dir()):
-            for f in sorted(q for q in class_dir.rglob(pattern) if q.is_file()):
-                text = "\n".join(line for _, line in iter_lines(f)).strip()
-                if text:
-                    out.append(Example(text, class_dir.name, str(f)))
-    elif fmt == "lines-per-class":
-        for f in resolve_text_files(spec, "*"):
-            label = f.suffix.lstrip(".") or f.stem
-            for number, line in iter_lines(f):
-                if line.strip():
-                    out.append(Example(line.strip(), label, f"{f}:{number}"))
-    else:
+            yield Example(text, label, f"{path}:{number}")
+    return read
+
+
+def _folders(path: Path, text_field: str, label_field: str, pattern: str) -> Iterator[Example]:
+    """One sub-folder per class, one file per example."""
+    if not path.is_dir():
+        raise DataError("expected a folder with one sub-folder per class", path)
+    for class_dir in sorted(p for p in path.iterdir() if p.is_dir()):
+        for f in sorted(q for q in class_dir.rglob(pattern) if q.is_file()):
+            text = "\n".join(line for _, line in iter_lines(f)).strip()
+            if text:
+                yield Example(text, class_dir.name, str(f))
+
+
+def _lines_per_class(path: Path, text_field: str, label_field: str, pattern: str) -> Iterator[Example]:
+    """One file per class named by its suffix (e.g. `rt-polarity.pos`), one example per line."""
+    for f in resolve_text_files(str(path), "*"):
+        label = f.suffix.lstrip(".") or f.stem
+        for number, line in iter_lines(f):
+            if line.strip():
+                yield Example(line.strip(), label, f"{f}:{number}")
+
+
+CLASS_READERS = {"jsonl": _fielded(None), "csv": _fielded(","), "tsv": _fielded("\t"), "folders": _folders,
+                 "lines-per-class": _lines_per_class}
+"""`format` of a classification source -> reader (path, text field, label field, glob) -> Examples.
+Adding a reader: a function here, a line in this table, and the format in the rows of the
+objectives that read it (objectives.py)."""
+
+
+def read_examples(spec: str, fmt: str, text_field: str = "text", label_field: str = "label",
+                  pattern: str = "*.txt") -> list[Example]:
+    """Labelled texts by the reader of `fmt` (CLASS_READERS), checked: some examples, two classes."""
+    if fmt not in CLASS_READERS:
         raise DataError(f"unknown classification format {fmt!r}", spec)
+    out = list(CLASS_READERS[fmt](Path(spec), text_field, label_field, pattern))
     if not out:
         raise DataError("no examples found", spec)
     if len({e.label for e in out}) < 2:

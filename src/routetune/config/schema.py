@@ -1,44 +1,29 @@
-"""Typed run configuration: YAML file + dotted ``--set`` overrides -> validated :class:`Config`.
+"""The run config: one pydantic model per section, with cross-checks between sections.
 
-The pydantic models below are the single source of truth for keys, types, defaults and the
-documentation of each key (attribute docstrings, rendered into docs/configuration.md).
+The models are the single source of truth for keys, types, defaults and the documentation of
+each key (attribute docstrings, rendered into docs/configuration.md by config_docs.py).
 """
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic_core import PydanticCustomError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from routetune import objectives
-from routetune.errors import ConfigError
+from routetune.config.base import Strict
+from routetune.config.sources import EvalTextConfig, SourceConfig
 
 
-
-def _one_of(value: str, choices) -> str:
-    """A value checked against a registry (objectives, ...) rather than a fixed Literal."""
-    if value not in choices:
-        raise PydanticCustomError("choice", "expected one of {choices}", {"choices": ", ".join(choices)})
-    return value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
-
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
     """Run folder name under `output_dir`: one folder name (letters, digits, `.`, `_`, `-`, not starting with `.`; no `/`). Default: `<config file stem>-<YYYYmmdd-HHMMSS>`."""
     output_dir: str = "runs"
     """Folder that holds run folders (relative to the working directory); set it to write runs elsewhere."""
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     name: str
     """Hub id, local folder (relative to the config file), or offline alias (`minilm-l6`, `smollm2-135m`)."""
     max_length: int = Field(128, ge=8)
@@ -51,107 +36,14 @@ class ModelConfig(_Strict):
     """With `init_from`: when a source's training data has labels its earlier head lacks, append them (old classes keep their weights exactly) instead of refusing."""
 
 
-class ConllFormat(_Strict):
-    token_column: int = 0
-    """Column index of the token (negative counts from the end)."""
-    tag_column: int = -1
-    """Column index of the tag (negative counts from the end)."""
-    scheme: Literal["iob1", "iob2"] = "iob2"
-    """Tagging scheme of the file; IOB1 is converted to IOB2 when read."""
-    separator: str | None = None
-    """Column separator; default: any run of whitespace (tabs or spaces)."""
-
-
-class TextFormat(_Strict):
-    glob: str = "*.txt"
-    """File pattern used when a path is a folder."""
-    strip_gutenberg: bool = False
-    """Drop the Project Gutenberg header/footer (text outside `*** START OF` / `*** END OF`)."""
-    shuffle_buffer: int = Field(1024, ge=1)
-    """Blocks held in the seeded shuffle buffer of the streaming reader (1 = file order)."""
-    stream: bool = True
-    """Read lazily (a corpus larger than memory works; size unknown). false: load all blocks into memory as a sized source with an exact per-epoch shuffle (needed for the primary source)."""
-
-
-class FieldsConfig(_Strict):
-    text: str = "text"
-    """Column / JSON field holding the text (csv, tsv, jsonl)."""
-    label: str = "label"
-    """Column / JSON field holding the class label (csv, tsv, jsonl)."""
-    prompt: str = "prompt"
-    """JSON field of the prompt (causal-lm, jsonl)."""
-    completion: str = "completion"
-    """JSON field of the completion (causal-lm, jsonl); the loss is computed on it only."""
-
-
-class HoldoutConfig(_Strict):
-    dev: float = Field(0.0, ge=0, lt=1)
-    """Share held out as the dev set (when no dev file is given)."""
-    test: float = Field(0.0, ge=0, lt=1)
-    """Share held out as the test set (when no test file is given)."""
-    seed: int = 0
-    """Seed of the shuffled split of labelled examples. Text is split by position instead: the
-    test part is the last `test` share of each file, the dev part the `dev` share just before it."""
-
-
-class SourceConfig(_Strict):
-    objective: str = Field(json_schema_extra={"choices": objectives.names()})
-    """How a batch of this source becomes a loss. `language-modeling` follows the backbone: causal-LM for a decoder, masked-LM for an encoder."""
-    train: str
-    """Training data: a file, or for text also a folder or a glob."""
-    dev: str | None = None
-    """Development data (evaluated during training)."""
-    test: str | None = None
-    """Test data (evaluated at the end and by `routetune eval --split test`)."""
-    format: Literal["conll", "text", "csv", "tsv", "jsonl", "folders", "lines-per-class"] | None = None
-    """Reader. Default: conll (token-classification), jsonl (classification; causal-lm prompt/completion pairs need it too), text (language modelling). `folders`: one sub-folder per class, one file per example; `lines-per-class`: one file per class named by its suffix (e.g. `rt-polarity.pos`), one example per line."""
-    fields: FieldsConfig = FieldsConfig()
-    """Column / field names of csv, tsv and jsonl files."""
-    holdout: HoldoutConfig | None = None
-    """Carve dev/test sets out of `train` by a fixed rule when the data has no such splits."""
-    threshold: float = Field(0.5, gt=0, lt=1)
-    """binary-classification: probability above which the positive class is predicted."""
-    positive_label: str | None = None
-    """binary-classification: the label that is class 1. Default: the second label in sorted order."""
-    max_new_tokens: int = Field(32, ge=1)
-    """causal-lm prompt/completion: tokens generated greedily for exact match and token F1."""
-    eval_generate: int = Field(200, ge=0)
-    """causal-lm prompt/completion: evaluation examples that are generated for exact match and token F1 (0: none)."""
-    conll: ConllFormat = ConllFormat()
-    """Options of the CoNLL reader."""
-    text: TextFormat = TextFormat()
-    """Options of the plain-text reader."""
-    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
-    """Share of tokens selected for masked-LM prediction (80% [MASK], 10% random, 10% kept)."""
-    distill: float = Field(0.0, ge=0.0, le=1.0)
-    """Language-modelling sources: share of this source's loss that is self-distillation, the KL divergence from the predictions of the frozen starting model (the teacher: the same model with its LoRA/DoRA/IA3 adapters or virtual tokens switched off, or for other methods a frozen copy of the backbone taken before the first step) to the trained model's, on the same tokens; the rest (1 - distill) is the usual LM loss on the text. Holds the model's general predictions in place instead of pulling them towards this text's style. Costs one extra forward without gradients on this source's examples."""
-
-    _objective = field_validator("objective")(lambda v: _one_of(v, objectives.names()))
-
-    @model_validator(mode="after")
-    def _default_format(self) -> SourceConfig:
-        spec = objectives.get(self.objective)
-        if self.format is None:
-            object.__setattr__(self, "format", spec.default_format)
-        if self.format not in spec.formats:
-            raise ValueError(f"format: {self.objective} reads {' or '.join(spec.formats)}, got {self.format!r}")
-        if self.distill and spec.supervised:
-            raise ValueError(f"distill: self-distillation applies to language-modelling sources, not {self.objective}")
-        return self
-
-    @property
-    def supervised(self) -> bool:
-        return objectives.get(self.objective).supervised
-
-
-class StageConfig(_Strict):
+class StageConfig(Strict):
     until: float = Field(gt=0, le=1)
     """End of this stage as a fraction of the run (the last stage should end at 1)."""
     weights: dict[str, float]
     """Weights (normalised) during this stage."""
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     kind: Literal["constant", "linear", "cosine", "stages"] = "constant"
     """How weights move over the run: from the start weights to `end` (linear or cosine), or piecewise `stages`."""
     end: dict[str, float] | None = None
@@ -160,14 +52,14 @@ class ScheduleConfig(_Strict):
     """Piecewise-constant weights (stages)."""
 
 
-class CountConfig(_Strict):
+class CountConfig(Strict):
     repeat: float | None = Field(None, ge=0)
     """Examples per epoch = repeat x source size."""
     choose: int | None = Field(None, ge=0)
     """Examples per epoch, absolute."""
 
 
-class AdaptiveConfig(_Strict):
+class AdaptiveConfig(Strict):
     eta: float = Field(0.5, gt=0)
     """Step size of the exponential-weights update."""
     floor: float = Field(0.05, ge=0, lt=1)
@@ -178,7 +70,7 @@ class AdaptiveConfig(_Strict):
     """Steps between weight updates (each update is logged to metrics.jsonl)."""
 
 
-class RoutingConfig(_Strict):
+class RoutingConfig(Strict):
     strategy: Literal["iid", "interleaved", "adaptive"] = "iid"
     """`iid`: independent draws; `interleaved`: low-discrepancy (each source within 1 of its target share at every prefix, for constant weights); `adaptive`: Exp3-style online mixing from per-source training losses."""
     weights: dict[str, float] | None = None
@@ -201,7 +93,7 @@ class RoutingConfig(_Strict):
     """Seed of the routing plan (source choices and per-epoch shuffles)."""
 
 
-class EarlyStoppingConfig(_Strict):
+class EarlyStoppingConfig(Strict):
     metric: str | None = None
     """Dev metric `<source>/<name>`, e.g. `wnut17/f1`. Default: the primary source's main metric (f1, accuracy or perplexity)."""
     mode: Literal["max", "min"] | None = None
@@ -212,7 +104,7 @@ class EarlyStoppingConfig(_Strict):
     """Smallest change that counts as an improvement."""
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     epochs: float = Field(3.0, gt=0)
     """Passes over the primary source."""
     max_steps: int | None = Field(None, ge=1)
@@ -285,7 +177,7 @@ class TrainConfig(_Strict):
     """Show a progress bar."""
 
 
-class PeftConfig(_Strict):
+class PeftConfig(Strict):
     method: str = Field("none", json_schema_extra={"registry": "methods"})
     """Parameter-efficient method: `lora`, `dora` (weight-decomposed LoRA), `ia3`, `prompt_tuning` (trained virtual-token embeddings before the input) and `prefix_tuning` (trained virtual keys/values in every layer) come from the peft library; `adapter` is routetune's bottleneck adapter; `bitfit` trains only bias terms; `none` is full fine-tuning (see `freeze`)."""
     r: int = Field(8, ge=1)
@@ -306,7 +198,7 @@ class PeftConfig(_Strict):
     """Module names (suffixes) that get adapters. Default: the attention projections (Llama: q,k,v,o_proj; BERT: query, key, value, attention.output.dense); IA3 adds the feed-forward layer."""
 
 
-class FreezeConfig(_Strict):
+class FreezeConfig(Strict):
     embeddings: bool = False
     """Freeze the word (and position) embeddings; a decoder matrix tied to them freezes too."""
     top_k_layers: int | None = Field(None, ge=1)
@@ -315,21 +207,7 @@ class FreezeConfig(_Strict):
     """Train only the task heads and the LM head's own parameters; the backbone is frozen."""
 
 
-class EvalTextConfig(_Strict):
-    path: str
-    """Held-out text: a file, a folder or a glob (relative to the config file)."""
-    objective: str = Field("language-modeling", json_schema_extra={"choices": objectives.names(lm_only=True)})
-    """How it is scored: perplexity (causal-lm) or masked-LM loss; `language-modeling` follows the backbone."""
-    _objective = field_validator("objective")(lambda v: _one_of(v, objectives.names(lm_only=True)))
-    glob: str = "*.txt"
-    """File pattern used when `path` is a folder."""
-    strip_gutenberg: bool = False
-    """Drop Project Gutenberg headers and footers."""
-    max_blocks: int | None = Field(None, ge=1)
-    """Score only the first N blocks of `max_length` tokens (bounds the cost on a large corpus)."""
-
-
-class RetentionConfig(_Strict):
+class RetentionConfig(Strict):
     cache_before: bool = True
     """Reuse base-model scores from `~/.cache/routetune/before` when the model files, the evaluation text and every scoring setting are the same (a sweep scores its base once)."""
     fit_head: Literal["auto", "always", "never"] = "auto"
@@ -350,7 +228,7 @@ class RetentionConfig(_Strict):
     """Seed of the head initialisation, sampling and masking of the fit."""
 
 
-class Config(_Strict):
+class Config(Strict):
     model: ModelConfig
     """The pretrained backbone."""
     sources: dict[str, SourceConfig]
@@ -493,212 +371,3 @@ def _check_weights(key: str, weights: dict, names: list[str]) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Loading: YAML -> env expansion -> overrides -> validation -> path resolution
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand_env(value: Any) -> Any:
-    if isinstance(value, str):
-        def sub(m: re.Match) -> str:
-            var, default = m.group(1), m.group(2)
-            got = os.environ.get(var)
-            if got is None:
-                if default is None:
-                    raise ConfigError(f"environment variable {var} is not set (used as ${{{var}}})")
-                return default
-            return got
-        return _ENV.sub(sub, value)
-    if isinstance(value, dict):
-        return {k: _expand_env(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_env(v) for v in value]
-    return value
-
-
-def _line_map(text: str) -> dict[tuple[str, ...], int]:
-    """Map each dotted key path of a YAML document to its 1-based line, for error messages."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = (*path, str(key_node.value))
-                lines[key] = key_node.start_mark.line + 1
-                walk(value_node, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                key = (*path, str(i))
-                lines[key] = item.start_mark.line + 1
-                walk(item, key)
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw config dict."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=3e-5")
-    key, _, text = assignment.partition("=")
-    parts = [p for p in key.strip().split(".")]
-    if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: empty part in key {key!r}")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({exc.__class__.__name__})") from None
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            where = ".".join(parts[: i + 1])
-            raise ConfigError(f"--set {key}: {where} is a {type(child).__name__}, not a mapping")
-        node = child
-    node[parts[-1]] = value
-
-
-_TYPE_WORDS = {
-    "float_parsing": "expected a number",
-    "float_type": "expected a number",
-    "int_parsing": "expected an integer",
-    "int_type": "expected an integer",
-    "int_from_float": "expected an integer",
-    "bool_parsing": "expected true or false",
-    "bool_type": "expected true or false",
-    "string_type": "expected a string",
-    "dict_type": "expected a mapping",
-    "model_type": "expected a mapping",
-    "missing": "required key is missing",
-    "extra_forbidden": "unknown key",
-}
-# keys whose values must match a pattern: what a user is told instead of the regular expression
-_PATTERN_WORDS = {
-    ("train", "device"): "expected auto, cpu, cuda or cuda:N",
-    ("run", "name"): "expected one folder name (letters, digits, '.', '_', '-', not starting with '.'); "
-                     "set run.output_dir to write runs elsewhere",
-}
-
-
-def _format_errors(exc: ValidationError, lines: dict, origin: str, overrides: dict | None = None) -> str:
-    """One line per error, naming where the value came from: `FILE:LINE:`, or `--set K=V:` when a
-    command-line override set it."""
-    msgs = []
-    for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        key = ".".join(loc)
-        etype = err["type"]
-        line, where = None, None
-        for n in range(len(loc), 0, -1):
-            if overrides and loc[:n] in overrides:
-                where = f"--set {overrides[loc[:n]]}: "
-                break
-            if loc[:n] in lines:
-                line = lines[loc[:n]]
-                break
-        if where is None:
-            where = f"{origin}:{line}: " if line else f"{origin}: "
-        if etype == "value_error":
-            text = str(err.get("ctx", {}).get("error", err["msg"]))
-            # top-level cross-checks name their whole key; a nested model's check names its own
-            # field, so the path to that model goes in front (sources.NAME.format: ...)
-            msgs.append(f"{where}{key}.{text}" if loc else text)
-            continue
-        word = _TYPE_WORDS.get(etype, err["msg"].lower() if etype not in ("literal_error",) else err["msg"])
-        if etype == "string_pattern_mismatch":
-            word = _PATTERN_WORDS.get(loc, word)
-        got = "" if etype in ("missing",) else f", got {err.get('input')!r}"
-        if etype == "extra_forbidden":
-            got = ""
-            parent = loc[:-1]
-            word = f"unknown key{' under ' + '.'.join(parent) if parent else ''}"
-        msgs.append(f"{where}{key}: {word}{got}")
-    return "\n".join(msgs)
-
-
-def parse_config(raw: Any, origin: str = "<config>", lines: dict | None = None,
-                 overrides: dict | None = None) -> Config:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: expected a YAML mapping at the top level, got {type(raw).__name__}")
-    raw = _expand_env(raw)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, lines or {}, origin, overrides)) from None
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply ``KEY=VALUE`` overrides, validate, and resolve relative paths."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (UnicodeDecodeError, IsADirectoryError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if raw is None:
-        raise ConfigError(f"{path}: the config file is empty")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(raw).__name__}")
-    for assignment in overrides or []:
-        apply_override(raw, assignment)
-    given = {tuple(a.partition("=")[0].strip().split(".")): a for a in overrides or []}
-    cfg = parse_config(raw, origin=str(path), lines=_line_map(text), overrides=given)
-    return resolve_paths(cfg, path.parent)
-
-
-def _resolve(p: str, base: Path) -> str:
-    q = Path(p).expanduser()
-    return str(q if q.is_absolute() else (base / q).resolve())
-
-
-def resolve_paths(cfg: Config, base: Path) -> Config:
-    """Make data paths absolute (relative to the config file's folder) so the saved config is self-contained."""
-    for src in cfg.sources.values():
-        for split in ("train", "dev", "test"):
-            value = getattr(src, split)
-            if value is not None:
-                object.__setattr__(src, split, _resolve(value, base))
-    for ev in cfg.evals.values():
-        object.__setattr__(ev, "path", _resolve(ev.path, base))
-    if cfg.retention.fit_text is not None:
-        object.__setattr__(cfg.retention, "fit_text", _resolve(cfg.retention.fit_text, base))
-    if cfg.model.init_from is not None:
-        object.__setattr__(cfg.model, "init_from", str(Path(cfg.model.init_from).expanduser().resolve()))
-    name = cfg.model.name
-    if name.startswith((".", "/", "~")) or (base / name).is_dir():
-        object.__setattr__(cfg.model, "name", _resolve(name, base))
-    return cfg
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def config_from_run(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; is {run_dir} a routetune run folder?")
-    try:
-        text = path.read_text(encoding="utf-8")
-        raw = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not valid UTF-8; the run's config is damaged") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)}); the run's config is "
-                          "damaged") from None
-    return parse_config(raw, origin=str(path), lines=_line_map(text))
