@@ -16,7 +16,7 @@ LAYERS = [  # bottom first
     ("train",),
     ("runs", "export", "workflow", "continual"),
     ("serve", "report"),
-    ("cli", "__main__", "config_docs"),
+    ("cli", "cli_io", "__main__", "config_docs"),
 ]
 
 

@@ -26,6 +26,10 @@ PRECISION_HELP = ("auto (bf16 where this device computes it natively, fp16 on GP
                   "fp32, bf16 or fp16; chosen for this machine, not copied from the run")
 
 
+NPROC_HELP = ("Data-parallel processes on this machine (one per GPU, or per CPU socket), started with torchrun; "
+              "across machines use torchrun itself (docs/distributed.md)")
+
+
 def _device_option():
     return typer.Option(None, "--device", help=DEVICE_HELP)
 
@@ -80,6 +84,7 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder named by run.name from its newest checkpoint"),
     allow_new_labels: bool = typer.Option(False, "--allow-new-labels",
                                           help="With model.init_from: add labels the earlier heads lack"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Train a config into a new run folder (or continue one with --resume)."""
     from routetune.config import load_config
@@ -87,6 +92,7 @@ def train_cmd(
     if allow_new_labels:
         set_ = [*set_, "model.allow_new_labels=true"]
     load_config(config, set_)  # a config mistake is reported before torch and transformers load (seconds)
+    _launch_processes(nproc)
     from routetune.workflow import train
 
     run_dir, summary = train(config, set_, overwrite=overwrite, run_test=test, resume=resume)
@@ -101,15 +107,40 @@ def resume_cmd(
                                          "(default: the run's train.device)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="Continue in another precision (default: the "
                                             "run's train.precision)"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Continue an interrupted run exactly from its newest complete checkpoint."""
+    _launch_processes(nproc)
     from routetune.workflow import resume_run
 
     run_dir, summary = resume_run(run, run_test=test, device=device, precision=precision)
     _print_summary(run_dir, summary)
 
 
+def _launch_processes(nproc: int) -> None:
+    """`--nproc N` (N > 1): this command again under torchrun on this machine, N processes (the
+    process is replaced). CPU threads are shared out among them unless OMP_NUM_THREADS is set."""
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "routetune.cli", *argv]
+    sys.stdout.flush()
+    os.execvpe(sys.executable, cmd, env)
+
+
 def _print_summary(run_dir: Path, summary: dict) -> None:
+    if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 reports
+        return
     from routetune.evaluate.tasks import format_scores
 
     for name, scores in summary.get("test", {}).items():
@@ -157,6 +188,7 @@ def predict_cmd(
 ) -> None:
     """Predict (plain lines or JSONL in, JSONL out, one output line per input line; a JSONL "id" is kept): entity tags and spans, a label with probabilities, or - for a
     language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
+    from routetune.cli_io import generate_file, read_items, write_jsonl
     from routetune.runs import load_for_inference
     from routetune.serve.predictor import Predictor, parse_line
 
@@ -166,71 +198,13 @@ def predict_cmd(
     precision = hw.precision
     head = source or cfg.train.primary
     if head not in model.heads and model.is_decoder and (source is None or source in cfg.sources):
-        _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, precision)
+        generate_file(cfg, model, tokenizer, input_file, max_new_tokens, output, precision)
         return
     predictor = Predictor(model, tokenizer, head, cfg.model.max_length, cfg.train.eval_batch_size, precision)
-    items = _read_items(input_file, lambda line, where, n: parse_line(line, fmt, where, n))
+    items = read_items(input_file, lambda line, where, n: parse_line(line, fmt, where, n))
     results = iter(predictor.predict([it for it in items if it is not None]))
     # one output line per input line, blank ones included, so outputs join back to inputs by line
-    _write_jsonl(output, (next(results) if it is not None else predictor.empty() for it in items))
-
-
-def _parse_prompt(line: str, where: str, n: int):
-    text = line.rstrip("\r\n")
-    if not text.strip():
-        return None
-    if text.lstrip().startswith("{"):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RoutetuneError(f"{where}:{n}: invalid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise RoutetuneError(f"{where}:{n}: expected a JSON object with a string field 'prompt'")
-        from routetune.serve.predictor import unicode_problem
-
-        if problem := unicode_problem(obj["prompt"]):
-            raise RoutetuneError(f"{where}:{n}: 'prompt': {problem}")
-        return obj["prompt"]
-    return text
-
-
-def _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, precision) -> None:
-    from routetune.model.inference import generate
-
-    prompts = [p for p in _read_items(input_file, _parse_prompt) if p is not None]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens, cfg.model.max_length + max_new_tokens,
-                       cfg.train.eval_batch_size, precision)
-    _write_jsonl(output, ({"prompt": p, "completion": o} for p, o in zip(prompts, outputs)))
-
-
-def _read_items(input_file: Optional[Path], parse) -> list:
-    """Parse every line of the input file or of standard input. Lines are decoded as strict UTF-8
-    here, one by one, so an undecodable byte is reported with its line (Python's own stdin would
-    hand it on as a lone surrogate, which tokenizers reject with a TypeError)."""
-    name = str(input_file) if input_file else "<stdin>"
-    if input_file is not None and not input_file.is_file():
-        raise RoutetuneError(f"{input_file}: input file not found")
-    stream = input_file.open("rb") if input_file else sys.stdin.buffer
-    try:
-        out = []
-        for lineno, raw in enumerate(stream, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise RoutetuneError(f"{name}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
-            out.append(parse(line.removeprefix("\ufeff") if lineno == 1 else line, name, lineno))
-        return out
-    finally:
-        if input_file:
-            stream.close()
-
-
-def _write_jsonl(output: Optional[Path], records) -> None:
-    out = output.open("w", encoding="utf-8") if output else sys.stdout
-    for record in records:
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    if output:
-        out.close()
+    write_jsonl(output, (next(results) if it is not None else predictor.empty() for it in items))
 
 
 @app.command("generate")
@@ -244,12 +218,13 @@ def generate_cmd(
     precision: Optional[str] = _precision_option(),
 ) -> None:
     """Greedy generation for new prompts with a fine-tuned decoder; writes JSONL {prompt, completion}."""
+    from routetune.cli_io import generate_file
     from routetune.runs import load_for_inference
 
     cfg, model, tokenizer, hw = load_for_inference(run, checkpoint, device, precision)
     if not model.is_decoder:
         raise RoutetuneError(f"{run}: generate needs a decoder backbone; this run's is an encoder")
-    _generate(cfg, model, tokenizer, input_file, max_new_tokens, output, hw.precision)
+    generate_file(cfg, model, tokenizer, input_file, max_new_tokens, output, hw.precision)
 
 
 @app.command("export")
@@ -325,11 +300,15 @@ def serve_cmd(
 def continual_cmd(
     config: Path = typer.Argument(..., help="Continual config: a sequence of task run configs"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing stage run folders"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Train tasks one after another on one backbone (each from the previous stage, optional replay); print and write the matrix R[i][j], average score, backward and forward transfer."""
+    _launch_processes(nproc)
     from routetune.continual import format_matrix, run_continual
 
-    typer.echo(format_matrix(run_continual(config, overwrite)))
+    result = run_continual(config, overwrite)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(format_matrix(result))
 
 
 @app.command("report")
@@ -358,10 +337,26 @@ def _usage_error(exc: BaseException) -> bool:
     return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group before exit (its threads must not outlive it)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
     _setup_logging()
     try:
-        result = app(standalone_mode=False, prog_name="routetune")
+        result = _run_app()
+    finally:
+        _leave_process_group()
+    if isinstance(result, int) and result:  # typer.Exit(code) in non-standalone mode
+        sys.exit(result)
+
+
+def _run_app():
+    try:
+        return app(standalone_mode=False, prog_name="routetune")
     except RoutetuneError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -385,8 +380,6 @@ def main() -> None:
             typer.echo(f"error: {exc.format_message()} (see: {command} --help)", err=True)
             sys.exit(2)
         raise
-    if isinstance(result, int) and result:  # typer.Exit(code) in non-standalone mode
-        sys.exit(result)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from routetune import objectives
 from routetune.config import load_config
 from routetune.errors import ConfigError, RunError
+from routetune.train import distributed
 from routetune.workflow import evaluate, train
 
 log = logging.getLogger("routetune")
@@ -106,7 +107,10 @@ def score(run_dir: Path, task_cfg, source: str) -> tuple[float, str]:
 
 
 def run_continual(path: Path, overwrite: bool = False) -> dict:
+    """Train the stages; under torchrun each stage trains on every process and rank 0 scores and
+    writes (the other ranks receive its numbers)."""
     path = Path(path)
+    world = distributed.world()
     ccfg = load_continual(path)
     base = (path.parent / ccfg.output_dir / ccfg.name).resolve()
     if (base / "continual.json").exists() and not overwrite:
@@ -123,13 +127,11 @@ def run_continual(path: Path, overwrite: bool = False) -> dict:
         sets = stage_overrides(ccfg, i, base, previous, names, configs)
         log.info("continual stage %d/%d: %s (%s)", i + 1, len(names), names[i], task_paths[i])
         run_dir, _ = train(task_paths[i], sets, overwrite=overwrite)
-        row = []
-        for j in range(len(names)):
-            if j <= i:
-                value, metrics[j] = score(run_dir, configs[j], names[j])
-                row.append(value)
-            else:
-                row.append(None)
+        row = [score(run_dir, configs[j], names[j]) if j <= i else None for j in range(len(names))] \
+            if world.main else None
+        row = world.broadcast(row)
+        metrics[: i + 1] = [cell[1] for cell in row[: i + 1]]
+        row = [cell[0] if cell is not None else None for cell in row]
         R.append(row)
         stages.append({"task": names[i], "run": str(run_dir), "overrides": sets})
         log.info("after %s: %s", names[i], "  ".join(f"{n}={v:.4f}" for n, v in zip(names, row) if v is not None))
@@ -147,12 +149,13 @@ def run_continual(path: Path, overwrite: bool = False) -> dict:
         for j in range(1, T):
             sets = [*ccfg.tasks[j].set, f"run.output_dir={base}", f"run.name=alone-{names[j]}"]
             run_dir, _ = train(task_paths[j], sets, overwrite=overwrite)
-            baselines.append(score(run_dir, configs[j], names[j])[0])
+            baselines.append(world.broadcast(score(run_dir, configs[j], names[j])[0] if world.main else None))
         result["baselines"] = baselines
         result["fwt"] = sum(R[j][j] - baselines[j] for j in range(1, T)) / (T - 1)
-    tmp = base / "continual.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(base / "continual.json")
+    if world.main:
+        tmp = base / "continual.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(base / "continual.json")
     return result
 
 

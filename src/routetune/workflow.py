@@ -3,6 +3,7 @@ run for prediction. Each returns plain data; printing is the CLI's job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -12,7 +13,6 @@ from pathlib import Path
 
 from routetune import objectives
 from routetune.config import Config, config_from_run, dump_config, load_config
-from routetune.device import Hardware
 from routetune.errors import RunError
 from routetune.data.build import build, resolve_objective
 from routetune.evaluate import retention
@@ -21,6 +21,7 @@ from routetune.model.peft import parameter_groups
 from routetune.model.routed import RoutedModel
 from routetune.runs import Claim, RunLock, check_claimable, claim, load_for_inference, load_run  # noqa: F401  (load_run: API)
 from routetune.train import checkpoint as ckpt
+from routetune.train import distributed
 from routetune.train.engine import Trainer
 from routetune.train.setup import Setup, prepare
 
@@ -85,14 +86,21 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
             raise RunError(f"{run_dir}: the config differs from the run's saved config at "
                            f"{', '.join(diff[:5])}; resume with the same config (or start a new run)")
         return resume_run(run_dir, run_test)
-    check_claimable(run_dir, overwrite)  # refuse before any heavy work
+    world = distributed.world()  # one process, or this rank of a torchrun launch
+    distributed.quiet_other_ranks(world)
+    if world.main:
+        check_claimable(run_dir, overwrite)  # refuse before any heavy work
     with _HeldLogs() as held:
-        setup = prepare(cfg)  # reads and checks all data, loads the model: fails before the folder is touched
+        setup = prepare(cfg, world=world)  # reads and checks all data, loads the model: fails before the folder is touched
+    if not world.main:  # rank 0 claims and writes the run folder
+        world.barrier()
+        return _fit_and_report(setup, run_dir, run_test, resume_from=None)
     claimed = claim(run_dir, overwrite)
     try:
         with RunLock(run_dir):
             (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
             (run_dir / "labels.json").write_text(json.dumps(setup.labels, indent=2) + "\n", encoding="utf-8")
+            world.barrier()
             return _fit_and_report(setup, run_dir, run_test, resume_from=None, claimed=claimed, held=held.records)
     except BaseException:
         claimed.rollback()  # a no-op once the new run has its first checkpoint
@@ -112,24 +120,34 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
         log.info("%s finished at step %s of %s (summary.json); nothing to resume, nothing changed", run_dir,
                  summary.get("steps"), summary.get("planned_steps"))
         return run_dir, summary
-    with RunLock(run_dir):  # a live run's temporary checkpoint folders are not ours to clean
-        removed = ckpt.clean_incomplete(run_dir / "checkpoints")
-        if removed:
-            log.warning("removed incomplete checkpoint folders: %s", ", ".join(removed))
-        folder = ckpt.newest_valid(run_dir / "checkpoints")
+    world = distributed.world()
+    distributed.quiet_other_ranks(world)
+    # rank 0 holds the lock: a live run's temporary checkpoint folders are not ours to clean
+    with RunLock(run_dir) if world.main else contextlib.nullcontext():
+        folder = _resume_point(run_dir) if world.main else None
+        folder = world.broadcast(folder)
         if folder is None:
             raise RunError(f"{run_dir}: no complete checkpoint to resume from")
         with _HeldLogs() as held:
-            setup = prepare(cfg, device, precision)
+            setup = prepare(cfg, device, precision, world=world)
         _check_labels(run_dir, setup.labels)
-        return _fit_and_report(setup, run_dir, run_test, resume_from=folder, held=held.records)
+        return _fit_and_report(setup, run_dir, run_test, resume_from=Path(folder), held=held.records)
 
 
-def _write_hardware(run_dir: Path, hardware: Hardware, resumed: bool) -> None:
-    """hardware.json: the device and precision of each session of the run (a resume appends)."""
+def _resume_point(run_dir: Path) -> str | None:
+    removed = ckpt.clean_incomplete(run_dir / "checkpoints")
+    if removed:
+        log.warning("removed incomplete checkpoint folders: %s", ", ".join(removed))
+    folder = ckpt.newest_valid(run_dir / "checkpoints")
+    return str(folder) if folder is not None else None
+
+
+def _write_hardware(run_dir: Path, setup: Setup, resumed: bool) -> None:
+    """hardware.json: the device, precision and processes of each session of the run (a resume appends)."""
     path = run_dir / "hardware.json"
     sessions = json.loads(path.read_text(encoding="utf-8")) if resumed and path.is_file() else []
-    sessions.append({**hardware.describe(), "started": datetime.now().isoformat(timespec="seconds")})
+    sessions.append({**setup.hardware.describe(), **setup.world.describe(),
+                     "started": datetime.now().isoformat(timespec="seconds")})
     path.write_text(json.dumps(sessions, indent=2) + "\n", encoding="utf-8")
 
 
@@ -159,62 +177,75 @@ def _fit(setup: Setup) -> dict | None:
 
 def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Path | None,
                     claimed: Claim | None = None, held: list | None = None) -> tuple[Path, dict]:
-    started = time.time()
-    cfg = setup.cfg
-    handler = _add_file_log(run_dir / "train.log", held)
+    """Train (restored from `resume_from`, or after scoring the base model), then test and write
+    summary.json. With several processes, every rank trains; rank 0 alone logs to the run folder,
+    scores and writes, and the others wait for it at the end."""
+    started, cfg, world = time.time(), setup.cfg, setup.world
+    handler = _add_file_log(run_dir / "train.log", held) if world.main else None
     try:
         log.info("run folder %s", run_dir)
-        log.info("device %s, precision %s (%s)", setup.hardware.device, setup.hardware.precision,
-                 setup.hardware.reason)
-        _write_hardware(run_dir, setup.hardware, resumed=resume_from is not None)
+        log.info("device %s, precision %s (%s)%s", setup.hardware.device, setup.hardware.precision,
+                 setup.hardware.reason, f"; {world.size} processes ({world.backend})" if world.distributed else "")
+        if world.main:
+            _write_hardware(run_dir, setup, resumed=resume_from is not None)
         trainer = Trainer(setup, run_dir)
         if claimed is not None:  # the replaced run folder goes once this one can be resumed
             trainer.after_checkpoint.append(lambda step: claimed.commit())
-        before_path = run_dir / "before.json"
         if resume_from is not None:
             step = trainer.restore(resume_from)
             log.info("resumed from %s at step %d of %d", resume_from.name, step, setup.total_steps)
-        elif cfg.train.eval_before and setup.before_sets():
+        elif world.main and cfg.train.eval_before and setup.before_sets():
             before = retention.score_before(setup.model, setup.model_path, setup.before_sets(), setup.objectives,
                                             setup.tokenizer, cfg, setup.hardware, _fit(setup))
-            before_path.write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
+            (run_dir / "before.json").write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
+        world.barrier()
         result = trainer.run()
-        best = run_dir / "checkpoints" / "best"
-        checkpoint = "best" if (best / ckpt.COMPLETE).is_file() else "last"
-        summary = {
-            "run": str(run_dir),
-            "steps": result.steps,
-            "planned_steps": setup.total_steps,
-            "stopped_early": result.stopped_early,
-            "best": {"metric": cfg.train.early_stopping.metric, "value": result.best_metric,
-                     "step": result.best_step, "checkpoint": checkpoint},
-            "sources": result.sources,
-            "train_seconds": round(result.train_seconds, 2),
-            "tokens_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
-            "parameters": _parameter_summary(setup.model),
-            "hardware": setup.hardware.describe(),
-        }
-        if run_test and (setup.test or setup.extra):
-            if checkpoint == "best":
-                ckpt.verify(best)
-                setup.model = RoutedModel.load(best).to(setup.hardware.device)
-            _, full = score_sets(setup.model, {**setup.test, **setup.extra}, setup.objectives, setup.tokenizer, cfg,
-                                 setup.hardware.precision)
-            fit = _fit(setup)
-            if fit is not None:  # masked-LM retention through an equally fitted head on both sides
-                full.update(retention.score_with_fitted_head(setup.model, fit, setup.before_sets(), setup.objectives,
-                                                             setup.tokenizer, cfg, setup.hardware.precision))
-                summary["retention_note"] = retention.fit_note(fit)
-            summary["test"] = full
-        if before_path.is_file():
-            summary["before"] = json.loads(before_path.read_text(encoding="utf-8"))
-            summary["before_after"] = retention.before_after(summary["before"], summary.get("test", {}))
-        summary["wall_seconds"] = round(time.time() - started, 2)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        summary = _summarize(setup, run_dir, result, run_test, started) if world.main else {}
+        world.barrier()  # the others leave once rank 0 has written the summary
+        return run_dir, world.broadcast(summary)
     finally:
-        logging.getLogger("routetune").removeHandler(handler)
-        handler.close()
-    return run_dir, summary
+        if handler is not None:
+            logging.getLogger("routetune").removeHandler(handler)
+            handler.close()
+
+
+def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: float) -> dict:
+    """summary.json: the run, its best checkpoint's test scores, base vs fine-tuned."""
+    cfg = setup.cfg
+    best = run_dir / "checkpoints" / "best"
+    checkpoint = "best" if (best / ckpt.COMPLETE).is_file() else "last"
+    summary = {
+        "run": str(run_dir),
+        "steps": result.steps,
+        "planned_steps": setup.total_steps,
+        "stopped_early": result.stopped_early,
+        "best": {"metric": cfg.train.early_stopping.metric, "value": result.best_metric,
+                 "step": result.best_step, "checkpoint": checkpoint},
+        "sources": result.sources,
+        "train_seconds": round(result.train_seconds, 2),
+        "tokens_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
+        "parameters": _parameter_summary(setup.model),
+        "hardware": {**setup.hardware.describe(), **setup.world.describe()},
+    }
+    if run_test and (setup.test or setup.extra):
+        if checkpoint == "best":
+            ckpt.verify(best)
+            setup.model = RoutedModel.load(best).to(setup.hardware.device)
+        _, full = score_sets(setup.model, {**setup.test, **setup.extra}, setup.objectives, setup.tokenizer, cfg,
+                             setup.hardware.precision)
+        fit = _fit(setup)
+        if fit is not None:  # masked-LM retention through an equally fitted head on both sides
+            full.update(retention.score_with_fitted_head(setup.model, fit, setup.before_sets(), setup.objectives,
+                                                         setup.tokenizer, cfg, setup.hardware.precision))
+            summary["retention_note"] = retention.fit_note(fit)
+        summary["test"] = full
+    before_path = run_dir / "before.json"
+    if before_path.is_file():
+        summary["before"] = json.loads(before_path.read_text(encoding="utf-8"))
+        summary["before_after"] = retention.before_after(summary["before"], summary.get("test", {}))
+    summary["wall_seconds"] = round(time.time() - started, 2)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
 
 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",

@@ -38,6 +38,7 @@ class RoutedBatches:
         self.rank, self.world_size = rank, world_size
         self.step = 0
         self.finished = False
+        self.last_draws: list[Draw] = []
 
     def _sized(self, name: str) -> bool:
         return isinstance(self.sources[name], (LabelledSource, _DrySource))
@@ -68,8 +69,18 @@ class RoutedBatches:
         return Batch(part.source, part.ids, tensors, n_tokens, part.epoch_ended)
 
     def next(self) -> list[Batch]:
+        """This rank's parts of the next step (the step's global draws are in `last_draws`). A rank
+        whose share is empty (fewer examples than ranks) gets a stand-in: the step's first example,
+        which it trains with weight 0, so that every rank takes part in the gradient exchange."""
         step = self.step
-        return [self.collate(d, step) for d in self.plan_step() if len(d.ids) > self.rank]
+        self.last_draws = self.plan_step()
+        parts = [self.collate(d, step) for d in self.last_draws if len(d.ids) > self.rank]
+        if not parts:
+            first = next(d for d in self.last_draws if d.ids)
+            one = Draw(first.source, first.ids[:1], first.payload[:1] if first.payload is not None else None)
+            tensors, n_tokens = self.sources[first.source].collate(one, step)
+            parts = [Batch(first.source, [], tensors, 0, False, stand_in=True)]
+        return parts
 
     def loader(self, steps: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
         """A DataLoader over the next `steps` steps: the plan is made here (main process); workers

@@ -51,6 +51,7 @@ class Batch:
     tensors: dict[str, torch.Tensor]
     n_tokens: int  # non-padding tokens
     epoch_ended: bool = False
+    stand_in: bool = False  # data-parallel: this rank's share of the step is empty; trained with weight 0
 
 
 class EpochCursor:

@@ -144,6 +144,14 @@ class RoutedModel(nn.Module):
 
     token_logits = head_logits
 
+    def forward(self, name: str, objective: str, batch: dict[str, torch.Tensor], distill: float | None = None
+                ) -> torch.Tensor:
+        """The training loss of source `name` on `batch` (what DistributedDataParallel wraps):
+        self-distillation where the source has a share, its objective's loss otherwise."""
+        if distill:
+            return self.distill_loss(objective, batch, distill)
+        return self.loss(name, objective, batch)
+
     def loss(self, name: str, objective: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Source `name`'s loss on `batch`: its task head's, or the LM loss its objective names."""
         spec = objectives.get(objective)

@@ -1,15 +1,20 @@
-"""Stateful training callbacks. Each one has state_dict()/load_state_dict() so a resumed run
-keeps, for example, the best value and the patience left."""
+"""What the loop keeps and logs beside the model: early stopping and the per-source counters
+(each with a state a checkpoint saves, so a resumed run keeps, for example, the best value and
+the patience left), metrics.jsonl, and its truncation when a resume redoes steps."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from routetune.errors import ConfigError
+from routetune.errors import ConfigError, RunError
 from routetune.train.events import EVENTS
+
+log = logging.getLogger("routetune")
 
 
 class EarlyStopping:
@@ -63,14 +68,70 @@ class EarlyStopping:
 class MetricsLog:
     """Appends one JSON object per event to metrics.jsonl, flushed at once (a crash loses nothing)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled  # data-parallel ranks other than 0 write nothing
         self.t0 = time.time()
 
     def write(self, event: str, **fields) -> dict:
         if event not in EVENTS:
             raise ValueError(f"unknown event {event!r} (train/events.py names them)")
         record = {"event": event, "time": round(time.time() - self.t0, 3), **fields}
+        if not self.enabled:
+            return record
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
         return record
+
+
+@dataclass
+class SourceStats:
+    batches: int = 0
+    examples: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0  # since the last log event
+    loss_n: int = 0
+    ema: float | None = None
+
+    def add(self, n_examples: int, n_tokens: int, loss: float) -> None:
+        self.batches += 1
+        self.examples += n_examples
+        self.tokens += n_tokens
+        self.loss_sum += loss
+        self.loss_n += 1
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+
+    def flush(self) -> dict:
+        out = {"loss": self.loss_sum / self.loss_n if self.loss_n else None, "batches": self.batches,
+               "examples": self.examples, "tokens": self.tokens}
+        self.loss_sum, self.loss_n = 0.0, 0
+        return out
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop events logged after `step` (they belong to the part of a run that a resume redoes).
+    A last line cut off by a kill mid-write is dropped with a warning; a bad line elsewhere is an
+    error naming file and line."""
+    if not path.is_file():
+        return
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise RunError(f"{path}: not valid UTF-8; the run's log is damaged") from None
+    kept = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                log.warning("%s:%d: dropped a line cut off by an interrupted write", path, n)
+                continue
+            raise RunError(f"{path}:{n}: not a JSON line; the run's log is damaged") from None
+        if not isinstance(event, dict):
+            raise RunError(f"{path}:{n}: expected a JSON object per line")
+        if event.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)

@@ -224,6 +224,11 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def rng_file(rank: int) -> str:
+    """The random-number state of data-parallel rank `rank` (rank 0: the single-process name)."""
+    return "rng.safetensors" if rank == 0 else f"rng-rank{rank}.safetensors"
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     import random
 

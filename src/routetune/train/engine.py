@@ -19,44 +19,22 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from routetune.device import to_device
-from routetune.errors import RoutetuneError, RunError
+from routetune.errors import RoutetuneError
 from routetune.evaluate.tasks import score_sets
 from routetune.model.frozen_bf16 import FrozenBf16
 from routetune.train import checkpoint as ckpt
-from routetune.train import events
-from routetune.train.callbacks import EarlyStopping, MetricsLog
+from routetune.data.sources import derive_seed
+from routetune.train import distributed, events
+from routetune.train.callbacks import EarlyStopping, MetricsLog, SourceStats, truncate_log
 from routetune.train.faults import maybe_kill
 from routetune.train.setup import Setup
+from routetune.train.weighting import micro_batches, scored_units
 
 log = logging.getLogger("routetune")
 
 
 class NonFiniteLoss(RoutetuneError):
     pass
-
-
-@dataclass
-class SourceStats:
-    batches: int = 0
-    examples: int = 0
-    tokens: int = 0
-    loss_sum: float = 0.0  # since the last log event
-    loss_n: int = 0
-    ema: float | None = None
-
-    def add(self, n_examples: int, n_tokens: int, loss: float) -> None:
-        self.batches += 1
-        self.examples += n_examples
-        self.tokens += n_tokens
-        self.loss_sum += loss
-        self.loss_n += 1
-        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
-
-    def flush(self) -> dict:
-        out = {"loss": self.loss_sum / self.loss_n if self.loss_n else None, "batches": self.batches,
-               "examples": self.examples, "tokens": self.tokens}
-        self.loss_sum, self.loss_n = 0.0, 0
-        return out
 
 
 @dataclass
@@ -82,64 +60,6 @@ def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=tc.lr, fused=tc.fused or None)
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Drop events logged after `step` (they belong to the part of a run that a resume redoes).
-    A last line cut off by a kill mid-write is dropped with a warning; a bad line elsewhere is an
-    error naming file and line."""
-    if not path.is_file():
-        return
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise RunError(f"{path}: not valid UTF-8; the run's log is damaged") from None
-    kept = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                log.warning("%s:%d: dropped a line cut off by an interrupted write", path, n)
-                continue
-            raise RunError(f"{path}:{n}: not a JSON line; the run's log is damaged") from None
-        if not isinstance(event, dict):
-            raise RunError(f"{path}:{n}: expected a JSON object per line")
-        if event.get("step", 0) <= step:
-            kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
-
-
-def scored_units(objective: str, tensors: dict) -> torch.Tensor:
-    """Per example, what its source's loss averages over: scored tokens (labels that are not
-    -100; for causal LM the shifted targets), or 1 for a sequence-level label."""
-    labels = tensors["labels"]
-    if labels.dim() == 1:
-        return torch.ones(labels.shape[0], device=labels.device)
-    if objective == "causal-lm":
-        labels = labels[:, 1:]
-    return (labels != -100).sum(1).float()
-
-
-def micro_batches(tensors: dict, objective: str, k: int):
-    """The batch in `k` slices of consecutive examples, each cut to its own longest row, with
-    the slice's share of the batch's scored units; slices with none are skipped."""
-    units = scored_units(objective, tensors)
-    total = float(units.sum())
-    n = tensors["input_ids"].shape[0]
-    size = math.ceil(n / k)
-    for start in range(0, n, size):
-        piece = {key: v[start:start + size] for key, v in tensors.items()}
-        u = float(units[start:start + size].sum())
-        if u == 0 or total == 0:
-            continue
-        width = int(piece["attention_mask"].sum(1).max())  # right padding beyond it is not needed
-        piece = {key: v[:, :width] if v.dim() == 2 else v for key, v in piece.items()}
-        yield piece, u / total
-
-
 class Trainer:
     def __init__(self, setup: Setup, run_dir: Path):
         self.setup, self.run_dir = setup, run_dir
@@ -158,12 +78,18 @@ class Trainer:
         self.ckpt_dir = run_dir / "checkpoints"
         self.after_checkpoint: list = []  # called with the step after each step checkpoint is complete
         self.last_save = time.monotonic()
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=setup.world.main)  # rank 0 writes
         self.plan_log = None  # opened in run(), after a resume has truncated the file
         self.loss_weights = cfg.routing.loss_weights
         self.distill = {n: s.distill for n, s in cfg.sources.items() if s.distill > 0}
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.hw = setup.hardware
+        self.world = setup.world
+        self.names = list(self.batches.router.names)
+        self.units: dict[str, float] = {}
+        self.bad_examples: dict[str, list] = {}
+        self.save_by_time = False
+        self.ddp = distributed.wrap(self.model, self.world)  # the model itself in one process
         # fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.hw.device.type) if self.hw.precision == "fp16" else None
         self.clip_in_optimizer = tc.optimizer == "adamw" and tc.fused and self.scaler is None
@@ -185,8 +111,10 @@ class Trainer:
         stopped = False
         if self.frozen is not None:
             self.frozen.cast()
-        if tc.log_plan:
+        if tc.log_plan and self.world.main:
             self.plan_log = (self.run_dir / "plan.jsonl").open("a", encoding="utf-8")
+        if start == 0 and self.world.rank > 0:  # each rank its own dropout stream (rank 0 keeps the seed's)
+            torch.manual_seed(derive_seed(setup.cfg.train.seed, "rank", self.world.rank))
         model.train()
         for step in range(start, setup.total_steps):
             if batches.finished:
@@ -194,9 +122,9 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             parts = batches.next()
-            if self.plan_log:
-                for p in parts:
-                    self.plan_log.write(json.dumps({"step": step + 1, "source": p.source, "ids": p.example_ids}) + "\n")
+            if self.plan_log:  # the global draws: the same on any number of processes
+                for d in batches.last_draws:
+                    self.plan_log.write(json.dumps({"step": step + 1, "source": d.source, "ids": d.ids}) + "\n")
                 self.plan_log.flush()
             part_losses = self.train_step(step, parts)
             self.train_seconds += time.perf_counter() - t0
@@ -208,7 +136,7 @@ class Trainer:
                 self.metrics.write(events.ROUTE_UPDATE, **update)
             if done % tc.log_every == 0 or done == setup.total_steps:
                 self.log_train(done, step)
-            epoch_end = any(p.epoch_ended and p.source == tc.primary for p in parts)
+            epoch_end = any(d.epoch_ended and d.source == tc.primary for d in batches.last_draws)
             due_eval = bool((tc.eval_every_steps and done % tc.eval_every_steps == 0) or (tc.eval_each_epoch and epoch_end))
             if setup.dev and due_eval:
                 stopped = self.evaluate(done)
@@ -220,8 +148,8 @@ class Trainer:
         bar.close()
         if self.frozen is not None:
             self.frozen.restore()
-        saved = ckpt.step_checkpoints(self.ckpt_dir)
-        if not saved or saved[-1][0] != batches.step:
+        saved = ckpt.step_checkpoints(self.ckpt_dir) if self.world.main else None
+        if self.world.broadcast(not saved or saved[-1][0] != batches.step):
             self.save(batches.step)  # a stop policy ended the run between checkpoints
         if self.plan_log:
             self.plan_log.close()
@@ -233,40 +161,77 @@ class Trainer:
 
     def save_due(self, done: int) -> bool:
         """A step checkpoint after the first step (so a kill at any later moment can resume), every
-        `save_every_steps`, and when `save_every_minutes` have passed since the last one."""
+        `save_every_steps`, and when `save_every_minutes` have passed since the last one (by rank
+        0's clock, which reaches every rank with the step's losses)."""
         tc = self.setup.cfg.train
-        minutes = tc.save_every_minutes
-        return (done == 1 or bool(tc.save_every_steps and done % tc.save_every_steps == 0)
-                or bool(minutes and time.monotonic() - self.last_save >= 60 * minutes))
+        return done == 1 or bool(tc.save_every_steps and done % tc.save_every_steps == 0) or self.save_by_time
+
+    def time_due(self) -> bool:
+        minutes = self.setup.cfg.train.save_every_minutes
+        return bool(minutes and time.monotonic() - self.last_save >= 60 * minutes)
 
     def train_step(self, step: int, parts: list) -> dict[str, float]:
-        """Forward each source's part, combine the losses, update. Returns per-source losses."""
-        tc = self.setup.cfg.train
-        if tc.grad_accum > 1:
-            return self.accumulated_step(step, parts)
-        n_total = sum(len(p.example_ids) for p in parts)
-        total, losses = 0.0, {}
-        for part in parts:  # one part per source in the batch (always one with granularity=batch)
-            loss = self.part_loss(part.source, to_device(part.tensors, self.hw.device))
-            value = loss.item()
-            if not math.isfinite(value):
-                return self.non_finite(step, part, value)
-            losses[part.source] = value
-            total = total + self.loss_weights.get(part.source, 1.0) * len(part.example_ids) / n_total * loss
-        (self.scaler.scale(total) if self.scaler is not None else total).backward()
-        self.update(parts, losses)
-        return losses
+        """Forward and backward each source's part (in `train.grad_accum` micro-batches), then
+        update. Returns the per-source losses of the global batch.
+
+        A part's loss is a mean over its scored units (tokens, or examples for sequence heads);
+        the step's loss is the mean over parts weighted by examples (and `loss_weights`). Each
+        micro-batch's loss is scaled by its share of its part's units over all ranks, so the
+        gradient averaged by DistributedDataParallel is the one a single process computes on the
+        global batch (up to rounding), whatever the number of processes or micro-batches."""
+        k = self.setup.cfg.train.grad_accum
+        pieces = [(part, tensors, weight) for part in parts
+                  for tensors, weight in micro_batches(to_device(part.tensors, self.hw.device),
+                                                       self.objectives[part.source], k)]
+        if not pieces:  # nothing scored on this rank: a zero-weight pass keeps the ranks in step
+            pieces = [(parts[0], to_device(parts[0].tensors, self.hw.device), 0.0)]
+        totals = self.global_counts(parts)
+        self.bad_examples = {}
+        loss_sums = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # + rank 0's "a save is due by time"
+        for i, (part, tensors, weight) in enumerate(pieces):
+            j = self.names.index(part.source)
+            examples, units = totals[j, 0].item(), totals[j, 1].item()
+            share = 0.0 if part.stand_in or not units else weight * self.units[part.source] / units
+            scale = self.loss_weights.get(part.source, 1.0) * examples / totals[:, 0].sum().item()
+            with distributed.no_sync(self.ddp, last=i == len(pieces) - 1):
+                loss = self.part_loss(part.source, tensors)
+                if not part.stand_in and not torch.isfinite(loss.detach()).item():
+                    self.bad_examples[part.source] = part.example_ids[:8]
+                scaled = loss * (scale * share * self.world.size)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sums[j] += share * loss.detach().double().item()
+        loss_sums[-1] = float(self.world.main and self.time_due())
+        losses = self.world.sum(loss_sums)  # every rank: the global losses, and rank 0's clock
+        self.save_by_time = bool(losses[-1] > 0)
+        values = {n: float(losses[j]) for j, n in enumerate(self.names) if totals[j, 0] > 0}
+        bad = next((n for n, v in values.items() if not math.isfinite(v)), None)
+        if bad is not None:
+            return self.non_finite(step, bad, values[bad])
+        self.update(values, totals)
+        return values
+
+    def global_counts(self, parts: list) -> torch.Tensor:
+        """Per source (router order): examples, scored units and tokens of the step over all ranks
+        (one all-reduce); `self.units` keeps this rank's scored units per source."""
+        counts = torch.zeros(len(self.names), 3, dtype=torch.float64)
+        self.units = {}
+        for part in parts:
+            if part.stand_in:
+                continue
+            j = self.names.index(part.source)
+            units = float(scored_units(self.objectives[part.source], part.tensors).sum())
+            self.units[part.source] = units
+            counts[j] += torch.tensor([len(part.example_ids), units, part.n_tokens], dtype=torch.float64)
+        return self.world.sum(counts)
 
     def part_loss(self, source: str, tensors: dict) -> torch.Tensor:
-        """One source's loss on a batch (or micro-batch) already on the device, under autocast:
-        self-distillation where the source has a share, its objective's loss otherwise."""
+        """One source's loss on a batch (or micro-batch) already on the device, under autocast,
+        through DistributedDataParallel when there are several processes: self-distillation
+        where the source has a share, its objective's loss otherwise."""
         with self.hw.autocast():
-            share = self.distill.get(source)
-            if share:
-                return self.model.distill_loss(self.objectives[source], tensors, share)
-            return self.model.loss(source, self.objectives[source], tensors)
+            return self.ddp(source, self.objectives[source], tensors, self.distill.get(source))
 
-    def update(self, parts: list, losses: dict[str, float]) -> None:
+    def update(self, losses: dict[str, float], totals: torch.Tensor) -> None:
         """Clip, step the optimizer and the schedule, count the step's examples."""
         tc = self.setup.cfg.train
         if self.scaler is not None:
@@ -282,31 +247,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped_in_a_row = 0
-        for part in parts:
-            self.stats[part.source].add(len(part.example_ids), part.n_tokens, losses[part.source])
-
-    def accumulated_step(self, step: int, parts: list) -> dict[str, float]:
-        """`train.grad_accum` micro-batches per part, backward after each, one update. A part's
-        loss is a mean over its scored units (tokens, or examples for sequence heads), so each
-        micro-batch's mean is weighted by its share of the part's units: the sum is the part's
-        loss, and the gradient the one a single batch would give (up to rounding)."""
-        n_total = sum(len(p.example_ids) for p in parts)
-        losses = {}
-        for part in parts:
-            scale = self.loss_weights.get(part.source, 1.0) * len(part.example_ids) / n_total
-            value = 0.0
-            for tensors, weight in micro_batches(to_device(part.tensors, self.hw.device), self.objectives[part.source],
-                                                 self.setup.cfg.train.grad_accum):
-                loss = self.part_loss(part.source, tensors)
-                v = loss.item()
-                if not math.isfinite(v):
-                    return self.non_finite(step, part, v)
-                value += weight * v
-                scaled = scale * weight * loss
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            losses[part.source] = value
-        self.update(parts, losses)
-        return losses
+        for j, name in enumerate(self.names):
+            if name in losses:
+                self.stats[name].add(int(totals[j, 0]), int(totals[j, 2]), losses[name])
 
     def clip(self, max_norm: float) -> None:
         """Clip the gradients' global norm to `max_norm`, as torch's clip_grad_norm_ does. With the
@@ -321,16 +264,17 @@ class Trainer:
         # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); dividing by its inverse
         self.optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
 
-    def non_finite(self, step: int, part, value: float) -> dict:
+    def non_finite(self, step: int, source: str, value: float) -> dict:
         tc = self.setup.cfg.train
-        where = (f"step {step + 1}: non-finite loss {value} on a batch of source {part.source!r} "
-                 f"(examples {part.example_ids[:8]})")
+        where = f"step {step + 1}: non-finite loss {value} on the batch of source {source!r}"
+        if source in self.bad_examples:
+            where += f" (examples {self.bad_examples[source]})"
         self.optimizer.zero_grad(set_to_none=True)
         if tc.nonfinite == "abort":
             raise NonFiniteLoss(where + "; stopping (train.nonfinite=abort), no checkpoint of this step")
         self.skipped_in_a_row += 1
         self.scheduler.step()  # the step is used up; keep the schedule aligned with the plan
-        self.metrics.write(events.SKIPPED, step=step + 1, source=part.source, loss=str(value))
+        self.metrics.write(events.SKIPPED, step=step + 1, source=source, loss=str(value))
         log.warning("%s; update skipped (%d in a row)", where, self.skipped_in_a_row)
         if self.skipped_in_a_row >= tc.max_skipped:
             raise NonFiniteLoss(where + f"; {self.skipped_in_a_row} consecutive skipped steps "
@@ -346,9 +290,14 @@ class Trainer:
                            tokens_per_s=sum(st.tokens for st in self.stats.values()) / max(self.train_seconds, 1e-9))
 
     def evaluate(self, done: int) -> bool:
+        """Dev scores (rank 0 scores; every rank gets its numbers), early stopping, best checkpoint."""
         st = self.setup
-        flat, full = score_sets(self.model, st.dev, st.objectives, st.tokenizer, st.cfg, self.hw.precision)
+        flat, full = score_sets(self.model, st.dev, st.objectives, st.tokenizer, st.cfg, self.hw.precision) \
+            if self.world.main else (None, None)
+        flat = self.world.broadcast(flat)  # one decision on every rank
         is_best, stop = self.stopper.update(flat, done)
+        if not self.world.main:
+            return stop
         self.metrics.write(events.EVAL, step=done, split="dev", metrics=flat, best=is_best,
                            details={n: {k: v for k, v in s.items() if k in ("per_type", "per_class", "confusion")}
                                     for n, s in full.items()})
@@ -368,16 +317,24 @@ class Trainer:
         return self.frozen.fp32() if self.frozen is not None else contextlib.nullcontext()
 
     def save(self, step: int) -> None:
+        """A step checkpoint, written by rank 0 with every rank's random-number state."""
+        rngs = self.world.gather(ckpt.rng_state())  # on every rank: a collective
+        if not self.world.main:
+            self.last_save = time.monotonic()
+            return
+
         def write(folder: Path) -> None:
             self.model.save(folder, self.setup.tokenizer)
             maybe_kill("in_write", step)  # tests: a checkpoint folder with some files written, others not
             ckpt.save_optimizer(self.optimizer, folder)
-            tensors, rng_meta = ckpt.rng_state()
-            save_file(tensors, str(folder / "rng.safetensors"))
+            for rank, (tensors, _) in enumerate(rngs):
+                save_file(tensors, str(folder / ckpt.rng_file(rank)))
+            rng_meta = rngs[0][1]
             state = {"step": step, "batches": self.batches.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "early_stopping": self.stopper.state_dict(), "stats": {n: asdict(s) for n, s in self.stats.items()},
-                     "train_seconds": self.train_seconds, "skipped_in_a_row": self.skipped_in_a_row, "rng": rng_meta}
+                     "train_seconds": self.train_seconds, "skipped_in_a_row": self.skipped_in_a_row, "rng": rng_meta,
+                     "rng_ranks": [meta for _, meta in rngs[1:]]}
             (folder / "trainer_state.json").write_text(json.dumps(state))
 
         with self._exact_weights():
@@ -387,6 +344,18 @@ class Trainer:
         self.last_save = time.monotonic()
         for hook in self.after_checkpoint:
             hook(step)
+
+    def restore_rng(self, folder: Path, state: dict, step: int) -> None:
+        """This rank's random-number state. A rank the checkpoint has none for (the run now has more
+        processes than when it was saved) starts a stream of its own, as a new rank would."""
+        rank = self.world.rank
+        metas = [state["rng"], *state.get("rng_ranks", [])]
+        if rank < len(metas):
+            ckpt.set_rng_state(load_file(str(folder / ckpt.rng_file(rank))), metas[rank])
+            return
+        log.warning("the checkpoint holds random-number state for %d process(es); rank %d starts its own "
+                    "(dropout differs from an uninterrupted run; the plan does not)", len(metas), rank)
+        torch.manual_seed(derive_seed(self.setup.cfg.train.seed, "rank", rank, step))
 
     def restore(self, folder: Path) -> int:
         """Load everything from a verified step checkpoint; returns its step."""
@@ -401,9 +370,10 @@ class Trainer:
         self.stopper.load_state_dict(state["early_stopping"])
         self.stats = {n: SourceStats(**s) for n, s in state["stats"].items()}
         self.train_seconds, self.skipped_in_a_row = state["train_seconds"], state["skipped_in_a_row"]
-        ckpt.set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
         step = int(state["step"])
-        for name in ("metrics.jsonl", "plan.jsonl"):
-            truncate_log(self.run_dir / name, step)
-        self.metrics.write(events.RESUME, step=step, checkpoint=folder.name)
+        self.restore_rng(folder, state, step)
+        if self.world.main:
+            for name in ("metrics.jsonl", "plan.jsonl"):
+                truncate_log(self.run_dir / name, step)
+        self.metrics.write(events.RESUME, step=step, checkpoint=folder.name, processes=self.world.size)
         return step

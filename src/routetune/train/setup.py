@@ -3,6 +3,7 @@ sources, dev/test sets, router and the exact number of steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from routetune.model.load import is_decoder, load_config, load_tokenizer, resolv
 from routetune.model import methods
 from routetune.model.peft import apply_peft
 from routetune.train.checkpoint import run_checkpoint
+from routetune.train.distributed import ALONE, World
 
 log = logging.getLogger("routetune")
 
@@ -56,6 +58,7 @@ class Setup:
     test: dict[str, EvalSet] = field(default_factory=dict)
     source_table: list[dict] = field(default_factory=list)
     extra: dict[str, EvalSet] = field(default_factory=dict)  # the config's `evals`
+    world: World = ALONE  # this process's place among data-parallel processes (train/distributed.py)
 
     @property
     def labels(self) -> dict[str, list[str]]:
@@ -67,12 +70,15 @@ class Setup:
                 **self.extra}
 
 
-def prepare(cfg: Config, device: str | None = None, precision: str | None = None) -> Setup:
+def prepare(cfg: Config, device: str | None = None, precision: str | None = None, world: World = ALONE) -> Setup:
     """Build and check everything a run needs. `device` / `precision` override the config's
-    (e.g. a GPU run resumed on a CPU-only machine)."""
+    (e.g. a GPU run resumed on a CPU-only machine). Under torchrun every process builds the same
+    setup; its batches are its slice of each global batch, on its own GPU."""
     methods.get(cfg.peft.method)  # an unknown method is refused before any data is read
     hardware = resolve(device or cfg.train.device, precision or cfg.train.precision,
                        names=("--device" if device else "train.device", "--precision" if precision else "train.precision"))
+    if world.distributed and hardware.cuda:  # one GPU per process: torchrun's LOCAL_RANK
+        hardware = dataclasses.replace(hardware, device=torch.device("cuda", world.local_rank))
     earlier_labels, earlier = {}, None
     if cfg.model.init_from:
         earlier = run_checkpoint(Path(cfg.model.init_from), "best")
@@ -107,10 +113,11 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     _speed_levers(cfg, model, sources, hardware)
     router, total, _ = plan_run(cfg, source_sizes(sources))
     r = cfg.routing
-    batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted)
+    batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted, world.rank,
+                            world.size)
     per_epoch = math.ceil(len(sources[cfg.train.primary]) / cfg.train.batch_size)
     setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, hardware,
-                  dev, test, extra=extra)
+                  dev, test, extra=extra, world=world)
     describe(setup)
     return setup
 

@@ -1,0 +1,172 @@
+"""Data-parallel training (torch.distributed, gloo on the CPU): the same routed run on 1 and on 2
+processes trains on the same plan and ends with the same weights; a 2-process run killed mid-way
+resumes exactly on 2 processes and with the same remaining plan on 1."""
+
+import json
+import os
+import string
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import CUDA, WORDS, make_config, write_task_and_general
+from safetensors.torch import load_file
+
+from routetune.train import checkpoint as ckpt
+
+TOL = 1e-5  # fp32: the all-reduced gradient sums the same terms in another order
+
+
+def _launch(*args, nproc=1, fault=None, check=True):
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("ROUTETUNE_FAULT", None)
+    if fault:
+        env["ROUTETUNE_FAULT"] = fault
+    cmd = [sys.executable, "-m", "routetune.cli", *args] + (["--nproc", str(nproc)] if nproc > 1 else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """A tiny BERT without dropout (so 1 and 2 processes compute the same function), the NER and
+    general-text files, and a config routing examples (each step mixes both sources, and some
+    steps give a rank no example of a source)."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    root = tmp_path_factory.mktemp("ddp")
+    model = root / "model"
+    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
+             + ["##" + c for c in string.ascii_lowercase] + list(string.punctuation) + WORDS)
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(model)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0)).save_pretrained(model)
+    files = write_task_and_general(root)
+    cfg = make_config(root, model, files, **{"routing.granularity": "example", "train.log_plan": True,
+                                             "train.eval_every_steps": 5})
+    return root, cfg
+
+
+def _run(setting, name, *sets, nproc=1, fault=None, check=True):
+    root, cfg = setting
+    args = ["train", str(cfg), "--no-test", "--set", f"run.name={name}"]
+    for s in sets:
+        args += ["--set", s]
+    proc = _launch(*args, nproc=nproc, fault=fault, check=check)
+    return root / "runs" / name, proc
+
+
+def _weights(run_dir):
+    folder = ckpt.step_checkpoints(run_dir / "checkpoints")[-1][1]
+    return {**load_file(str(folder / "model.safetensors")), **load_file(str(folder / "heads.safetensors"))}
+
+
+def _close(a, b):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < TOL, worst
+
+
+def _shape(x):
+    return {k: _shape(v) for k, v in x.items()} if isinstance(x, dict) else None  # the keys, at every level
+
+
+@pytest.fixture(scope="module")
+def one_and_two(setting):
+    return _run(setting, "one")[0], _run(setting, "two", nproc=2)[0]
+
+
+def test_two_processes_train_the_plan_of_one_to_the_same_weights(one_and_two):
+    one, two = one_and_two
+    assert (one / "plan.jsonl").read_text() == (two / "plan.jsonl").read_text()  # the global draws, step by step
+    _close(_weights(one), _weights(two))
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s1["sources"] == s2["sources"] and s1["best"]["step"] == s2["best"]["step"]  # counted over all ranks
+    assert s1["best"]["value"] == pytest.approx(s2["best"]["value"])
+    assert (s1["hardware"]["processes"], s2["hardware"]["processes"]) == (1, 2)
+    assert s2["hardware"]["backend"] == "gloo"
+    s1.pop("wall_seconds"), s2.pop("wall_seconds")
+    assert _shape(s1) == _shape(s2)
+    last = ckpt.step_checkpoints(two / "checkpoints")[-1][1]
+    assert (last / "rng-rank1.safetensors").is_file()  # every rank's random state, written by rank 0
+    events = [json.loads(line)["event"] for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("start") == 1  # one writer
+
+
+def test_accumulation_and_adaptive_routing_on_two_processes(setting):
+    """Micro-batches per rank and the adaptive router's rewards (losses reduced over ranks)."""
+    sets = ("routing.strategy=adaptive", "routing.granularity=batch", "routing.adaptive.update_every=2")
+    one, _ = _run(setting, "adaptive-one", *sets)
+    two, _ = _run(setting, "adaptive-two", *sets, "train.grad_accum=2", nproc=2)
+    assert (one / "plan.jsonl").read_text() == (two / "plan.jsonl").read_text()
+    _close(_weights(one), _weights(two))
+    r1, r2 = (json.loads((ckpt.step_checkpoints(d / "checkpoints")[-1][1] / "trainer_state.json").read_text())
+              ["batches"]["router"] for d in (one, two))
+    assert r1["decisions"] == r2["decisions"] and r1["rewards"] != [0.0] * len(r1["rewards"])
+    assert torch.allclose(torch.tensor(r1["rewards"]), torch.tensor(r2["rewards"]), atol=1e-6)
+
+
+def test_killed_on_two_resumes_exactly_on_two_and_with_the_same_plan_on_one(setting, one_and_two):
+    one, two = one_and_two
+    killed, proc = _run(setting, "killed", nproc=2, fault="after_step:8", check=False)
+    assert proc.returncode != 0 and not (killed / "summary.json").exists()
+    _launch("resume", str(killed), "--no-test", nproc=2)
+    ref = ckpt.step_checkpoints(two / "checkpoints")[-1][1]
+    got = ckpt.step_checkpoints(killed / "checkpoints")[-1][1]
+    for name in ("model.safetensors", "heads.safetensors", "optimizer.safetensors", "rng.safetensors",
+                 "rng-rank1.safetensors"):
+        a, b = load_file(str(ref / name)), load_file(str(got / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # bitwise on gloo
+    sa, sb = (json.loads((f / "trainer_state.json").read_text()) for f in (ref, got))
+    sa.pop("train_seconds"), sb.pop("train_seconds")
+    assert sa == sb
+    assert (killed / "plan.jsonl").read_text() == (two / "plan.jsonl").read_text()
+
+    alone, _ = _run(setting, "killed-then-one", nproc=2, fault="after_step:8", check=False)
+    _launch("resume", str(alone), "--no-test")  # one process continues the 2-process run
+    assert (alone / "plan.jsonl").read_text() == (one / "plan.jsonl").read_text()
+    _close(_weights(alone), _weights(one))
+    sessions = json.loads((alone / "hardware.json").read_text())
+    assert [s["processes"] for s in sessions] == [2, 1]
+
+
+def test_a_rank_without_examples_gets_a_zero_weight_stand_in(tiny_tokenizer, tmp_path):
+    from test_router import _batches
+
+    text = tmp_path / "t.txt"
+    text.write_text("the apple store opened in paris . " * 50)
+    ranks = [_batches(tiny_tokenizer, text, "iid", "example", r, 8) for r in range(8)]  # batch 6 < 8 ranks
+    for _ in range(5):
+        parts = [rank.next() for rank in ranks]
+        assert all(p for p in parts)  # every rank has something to run
+        real = [b for p in parts for b in p if not b.stand_in]
+        assert sum(len(b.example_ids) for b in real) == 6  # the global batch, once
+        assert all(b.example_ids == [] and b.n_tokens == 0 for p in parts for b in p if b.stand_in)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for the nccl path")
+def test_two_gpus_with_nccl_train_the_plan_of_one(setting):
+    one, _ = _run(setting, "gpu-one", "train.device=cuda")
+    two, _ = _run(setting, "gpu-two", "train.device=cuda", nproc=2)
+    assert (one / "plan.jsonl").read_text() == (two / "plan.jsonl").read_text()
+    assert json.loads((two / "summary.json").read_text())["hardware"]["backend"] == "nccl"
+    a, b = _weights(one), _weights(two)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4  # GPU kernels vary with batch shapes
+
+
+def test_lora_with_self_distillation_on_two_processes(setting):
+    """A method that trains adapters only, and a teacher that is the model with them switched off,
+    inside the DistributedDataParallel forward."""
+    sets = ("peft.method=lora", "peft.r=4", "peft.dropout=0", "sources.general.distill=0.5", "train.lr=1e-2")
+    one, _ = _run(setting, "lora-one", *sets)
+    two, _ = _run(setting, "lora-two", *sets, nproc=2)
+    assert (one / "plan.jsonl").read_text() == (two / "plan.jsonl").read_text()
+    folders = [ckpt.step_checkpoints(d / "checkpoints")[-1][1] for d in (one, two)]
+    _close(*(load_file(str(f / "adapter_model.safetensors")) for f in folders))
+    _close(*(load_file(str(f / "heads.safetensors")) for f in folders))
