@@ -19,7 +19,7 @@ def prepare_example(example: str, steps: int, overrides=()):
     """The Setup of examples/`example` for `steps` optimizer steps of the bench work."""
     import routetune  # noqa: F401  (first, as the CLI does: it sets torch's allocator switch)
     from routetune.config import load_config
-    from routetune.train.setup import prepare
+    from routetune.training.setup import prepare
 
     cfg = load_config(ROOT / "examples" / example, [*BENCH_SETTINGS, f"train.max_steps={steps}", *overrides])
     return prepare(cfg)
@@ -28,7 +28,7 @@ def prepare_example(example: str, steps: int, overrides=()):
 def run_steps(setup, wrap):
     """Train `setup` to the end in a temporary run folder, each step through
     ``wrap(trainer, original_train_step)``; returns the trainer."""
-    from routetune.train.engine import Trainer
+    from routetune.training.engine import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(setup, Path(out))

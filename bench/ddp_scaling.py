@@ -31,9 +31,9 @@ from _runs import BENCH_SETTINGS  # noqa: E402
 def worker(args) -> None:
     import routetune  # noqa: F401  (first, as the CLI does: it sets torch's allocator switch)
     from routetune.config import load_config
-    from routetune.train import distributed
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
+    from routetune.training import distributed
+    from routetune.training.engine import Trainer
+    from routetune.training.setup import prepare
 
     world = distributed.world()
     distributed.quiet_other_ranks(world)

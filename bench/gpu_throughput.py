@@ -51,8 +51,8 @@ def measure(work: str, models: Path, data: Path, overrides: list[str]) -> dict:
 
     import routetune  # noqa: F401
     from routetune.config import apply_override, parse_config
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
+    from routetune.training.engine import Trainer
+    from routetune.training.setup import prepare
 
     raw = work_config(work, models, data)
     for o in overrides:

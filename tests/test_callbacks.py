@@ -1,7 +1,7 @@
 import pytest
 
 from routetune.errors import ConfigError
-from routetune.train.callbacks import EarlyStopping
+from routetune.training.callbacks import EarlyStopping
 
 
 def run(stopper, values):

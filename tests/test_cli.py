@@ -123,3 +123,14 @@ def test_train_log_holds_the_set_up_summary(tmp_path, tiny_model_dir, ner_files)
     log = (tmp_path / "runs" / "tiny" / "train.log").read_text()
     for line in ("device cpu, precision fp32", "source ner", "source general", "2 steps of batch 4"):
         assert line in log, line  # logged before the run folder existed, kept for train.log
+
+
+def test_validate_checks_config_and_data_without_writing(tmp_path, tiny_model_dir, ner_files):
+    path = make_config(tmp_path, tiny_model_dir, ner_files)
+    proc = run_cli("validate", str(path))
+    assert "valid;" in proc.stdout and "ner (24)" in proc.stdout and "general" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+    ner_files["train"].write_text(ner_files["train"].read_text() + "broken line with three\n")
+    proc = run_cli("validate", str(path), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert str(ner_files["train"]) in proc.stderr

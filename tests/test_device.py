@@ -163,8 +163,8 @@ def test_mixed_precision_sigkill_resume_is_bitwise_identical(tmp_path, tiny_mode
 def test_fp16_trains_through_the_gradient_scaler(tmp_path, tiny_model_dir, ner_files):
     """fp16 goes through torch's GradScaler (an overflowing step is skipped by it, not applied),
     clipping is done on unscaled gradients, and the weights stay finite."""
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
+    from routetune.training.engine import Trainer
+    from routetune.training.setup import prepare
 
     cfg = load_config(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.precision": "fp16",
                                                                           "train.max_steps": 4}))
@@ -216,8 +216,8 @@ def test_learning_rate_schedules(tmp_path, tiny_model_dir, ner_files, schedule):
     """train.schedule after a linear warm-up: the learning rate of each step follows its formula."""
     import math
 
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
+    from routetune.training.engine import Trainer
+    from routetune.training.setup import prepare
 
     cfg = load_config(make_config(tmp_path, tiny_model_dir, ner_files, **{
         "train.schedule": schedule, "train.max_steps": 10, "train.warmup_ratio": 0.2, "train.lr": 1e-3}))
@@ -236,8 +236,8 @@ def test_learning_rate_schedules(tmp_path, tiny_model_dir, ner_files, schedule):
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_model_dir, ner_files, peft):
     import torch
 
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
+    from routetune.training.engine import Trainer
+    from routetune.training.setup import prepare
 
     weights = []
     for on in (False, True):

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from routetune.config import load_config
 from routetune.errors import ConfigError
-from routetune.train.checkpoint import run_checkpoint
-from routetune.train.setup import prepare
+from routetune.training.checkpoint import run_checkpoint
+from routetune.training.setup import prepare
 from routetune.workflow import train
 
 

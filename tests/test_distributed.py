@@ -13,7 +13,7 @@ import torch
 from conftest import CUDA, WORDS, make_config, write_task_and_general
 from safetensors.torch import load_file
 
-from routetune.train import checkpoint as ckpt
+from routetune.training import checkpoint as ckpt
 
 TOL = 1e-5  # fp32: the all-reduced gradient sums the same terms in another order
 

@@ -12,8 +12,8 @@ from routetune.config import load_config
 
 def _weights_after(path, accum: int, steps: int = 3) -> dict:
     """Each step's accumulated gradients (captured before the update), for `steps` steps."""
-    from routetune.train.engine import Trainer
-    from routetune.train.setup import prepare
+    from routetune.training.engine import Trainer
+    from routetune.training.setup import prepare
 
     setup = prepare(load_config(path, [f"train.grad_accum={accum}", f"train.max_steps={steps}",
                                        "train.fast_dropout=false", "train.eval_each_epoch=false"]))

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_config, run_cli
 from routetune.errors import ConfigError, ModelError, RunError
-from routetune.train import checkpoint as ckpt
+from routetune.training import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import make_config, run_cli
-from routetune.train import checkpoint as ckpt
+from routetune.training import checkpoint as ckpt
 
 STEPS = 10
 TIMING = ("train_seconds",)  # wall-clock, the one field that may differ

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from conftest import make_config
 from routetune.config import load_config
 from routetune.errors import DataError, RunError
-from routetune.train.checkpoint import run_checkpoint
-from routetune.train.setup import prepare
+from routetune.training.checkpoint import run_checkpoint
+from routetune.training.setup import prepare
 from routetune.workflow import resume_run, train
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from routetune.errors import ConfigError
 from routetune.model.methods import METHODS as METHOD_REGISTRY
 from routetune.model.routed import RoutedModel
-from routetune.train.checkpoint import run_checkpoint
+from routetune.training.checkpoint import run_checkpoint
 from routetune.workflow import train
 
 METHODS = [
@@ -89,7 +89,7 @@ def check_method_contract(tmp_path, model_dir, decoder, peft, freeze, kind):
             train(path)
         return
     from routetune.config import load_config
-    from routetune.train.setup import prepare
+    from routetune.training.setup import prepare
 
     before = {n: p.detach().clone() for n, p in prepare(load_config(path)).model.lm.named_parameters()}
     run_dir, _ = train(path)
@@ -146,7 +146,7 @@ def test_trainable_parameters_logged(tmp_path, tiny_llama_dir, caplog):
     import logging
 
     from routetune.config import load_config
-    from routetune.train.setup import prepare
+    from routetune.training.setup import prepare
 
     logging.getLogger("routetune").setLevel(logging.INFO)
     path = _config(tmp_path, tiny_llama_dir, True, {"method": "lora", "r": 2}, {})

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_config, run_cli
-from routetune.train import checkpoint as ckpt
+from routetune.training import checkpoint as ckpt
 
 STEPS = 20
 
@@ -152,7 +152,7 @@ def test_unmarked_checkpoint_is_never_used_and_damaged_newest_falls_back(tmp_pat
 @pytest.mark.parametrize("policy", ["abort", "skip"])
 def test_non_finite_loss_policy(tmp_path, tiny_model_dir, ner_files, monkeypatch, policy):
     from routetune.model.routed import RoutedModel
-    from routetune.train.engine import NonFiniteLoss
+    from routetune.training.engine import NonFiniteLoss
     from routetune.workflow import train
 
     real = RoutedModel.loss

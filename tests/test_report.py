@@ -122,7 +122,7 @@ def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog)
     from routetune.report import write_report
 
     run_dir = tmp_path / "runs" / "b"
-    from routetune.train.checkpoint import run_checkpoint
+    from routetune.training.checkpoint import run_checkpoint
 
     folder = run_checkpoint(run_dir, runs[1]["best"]["checkpoint"])  # no dev set: the last checkpoint
     after, _ = lm_loss(RoutedModel.load(folder), "causal-lm", blocks, tok, 64, "fp32")

@@ -46,7 +46,7 @@ def test_overwrite_replaces_a_run_and_removes_the_old_one_after_the_first_checkp
     run_dir, _ = train(path)
     (run_dir / "metrics.jsonl").write_text("old\n")
     seen = {}
-    import routetune.train.engine as engine
+    import routetune.training.engine as engine
 
     original = engine.Trainer.save
 
@@ -67,7 +67,7 @@ def test_overwrite_replaces_a_run_and_removes_the_old_one_after_the_first_checkp
 
 
 def test_a_failed_overwrite_puts_the_previous_run_back(tmp_path, tiny_model_dir, ner_files, monkeypatch):
-    from routetune.train.engine import Trainer
+    from routetune.training.engine import Trainer
     from routetune.workflow import train
 
     path = make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 3})

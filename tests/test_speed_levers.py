@@ -125,8 +125,8 @@ def test_levers_keep_training_equivalent_and_checkpoints_fp32(tmp_path, tiny_lla
 
 def test_sgd_optimizer(tmp_path, tiny_llama_dir):
     from routetune.config import load_config
-    from routetune.train.engine import build_optimizer
-    from routetune.train.setup import prepare
+    from routetune.training.engine import build_optimizer
+    from routetune.training.setup import prepare
 
     cfg = load_config(_lora_config(tmp_path, tiny_llama_dir), ["train.optimizer=sgd", "train.momentum=0.9"])
     opt = build_optimizer(prepare(cfg).model, cfg.train)
@@ -253,7 +253,7 @@ def test_fast_attention_dropout_is_used_only_while_training_with_dropout(tiny_mo
 def test_clipping_inside_fused_adamw_equals_clip_grad_norm(tmp_path, tiny_llama_dir, monkeypatch):
     """With the fused AdamW the optimizer divides the gradients by the clip factor (grad_scale);
     the weights after training are those of torch's clip_grad_norm_ followed by the same step."""
-    from routetune.train.engine import Trainer
+    from routetune.training.engine import Trainer
     from routetune.workflow import train
 
     def run(name, in_optimizer, max_grad_norm):

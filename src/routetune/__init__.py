@@ -14,4 +14,14 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 from routetune.errors import ConfigError, DataError, RoutetuneError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "DataError", "RoutetuneError", "__version__"]
+__all__ = ["ConfigError", "DataError", "Run", "RoutetuneError", "__version__", "load", "train"]
+
+
+def __getattr__(name: str):
+    """`routetune.train`, `routetune.load`, `routetune.Run` (routetune/api.py), imported on first
+    use so that `import routetune` stays light (no torch)."""
+    if name in ("train", "load", "Run"):
+        from routetune import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'routetune' has no attribute {name!r}")

@@ -4,7 +4,6 @@ message and exit with status 2; anything else is a bug and keeps its traceback."
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Optional
 import typer
 
 from routetune.errors import RoutetuneError
+from routetune.logs import setup_logging
 from routetune.serve.limits import Limits
 
 _LIMITS = Limits()  # the serving defaults, defined once (serve/limits.py)
@@ -61,20 +61,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Fine-tune pretrained language models with seeded routing of task and general data."""
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logger = logging.getLogger("routetune")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # our own bar is enough
-
-
 @app.command("train")
 def train_cmd(
     config: Path = typer.Argument(..., help="YAML run config"),
@@ -97,6 +83,24 @@ def train_cmd(
 
     run_dir, summary = train(config, set_, overwrite=overwrite, run_test=test, resume=resume)
     _print_summary(run_dir, summary)
+
+
+@app.command("validate")
+def validate_cmd(
+    config: Path = typer.Argument(..., help="YAML run config"),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=3e-5 (repeatable)"),
+) -> None:
+    """Check a config and all its data (every file read and checked, the model and tokenizer
+    loaded, the plan counted) without training or writing anything."""
+    from routetune.config import load_config
+
+    cfg = load_config(config, set_)
+    from routetune.training.setup import prepare
+
+    setup = prepare(cfg)
+    typer.echo(f"{config}: valid; {setup.total_steps} steps of batch {cfg.train.batch_size}, sources "
+               + ", ".join(f"{r['source']} ({r['size'] if r['size'] is not None else 'stream'})"
+                           for r in setup.source_table))
 
 
 @app.command("resume")
@@ -345,7 +349,7 @@ def _leave_process_group() -> None:
 
 
 def main() -> None:
-    _setup_logging()
+    setup_logging()
     try:
         result = _run_app()
     finally:

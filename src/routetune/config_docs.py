@@ -48,14 +48,19 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
         ann = field.annotation
         nested = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         args = typing.get_args(ann)
+        optional = [a for a in args if a is not type(None)] if type(None) in args else []
+        if len(optional) == 1 and isinstance(optional[0], type) and issubclass(optional[0], BaseModel):
+            rows.append((key, "mapping or null", "`null`", " ".join((field.description or "").split())))  # an optional section
+            rows += _rows(optional[0], key + ".")
+            continue
         if nested is None and len(args) == 2 and args[0] is str and isinstance(args[1], type) \
                 and issubclass(args[1], BaseModel):
             rows.append((key, "mapping of name -> " + args[1].__name__, "required" if field.is_required() else "",
-                         field.description or ""))
+                         " ".join((field.description or "").split())))
             rows += _rows(args[1], f"{key}.<name>.")
             continue
         if nested is not None:
-            rows.append((key, "mapping", "", field.description or ""))
+            rows.append((key, "mapping", "", " ".join((field.description or "").split())))
             rows += _rows(nested, key + ".")
             continue
         if field.is_required():
@@ -75,7 +80,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
         if choices:
             kind = "one of " + ", ".join(f"`{c}`" for c in choices) + (" or null" if type(None) in args else "")
         rows.append((key, kind + (f" ({constraints})" if constraints else ""), default,
-                     field.description or ""))
+                     " ".join((field.description or "").split())))
     return rows
 
 

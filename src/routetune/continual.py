@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from routetune import objectives
 from routetune.config import load_config
 from routetune.errors import ConfigError, RunError
-from routetune.train import distributed
+from routetune.training import distributed
 from routetune.workflow import evaluate, train
 
 log = logging.getLogger("routetune")

@@ -19,7 +19,7 @@ import torch
 
 from routetune.errors import RunError
 from routetune.runs import load_run
-from routetune.train.checkpoint import run_checkpoint
+from routetune.training.checkpoint import run_checkpoint
 
 TASK_CLASSES = {"token-classification": "AutoModelForTokenClassification",
                 "sequence-classification": "AutoModelForSequenceClassification",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-CLASS_FORMATS = ("jsonl", "csv", "tsv", "folders", "lines-per-class")
+CLASS_FORMATS = ("jsonl", "csv", "tsv", "folders", "lines-per-class", "dataset")
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,13 @@ class Objective:
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Objective("token-classification", {"conll": "tags"}, ("f1", "precision", "recall"),
+    Objective("token-classification", {"conll": "tags", "dataset": "tags"}, ("f1", "precision", "recall"),
                    head="token-classification"),
     Objective("sequence-classification", dict.fromkeys(CLASS_FORMATS, "classes"), ("accuracy", "macro_f1"),
                    head="sequence-classification"),
     Objective("binary-classification", dict.fromkeys(CLASS_FORMATS, "classes"), ("accuracy", "macro_f1"),
                    head="binary-classification"),
-    Objective("causal-lm", {"text": "text", "jsonl": "prompts"}, ("perplexity",), lm_loss="causal-lm",
+    Objective("causal-lm", {"text": "text", "jsonl": "prompts", "dataset": "prompts"}, ("perplexity",), lm_loss="causal-lm",
                    backbone="decoder", generation_metrics=("exact_match", "token_f1")),
     Objective("masked-lm", {"text": "text"}, ("mlm_loss",), lm_loss="masked-lm", backbone="encoder"),
     Objective("language-modeling", {"text": "text"}, ("perplexity",), backbone="follow"),

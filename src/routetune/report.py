@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from routetune.errors import RunError
-from routetune.train.events import EARLY_STOP, EVAL, TRAIN
+from routetune.training.events import EARLY_STOP, EVAL, TRAIN
 
 
 # ------------------------------------------------------------------ reading a run

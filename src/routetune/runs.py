@@ -25,7 +25,7 @@ from routetune.errors import RunError
 from routetune.model.routed import RoutedModel
 from routetune.model.inference import for_inference
 from routetune.model.load import load_tokenizer
-from routetune.train import checkpoint as ckpt
+from routetune.training import checkpoint as ckpt
 
 log = logging.getLogger("routetune")
 

@@ -20,10 +20,10 @@ from routetune.evaluate.tasks import score_sets
 from routetune.model.peft import parameter_groups
 from routetune.model.routed import RoutedModel
 from routetune.runs import Claim, RunLock, check_claimable, claim, load_for_inference, load_run  # noqa: F401  (load_run: API)
-from routetune.train import checkpoint as ckpt
-from routetune.train import distributed
-from routetune.train.engine import Trainer
-from routetune.train.setup import Setup, prepare
+from routetune.training import checkpoint as ckpt
+from routetune.training import distributed, tracking
+from routetune.training.engine import Trainer
+from routetune.training.setup import Setup, prepare
 
 log = logging.getLogger("routetune")
 
@@ -75,17 +75,24 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
     config_path = Path(config_path)
     cfg = load_config(config_path, overrides)
     run_dir = run_dir_for(cfg, config_path)
-    if resume:
-        if cfg.run.name is None:
-            raise RunError("--resume needs run.name in the config (or use: routetune resume RUN)")
-        saved = config_from_run(run_dir) if run_dir.is_dir() else None
-        if saved is None:
-            raise RunError(f"{run_dir}: no run folder to resume")
-        diff = _config_diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
-        if diff:
-            raise RunError(f"{run_dir}: the config differs from the run's saved config at "
-                           f"{', '.join(diff[:5])}; resume with the same config (or start a new run)")
-        return resume_run(run_dir, run_test)
+    if not resume:
+        return train_config(cfg, run_dir, overwrite, run_test)
+    if cfg.run.name is None:
+        raise RunError("--resume needs run.name in the config (or use: routetune resume RUN)")
+    saved = config_from_run(run_dir) if run_dir.is_dir() else None
+    if saved is None:
+        raise RunError(f"{run_dir}: no run folder to resume")
+    diff = _config_diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+    if diff:
+        raise RunError(f"{run_dir}: the config differs from the run's saved config at "
+                       f"{', '.join(diff[:5])}; resume with the same config (or start a new run)")
+    return resume_run(run_dir, run_test)
+
+
+def train_config(cfg: Config, run_dir: Path, overwrite: bool = False, run_test: bool = True,
+                 callbacks: list | None = None) -> tuple[Path, dict]:
+    """Train a validated config into `run_dir` (see :func:`train`). `callbacks` are called with
+    every event of metrics.jsonl as it is written (rank 0)."""
     world = distributed.world()  # one process, or this rank of a torchrun launch
     distributed.quiet_other_ranks(world)
     if world.main:
@@ -101,7 +108,8 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
             (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
             (run_dir / "labels.json").write_text(json.dumps(setup.labels, indent=2) + "\n", encoding="utf-8")
             world.barrier()
-            return _fit_and_report(setup, run_dir, run_test, resume_from=None, claimed=claimed, held=held.records)
+            return _fit_and_report(setup, run_dir, run_test, resume_from=None, claimed=claimed, held=held.records,
+                                   callbacks=callbacks)
     except BaseException:
         claimed.rollback()  # a no-op once the new run has its first checkpoint
         raise
@@ -176,21 +184,24 @@ def _fit(setup: Setup) -> dict | None:
 
 
 def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Path | None,
-                    claimed: Claim | None = None, held: list | None = None) -> tuple[Path, dict]:
+                    claimed: Claim | None = None, held: list | None = None,
+                    callbacks: list | None = None) -> tuple[Path, dict]:
     """Train (restored from `resume_from`, or after scoring the base model), then test and write
     summary.json. With several processes, every rank trains; rank 0 alone logs to the run folder,
     scores and writes, and the others wait for it at the end."""
     started, cfg, world = time.time(), setup.cfg, setup.world
     handler = _add_file_log(run_dir / "train.log", held) if world.main else None
+    trackers: list = []
     try:
         log.info("run folder %s", run_dir)
         log.info("device %s, precision %s (%s)%s", setup.hardware.device, setup.hardware.precision,
                  setup.hardware.reason, f"; {world.size} processes ({world.backend})" if world.distributed else "")
         if world.main:
             _write_hardware(run_dir, setup, resumed=resume_from is not None)
-        trainer = Trainer(setup, run_dir)
+        trainer = Trainer(setup, run_dir, listeners=list(callbacks or []))
         if claimed is not None:  # the replaced run folder goes once this one can be resumed
             trainer.after_checkpoint.append(lambda step: claimed.commit())
+        step = None
         if resume_from is not None:
             step = trainer.restore(resume_from)
             log.info("resumed from %s at step %d of %d", resume_from.name, step, setup.total_steps)
@@ -198,12 +209,17 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
             before = retention.score_before(setup.model, setup.model_path, setup.before_sets(), setup.objectives,
                                             setup.tokenizer, cfg, setup.hardware, _fit(setup))
             (run_dir / "before.json").write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
+        if world.main:
+            trackers = tracking.open_trackers(cfg, run_dir, step)
+            trainer.metrics.listeners += trackers
         world.barrier()
         result = trainer.run()
         summary = _summarize(setup, run_dir, result, run_test, started) if world.main else {}
         world.barrier()  # the others leave once rank 0 has written the summary
         return run_dir, world.broadcast(summary)
     finally:
+        for tracker in trackers:
+            tracker.close()
         if handler is not None:
             logging.getLogger("routetune").removeHandler(handler)
             handler.close()

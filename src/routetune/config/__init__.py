@@ -8,12 +8,12 @@ The models are the single source of truth for keys, types, defaults and the docu
 each key (attribute docstrings, rendered into docs/configuration.md by ``config_docs.py``).
 """
 
-from routetune.config.load import (apply_override, config_from_run, dump_config, load_config, parse_config,
-                                   resolve_paths)
+from routetune.config.load import (apply_override, config_from_dict, config_from_run, dump_config, load_config,
+                                   parse_config, resolve_paths)
 from routetune.config.schema import (Config, FreezeConfig, ModelConfig, PeftConfig, RetentionConfig, RoutingConfig,
                                      RunConfig, TrainConfig)
 from routetune.config.sources import EvalTextConfig, SourceConfig
 
 __all__ = ["Config", "EvalTextConfig", "FreezeConfig", "ModelConfig", "PeftConfig", "RetentionConfig",
            "RoutingConfig", "RunConfig", "SourceConfig", "TrainConfig", "apply_override", "config_from_run",
-           "dump_config", "load_config", "parse_config", "resolve_paths"]
+           "config_from_dict", "dump_config", "load_config", "parse_config", "resolve_paths"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -180,6 +181,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return resolve_paths(cfg, path.parent)
 
 
+def config_from_dict(raw: dict, overrides: list[str] | None = None, base: Path | None = None) -> Config:
+    """A config given as a Python mapping (the Python API): the same overrides, checks and path
+    resolution as a file, relative paths against `base` (default: the working directory)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    given = {tuple(a.partition("=")[0].strip().split(".")): a for a in overrides or []}
+    cfg = parse_config(raw, origin="config", overrides=given)
+    return resolve_paths(cfg, base or Path.cwd())
+
+
 def _resolve(p: str, base: Path) -> str:
     q = Path(p).expanduser()
     return str(q if q.is_absolute() else (base / q).resolve())
@@ -192,6 +206,9 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
             value = getattr(src, split)
             if value is not None:
                 object.__setattr__(src, split, _resolve(value, base))
+        ds = src.dataset
+        if ds is not None and (ds.path.startswith((".", "/", "~")) or (base / ds.path).exists()):
+            object.__setattr__(ds, "path", _resolve(ds.path, base))  # a local dataset (else a hub id)
     for ev in cfg.evals.values():
         object.__setattr__(ev, "path", _resolve(ev.path, base))
     if cfg.retention.fit_text is not None:

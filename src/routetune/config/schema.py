@@ -175,6 +175,8 @@ class TrainConfig(Strict):
     """Early stopping on a dev metric."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+    """Experiment trackers that receive the run's metrics as they are logged: `tensorboard` (event files in RUN/tensorboard) and/or `mlflow` (MLFLOW_TRACKING_URI, else SQLite in RUN/mlflow.db). Needs `pip install 'routetune[tracking]'`."""
 
 
 class PeftConfig(Strict):

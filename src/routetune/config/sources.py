@@ -53,11 +53,28 @@ class HoldoutConfig(Strict):
     test part is the last `test` share of each file, the dev part the `dev` share just before it."""
 
 
+class DatasetConfig(Strict):
+    path: str
+    """A Hugging Face dataset: a folder written by `save_to_disk`, a parquet / arrow / json(l) / csv file or glob (relative to the config file), or a hub id (when the hub is reachable)."""
+    name: str | None = None
+    """The dataset's configuration, for hub datasets that have several."""
+    train: str = "train"
+    """Split trained on (files and hub datasets without splits give `train`)."""
+    dev: str | None = None
+    """Split evaluated during training (e.g. `validation`)."""
+    test: str | None = None
+    """Split evaluated at the end (e.g. `test`)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """The dataset's column for each field, where it is named otherwise: `tokens` and `tags` (token classification; ClassLabel tags give their names), `text` and `label` (classification), `prompt` and `completion` (causal-LM pairs); e.g. `{tags: ner_tags}`."""
+
+
 class SourceConfig(Strict):
     objective: str = Field(json_schema_extra={"choices": objectives.names()})
     """How a batch of this source becomes a loss. `language-modeling` follows the backbone: causal-LM for a decoder, masked-LM for an encoder."""
-    train: str
-    """Training data: a file, or for text also a folder or a glob."""
+    train: str | None = None
+    """Training data: a file, or for text also a folder or a glob (or give `dataset`)."""
+    dataset: DatasetConfig | None = None
+    """Read through Hugging Face `datasets` instead of files: labelled and prompt/completion sources (`format: dataset`)."""
     dev: str | None = None
     """Development data (evaluated during training)."""
     test: str | None = None
@@ -90,6 +107,19 @@ class SourceConfig(Strict):
     @model_validator(mode="after")
     def _default_format(self) -> SourceConfig:
         spec = objectives.get(self.objective)
+        if (self.train is None) == (self.dataset is None):
+            raise ValueError("train: give the training data as `train` (files) or as `dataset`, one of them")
+        if self.dataset is not None:
+            for split in ("dev", "test"):
+                if getattr(self, split) is not None:
+                    raise ValueError(f"{split}: a dataset source names its {split} split as dataset.{split}")
+            if self.format not in (None, "dataset"):
+                raise ValueError(f"format: a source with `dataset` is read by `dataset`, got {self.format!r}")
+            if "dataset" not in spec.formats:
+                raise ValueError(f"dataset: {self.objective} sources read text files (`train`), not datasets")
+            object.__setattr__(self, "format", "dataset")
+        elif self.format == "dataset":
+            raise ValueError("format: `dataset` needs the `dataset` key (path, splits, columns)")
         if self.format is None:
             object.__setattr__(self, "format", spec.default_format)
         if self.format not in spec.formats:

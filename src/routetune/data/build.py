@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from routetune.data import hf_datasets
 from routetune.data.readers import read_conll, read_examples, read_prompt_completions, resolve_text_files
 from routetune.data.sources import (ClassificationSource, LabelledSource, PromptSource, check_classes, check_tags,
                                     class_list_from, derive_seed, label_list_from)
@@ -96,26 +97,52 @@ class _Context:
 
 def _labelled(ctx: _Context, read, found, make_source, check, kind: str):
     """Shared by the labelled kinds: read train, split off holdout dev/test, fix the label list,
-    read or carve the dev/test sets and check their labels."""
+    read or carve the dev/test sets and check their labels. `read` takes a location: a file
+    path, or for a dataset source a split name."""
     sc, name = ctx.sc, ctx.name
-    train, held_dev, held_test = _split(read(sc.train), sc, name)
-    labels = _merge_labels(found(train), ctx.earlier_labels, ctx.allow_new_labels, name, sc.train)
+    where = _locations(sc)
+    train, held_dev, held_test = _split(read(where["train"]), sc, name)
+    labels = _merge_labels(found(train), ctx.earlier_labels, ctx.allow_new_labels, name, _origin(sc, where["train"]))
     source, labels = make_source(train, labels)
     sets = []
     for split, held in (("dev", held_dev), ("test", held_test)):
-        path = getattr(sc, split)
-        items = read(path) if path else held
+        loc = where[split]
+        items = read(loc) if loc else held
         if check is not None:
-            check(items, labels, path, split)
-        sets.append(EvalSet(kind, items, path or "holdout") if items else None)
+            check(items, labels, _origin(sc, loc) if loc else None, split)
+        sets.append(EvalSet(kind, items, _origin(sc, loc) if loc else "holdout") if items else None)
     return source, sets[0], sets[1]
+
+
+def _locations(sc) -> dict:
+    """Where each split is read from: file paths, or the split names of the source's dataset."""
+    d = sc.dataset
+    return {"train": sc.train, "dev": sc.dev, "test": sc.test} if d is None else \
+        {"train": d.train, "dev": d.dev, "test": d.test}
+
+
+def _origin(sc, loc: str) -> str:
+    return loc if sc.dataset is None else f"{sc.dataset.path}[{loc}]"
+
+
+def _dataset_reader(ctx: _Context, convert):
+    """read(split name) of a dataset source: the split's rows as examples (data/hf_datasets.py)."""
+    d, key = ctx.sc.dataset, f"sources.{ctx.name}.dataset"
+    splits = hf_datasets.load_splits(d, key)
+
+    def read(split: str):
+        return convert(hf_datasets.split_of(splits, split, key, d), d.columns, _origin(ctx.sc, split))
+    return read
 
 
 def _tags(ctx: _Context):
     fmt = ctx.sc.conll
 
-    def read(path):
+    def read_file(path):
         return read_conll(path, fmt.token_column, fmt.tag_column, fmt.scheme, fmt.separator)
+
+    read = read_file if ctx.sc.dataset is None else _dataset_reader(
+        ctx, lambda ds, columns, origin: hf_datasets.sentences(ds, columns, origin, fmt.scheme))
 
     def check(items, labels, path, split):
         if path:
@@ -131,8 +158,10 @@ def _classes(ctx: _Context):
     sc, name = ctx.sc, ctx.name
     binary = objectives.get(ctx.objective).head == "binary-classification"
 
-    def read(path):
+    def read_file(path):
         return read_examples(path, sc.format, sc.fields.text, sc.fields.label, sc.text.glob)
+
+    read = read_file if sc.dataset is None else _dataset_reader(ctx, hf_datasets.examples)
 
     def make(train, labels):
         if binary and sc.positive_label is not None:
@@ -151,8 +180,10 @@ def _prompts(ctx: _Context):
     """Causal-LM prompt / completion pairs."""
     sc = ctx.sc
 
-    def read(path):
+    def read_file(path):
         return read_prompt_completions(path, sc.fields.prompt, sc.fields.completion)
+
+    read = read_file if sc.dataset is None else _dataset_reader(ctx, hf_datasets.prompts)
 
     def make(train, _labels):
         return PromptSource(ctx.name, train, ctx.tokenizer, ctx.max_length, ctx.seed), []

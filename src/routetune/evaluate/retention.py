@@ -67,14 +67,17 @@ def model_digest(model_path: str) -> str:
 
 
 def before_key(model_path: str, name: str, objective: str, evalset, cfg, fit: dict | None, hardware) -> str:
-    items = [(str(p), a, b) for p, a, b in evalset.items] if evalset.kind == "text" else []
+    if evalset.kind == "text":
+        items = [(str(p), a, b) for p, a, b in evalset.items]
+    else:  # the examples themselves (a set may come from a dataset rather than a file)
+        items = hashlib.sha256(repr([(e.text, e.completion) for e in evalset.items]).encode()).hexdigest()
     text_files = [Path(p) for p, _, _ in evalset.items] if evalset.kind == "text" else [Path(evalset.origin)]
     payload = {
         "model": model_digest(model_path), "objective": objective, "kind": evalset.kind, "items": items,
         "files": _files_digest([p for p in text_files if p.is_file()], content=True),
         "strip": getattr(evalset, "strip_gutenberg", None), "max_blocks": getattr(evalset, "max_blocks", None),
         "max_length": cfg.model.max_length, "precision": hardware.precision, "device": hardware.device.type,
-        "batch": cfg.train.eval_batch_size, "attention": cfg.model.attention, "fit": fit, "version": 2,
+        "batch": cfg.train.eval_batch_size, "attention": cfg.model.attention, "fit": fit, "version": 3,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

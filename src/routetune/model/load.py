@@ -25,6 +25,8 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from routetune.hub import cached as _hub_cached
+from routetune.hub import reachable as _hub_reachable
 from routetune.errors import ModelError
 
 log = logging.getLogger("routetune")
@@ -115,33 +117,6 @@ def resolve_model(name: str) -> str:
                          "Hugging Face cache, and the hub cannot be reached from here; use an alias or a local "
                          "model folder")
     return name
-
-
-def _hub_cached(name: str) -> bool:
-    """Whether a hub id's config is in the local Hugging Face cache (usable offline)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # an id the hub library rejects is simply not cached
-        return False
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connection to the hub's endpoint, so an unreachable hub fails in seconds, not
-    after a minute of download retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def is_decoder(config: transformers.PretrainedConfig) -> bool:

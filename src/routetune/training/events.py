@@ -1,4 +1,4 @@
-"""The events of a run's ``metrics.jsonl``: written by the trainer (train/engine.py), read by the
+"""The events of a run's ``metrics.jsonl``: written by the trainer (training/engine.py), read by the
 report (report.py) and by tools. One JSON object per line with ``event``, ``time`` (seconds since
 the session started) and the fields below."""
 

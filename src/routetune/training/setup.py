@@ -36,8 +36,9 @@ from routetune.model.routed import RoutedModel, build_model
 from routetune.model.load import is_decoder, load_config, load_tokenizer, resolve_model
 from routetune.model import methods
 from routetune.model.peft import apply_peft
-from routetune.train.checkpoint import run_checkpoint
-from routetune.train.distributed import ALONE, World
+from routetune.training.checkpoint import run_checkpoint
+from routetune.training.distributed import ALONE, World
+from routetune.training.tracking import check_available as check_trackers
 
 log = logging.getLogger("routetune")
 
@@ -58,7 +59,7 @@ class Setup:
     test: dict[str, EvalSet] = field(default_factory=dict)
     source_table: list[dict] = field(default_factory=list)
     extra: dict[str, EvalSet] = field(default_factory=dict)  # the config's `evals`
-    world: World = ALONE  # this process's place among data-parallel processes (train/distributed.py)
+    world: World = ALONE  # this process's place among data-parallel processes (training/distributed.py)
 
     @property
     def labels(self) -> dict[str, list[str]]:
@@ -74,7 +75,8 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     """Build and check everything a run needs. `device` / `precision` override the config's
     (e.g. a GPU run resumed on a CPU-only machine). Under torchrun every process builds the same
     setup; its batches are its slice of each global batch, on its own GPU."""
-    methods.get(cfg.peft.method)  # an unknown method is refused before any data is read
+    methods.get(cfg.peft.method)  # an unknown method, or a tracker not installed, is refused before any data is read
+    check_trackers(cfg.train.report_to)
     hardware = resolve(device or cfg.train.device, precision or cfg.train.precision,
                        names=("--device" if device else "train.device", "--precision" if precision else "train.precision"))
     if world.distributed and hardware.cuda:  # one GPU per process: torchrun's LOCAL_RANK

@@ -22,13 +22,13 @@ from routetune.device import to_device
 from routetune.errors import RoutetuneError
 from routetune.evaluate.tasks import score_sets
 from routetune.model.frozen_bf16 import FrozenBf16
-from routetune.train import checkpoint as ckpt
+from routetune.training import checkpoint as ckpt
 from routetune.data.sources import derive_seed
-from routetune.train import distributed, events
-from routetune.train.callbacks import EarlyStopping, MetricsLog, SourceStats, truncate_log
-from routetune.train.faults import maybe_kill
-from routetune.train.setup import Setup
-from routetune.train.weighting import micro_batches, scored_units
+from routetune.training import distributed, events
+from routetune.training.callbacks import EarlyStopping, MetricsLog, SourceStats, truncate_log
+from routetune.training.faults import maybe_kill
+from routetune.training.setup import Setup
+from routetune.training.weighting import micro_batches, scored_units
 
 log = logging.getLogger("routetune")
 
@@ -61,7 +61,7 @@ def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
 
 
 class Trainer:
-    def __init__(self, setup: Setup, run_dir: Path):
+    def __init__(self, setup: Setup, run_dir: Path, listeners: list | None = None):
         self.setup, self.run_dir = setup, run_dir
         cfg, tc = setup.cfg, setup.cfg.train
         self.model, self.batches = setup.model, setup.batches
@@ -78,7 +78,8 @@ class Trainer:
         self.ckpt_dir = run_dir / "checkpoints"
         self.after_checkpoint: list = []  # called with the step after each step checkpoint is complete
         self.last_save = time.monotonic()
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=setup.world.main)  # rank 0 writes
+        # rank 0 writes; `listeners` (user callbacks, trackers) get every event as it is written
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=setup.world.main, listeners=listeners)
         self.plan_log = None  # opened in run(), after a resume has truncated the file
         self.loss_weights = cfg.routing.loss_weights
         self.distill = {n: s.distill for n, s in cfg.sources.items() if s.distill > 0}

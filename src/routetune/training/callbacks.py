@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from routetune.errors import ConfigError, RunError
-from routetune.train.events import EVENTS
+from routetune.training.events import EVENTS
 
 log = logging.getLogger("routetune")
 
@@ -68,18 +68,21 @@ class EarlyStopping:
 class MetricsLog:
     """Appends one JSON object per event to metrics.jsonl, flushed at once (a crash loses nothing)."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, listeners: list | None = None):
         self.path, self.enabled = path, enabled  # data-parallel ranks other than 0 write nothing
+        self.listeners = list(listeners or [])
         self.t0 = time.time()
 
     def write(self, event: str, **fields) -> dict:
         if event not in EVENTS:
-            raise ValueError(f"unknown event {event!r} (train/events.py names them)")
+            raise ValueError(f"unknown event {event!r} (training/events.py names them)")
         record = {"event": event, "time": round(time.time() - self.t0, 3), **fields}
         if not self.enabled:
             return record
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
+        for listener in self.listeners:
+            listener(record)
         return record
 
 

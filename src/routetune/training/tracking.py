@@ -1,0 +1,111 @@
+"""Experiment trackers (`train.report_to`): each receives the events of metrics.jsonl as they are
+written (training/events.py) and forwards them to its tool, as `TrainingArguments.report_to` does.
+
+* ``tensorboard``: event files in ``RUN/tensorboard`` (``tensorboard --logdir runs``): per-source
+  loss, realised and target share, learning rate, tokens/s, dev metrics; the resolved config as
+  text. A resumed run drops the events after its checkpoint's step (``purge_step``).
+* ``mlflow``: one MLflow run per routetune run (its id kept in ``RUN/mlflow.json``, so a resume
+  continues it), the resolved config as parameters, the same metrics by step. The tracking URI
+  is ``MLFLOW_TRACKING_URI`` when set, else a SQLite store, ``RUN/mlflow.db``
+  (``mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db``).
+
+The packages are optional (``pip install 'routetune[tracking]'``); a tracker whose package is
+missing is refused before training starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from routetune.config import Config, dump_config
+from routetune.errors import ConfigError
+from routetune.training.events import EARLY_STOP, EVAL, TRAIN
+
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+
+def check_available(names: list[str]) -> None:
+    for name in names:
+        if importlib.util.find_spec(PACKAGES[name]) is None:
+            raise ConfigError(f"train.report_to: {name} needs the {PACKAGES[name]} package "
+                              "(pip install 'routetune[tracking]')")
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The numbers of one event, by tracker name (e.g. ``train/wnut17/loss``, ``dev/wnut17/f1``)."""
+    out: dict[str, float] = {}
+    if record["event"] == TRAIN:
+        out["train/lr"] = record["lr"]
+        out["train/tokens_per_s"] = record["tokens_per_s"]
+        for name, s in record["sources"].items():
+            if s.get("loss") is not None:
+                out[f"train/{name}/loss"] = s["loss"]
+            out[f"train/{name}/share"] = s["share"]
+            out[f"train/{name}/target_share"] = s["target"]
+    elif record["event"] == EVAL:
+        out.update({f"dev/{k}": v for k, v in record["metrics"].items()})
+    elif record["event"] == EARLY_STOP:
+        out["dev/early_stop_best"] = record["best"]
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
+
+
+class TensorBoard:
+    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter  # optional package: imported when asked for
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        if resume_step is None:
+            self.writer.add_text("config", "```\n" + dump_config(cfg) + "```", 0)
+
+    def __call__(self, record: dict) -> None:
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, record.get("step", 0))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v)[:500]  # MLflow's limit on a parameter value
+    return out
+
+
+class MLflow:
+    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
+        import mlflow  # optional package: imported when asked for
+
+        self.mlflow = mlflow
+        # MLflow 3 keeps its file store for reading old runs only: the default is SQLite in the run folder
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+        mlflow.set_experiment("routetune")
+        note = run_dir / "mlflow.json"
+        run_id = json.loads(note.read_text())["run_id"] if resume_step is not None and note.is_file() else None
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
+        if run_id is None:
+            note.write_text(json.dumps({"run_id": self.run.info.run_id}) + "\n")
+            mlflow.log_params(_flat(cfg.model_dump(mode="json")))
+
+    def __call__(self, record: dict) -> None:
+        values = scalars(record)
+        if values:
+            self.mlflow.log_metrics(values, step=record.get("step", 0))
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+TRACKERS = {"tensorboard": TensorBoard, "mlflow": MLflow}
+
+
+def open_trackers(cfg: Config, run_dir: Path, resume_step: int | None) -> list:
+    check_available(cfg.train.report_to)
+    return [TRACKERS[name](run_dir, cfg, resume_step) for name in cfg.train.report_to]

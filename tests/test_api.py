@@ -1,0 +1,122 @@
+"""The Python API as a notebook uses it (a fresh interpreter, cell after cell), user callbacks,
+and the experiment trackers read back with their own libraries."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+from conftest import make_config
+
+
+def test_the_python_api_from_a_fresh_interpreter(tmp_path, tiny_model_dir, ner_files):
+    cfg = yaml.safe_load(make_config(tmp_path, tiny_model_dir, ner_files).read_text())
+    cfg["run"]["name"] = None
+    notebook = textwrap.dedent(f"""
+        import json, sys
+        import routetune
+        assert "torch" not in sys.modules, "import routetune loads torch"
+
+        events = []
+        config = {cfg!r}
+        run = routetune.train(config, run__name="nb", train__epochs=1, train__lr=2e-3,
+                              callbacks=[events.append])
+        kinds = [e["event"] for e in events]
+        assert kinds[0] == "start" and "train" in kinds and "eval" in kinds, kinds
+        assert run.summary["steps"] == run.summary["planned_steps"]
+        assert run.dir.name == "nb" and run.config.train.lr == 2e-3
+
+        again = routetune.load(run.dir)
+        out = again.predict(["john opened the apple store in paris", ["the", "apple", "store"]])
+        assert [len(o["tags"]) for o in out] == [7, 3], out
+        dev = again.evaluate("dev")
+        assert set(dev) == {{"ner"}} and 0 <= dev["ner"]["f1"] <= 1
+        assert again.evaluate()["ner"]["f1"] == run.summary["test"]["ner"]["f1"]
+        written = again.export("{tmp_path / 'exported'}")
+        print(json.dumps({{"written": written, "repr": repr(again)}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", notebook], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert any(w.endswith("heads/ner") for w in result["written"])
+    assert "INFO run folder" in proc.stderr  # log lines reach the notebook
+    assert "Loading weights" not in proc.stderr  # transformers' own bars stay quiet
+    assert (tmp_path / "runs" / "nb" / "summary.json").is_file()
+
+
+def test_overrides_are_checked_like_set(tmp_path, tiny_model_dir, ner_files):
+    import routetune
+    from routetune.errors import ConfigError
+
+    path = make_config(tmp_path, tiny_model_dir, ner_files)
+    with pytest.raises(ConfigError, match=r"--set train.lr=\"fast\": train.lr: expected a number"):
+        routetune.train(path, train__lr="fast")
+    with pytest.raises(ConfigError, match="config: expected a mapping"):
+        routetune.train([1])
+
+
+@pytest.fixture
+def tracked_run(tmp_path, tiny_model_dir, ner_files, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return make_config(tmp_path, tiny_model_dir, ner_files, **{"train.report_to": ["tensorboard", "mlflow"],
+                                                                "train.log_every": 2, "train.eval_every_steps": 4})
+
+
+def test_tensorboard_and_mlflow_receive_the_metrics(tracked_run):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from routetune.workflow import train
+
+    run_dir, summary = train(tracked_run)
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [e for e in events if e["event"] == "train" and e["sources"]["ner"]["loss"] is not None]
+    evals = [e for e in events if e["event"] == "eval"]
+
+    tb = EventAccumulator(str(run_dir / "tensorboard"))
+    tb.Reload()
+    loss = tb.Scalars("train/ner/loss")
+    assert [s.step for s in loss] == [e["step"] for e in logged]
+    assert loss[-1].value == pytest.approx(logged[-1]["sources"]["ner"]["loss"], rel=1e-6)
+    assert [s.value for s in tb.Scalars("dev/ner/f1")] == pytest.approx([e["metrics"]["ner/f1"] for e in evals])
+    assert "config" in " ".join(tb.Tags()["tensors"])
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.run_name == run_dir.name
+    assert json.loads(run.data.params["train.lr"]) == 1e-3
+    history = client.get_metric_history(run_id, "dev/ner/f1")
+    assert [m.step for m in history] == [e["step"] for e in evals]
+    assert [m.value for m in history] == pytest.approx([e["metrics"]["ner/f1"] for e in evals])
+
+
+def test_a_missing_tracker_package_is_refused_before_training(tracked_run, monkeypatch):
+    import importlib.util
+
+    from routetune.errors import ConfigError
+    from routetune.workflow import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.report_to: mlflow needs the mlflow package"):
+        train(tracked_run)
+    assert not (tracked_run.parent / "runs").exists()
+
+
+def test_a_resumed_run_continues_its_tracking(tracked_run):
+    from conftest import run_cli
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tracked_run.parent / "runs" / "tiny"
+    assert run_cli("train", str(tracked_run), "--no-test", fault="after_step:9", check=False).returncode != 0
+    first = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+    run_cli("resume", str(run_dir), "--no-test")
+    assert json.loads((run_dir / "mlflow.json").read_text())["run_id"] == first  # the same MLflow run
+    tb = EventAccumulator(str(run_dir / "tensorboard"))
+    tb.Reload()
+    steps = [s.step for s in tb.Scalars("train/lr")]
+    assert steps == sorted(set(steps)) and steps[-1] == json.loads((run_dir / "summary.json").read_text())["steps"]

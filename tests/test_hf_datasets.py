@@ -1,0 +1,106 @@
+"""Sources read through Hugging Face `datasets` (offline: save_to_disk folders, parquet and json
+files built in the test): label names from ClassLabel features, column mapping, holdout,
+exact resume, and errors that name the dataset, split and row."""
+
+import json
+
+import pytest
+import yaml
+from conftest import run_cli
+from safetensors.torch import load_file
+
+datasets = pytest.importorskip("datasets")
+
+from routetune.data.readers import read_conll  # noqa: E402
+from routetune.errors import ConfigError, DataError  # noqa: E402
+from routetune.workflow import train  # noqa: E402
+
+
+def _ner_dataset(ner_files, folder):
+    """The small NER data as a DatasetDict (train / validation / test), tags as ClassLabel ids."""
+    splits = {"train": "train", "validation": "dev", "test": "test"}
+    sents = {s: read_conll(ner_files[f]) for s, f in splits.items()}
+    names = sorted({t for ss in sents.values() for s in ss for t in s.tags})
+    features = datasets.Features({"words": datasets.Sequence(datasets.Value("string")),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names))})
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict(
+        {"words": [x.tokens for x in ss], "ner_tags": [[names.index(t) for t in x.tags] for x in ss]},
+        features=features) for s, ss in sents.items()})
+    dd.save_to_disk(str(folder))
+    return folder
+
+
+def _config(tmp_path, model_dir, source, general=None, **train):
+    cfg = {"model": {"name": str(model_dir), "max_length": 32},
+           "sources": {"task": source, **({"general": {"objective": "masked-lm", "train": str(general)}} if general else {})},
+           "train": {"precision": "fp32", "device": "cpu", "epochs": 1, "batch_size": 4, "progress": False,
+                     "log_plan": True, **train},
+           "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}
+    if general:
+        cfg["routing"] = {"weights": {"task": 0.75, "general": 0.25}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_ner_from_a_saved_dataset_with_classlabel_tags(tmp_path, tiny_model_dir, ner_files):
+    folder = _ner_dataset(ner_files, tmp_path / "wnut-like")
+    source = {"objective": "token-classification",
+              "dataset": {"path": str(folder), "dev": "validation", "test": "test",
+                          "columns": {"tokens": "words", "tags": "ner_tags"}}}
+    run_dir, summary = train(_config(tmp_path, tiny_model_dir, source, ner_files["general"]))
+    labels = json.loads((run_dir / "labels.json").read_text())["task"]
+    assert "B-location" in labels and all(isinstance(t, str) for t in labels)  # names, not ClassLabel ids
+    assert 0 <= summary["test"]["task"]["f1"] <= 1
+    # the same numbers as the CoNLL files the dataset was made from
+    files = {"objective": "token-classification", "train": str(ner_files["train"]), "dev": str(ner_files["dev"]),
+             "test": str(ner_files["test"])}
+    (tmp_path / "b").mkdir()
+    _, from_files = train(_config(tmp_path / "b", tiny_model_dir, files, ner_files["general"]))
+    assert summary["test"]["task"]["f1"] == from_files["test"]["task"]["f1"]
+
+
+def test_classification_from_parquet_with_holdout_and_exact_resume(tmp_path, tiny_model_dir):
+    rows = [("a great film", "pos"), ("the worst store", "neg"), ("loved it in paris", "pos"),
+            ("awful apple", "neg")] * 10
+    datasets.Dataset.from_dict({"sentence": [t for t, _ in rows], "label": [y for _, y in rows]}) \
+        .to_parquet(str(tmp_path / "polarity.parquet"))
+    source = {"objective": "sequence-classification", "holdout": {"dev": 0.2, "test": 0.2, "seed": 1},
+              "dataset": {"path": "polarity.parquet", "columns": {"text": "sentence"}}}  # relative to the config
+    path = _config(tmp_path, tiny_model_dir, source, epochs=2, eval_each_epoch=True)
+    ref, summary = train(path)
+    assert summary["test"]["task"]["examples"] == 8 and set(summary["sources"]) == {"task"}
+    killed = tmp_path / "runs" / "killed"
+    assert run_cli("train", str(path), "--no-test", "--set", "run.name=killed", fault="after_step:7",
+                   check=False).returncode != 0
+    run_cli("resume", str(killed), "--no-test")
+    assert (killed / "plan.jsonl").read_text() == (ref / "plan.jsonl").read_text()
+    last = sorted((ref / "checkpoints").glob("step-*"))[-1].name
+    a, b = (load_file(str(d / "checkpoints" / last / "heads.safetensors")) for d in (ref, killed))
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_prompt_completion_pairs_from_json(tmp_path, tiny_llama_dir):
+    pairs = [{"q": "what is the apple store", "a": "a store"}, {"q": "where is paris", "a": "in france"}] * 6
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    source = {"objective": "causal-lm", "eval_generate": 0, "holdout": {"test": 0.25},
+              "dataset": {"path": str(tmp_path / "qa.jsonl"), "columns": {"prompt": "q", "completion": "a"}}}
+    _, summary = train(_config(tmp_path, tiny_llama_dir, source, max_steps=2))
+    assert summary["test"]["task"]["perplexity"] > 1
+
+
+def test_dataset_mistakes_name_the_dataset_split_and_column(tmp_path, tiny_model_dir, ner_files):
+    folder = _ner_dataset(ner_files, tmp_path / "ds")
+    base = {"objective": "token-classification", "dataset": {"path": str(folder), "dev": "validation"}}
+    with pytest.raises(DataError, match=r"ds\[train\]: no column 'tokens' \(columns: words, ner_tags\); map it"):
+        train(_config(tmp_path, tiny_model_dir, base))
+    base["dataset"].update(columns={"tokens": "words", "tags": "ner_tags"}, dev="dev")
+    with pytest.raises(ConfigError, match=r"sources.task.dataset: .* has no split 'dev' \(splits: train, validation, test\)"):
+        train(_config(tmp_path, tiny_model_dir, base))
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
+        train(_config(tmp_path, tiny_model_dir, {"objective": "token-classification",
+                                                "dataset": {"path": "someone/no-such-dataset"}}))
+    with pytest.raises(ConfigError, match="train: give the training data as `train` .* or as `dataset`"):
+        train(_config(tmp_path, tiny_model_dir, {"objective": "token-classification", "train": "x",
+                                                "dataset": {"path": str(folder)}}))
+    assert not (tmp_path / "runs").exists()
