@@ -134,3 +134,41 @@ def test_validate_checks_config_and_data_without_writing(tmp_path, tiny_model_di
     proc = run_cli("validate", str(path), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert str(ner_files["train"]) in proc.stderr
+
+
+def _stderr_on_a_terminal(*args) -> str:
+    """Run `routetune ARGS` with stderr on a pseudo-terminal; what it drew there."""
+    import os
+    import pty
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-m", "routetune.cli", *args], stdout=subprocess.DEVNULL, stderr=slave,
+                            env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=120)
+    os.close(master)
+    return out.decode("utf-8", "replace")
+
+
+def test_evaluation_shows_progress_on_a_terminal_and_not_with_quiet(tmp_path, tiny_model_dir, ner_files):
+    from routetune.workflow import train
+
+    run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}))
+    assert "tagging (ner)" in _stderr_on_a_terminal("eval", str(run_dir), "--split", "dev")
+    assert "tagging (ner)" not in _stderr_on_a_terminal("--quiet", "eval", str(run_dir), "--split", "dev")
+    assert "tagging (ner)" not in run_cli("eval", str(run_dir), "--split", "dev").stderr  # not a terminal

@@ -178,6 +178,10 @@ def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
     ours = RoutedModel.load(run_checkpoint(run_dir, "last"))
     written = export(run_dir, tmp_path / "out", "last", merge=True)
     assert str(tmp_path / "out" / "lm") in written
+    card = (tmp_path / "out" / "heads" / "cls" / "README.md").read_text()  # a model card in each folder
+    assert f"parameter-sharing method: `{method}` (merged into the weights)" in card
+    assert "| cls | sequence-classification |" in card and "| general | language-modeling |" in card
+    assert (tmp_path / "out" / "lm" / "README.md").is_file()
     ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     lm = AutoModelForMaskedLM.from_pretrained(tmp_path / "out" / "lm").eval()

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from routetune.errors import RoutetuneError
-from routetune.logs import setup_logging
+from routetune.logs import set_quiet, setup_logging
 from routetune.serve.limits import Limits
 
 _LIMITS = Limits()  # the serving defaults, defined once (serve/limits.py)
@@ -57,8 +57,11 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the versions of routetune, torch and transformers and exit")) -> None:
+                                       help="Print the versions of routetune, torch and transformers and exit"),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (they are hidden anyway "
+                                     "when stderr is not a terminal)")) -> None:
     """Fine-tune pretrained language models with seeded routing of task and general data."""
+    set_quiet(quiet)
 
 
 @app.command("train")

@@ -89,6 +89,9 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = Fal
         shutil.rmtree(tmp)
     try:
         parts = _write_export(model, tokenizer, run_checkpoint(run_dir, checkpoint), tmp, merge)
+        for part in parts:  # a model card in every exported folder, as the hub expects
+            (tmp / part / "README.md").write_text(model_card(Path(run_dir), cfg, method.name, part, merge),
+                                                  encoding="utf-8")
         (tmp / EXPORT_MARKER).write_text(json.dumps({"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint,
                                                      "merge": merge, "method": method.name}) + "\n")
     except BaseException:
@@ -101,6 +104,42 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = Fal
     if old.exists():
         shutil.rmtree(old)
     return [str(out / p) for p in parts]
+
+
+def model_card(run_dir: Path, cfg, method: str, part: str, merged: bool) -> str:
+    """README.md of an exported folder: what it is, what it was trained from and on, its scores
+    (summary.json), and how to load it."""
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    kind = {"lm": "the backbone with its language-model head", "adapter": "a PEFT adapter for the base model"}.get(
+        part, f"the task model of source `{part.removeprefix('heads/')}`")
+    weights = cfg.routing.weights or {}
+    lines = ["---", "library_name: " + ("peft" if part == "adapter" else "transformers"), "tags: [routetune]", "---",
+             "", f"# {run_dir.name}: {part}", "",
+             f"This folder holds {kind}, exported by routetune from the run `{run_dir.name}`.", "",
+             f"- base model: `{cfg.model.name}`",
+             f"- parameter-sharing method: `{method}`" + (" (merged into the weights)" if merged else ""),
+             f"- steps: {summary.get('steps', '?')} of batch {cfg.train.batch_size}, lr {cfg.train.lr}, "
+             f"precision {summary.get('hardware', {}).get('precision', cfg.train.precision)}", "",
+             "## Training data (routed)", "", "| source | objective | data | routing weight |", "|---|---|---|---|"]
+    for name, sc in cfg.sources.items():
+        data = sc.dataset.path if sc.dataset is not None else sc.train
+        lines.append(f"| {name} | {sc.objective} | `{data}` | {weights.get(name, '-')} |")
+    test = summary.get("test", {})
+    if test:
+        lines += ["", "## Test scores", "", "| set | metric | value |", "|---|---|---|"]
+        for name, scores in test.items():
+            for metric in ("f1", "precision", "recall", "accuracy", "macro_f1", "perplexity", "mlm_loss",
+                           "exact_match", "token_f1"):
+                if isinstance(scores.get(metric), (int, float)):
+                    lines.append(f"| {name} | {metric} | {scores[metric]:.4f} |")
+    for key, v in summary.get("before_after", {}).items():
+        lines.append(f"\nGeneral text `{key}`: {v['before']:.4f} before training, {v['after']:.4f} after.")
+    loader = {"lm": "AutoModelForCausalLM / AutoModelForMaskedLM", "adapter": "peft.PeftModel"}.get(
+        part, "AutoModelForTokenClassification / AutoModelForSequenceClassification")
+    lines += ["", f"Load with `{loader}.from_pretrained(\"<this folder>\")`" +
+              (" on top of the base model." if part == "adapter" else "."), ""]
+    return "\n".join(lines)
 
 
 def _write_export(model, tokenizer, folder: Path, out: Path, merge: bool) -> list[str]:

@@ -8,6 +8,28 @@ import os
 import sys
 
 
+_quiet = False
+
+
+def set_quiet(flag: bool = True) -> None:
+    """No progress bars at all (`routetune --quiet`)."""
+    global _quiet
+    _quiet = flag
+
+
+def quiet() -> bool:
+    return _quiet
+
+
+def bar(iterable, desc: str, total: int | None = None):
+    """A progress bar over `iterable` for work that takes a while (evaluation, scoring, head
+    fitting): shown on a terminal, hidden when stderr is not one (logs, CI) or with --quiet."""
+    from tqdm.auto import tqdm  # light; imported where a bar is drawn
+
+    return tqdm(iterable, desc=desc, total=total, disable=True if _quiet else None, leave=False,
+                dynamic_ncols=True, mininterval=0.5)
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Give the `routetune` logger a stderr handler if it has none (a notebook's or an
     application's own handler is kept), at INFO (DEBUG with `verbose`)."""

@@ -36,6 +36,7 @@ from routetune.data.text import iter_blocks, text_parts
 from routetune.device import autocast, model_device
 from routetune.errors import ConfigError
 from routetune.evaluate.tasks import score_sets, text_scores
+from routetune.logs import bar
 from routetune.model.load import cache_dir, load_lm, resolve_model
 from routetune.model.routed import build_model
 
@@ -169,7 +170,7 @@ def fit_mlm_head(model, blocks: list[list[int]], tokenizer, steps: int, batch_si
     model.eval()
     losses = []
     try:
-        for step in range(steps):
+        for step in bar(range(steps), "fitting the MLM head"):
             chunk = [blocks[rng.randrange(len(blocks))] for _ in range(batch_size)]
             inputs, labels = [], []
             for i, seq in enumerate(chunk):

@@ -10,6 +10,7 @@ from routetune.data.collate import IGNORE, encode_words, mask_sequence, pad_batc
 from routetune.data.sources import derive_seed, encode_prompt, encode_texts
 from routetune.device import autocast, model_device
 from routetune.errors import RunError
+from routetune.logs import bar
 from routetune.model.frozen_bf16 import FrozenBf16
 
 
@@ -57,7 +58,8 @@ def tag_words(model, head: str, tokenizer, sentences: list[list[str]], max_lengt
     device = model_device(model)
     encoded = encode_words(tokenizer, sentences, max_length)
     tags: list[list[str] | None] = [None] * len(encoded)
-    for idx in length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
+    batches = list(length_sorted_batches([len(e.input_ids) for e in encoded], batch_size))
+    for idx in bar(batches, f"tagging ({head})"):
         batch = _on(pad_batch([encoded[i].input_ids for i in idx], tokenizer.pad_token_id), device)
         with autocast(precision, device.type):
             logits = model.token_logits(head, batch["input_ids"], batch["attention_mask"])
@@ -84,7 +86,8 @@ def classify(model, head: str, tokenizer, texts: list[str], max_length: int, bat
     encoded = encode_texts(tokenizer, texts, max_length)
     binary = getattr(model.heads[head], "binary", False)
     out = torch.zeros(len(texts), 2 if binary else len(model.heads[head].labels))
-    for idx in length_sorted_batches([len(e[0]) for e in encoded], batch_size):
+    batches = list(length_sorted_batches([len(e[0]) for e in encoded], batch_size))
+    for idx in bar(batches, f"classifying ({head})"):
         batch = _on(pad_batch([encoded[i][0] for i in idx], tokenizer.pad_token_id), device)
         with autocast(precision, device.type):
             logits = model.head_logits(head, batch["input_ids"], batch["attention_mask"]).float().cpu()
@@ -109,7 +112,7 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
     total, count = 0.0, 0
     device = model_device(model)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-    for start in range(0, len(blocks), batch_size):
+    for start in bar(range(0, len(blocks), batch_size), f"{objective} loss"):
         chunk = blocks[start : start + batch_size]
         if objective == "causal-lm":
             targets_in = labels[start : start + batch_size] if labels is not None else chunk
@@ -149,7 +152,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_leng
     encoded = [encode_prompt(tokenizer, p, None, room)[0] for p in prompts]
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
-    for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+    batches = list(length_sorted_batches([len(e) for e in encoded], batch_size))
+    for idx in bar(batches, "generating"):
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)

@@ -26,6 +26,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from routetune.hub import cached as _hub_cached
+from routetune.logs import quiet
 from routetune.hub import reachable as _hub_reachable
 from routetune.errors import ModelError
 
@@ -68,7 +69,12 @@ def _convert_gguf(alias: str, pkg: Path, gguf_file: str) -> Path:
     if (target / "config.json").is_file() and (target / ".complete").is_file():
         return target
     log.info("converting %s (%s) to a Hugging Face folder in %s (once)", alias, gguf_file, target)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf_file, dtype=torch.float32)
+    if not quiet():  # transformers' own bars show the conversion's progress (otherwise off)
+        transformers.utils.logging.enable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf_file, dtype=torch.float32)
+    finally:
+        transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file)
     config = model.config
     # A GGUF-loaded model cannot save_pretrained: drop the quantization config and rebuild.

@@ -20,6 +20,7 @@ from transformers import get_scheduler
 
 from routetune.device import to_device
 from routetune.errors import RoutetuneError
+from routetune.logs import quiet
 from routetune.evaluate.tasks import score_sets
 from routetune.model.frozen_bf16 import FrozenBf16
 from routetune.training import checkpoint as ckpt
@@ -107,7 +108,7 @@ class Trainer:
         if start == 0:
             self.metrics.write(events.START, total_steps=setup.total_steps, sources=setup.source_table,
                                labels=setup.labels, routing=batches.router.state_dict())
-        bar = tqdm(total=setup.total_steps, initial=start, disable=not tc.progress, desc="train",
+        bar = tqdm(total=setup.total_steps, initial=start, disable=not tc.progress or quiet(), desc="train",
                    dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
         stopped = False
         if self.frozen is not None:
