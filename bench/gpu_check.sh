@@ -6,7 +6,8 @@
 #   CHECK_DEVICE=cpu bash bench/gpu_check.sh   # a dry run of the script on a CPU-only machine
 #
 # 1. the cuda-marked tests (tests/test_device.py: a run on the GPU, a GPU run killed mid-way and
-#    resumed on the CPU);
+#    resumed on the CPU; tests/test_distributed.py: one GPU through torchrun with nccl, and two
+#    GPUs where the machine has them);
 # 2. a real round trip on the GPU with a random-weight minilm: train, eval, predict, serve;
 # 3. that run killed mid-way and resumed on the CPU (checkpoints carry no device);
 # 4. throughput: routetune (bench/gpu_throughput.py) and the Hugging Face Trainer reference
@@ -28,7 +29,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 python3 .gpu/random_weights.py .gpu/assets /tmp/models > /dev/null
 
 echo "== 1. cuda tests ($SECONDS s)"
-python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_device.py 2>&1 | tee "$OUT/cuda-tests.txt" | tail -3
+python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_device.py tests/test_distributed.py 2>&1 | tee "$OUT/cuda-tests.txt" | tail -3
 
 echo "== 2. round trip on the GPU ($SECONDS s)"
 cat > "$OUT/ner.yaml" <<YAML

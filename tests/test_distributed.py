@@ -149,6 +149,37 @@ def test_a_rank_without_examples_gets_a_zero_weight_stand_in(tiny_tokenizer, tmp
         assert all(b.example_ids == [] and b.n_tokens == 0 for p in parts for b in p if b.stand_in)
 
 
+def _torchrun(*args, nproc: int):
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env.pop("ROUTETUNE_FAULT", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "routetune", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_torchrun_with_one_process_takes_the_data_parallel_path(setting, one_and_two):
+    """`torchrun -m routetune train` as the docs show it; one process in a process group."""
+    one, _ = one_and_two
+    root, cfg = setting
+    _torchrun("train", str(cfg), "--no-test", "--set", "run.name=torchrun-one", nproc=1)
+    run = root / "runs" / "torchrun-one"
+    assert json.loads((run / "summary.json").read_text())["hardware"]["backend"] == "gloo"
+    assert (run / "plan.jsonl").read_text() == (one / "plan.jsonl").read_text()
+    _close(_weights(run), _weights(one))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
+def test_one_gpu_with_nccl_trains_the_plan_of_one_process(setting):
+    one, _ = _run(setting, "gpu-alone", "train.device=cuda")
+    root, cfg = setting
+    _torchrun("train", str(cfg), "--no-test", "--set", "run.name=gpu-nccl", "--set", "train.device=cuda", nproc=1)
+    run = root / "runs" / "gpu-nccl"
+    assert json.loads((run / "summary.json").read_text())["hardware"]["backend"] == "nccl"
+    assert (run / "plan.jsonl").read_text() == (one / "plan.jsonl").read_text()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for the nccl path")
 def test_two_gpus_with_nccl_train_the_plan_of_one(setting):

@@ -8,7 +8,8 @@ the run folder; decisions that must agree (dev evaluation and early stopping, wh
 made on rank 0 and broadcast. See docs/architecture.md (data-parallel training).
 
 ``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; without them this
-module is a no-op world of one process.
+module is a no-op world of one process. Under torchrun a single process also joins a process
+group (e.g. one GPU with nccl), so that it runs the data-parallel code path.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Under torchrun (a process group), even of one process: the same code path as N."""
+        return self.backend is not None
 
     def describe(self) -> dict:
         return {"processes": self.size, "backend": self.backend}
@@ -80,9 +82,9 @@ ALONE = World()
 
 def world() -> World:
     """This process's place in the run: joins the process group torchrun set up (once)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    if "WORLD_SIZE" not in os.environ:  # not started by torchrun
         return ALONE
+    size = int(os.environ["WORLD_SIZE"])
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("ROUTETUNE_BACKEND") != "gloo" else "gloo"

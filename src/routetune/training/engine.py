@@ -205,7 +205,7 @@ class Trainer:
         loss_sums[-1] = float(self.world.main and self.time_due())
         losses = self.world.sum(loss_sums)  # every rank: the global losses, and rank 0's clock
         self.save_by_time = bool(losses[-1] > 0)
-        values = {n: float(losses[j]) for j, n in enumerate(self.names) if totals[j, 0] > 0}
+        values = {n: float(losses[j]) for j, n in enumerate(self.names) if totals[j, 0] > 0 and totals[j, 1] > 0}
         bad = next((n for n, v in values.items() if not math.isfinite(v)), None)
         if bad is not None:
             return self.non_finite(step, bad, values[bad])
