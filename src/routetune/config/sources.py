@@ -80,7 +80,7 @@ class SourceConfig(Strict):
     test: str | None = None
     """Test data (evaluated at the end and by `routetune eval --split test`)."""
     format: str | None = Field(None, json_schema_extra={"choices": objectives.formats()})
-    """Reader. Default: conll (token-classification), jsonl (classification; causal-lm prompt/completion pairs need it too), text (language modelling). `folders`: one sub-folder per class, one file per example; `lines-per-class`: one file per class named by its suffix (e.g. `rt-polarity.pos`), one example per line."""
+    """Reader. Default: conll (token-classification), jsonl (classification; causal-lm prompt/completion pairs need it too), text (language modelling). Causal-LM instruction data: `chat` (jsonl `{"messages": [{"role", "content"}, ...]}`, rendered with the tokenizer's chat template; the loss is on the last assistant turn) or `alpaca` (jsonl `{"instruction", "input", "output"}`). `folders`: one sub-folder per class, one file per example; `lines-per-class`: one file per class named by its suffix (e.g. `rt-polarity.pos`), one example per line."""
     fields: FieldsConfig = FieldsConfig()
     """Column / field names of csv, tsv and jsonl files."""
     holdout: HoldoutConfig | None = None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from routetune.data import hf_datasets
+from routetune.data.chat import read_instructions
 from routetune.data.readers import read_conll, read_examples, read_prompt_completions, resolve_text_files
 from routetune.data.sources import (ClassificationSource, LabelledSource, PromptSource, check_classes, check_tags,
                                     class_list_from, derive_seed, label_list_from)
@@ -181,6 +182,8 @@ def _prompts(ctx: _Context):
     sc = ctx.sc
 
     def read_file(path):
+        if sc.format in ("chat", "alpaca"):  # instruction data rendered with the chat template
+            return read_instructions(path, sc.format, ctx.tokenizer)
         return read_prompt_completions(path, sc.fields.prompt, sc.fields.completion)
 
     read = read_file if sc.dataset is None else _dataset_reader(ctx, hf_datasets.prompts)
