@@ -16,7 +16,6 @@ the run's metrics.jsonl as it is written (training/events.py names them and thei
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
 from routetune.config import Config, config_from_dict, load_config
@@ -39,13 +38,11 @@ def train(config: str | Path | dict, *, overwrite: bool = False, test: bool = Tr
     resolved against the working directory) into a new run folder and return the run."""
     setup_logging()
     sets = _overrides(overrides)
-    if not isinstance(config, (str, Path)):  # a mapping (checked there)
-        cfg = config_from_dict(config, sets)
-        run_dir = Path(cfg.run.output_dir) / (cfg.run.name or f"run-{datetime.now():%Y%m%d-%H%M%S}")
-    else:
-        cfg = load_config(config, sets)
-        run_dir = run_dir_for(cfg, Path(config))
-    run_dir, summary = train_config(cfg, run_dir, overwrite, test, callbacks=list(callbacks))
+    if isinstance(config, (str, Path)):
+        cfg, stem = load_config(config, sets), Path(config).stem
+    else:  # a mapping (checked there)
+        cfg, stem = config_from_dict(config, sets), "run"
+    run_dir, summary = train_config(cfg, run_dir_for(cfg, stem), overwrite, test, callbacks=list(callbacks))
     return Run(run_dir, summary)
 
 

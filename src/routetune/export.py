@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from routetune import objectives
 from routetune.errors import RunError
 from routetune.runs import load_run
 from routetune.training.checkpoint import run_checkpoint
@@ -129,8 +130,7 @@ def model_card(run_dir: Path, cfg, method: str, part: str, merged: bool) -> str:
     if test:
         lines += ["", "## Test scores", "", "| set | metric | value |", "|---|---|---|"]
         for name, scores in test.items():
-            for metric in ("f1", "precision", "recall", "accuracy", "macro_f1", "perplexity", "mlm_loss",
-                           "exact_match", "token_f1"):
+            for metric in objectives.all_metrics():
                 if isinstance(scores.get(metric), (int, float)):
                     lines.append(f"| {name} | {metric} | {scores[metric]:.4f} |")
     for key, v in summary.get("before_after", {}).items():

@@ -80,13 +80,18 @@ def formats() -> tuple[str, ...]:
     return tuple(dict.fromkeys(f for o in OBJECTIVES.values() for f in o.formats))
 
 
-def lm_metrics() -> tuple[str, ...]:
-    """Every metric of a language-modelling set (compared before vs after training)."""
+def all_metrics(lm_only: bool = False) -> tuple[str, ...]:
+    """Every metric some objective reports (headlines first), or only those of language-modelling
+    sets (compared before vs after training)."""
     out: list[str] = []
     for o in OBJECTIVES.values():
-        if not o.supervised:
+        if not (lm_only and o.supervised):
             out += [m for m in (*o.metrics, *o.generation_metrics) if m not in out]
     return tuple(out)
+
+
+def lm_metrics() -> tuple[str, ...]:
+    return all_metrics(lm_only=True)
 
 
 def lower_is_better(metric: str) -> bool:

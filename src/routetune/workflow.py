@@ -28,8 +28,9 @@ from routetune.training.setup import Setup, prepare
 log = logging.getLogger("routetune")
 
 
-def run_dir_for(cfg: Config, config_path: Path) -> Path:
-    name = cfg.run.name or f"{config_path.stem}-{datetime.now():%Y%m%d-%H%M%S}"
+def run_dir_for(cfg: Config, stem: str) -> Path:
+    """OUTPUT_DIR/run.name, or OUTPUT_DIR/STEM-<date-time> (STEM: the config file's, or `run`)."""
+    name = cfg.run.name or f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
     return Path(cfg.run.output_dir) / name
 
 
@@ -74,7 +75,7 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
     (the config must equal the one saved in the run folder)."""
     config_path = Path(config_path)
     cfg = load_config(config_path, overrides)
-    run_dir = run_dir_for(cfg, config_path)
+    run_dir = run_dir_for(cfg, config_path.stem)
     if not resume:
         return train_config(cfg, run_dir, overwrite, run_test)
     if cfg.run.name is None:

@@ -120,8 +120,3 @@ def no_sync(ddp, last: bool):
     if last or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return ddp.no_sync()
-
-
-def close(w: World) -> None:
-    if w.distributed and dist.is_initialized():
-        dist.destroy_process_group()

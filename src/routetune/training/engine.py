@@ -29,7 +29,7 @@ from routetune.training import distributed, events
 from routetune.training.callbacks import EarlyStopping, MetricsLog, SourceStats, truncate_log
 from routetune.training.faults import maybe_kill
 from routetune.training.setup import Setup
-from routetune.training.weighting import micro_batches, scored_units
+from routetune.training.weighting import micro_batches
 
 log = logging.getLogger("routetune")
 
@@ -88,7 +88,6 @@ class Trainer:
         self.hw = setup.hardware
         self.world = setup.world
         self.names = list(self.batches.router.names)
-        self.units: dict[str, float] = {}
         self.bad_examples: dict[str, list] = {}
         self.save_by_time = False
         self.ddp = distributed.wrap(self.model, self.world)  # the model itself in one process
@@ -182,26 +181,27 @@ class Trainer:
         gradient averaged by DistributedDataParallel is the one a single process computes on the
         global batch (up to rounding), whatever the number of processes or micro-batches."""
         k = self.setup.cfg.train.grad_accum
-        pieces = [(part, tensors, weight) for part in parts
-                  for tensors, weight in micro_batches(to_device(part.tensors, self.hw.device),
-                                                       self.objectives[part.source], k)]
+        pieces = [(part, tensors, units) for part in parts if not part.stand_in
+                  for tensors, units in micro_batches(to_device(part.tensors, self.hw.device),
+                                                      self.objectives[part.source], k)]
+        totals = self.global_counts(parts, pieces)
         if not pieces:  # nothing scored on this rank: a zero-weight pass keeps the ranks in step
             pieces = [(parts[0], to_device(parts[0].tensors, self.hw.device), 0.0)]
-        totals = self.global_counts(parts)
         self.bad_examples = {}
         loss_sums = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # + rank 0's "a save is due by time"
-        for i, (part, tensors, weight) in enumerate(pieces):
+        all_examples = totals[:, 0].sum().item()
+        for i, (part, tensors, units) in enumerate(pieces):
             j = self.names.index(part.source)
-            examples, units = totals[j, 0].item(), totals[j, 1].item()
-            share = 0.0 if part.stand_in or not units else weight * self.units[part.source] / units
-            scale = self.loss_weights.get(part.source, 1.0) * examples / totals[:, 0].sum().item()
+            share = units / totals[j, 1].item() if units else 0.0  # of the source's units over all ranks
+            scale = self.loss_weights.get(part.source, 1.0) * totals[j, 0].item() / all_examples
             with distributed.no_sync(self.ddp, last=i == len(pieces) - 1):
                 loss = self.part_loss(part.source, tensors)
-                if not part.stand_in and not torch.isfinite(loss.detach()).item():
-                    self.bad_examples[part.source] = part.example_ids[:8]
                 scaled = loss * (scale * share * self.world.size)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_sums[j] += share * loss.detach().double().item()
+            value = loss.detach().item()  # one host sync per piece
+            if not math.isfinite(value) and not part.stand_in:
+                self.bad_examples[part.source] = part.example_ids[:8]
+            loss_sums[j] += share * value
         loss_sums[-1] = float(self.world.main and self.time_due())
         losses = self.world.sum(loss_sums)  # every rank: the global losses, and rank 0's clock
         self.save_by_time = bool(losses[-1] > 0)
@@ -212,18 +212,16 @@ class Trainer:
         self.update(values, totals)
         return values
 
-    def global_counts(self, parts: list) -> torch.Tensor:
+    def global_counts(self, parts: list, pieces: list) -> torch.Tensor:
         """Per source (router order): examples, scored units and tokens of the step over all ranks
-        (one all-reduce); `self.units` keeps this rank's scored units per source."""
+        (one all-reduce); the units are those of this rank's micro-batches."""
         counts = torch.zeros(len(self.names), 3, dtype=torch.float64)
-        self.units = {}
         for part in parts:
-            if part.stand_in:
-                continue
-            j = self.names.index(part.source)
-            units = float(scored_units(self.objectives[part.source], part.tensors).sum())
-            self.units[part.source] = units
-            counts[j] += torch.tensor([len(part.example_ids), units, part.n_tokens], dtype=torch.float64)
+            if not part.stand_in:
+                counts[self.names.index(part.source)] += torch.tensor([len(part.example_ids), 0, part.n_tokens],
+                                                                      dtype=torch.float64)
+        for part, _, units in pieces:
+            counts[self.names.index(part.source), 1] += units
         return self.world.sum(counts)
 
     def part_loss(self, source: str, tensors: dict) -> torch.Tensor:

@@ -107,5 +107,5 @@ TRACKERS = {"tensorboard": TensorBoard, "mlflow": MLflow}
 
 
 def open_trackers(cfg: Config, run_dir: Path, resume_step: int | None) -> list:
-    check_available(cfg.train.report_to)
+    """The trackers of `train.report_to` (their packages were checked when the run was prepared)."""
     return [TRACKERS[name](run_dir, cfg, resume_step) for name in cfg.train.report_to]

@@ -22,16 +22,15 @@ def scored_units(objective: str, tensors: dict) -> torch.Tensor:
 
 def micro_batches(tensors: dict, objective: str, k: int):
     """The batch in `k` slices of consecutive examples, each cut to its own longest row, with
-    the slice's share of the batch's scored units; slices with none are skipped."""
+    the slice's scored units; slices with none are skipped."""
     units = scored_units(objective, tensors)
-    total = float(units.sum())
     n = tensors["input_ids"].shape[0]
     size = math.ceil(n / k)
     for start in range(0, n, size):
-        piece = {key: v[start:start + size] for key, v in tensors.items()}
         u = float(units[start:start + size].sum())
-        if u == 0 or total == 0:
+        if u == 0:
             continue
+        piece = {key: v[start:start + size] for key, v in tensors.items()}
         width = int(piece["attention_mask"].sum(1).max())  # right padding beyond it is not needed
         piece = {key: v[:, :width] if v.dim() == 2 else v for key, v in piece.items()}
-        yield piece, u / total
+        yield piece, u
