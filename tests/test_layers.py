@@ -16,7 +16,7 @@ LAYERS = [  # bottom first
     ("training",),
     ("runs", "export", "workflow", "continual"),
     ("serve", "report"),
-    ("cli", "cli_io", "api", "__main__", "config_docs"),
+    ("cli", "cli_io", "cli_data", "api", "__main__", "config_docs"),
 ]
 
 

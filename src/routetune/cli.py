@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from routetune.cli_data import data_app
 from routetune.errors import RoutetuneError
 from routetune.logs import set_quiet, setup_logging
 from routetune.serve.limits import Limits
@@ -19,6 +20,7 @@ _LIMITS = Limits()  # the serving defaults, defined once (serve/limits.py)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained language models with seeded routing of task and general data.")
+app.add_typer(data_app, name="data")
 
 
 DEVICE_HELP = "auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N"

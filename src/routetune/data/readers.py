@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from routetune.data.catalog import hint
 from routetune.errors import DataError
 
 _TAG = re.compile(r"^(O|[BI]-\S+)$")
@@ -30,7 +31,7 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, text without line end), decoding UTF-8 strictly per line."""
     path = Path(path)
     if not path.exists():
-        raise DataError("file not found", path)
+        raise DataError("file not found" + hint(path), path)
     if path.is_dir():
         raise DataError("expected a file, got a folder", path)
     with path.open("rb") as fh:
@@ -120,7 +121,7 @@ def resolve_text_files(spec: str, pattern: str = "*.txt") -> list[Path]:
         return files
     files = sorted(Path(f) for f in globlib.glob(spec, recursive=True) if Path(f).is_file())
     if not files:
-        raise DataError("no such file, folder, or matching glob", spec)
+        raise DataError("no such file, folder, or matching glob" + hint(spec), spec)
     return files
 
 
