@@ -1,5 +1,5 @@
 """Instruction data for decoders (`format: chat` and `format: alpaca`): the conversation rendered
-with the tokenizer's chat template, the loss on the last assistant reply only."""
+with the tokenizer's chat template, the loss on the assistant replies only."""
 
 import json
 import shutil
@@ -52,11 +52,12 @@ def _trained_part(setup, i=0):
     return tok.decode(reply), tok.decode(enc.input_ids)
 
 
-def test_chat_trains_on_the_last_assistant_reply_only(tmp_path, chat_model):
+def test_chat_trains_on_every_assistant_reply(tmp_path, chat_model):
     setup = prepare(load_config(_config(tmp_path, chat_model, "chat", CHAT, holdout={"test": 0.34})))
     reply, whole = _trained_part(setup)
-    assert reply.replace(" ", "") == "theapplestore</s>"  # the reply and the end of sequence
-    assert "in france" in whole and "be brief" in whole  # earlier turns are context
+    # both replies with their end-of-turn markup; the system message and user turns are context
+    assert reply.replace(" ", "") == "infrance</s>theapplestore</s>"
+    assert "be brief" in whole and "where is paris" in whole and "and london" in whole
     from routetune.workflow import train
 
     _, summary = train(_config(tmp_path, chat_model, "chat", CHAT, holdout={"test": 0.34}))
@@ -73,10 +74,27 @@ def test_alpaca_uses_the_chat_template_or_the_alpaca_prompt(tmp_path, chat_model
 
 
 def test_instruction_data_mistakes_name_file_and_line(tmp_path, chat_model, tiny_llama_dir):
-    with pytest.raises(DataError, match="format chat needs a tokenizer with a chat template"):
+    with pytest.raises(DataError, match="chat records need a tokenizer with a chat template"):
         prepare(load_config(_config(tmp_path, tiny_llama_dir, "chat", CHAT)))
     bad = CHAT[:1] + [{"messages": [{"role": "user", "content": "hello"}]}]
     with pytest.raises(DataError, match=r"chat.jsonl:2: the last message must be the assistant's"):
         prepare(load_config(_config(tmp_path, chat_model, "chat", bad)))
     with pytest.raises(DataError, match=r"alpaca.jsonl:1: missing field 'output'"):
         prepare(load_config(_config(tmp_path, chat_model, "alpaca", [{"instruction": "x"}])))
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_the_last_reply(tmp_path, chat_model, caplog):
+    """A template whose rendering of a longer conversation does not start with that of a shorter
+    one (here: earlier assistant turns are dropped) cannot mark earlier replies: the last only."""
+    from transformers import AutoTokenizer
+
+    from routetune.data.chat import conversation
+
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}<s>{{ m['role'] }}\n"
+                         "{{ m['content'] }}</s>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<s>assistant\n"
+                         "{% endif %}")
+    with caplog.at_level("WARNING", logger="routetune"):
+        example = conversation(tok, CHAT[0]["messages"], "x:1")
+    assert example.trained == () and example.completion == "the apple store"
+    assert "loss is on the last assistant reply only" in caplog.text

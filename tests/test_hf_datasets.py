@@ -104,3 +104,54 @@ def test_dataset_mistakes_name_the_dataset_split_and_column(tmp_path, tiny_model
         train(_config(tmp_path, tiny_model_dir, {"objective": "token-classification", "train": "x",
                                                 "dataset": {"path": str(folder)}}))
     assert not (tmp_path / "runs").exists()
+
+
+def test_general_text_from_a_dataset_column_trains_like_the_same_text_file(tmp_path, tiny_model_dir, ner_files,
+                                                                           monkeypatch):
+    monkeypatch.setenv("ROUTETUNE_CACHE", str(tmp_path / "cache"))
+    rows = [line for line in ner_files["general"].read_text().splitlines() if line.strip()]
+    datasets.Dataset.from_dict({"content": rows, "id": list(range(len(rows)))}).to_parquet(str(tmp_path / "wiki.parquet"))
+    task = {"objective": "token-classification", "train": str(ner_files["train"]), "dev": str(ner_files["dev"]),
+            "test": str(ner_files["test"])}
+    path = _config(tmp_path, tiny_model_dir, task, ner_files["general"], max_steps=6)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["sources"]["general"] = {"objective": "masked-lm", "holdout": {"test": 0.2},
+                                 "dataset": {"path": str(tmp_path / "wiki.parquet"), "columns": {"text": "content"}}}
+    path.write_text(yaml.safe_dump(cfg))
+    _, from_dataset = train(path)
+    (written,) = (tmp_path / "cache" / "dataset-text").glob("*.txt")
+    assert written.read_text() == "".join(r.strip() + "\n\n" for r in rows)  # one row per paragraph
+    same = tmp_path / "same.txt"
+    same.write_text(written.read_text())
+    cfg["sources"]["general"] = {"objective": "masked-lm", "holdout": {"test": 0.2}, "train": str(same)}
+    cfg["run"]["name"] = "from-file"
+    path.write_text(yaml.safe_dump(cfg))
+    _, from_file = train(path)
+    assert from_dataset["test"]["general"] == from_file["test"]["general"]
+    assert from_dataset["test"]["task"]["f1"] == from_file["test"]["task"]["f1"]
+    with pytest.raises(DataError, match=r"wiki.parquet\[train\]: no column 'text' \(columns: content, id\)"):
+        cfg["sources"]["general"] = {"objective": "masked-lm", "dataset": {"path": str(tmp_path / "wiki.parquet")}}
+        cfg["run"]["name"] = "no-column"
+        path.write_text(yaml.safe_dump(cfg))
+        train(path)
+
+
+def test_chat_rows_from_a_dataset_train_on_every_assistant_reply(tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from routetune.data.hf_datasets import prompts
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    sharegpt = datasets.Dataset.from_list([{"conversations": [
+        {"from": "human", "value": "where is paris"}, {"from": "gpt", "value": "in france"},
+        {"from": "human", "value": "and london"}, {"from": "gpt", "value": "the apple store"}]}])
+    (example,) = prompts(sharegpt, {}, "chats[train]", tok)
+    assert example.completion == "the apple store" and example.origin == "chats[train]:1"
+    assert [example.text[a:b] for a, b in example.trained] == ["in france</s>\n"]
+    rows = datasets.Dataset.from_list([{"q": "name a city", "ctx": "", "a": "paris"}])
+    (alpaca,) = prompts(rows, {"instruction": "q", "input": "ctx", "output": "a"}, "alp[train]", tok)
+    assert alpaca.completion == "paris" and "name a city" in alpaca.text and alpaca.trained == ()
+    with pytest.raises(DataError, match=r"qa\[train\]: expected prompt and completion columns, a messages column"):
+        prompts(datasets.Dataset.from_list([{"q": "x", "a": "y"}]), {}, "qa[train]", tok)

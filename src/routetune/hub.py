@@ -4,8 +4,16 @@ with a clear line instead of after a minute of download retries."""
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
+
+
+def cache_dir() -> Path:
+    """routetune's own cache (converted models, base-model scores, text read from datasets):
+    ``$ROUTETUNE_CACHE``, else ``~/.cache/routetune``."""
+    return Path(os.environ.get("ROUTETUNE_CACHE", Path.home() / ".cache" / "routetune"))
 
 
 def cached(name: str) -> bool:

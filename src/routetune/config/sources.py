@@ -65,7 +65,7 @@ class DatasetConfig(Strict):
     test: str | None = None
     """Split evaluated at the end (e.g. `test`)."""
     columns: dict[str, str] = Field(default_factory=dict)
-    """The dataset's column for each field, where it is named otherwise: `tokens` and `tags` (token classification; ClassLabel tags give their names), `text` and `label` (classification), `prompt` and `completion` (causal-LM pairs); e.g. `{tags: ner_tags}`."""
+    """The dataset's column for each field, where it is named otherwise: `tokens` and `tags` (token classification; ClassLabel tags give their names), `text` and `label` (classification), `prompt` and `completion` (causal-LM pairs), `messages` (chat rows), `text` (language modelling); e.g. `{tags: ner_tags}`."""
 
 
 class SourceConfig(Strict):
@@ -74,13 +74,13 @@ class SourceConfig(Strict):
     train: str | None = None
     """Training data: a file, or for text also a folder or a glob (or give `dataset`)."""
     dataset: DatasetConfig | None = None
-    """Read through Hugging Face `datasets` instead of files: labelled and prompt/completion sources (`format: dataset`)."""
+    """Read through Hugging Face `datasets` instead of files. Labelled sources, prompt/completion pairs and instruction rows (`messages`, or `instruction`/`input`/`output`) are read by format `dataset`; a text column for language modelling by `dataset-text` (chosen when `columns` maps `text`, or for masked-LM sources)."""
     dev: str | None = None
     """Development data (evaluated during training)."""
     test: str | None = None
     """Test data (evaluated at the end and by `routetune eval --split test`)."""
     format: str | None = Field(None, json_schema_extra={"choices": objectives.formats()})
-    """Reader. Default: conll (token-classification), jsonl (classification; causal-lm prompt/completion pairs need it too), text (language modelling). Causal-LM instruction data: `chat` (jsonl `{"messages": [{"role", "content"}, ...]}`, rendered with the tokenizer's chat template; the loss is on the last assistant turn) or `alpaca` (jsonl `{"instruction", "input", "output"}`). `folders`: one sub-folder per class, one file per example; `lines-per-class`: one file per class named by its suffix (e.g. `rt-polarity.pos`), one example per line."""
+    """Reader. Default: conll (token-classification), jsonl (classification; causal-lm prompt/completion pairs need it too), text (language modelling). Causal-LM instruction data: `chat` (jsonl `{"messages": [{"role", "content"}, ...]}`, or ShareGPT's `{"conversations": [{"from", "value"}, ...]}`, rendered with the tokenizer's chat template; the loss is on every assistant reply) or `alpaca` (jsonl `{"instruction", "input", "output"}`). `folders`: one sub-folder per class, one file per example; `lines-per-class`: one file per class named by its suffix (e.g. `rt-polarity.pos`), one example per line."""
     fields: FieldsConfig = FieldsConfig()
     """Column / field names of csv, tsv and jsonl files."""
     holdout: HoldoutConfig | None = None
@@ -113,13 +113,15 @@ class SourceConfig(Strict):
             for split in ("dev", "test"):
                 if getattr(self, split) is not None:
                     raise ValueError(f"{split}: a dataset source names its {split} split as dataset.{split}")
-            if self.format not in (None, "dataset"):
-                raise ValueError(f"format: a source with `dataset` is read by `dataset`, got {self.format!r}")
-            if "dataset" not in spec.formats:
-                raise ValueError(f"dataset: {self.objective} sources read text files (`train`), not datasets")
-            object.__setattr__(self, "format", "dataset")
-        elif self.format == "dataset":
-            raise ValueError("format: `dataset` needs the `dataset` key (path, splits, columns)")
+            if self.format not in (None, "dataset", "dataset-text"):
+                raise ValueError(f"format: a source with `dataset` is read by `dataset` or `dataset-text`, "
+                                 f"got {self.format!r}")
+            if self.format is None:  # plain text when the text column is mapped or the objective reads only text
+                as_text = "dataset-text" in spec.formats and ("text" in self.dataset.columns
+                                                              or "dataset" not in spec.formats)
+                object.__setattr__(self, "format", "dataset-text" if as_text else "dataset")
+        elif self.format in ("dataset", "dataset-text"):
+            raise ValueError(f"format: `{self.format}` needs the `dataset` key (path, splits, columns)")
         if self.format is None:
             object.__setattr__(self, "format", spec.default_format)
         if self.format not in spec.formats:

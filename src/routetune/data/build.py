@@ -186,7 +186,8 @@ def _prompts(ctx: _Context):
             return read_instructions(path, sc.format, ctx.tokenizer)
         return read_prompt_completions(path, sc.fields.prompt, sc.fields.completion)
 
-    read = read_file if sc.dataset is None else _dataset_reader(ctx, hf_datasets.prompts)
+    read = read_file if sc.dataset is None else _dataset_reader(
+        ctx, lambda ds, columns, origin: hf_datasets.prompts(ds, columns, origin, ctx.tokenizer))
 
     def make(train, _labels):
         return PromptSource(ctx.name, train, ctx.tokenizer, ctx.max_length, ctx.seed), []
@@ -194,18 +195,26 @@ def _prompts(ctx: _Context):
     return _labelled(ctx, read, lambda _train: [], make, None, "prompts")
 
 
+def _text_files(ctx: _Context, split: str) -> list | None:
+    """The files of a text split: the paths given, or a dataset split's text column written to a file."""
+    loc = _locations(ctx.sc)[split]
+    if not loc:
+        return None
+    if ctx.sc.dataset is None:
+        return resolve_text_files(loc, ctx.sc.text.glob)
+    read = _dataset_reader(ctx, hf_datasets.text_file)
+    return [read(loc)]
+
+
 def _text(ctx: _Context):
-    return _text_source(ctx.name, ctx.sc, ctx.objective, ctx.tokenizer, ctx.max_length, ctx.seed)
-
-
-def _text_source(name, sc, objective, tokenizer, max_length, seed):
-    files = resolve_text_files(sc.train, sc.text.glob)
+    name, sc, tokenizer, max_length, seed = ctx.name, ctx.sc, ctx.tokenizer, ctx.max_length, ctx.seed
+    files = _text_files(ctx, "train")
     h = sc.holdout
     held_dev, held_test = (h.dev, h.test) if h else (0.0, 0.0)
     if held_dev + held_test >= 1:
         raise ConfigError(f"sources.{name}.holdout: dev + test must leave some text for training")
     cut_dev, cut_test = 1.0 - held_dev - held_test, 1.0 - held_test
-    common = dict(objective=objective, strip_gutenberg=sc.text.strip_gutenberg, mlm_probability=sc.mlm_probability)
+    common = dict(objective=ctx.objective, strip_gutenberg=sc.text.strip_gutenberg, mlm_probability=sc.mlm_probability)
     train_parts = text_parts(files, 0.0, cut_dev)
     if sc.text.stream:
         src = TextStream(name, train_parts, tokenizer, max_length, seed, shuffle_buffer=sc.text.shuffle_buffer,
@@ -213,15 +222,16 @@ def _text_source(name, sc, objective, tokenizer, max_length, seed):
     else:
         src = TextBlocks(name, train_parts, tokenizer, max_length, seed, **common)
 
-    def eval_set(path, lo, hi):
+    def eval_set(split, lo, hi):
         strip = sc.text.strip_gutenberg
-        if path:
-            return EvalSet("text", text_parts(resolve_text_files(path, sc.text.glob)), path, strip)
+        given = _text_files(ctx, split)
+        if given:
+            return EvalSet("text", text_parts(given), _origin(sc, _locations(sc)[split]), strip)
         if hi > lo:
             return EvalSet("text", text_parts(files, lo, hi), f"holdout {lo:.3g}-{hi:.3g} of each file", strip)
         return None
 
-    return src, eval_set(sc.dev, cut_dev, cut_test), eval_set(sc.test, cut_test, 1.0)
+    return src, eval_set("dev", cut_dev, cut_test), eval_set("test", cut_test, 1.0)
 
 
 BUILDERS = {"tags": _tags, "classes": _classes, "prompts": _prompts, "text": _text}

@@ -13,14 +13,19 @@ An error names the dataset, the split and the row (``data.parquet[train]:12: ...
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 from routetune import hub
+from routetune.data import chat
 from routetune.data.readers import Example, Sentence, iob1_to_iob2
 from routetune.errors import ConfigError, DataError
 
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-FIELDS = {"tags": ("tokens", "tags"), "classes": ("text", "label"), "prompts": ("prompt", "completion")}
+FIELDS = {"tags": ("tokens", "tags"), "classes": ("text", "label"), "prompts": ("prompt", "completion"),
+          "text": ("text",)}
 
 
 def load_splits(dc, key: str) -> dict:
@@ -57,7 +62,7 @@ def split_of(splits: dict, name: str, key: str, dc):
     return splits[name]
 
 
-def _columns(ds, kind: str, mapping: dict, origin: str) -> tuple[str, str]:
+def _columns(ds, kind: str, mapping: dict, origin: str) -> tuple[str, ...]:
     want = tuple(mapping.get(f, f) for f in FIELDS[kind])
     missing = [c for c in want if c not in ds.column_names]
     if missing:
@@ -106,7 +111,30 @@ def examples(ds, mapping: dict, origin: str) -> list[Example]:
     return out
 
 
-def prompts(ds, mapping: dict, origin: str) -> list[Example]:
+def _row_format(ds, mapping: dict) -> str | None:
+    """chat when the rows hold `messages` (or ShareGPT's `conversations`), alpaca when they hold
+    `instruction` and `output`, else None (prompt/completion pairs)."""
+    have = set(ds.column_names)
+    if mapping.get("messages", "messages") in have or "conversations" in have and "messages" not in mapping:
+        return "chat"
+    if {mapping.get("instruction", "instruction"), mapping.get("output", "output")} <= have:
+        return "alpaca"
+    return None
+
+
+def prompts(ds, mapping: dict, origin: str, tokenizer=None) -> list[Example]:
+    fmt = _row_format(ds, mapping)
+    if fmt is not None:
+        if fmt == "chat":
+            chat.needs_template(tokenizer, origin)
+        out = [chat.record(row, fmt, tokenizer, origin, i, mapping) for i, row in enumerate(ds, start=1)]
+        if not out:
+            raise DataError("no examples found", origin)
+        return out
+    if not {mapping.get(f, f) for f in FIELDS["prompts"]} <= set(ds.column_names):
+        raise DataError(f"expected prompt and completion columns, a messages column (chat) or instruction and output "
+                        f"(alpaca) (columns: {', '.join(ds.column_names)}); map them with dataset.columns, or map "
+                        "`text` to train on plain text", origin)
     prompt_col, completion_col = _columns(ds, "prompts", mapping, origin)
     out = []
     for i, row in enumerate(ds, start=1):
@@ -117,3 +145,35 @@ def prompts(ds, mapping: dict, origin: str) -> list[Example]:
     if not out:
         raise DataError("no examples found", origin)
     return out
+
+
+def text_file(ds, mapping: dict, origin: str) -> Path:
+    """A text column written once to a file in routetune's cache (named by the SHA-256 of its
+    content), one row per paragraph, so that a dataset's text is streamed, split by the holdout
+    rule and resumed exactly as a text file is."""
+    (column,) = _columns(ds, "text", mapping, origin)
+    folder = hub.cache_dir() / "dataset-text"
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    rows = 0
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for batch in ds.select_columns([column]).iter(batch_size=1000):
+                for value in batch[column]:
+                    if value is not None and not isinstance(value, str):
+                        raise DataError(f"column {column!r} holds {type(value).__name__}, expected text", origin)
+                    text = (value or "").strip()
+                    if text:
+                        piece = text + "\n\n"
+                        fh.write(piece)
+                        digest.update(piece.encode())
+                        rows += 1
+        if not rows:
+            raise DataError(f"column {column!r} holds no text", origin)
+        target = folder / f"{digest.hexdigest()[:32]}.txt"
+        os.replace(tmp, target)  # the same content always lands on the same name
+        return target
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -154,6 +154,7 @@ class Example:
     label: str | None
     origin: str  # "file:line" (or the file, for one-example-per-file layouts), for messages
     completion: str | None = None
+    trained: tuple[tuple[int, int], ...] = ()  # character spans of `text` also trained on (earlier chat replies)
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:

@@ -269,11 +269,27 @@ class ClassificationSource(MemorySource):
 # ---- prompt / completion (causal LM) -----------------------------------------------------------
 
 
-def encode_prompt(tokenizer, prompt: str, completion: str | None, max_length: int) -> tuple[list[int], list[int], bool]:
-    """prefix + prompt (+ completion + eos). Labels are IGNORE on the prompt. Too long: the prompt
-    loses its start first, then the completion its end."""
+def _encode_spans(tokenizer, text: str, trained) -> tuple[list[int], list[int]]:
+    """Token ids of text and their labels: IGNORE, except on the trained character spans (each
+    span is tokenized on its own, so its tokens are exactly the span's)."""
+    ids, labels, at = [], [], 0
+    for start, end in [*trained, (len(text), len(text))]:
+        for piece, train in ((text[at:start], False), (text[start:end], True)):
+            if piece:
+                got = tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
+                ids += got
+                labels += got if train else [IGNORE] * len(got)
+        at = end
+    return ids, labels
+
+
+def encode_prompt(tokenizer, prompt: str, completion: str | None, max_length: int,
+                  trained=()) -> tuple[list[int], list[int], bool]:
+    """prefix + prompt (+ completion + eos). Labels are IGNORE on the prompt, except its trained
+    spans (earlier assistant replies of a conversation). Too long: the prompt loses its start
+    first, then the completion its end."""
     prefix, _ = special_affixes(tokenizer)
-    p = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    p, p_labels = _encode_spans(tokenizer, prompt, trained)
     c = [] if completion is None else tokenizer(completion, add_special_tokens=False, verbose=False)["input_ids"]
     if completion is not None and tokenizer.eos_token_id is not None:
         c = c + [tokenizer.eos_token_id]
@@ -281,10 +297,10 @@ def encode_prompt(tokenizer, prompt: str, completion: str | None, max_length: in
     cut = len(p) + len(c) > room
     if cut:
         keep_prompt = max(room - len(c), min(len(p), room // 2))
-        p = p[len(p) - keep_prompt:] if keep_prompt else []
+        p, p_labels = (p[len(p) - keep_prompt:], p_labels[len(p) - keep_prompt:]) if keep_prompt else ([], [])
         c = c[: room - len(p)]
     ids = prefix + p + c
-    labels = [IGNORE] * (len(prefix) + len(p)) + c
+    labels = [IGNORE] * len(prefix) + p_labels + c
     return ids, labels, cut
 
 
@@ -295,6 +311,6 @@ class PromptSource(MemorySource):
         self.examples = examples
         encoded = []
         for e in examples:
-            ids, labels, cut = encode_prompt(tokenizer, e.text, e.completion, max_length)
+            ids, labels, cut = encode_prompt(tokenizer, e.text, e.completion, max_length, e.trained)
             encoded.append(Encoded(ids, labels, cut))
         super().__init__(name, encoded, tokenizer.pad_token_id, seed)

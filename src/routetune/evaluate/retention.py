@@ -36,8 +36,9 @@ from routetune.data.text import iter_blocks, text_parts
 from routetune.device import autocast, model_device
 from routetune.errors import ConfigError
 from routetune.evaluate.tasks import score_sets, text_scores
+from routetune.hub import cache_dir
 from routetune.logs import bar
-from routetune.model.load import cache_dir, load_lm, resolve_model
+from routetune.model.load import load_lm, resolve_model
 from routetune.model.routed import build_model
 
 log = logging.getLogger("routetune")
@@ -71,7 +72,7 @@ def before_key(model_path: str, name: str, objective: str, evalset, cfg, fit: di
     if evalset.kind == "text":
         items = [(str(p), a, b) for p, a, b in evalset.items]
     else:  # the examples themselves (a set may come from a dataset rather than a file)
-        items = hashlib.sha256(repr([(e.text, e.completion) for e in evalset.items]).encode()).hexdigest()
+        items = hashlib.sha256(repr([(e.text, e.completion) + ((e.trained,) if e.trained else ()) for e in evalset.items]).encode()).hexdigest()
     text_files = [Path(p) for p, _, _ in evalset.items] if evalset.kind == "text" else [Path(evalset.origin)]
     payload = {
         "model": model_digest(model_path), "objective": objective, "kind": evalset.kind, "items": items,

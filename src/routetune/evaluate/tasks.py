@@ -119,8 +119,8 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def prompt_scores(model, tokenizer, examples, max_length, tc, sc, precision: str) -> dict:
-    # perplexity of the completions given their prompts (teacher forcing; no loss on the prompts)
-    rows = [encode_prompt(tokenizer, e.text, e.completion, max_length) for e in examples]
+    # perplexity of the completions (and of earlier chat replies) given their prompts (teacher forcing)
+    rows = [encode_prompt(tokenizer, e.text, e.completion, max_length, e.trained) for e in examples]
     loss, count = lm_loss(model, "causal-lm", [r[0] for r in rows], tokenizer, tc.eval_batch_size, precision,
                           labels=[r[1] for r in rows])
     out = {"perplexity": math.exp(loss) if count else float("nan"), "examples": len(examples),

