@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -110,6 +111,13 @@ def test_limits_and_error_codes(loaded):
         assert 'routetune_requests_total{code="413",endpoint="/v1/ner"} 2.0' in metrics
         assert 'routetune_requests_total{code="422",endpoint="/v1/ner"}' in metrics
         assert c.get("/openapi.json").json()["paths"]["/v1/ner"]
+        # the docs pages load their scripts and styles from this server, not a CDN (they work offline)
+        for page in ("/docs", "/redoc"):
+            html = c.get(page).text
+            assert "cdn." not in html and "googleapis" not in html
+            assets = re.findall(r'(?:src|href)="(/[^"]+\.(?:js|css))"', html)
+            assert assets and all(c.get(a).status_code == 200 and len(c.get(a).content) > 100_000 for a in assets)
+        assert "openapi" in c.get([a for a in re.findall(r'src="([^"]+)"', c.get("/docs").text)][0]).text
     with client(loaded, max_tokens=12, truncate=True) as c:
         r = c.post("/v1/ner", json={"texts": ["john " * 20]})
         assert r.status_code == 200 and r.json()["results"][0]["truncated"] is True

@@ -24,10 +24,12 @@ Results are produced by the same Predictor / generate functions as ``routetune p
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -92,9 +94,10 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
         yield
         await svc.close()
 
-    app = FastAPI(title="routetune", version="1", lifespan=lifespan,
-                  description="Predictions of a routetune run: entity spans, class labels, generations.",
-                  **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
+    # /docs and /redoc load Swagger UI and ReDoc from the app itself (fastapi-offline), not a CDN
+    make = FastAPIOffline if docs else functools.partial(FastAPI, docs_url=None, redoc_url=None, openapi_url=None)
+    app = make(title="routetune", version="1", lifespan=lifespan,
+               description="Predictions of a routetune run: entity spans, class labels, generations.")
     _prediction_routes(app, svc)
     _service_routes(app, svc, metrics)
     _error_handlers(app)
