@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import string
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="routetune-tests-trackio-"))  # not the user's
 
 
 CUDA = torch.cuda.is_available()

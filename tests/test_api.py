@@ -61,11 +61,11 @@ def test_overrides_are_checked_like_set(tmp_path, tiny_model_dir, ner_files):
 @pytest.fixture
 def tracked_run(tmp_path, tiny_model_dir, ner_files, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return make_config(tmp_path, tiny_model_dir, ner_files, **{"train.report_to": ["tensorboard", "mlflow"],
+    return make_config(tmp_path, tiny_model_dir, ner_files, **{"train.report_to": ["tensorboard", "mlflow", "trackio"],
                                                                 "train.log_every": 2, "train.eval_every_steps": 4})
 
 
-def test_tensorboard_and_mlflow_receive_the_metrics(tracked_run):
+def test_tensorboard_mlflow_and_trackio_receive_the_metrics(tracked_run):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -92,6 +92,13 @@ def test_tensorboard_and_mlflow_receive_the_metrics(tracked_run):
     history = client.get_metric_history(run_id, "dev/ner/f1")
     assert [m.step for m in history] == [e["step"] for e in evals]
     assert [m.value for m in history] == pytest.approx([e["metrics"]["ner/f1"] for e in evals])
+
+    from trackio.sqlite_storage import SQLiteStorage
+
+    logs = SQLiteStorage.get_logs("routetune", run_dir.name)
+    dev = [(r["step"], r["dev/ner/f1"]) for r in logs if "dev/ner/f1" in r]
+    assert dev == [(e["step"], pytest.approx(e["metrics"]["ner/f1"])) for e in evals]
+    assert SQLiteStorage.get_run_config("routetune", run_dir.name)["train"]["lr"] == 1e-3
 
 
 def test_a_missing_tracker_package_is_refused_before_training(tracked_run, monkeypatch):
@@ -120,3 +127,43 @@ def test_a_resumed_run_continues_its_tracking(tracked_run):
     tb.Reload()
     steps = [s.step for s in tb.Scalars("train/lr")]
     assert steps == sorted(set(steps)) and steps[-1] == json.loads((run_dir / "summary.json").read_text())["steps"]
+
+
+def test_wandb_receives_the_metrics_and_a_resume_continues_its_run(tmp_path, tiny_model_dir, ner_files, monkeypatch):
+    """W&B needs an account or its offline files, so the test stands in for the package and checks
+    what routetune hands it: the project, the run name, the config, the metrics by step."""
+    import importlib.machinery
+    import types
+
+    from routetune.config import config_from_run
+    from routetune.training.tracking import WandB
+    from routetune.workflow import train
+
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class FakeRun:
+        id = "abc123"
+
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls["init"].append(kw) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    path = make_config(tmp_path, tiny_model_dir, ner_files, **{"train.report_to": ["wandb"], "train.eval_every_steps": 4})
+    run_dir, _ = train(path)
+    (init,) = calls["init"]
+    assert init["project"] == "routetune" and init["name"] == run_dir.name and init["dir"] == str(run_dir)
+    assert init["config"]["train"]["lr"] == 1e-3 and init["id"] is None and calls["finish"] == 1
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert [(s, v["dev/ner/f1"]) for s, v in calls["log"] if "dev/ner/f1" in v] == \
+        [(e["step"], pytest.approx(e["metrics"]["ner/f1"])) for e in evals]
+    assert json.loads((run_dir / "wandb.json").read_text()) == {"run_id": "abc123"}
+    WandB(run_dir, config_from_run(run_dir), resume_step=4)  # a resume continues the same W&B run
+    assert calls["init"][-1]["id"] == "abc123" and calls["init"][-1]["resume"] == "allow"

@@ -175,8 +175,8 @@ class TrainConfig(Strict):
     """Early stopping on a dev metric."""
     progress: bool = True
     """Show a progress bar."""
-    report_to: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
-    """Experiment trackers that receive the run's metrics as they are logged: `tensorboard` (event files in RUN/tensorboard) and/or `mlflow` (MLFLOW_TRACKING_URI, else SQLite in RUN/mlflow.db). Needs `pip install 'routetune[tracking]'`."""
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(default_factory=list)
+    """Experiment trackers that receive the run's metrics as they are logged: `tensorboard` (event files in RUN/tensorboard), `mlflow` (MLFLOW_TRACKING_URI, else SQLite in RUN/mlflow.db), `trackio` (local, $TRACKIO_DIR) and `wandb` (Weights & Biases, $WANDB_PROJECT). The first three come with `pip install 'routetune[tracking]'`, W&B with `pip install wandb`."""
 
 
 class PeftConfig(Strict):

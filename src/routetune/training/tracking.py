@@ -8,9 +8,16 @@ written (training/events.py) and forwards them to its tool, as `TrainingArgument
   continues it), the resolved config as parameters, the same metrics by step. The tracking URI
   is ``MLFLOW_TRACKING_URI`` when set, else a SQLite store, ``RUN/mlflow.db``
   (``mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db``).
+* ``trackio``: one run named after the run folder in the project ``$TRACKIO_PROJECT`` (default
+  ``routetune``), stored locally (``$TRACKIO_DIR``, else ``~/.cache/huggingface/trackio``;
+  ``trackio show``); the resolved config as the run's config, the same metrics by step.
+* ``wandb``: one Weights & Biases run in ``$WANDB_PROJECT`` (default ``routetune``), its id kept
+  in ``RUN/wandb.json`` so a resume continues it; files under ``RUN/wandb``. Offline machines:
+  ``WANDB_MODE=offline``, then ``wandb sync RUN/wandb/offline-run-*``.
 
-The packages are optional (``pip install 'routetune[tracking]'``); a tracker whose package is
-missing is refused before training starts.
+The packages are optional (``pip install 'routetune[tracking]'`` has TensorBoard, MLflow and
+trackio; ``pip install wandb`` for W&B); a tracker whose package is missing is refused before
+training starts.
 """
 
 from __future__ import annotations
@@ -24,14 +31,14 @@ from routetune.config import Config, dump_config
 from routetune.errors import ConfigError
 from routetune.training.events import EARLY_STOP, EVAL, TRAIN
 
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
 
 
 def check_available(names: list[str]) -> None:
     for name in names:
         if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise ConfigError(f"train.report_to: {name} needs the {PACKAGES[name]} package "
-                              "(pip install 'routetune[tracking]')")
+            how = "pip install wandb" if name == "wandb" else "pip install 'routetune[tracking]'"
+            raise ConfigError(f"train.report_to: {name} needs the {PACKAGES[name]} package ({how})")
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -103,7 +110,46 @@ class MLflow:
         self.mlflow.end_run()
 
 
-TRACKERS = {"tensorboard": TensorBoard, "mlflow": MLflow}
+class Trackio:
+    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
+        import trackio  # optional package: imported when asked for
+
+        self.trackio = trackio
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT") or "routetune", name=run_dir.name,
+                     config=cfg.model_dump(mode="json"), resume="never" if resume_step is None else "allow",
+                     embed=False, auto_log_gpu=False, auto_log_cpu=False)
+
+    def __call__(self, record: dict) -> None:
+        values = scalars(record)
+        if values:
+            self.trackio.log(values, step=record.get("step", 0))
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+class WandB:
+    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
+        import wandb  # optional package: imported when asked for
+
+        note = run_dir / "wandb.json"
+        run_id = json.loads(note.read_text())["run_id"] if resume_step is not None and note.is_file() else None
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "routetune", name=run_dir.name,
+                              id=run_id, resume="allow" if run_id else None, dir=str(run_dir),
+                              config=cfg.model_dump(mode="json"))
+        if run_id is None:
+            note.write_text(json.dumps({"run_id": self.run.id}) + "\n")
+
+    def __call__(self, record: dict) -> None:
+        values = scalars(record)
+        if values:
+            self.run.log(values, step=record.get("step", 0))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+TRACKERS = {"tensorboard": TensorBoard, "mlflow": MLflow, "trackio": Trackio, "wandb": WandB}
 
 
 def open_trackers(cfg: Config, run_dir: Path, resume_step: int | None) -> list:
