@@ -172,3 +172,20 @@ def test_evaluation_shows_progress_on_a_terminal_and_not_with_quiet(tmp_path, ti
     assert "tagging (ner)" in _stderr_on_a_terminal("eval", str(run_dir), "--split", "dev")
     assert "tagging (ner)" not in _stderr_on_a_terminal("--quiet", "eval", str(run_dir), "--split", "dev")
     assert "tagging (ner)" not in run_cli("eval", str(run_dir), "--split", "dev").stderr  # not a terminal
+
+
+def test_train_prints_the_task_score_and_the_general_text_before_and_after(tmp_path, tiny_model_dir, ner_files):
+    import json
+
+    from conftest import make_config
+
+    held = tmp_path / "held.txt"
+    held.write_text("the store in paris opened a river of bread and salt . " * 30)
+    cfg = make_config(tmp_path, tiny_model_dir, ner_files, **{"evals": {"held": {"path": str(held)}},
+                                                              "train.epochs": 1})
+    out = run_cli("train", str(cfg), "--test").stdout
+    ba = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())["before_after"]["held/mlm_loss"]
+    assert "micro avg" in out and "general text, base model -> fine-tuned (lower is better):" in out
+    line = next(x for x in out.splitlines() if "held/mlm_loss" in x)
+    assert line.split()[1:4] == [f"{ba['before']:.4f}", "->", f"{ba['after']:.4f}"]
+    assert line.endswith(f"({ba['ratio'] - 1:+.1%})")

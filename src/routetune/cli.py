@@ -154,6 +154,12 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 
     for name, scores in summary.get("test", {}).items():
         typer.echo(format_scores(name, "test", scores))
+    changes = summary.get("before_after", {})
+    if changes:
+        typer.echo("general text, base model -> fine-tuned (lower is better):")
+        for key, v in changes.items():
+            change = f"  ({v['ratio'] - 1:+.1%})" if v.get("ratio") is not None else ""
+            typer.echo(f"  {key:<32} {v['before']:.4f} -> {v['after']:.4f}{change}")
     best = summary["best"]
     if best["value"] is not None:
         typer.echo(f"best dev {best['metric']} = {best['value']:.4f} at step {best['step']}")
