@@ -126,4 +126,11 @@ def test_every_example_config_is_valid(path):
         for task in ccfg.tasks:
             assert load_config(path.parent / task.config, task.set).sources
         return
+    if "space" in yaml.safe_load(path.read_text()):  # a `routetune sweep` file: every dimension gives a valid run
+        from routetune.sweep.study import Study, _check_space
+        from routetune.sweep.config import load_sweep
+
+        cfg = load_sweep(path)
+        _check_space(Study(cfg, path, (path.parent / cfg.base).resolve(), path.parent, None))
+        return
     assert load_config(path).sources

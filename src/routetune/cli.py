@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 
 from routetune.cli_data import data_app
-from routetune.errors import RoutetuneError
+from routetune.cli_sweep import sweep_cmd
+from routetune.errors import RoutetuneError, RunError
 from routetune.logs import set_quiet, setup_logging
 from routetune.serve.limits import Limits
 
@@ -21,6 +22,7 @@ _LIMITS = Limits()  # the serving defaults, defined once (serve/limits.py)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained language models with seeded routing of task and general data.")
 app.add_typer(data_app, name="data")
+app.command("sweep")(sweep_cmd)
 
 
 DEVICE_HELP = "auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N"
@@ -328,11 +330,23 @@ def continual_cmd(
 
 @app.command("report")
 def report_cmd(
-    runs: list[Path] = typer.Argument(..., help="One run folder, or several to compare"),
+    runs: list[Path] = typer.Argument(..., help="One run folder, or several to compare, or a study folder"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/report; required for several runs)"),
+    as_json: bool = typer.Option(False, "--json", help="A study: print its trials, front and importances as JSON"),
 ) -> None:
-    """Write report.md and report.html with PNG plots: losses per source, realised vs target shares, dev metric with the early-stopping point, per-type F1 or confusion, before vs after, continual matrix."""
+    """Write report.md and report.html with PNG plots: losses per source, realised vs target shares, dev metric with the early-stopping point, per-type F1 or confusion, before vs after, continual matrix; for a study folder the trials, the Pareto front, the importances."""
     from routetune.report import write_report
+
+    if len(runs) == 1 and (runs[0] / "sweep.json").is_file():
+        from routetune.report_study import study_json, write_study_report
+
+        if as_json:
+            typer.echo(json.dumps(study_json(runs[0]), indent=2))
+        else:
+            typer.echo(str(write_study_report(runs[0], out) / "report.html"))
+        return
+    if as_json:
+        raise RunError(f"--json: {runs[0]} is not a study folder (runs have summary.json)")
 
     folder = write_report(runs, out)
     typer.echo(str(folder / "report.html"))

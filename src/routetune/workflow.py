@@ -117,7 +117,7 @@ def train_config(cfg: Config, run_dir: Path, overwrite: bool = False, run_test: 
 
 
 def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = None,
-               precision: str | None = None) -> tuple[Path, dict]:
+               precision: str | None = None, callbacks: list | None = None) -> tuple[Path, dict]:
     """Continue a run from its newest complete checkpoint, exactly where it stopped. `device` and
     `precision` override the run's (a GPU run can continue on a CPU; exact continuation holds on
     the same device type and precision)."""
@@ -140,7 +140,8 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
         with _HeldLogs() as held:
             setup = prepare(cfg, device, precision, world=world)
         _check_labels(run_dir, setup.labels)
-        return _fit_and_report(setup, run_dir, run_test, resume_from=Path(folder), held=held.records)
+        return _fit_and_report(setup, run_dir, run_test, resume_from=Path(folder), held=held.records,
+                               callbacks=callbacks)
 
 
 def _resume_point(run_dir: Path) -> str | None:
@@ -244,25 +245,38 @@ def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: flo
         "parameters": _parameter_summary(setup.model),
         "hardware": {**setup.hardware.describe(), **setup.world.describe()},
     }
-    if run_test and (setup.test or setup.extra):
+    dev_extra = {n: s for n, s in setup.extra.items() if cfg.evals[n].split == "dev"}
+    test_sets = {**setup.test, **{n: s for n, s in setup.extra.items() if n not in dev_extra}}
+    wanted = {k: sets for k, sets in (("test", test_sets if run_test else {}), ("dev", dev_extra)) if sets}
+    if wanted:
         if checkpoint == "best":
             ckpt.verify(best)
             setup.model = RoutedModel.load(best).to(setup.hardware.device)
-        _, full = score_sets(setup.model, {**setup.test, **setup.extra}, setup.objectives, setup.tokenizer, cfg,
-                             setup.hardware.precision)
-        fit = _fit(setup)
-        if fit is not None:  # masked-LM retention through an equally fitted head on both sides
-            full.update(retention.score_with_fitted_head(setup.model, fit, setup.before_sets(), setup.objectives,
-                                                         setup.tokenizer, cfg, setup.hardware.precision))
-            summary["retention_note"] = retention.fit_note(fit)
-        summary["test"] = full
+        scores = _score_final(setup, {n: s for sets in wanted.values() for n, s in sets.items()}, summary)
+        for key, sets in wanted.items():  # dev `evals` sets are scored with or without --test
+            summary[key] = {n: scores[n] for n in sets if n in scores}
     before_path = run_dir / "before.json"
     if before_path.is_file():
         summary["before"] = json.loads(before_path.read_text(encoding="utf-8"))
-        summary["before_after"] = retention.before_after(summary["before"], summary.get("test", {}))
+        summary["before_after"] = retention.before_after(summary["before"],
+                                                         {**summary.get("test", {}), **summary.get("dev", {})})
     summary["wall_seconds"] = round(time.time() - started, 2)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _score_final(setup: Setup, sets: dict, summary: dict) -> dict:
+    """The trained model's scores on `sets`; masked-LM retention sets through an MLM head fitted
+    once, the same way as for the base model."""
+    cfg = setup.cfg
+    _, scores = score_sets(setup.model, sets, setup.objectives, setup.tokenizer, cfg, setup.hardware.precision)
+    fit = _fit(setup)
+    lm_sets = {n: s for n, s in setup.before_sets().items() if n in sets}
+    if fit is not None and lm_sets:
+        scores.update(retention.score_with_fitted_head(setup.model, fit, lm_sets, setup.objectives,
+                                                       setup.tokenizer, cfg, setup.hardware.precision))
+        summary["retention_note"] = retention.fit_note(fit)
+    return scores
 
 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",

@@ -155,9 +155,8 @@ def parse_config(raw: Any, origin: str = "<config>", lines: dict | None = None,
         raise ConfigError(_format_errors(exc, lines or {}, origin, overrides)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply ``KEY=VALUE`` overrides, validate, and resolve relative paths."""
-    path = Path(path)
+def _read_yaml(path: Path) -> tuple[dict, str]:
+    """The top-level mapping of a YAML file and its text; errors name the file and line."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -174,6 +173,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: the config file is empty")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(raw).__name__}")
+    return raw, text
+
+
+def read_yaml_model(path: Path, model):
+    """A YAML file validated against another pydantic model than the run config (a sweep file),
+    with the same one-line errors naming file, line and key."""
+    raw, text = _read_yaml(Path(path))
+    try:
+        return model.model_validate(_expand_env(raw))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, _line_map(text), str(path))) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``KEY=VALUE`` overrides, validate, and resolve relative paths."""
+    path = Path(path)
+    raw, text = _read_yaml(path)
     for assignment in overrides or []:
         apply_override(raw, assignment)
     given = {tuple(a.partition("=")[0].strip().split(".")): a for a in overrides or []}

@@ -147,3 +147,5 @@ class EvalTextConfig(Strict):
     """Drop Project Gutenberg headers and footers."""
     max_blocks: int | None = Field(None, ge=1)
     """Score only the first N blocks of `max_length` tokens (bounds the cost on a large corpus)."""
+    split: Literal["test", "dev"] = "test"
+    """`test`: scored with the test sets (`--test`, `routetune eval`). `dev`: scored after training on the best checkpoint whether or not the test sets are, for choosing settings on held-out data (`routetune sweep` retention); both are scored with the base model before training."""

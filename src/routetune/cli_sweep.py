@@ -1,0 +1,51 @@
+"""`routetune sweep`: search settings on dev data, confirm the chosen ones on test with seeds, fit
+a mixing law. The study code (optuna, torch) loads only once the command runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from routetune.errors import RunError
+
+
+def sweep_cmd(
+    sweep: Path = typer.Argument(..., help="Sweep file: base config, search space, objectives, budget (docs/sweep.md)"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the study after a stop, or join it as a second "
+                                "worker (same storage)"),
+    confirm: Optional[int] = typer.Option(None, "--confirm", metavar="K", help="Train the chosen settings, the base "
+                                          "and the baselines with K fresh seeds; test scores with 95% intervals"),
+    law: Optional[str] = typer.Option(None, "--law", metavar="KEY", help="Fit a mixing law over this key of the "
+                                      "space (e.g. routing.weights.general) and check its prediction with a run"),
+    budget: float = typer.Option(0.0, "--budget", help="With --law: the dev retention change allowed (0.01 = 1%)"),
+) -> None:
+    """Search hyperparameters and the data mixture with optuna: every trial is a run folder scored on
+    dev data (task metric, general-text retention); the study resumes after any stop."""
+    if confirm is not None:
+        from routetune.sweep.confirm import confirm as run_confirm, table
+
+        typer.echo(table(run_confirm(sweep, confirm)))
+        return
+    if law is not None:
+        from routetune.sweep.law import law as run_law
+
+        r = run_law(sweep, law, budget)
+        p, m = r["predicted"], r["measured"]
+        typer.echo(f"mixing law over {law}: predicted {law}={p['x']:.4f} -> task {p['task']:.4f}, retention "
+                   f"{p['retention']:+.4f}; measured task {m['task']:.4f}, retention {m['retention']:+.4f} ({m['run']})")
+        return
+    from routetune.sweep.confirm import chosen_trials
+    from routetune.sweep.run import optimize
+
+    st = optimize(sweep, resume=resume)
+    kinds = [o.kind for o in st.cfg.objectives]
+    try:
+        for t in chosen_trials(st):
+            values = ", ".join(f"{k} {v:.4f}" for k, v in zip(kinds, t.values))
+            typer.echo(f"{'best' if len(kinds) == 1 else 'front'}: trial {t.number} ({values}): "
+                       + ", ".join(f"{k}={v}" for k, v in t.user_attrs["setting"].items()))
+    except RunError as exc:  # no feasible trial yet: the study itself is fine
+        typer.echo(str(exc))
+    typer.echo(f"study folder: {st.folder}  (routetune report {st.folder})")

@@ -1,0 +1,120 @@
+"""`routetune sweep --confirm K`: the chosen settings (the best feasible trial, or the Pareto
+front), the base config and the named baselines, each trained with the same K fresh seeds
+(never used in the search) and scored on *test* data: the task's test metric and the relative
+change of every test `evals` set from the base model. Reported as mean and 95% t-interval, and
+as the paired difference to each baseline (same seeds, so the seed's share of the noise cancels).
+Runs go to ``STUDY/confirm/LABEL-seedN``; a confirmation that stops continues where it stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from routetune.errors import RunError
+from routetune.sweep.study import Study, open_study, task_metric, trial_config
+from routetune.workflow import train_config
+
+log = logging.getLogger("routetune")
+SEED_BASE = 1000  # confirmation seeds: train.seed = routing.seed = 1000 + i, apart from the search's
+
+
+def chosen_trials(st: Study, limit: int = 4) -> list:
+    """The best feasible trial (one objective) or the feasible Pareto front, at most `limit`."""
+    from optuna.trial import TrialState
+
+    done = [t for t in st.study.get_trials(states=(TrialState.COMPLETE,))]
+    feasible = [t for t in done if all(c <= 0 for c in t.user_attrs.get("constraint", [0.0]))]
+    if not feasible:
+        raise RunError(f"{st.folder}: no finished trial meets the constraints yet; nothing to confirm")
+    if len(st.cfg.objectives) == 1:
+        sign = 1 if st.directions[0] == "maximize" else -1
+        return [max(feasible, key=lambda t: sign * t.values[0])]
+    front = [t for t in st.study.best_trials if t in feasible] or feasible
+    sign = 1 if st.directions[0] == "maximize" else -1
+    front = sorted(front, key=lambda t: -sign * t.values[0])
+    if len(front) > limit:  # spread along the front: both ends and evenly between
+        front = [front[round(i * (len(front) - 1) / (limit - 1))] for i in range(limit)]
+    return front
+
+
+def interval(values: list[float]) -> dict:
+    """Mean and the half-width of its 95% t-interval (None for one value)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "half": None, "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"mean": mean, "half": float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)), "n": n}
+
+
+def _test_scores(st: Study, summary: dict) -> dict:
+    """The task's test metric and the change of every test-scored general text (dev sets chose the
+    settings; they are left out here)."""
+    metric = task_metric(st)
+    source, _, name = metric.partition("/")
+    out = {f"test {metric}": float(summary["test"][source][name])}
+    for key, v in summary.get("before_after", {}).items():
+        if v.get("ratio") is not None and key.split("/")[0] in summary["test"]:
+            out[f"{key} change"] = v["ratio"] - 1.0
+    return out
+
+
+def confirm(sweep_path: str | Path, k: int) -> dict:
+    if k < 2:
+        raise RunError("--confirm: give at least 2 seeds (an interval needs them)")
+    st = open_study(sweep_path, resume=True)
+    settings = {f"trial-{t.number:04d}": t.user_attrs["setting"] for t in chosen_trials(st)}
+    settings.update({"base": {}, **{name: dict(over) for name, over in st.cfg.baselines.items()}})
+    results: dict = {}
+    for label, setting in settings.items():
+        for i in range(k):
+            seed = SEED_BASE + i
+            name = f"{label}-seed{seed}"
+            run_dir = st.folder / "confirm" / name
+            if (run_dir / "summary.json").is_file():  # done in an earlier call
+                summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            else:
+                cfg = trial_config(st, {**setting, "train.seed": seed, "routing.seed": seed, "run.name": name,
+                                        "run.output_dir": str(st.folder / "confirm")})
+                log.info("confirm %s (%d of %d)", name, i + 1, k)
+                _, summary = train_config(cfg, run_dir, overwrite=run_dir.exists(), run_test=True)
+            for key, value in _test_scores(st, summary).items():
+                results.setdefault(label, {}).setdefault(key, []).append(value)
+    report = {"seeds": [SEED_BASE + i for i in range(k)], "settings": settings,
+              "scores": {label: {key: {"values": v, **interval(v)} for key, v in by.items()}
+                         for label, by in results.items()},
+              "paired": _paired(results, [n for n in settings if not n.startswith("trial-")])}
+    (st.folder / "confirm.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _paired(results: dict, baselines: list[str]) -> dict:
+    """Chosen minus baseline, seed by seed, as mean and 95% interval."""
+    out = {}
+    for label, by in results.items():
+        if not label.startswith("trial-"):
+            continue
+        for base in baselines:
+            for key, values in by.items():
+                diffs = [a - b for a, b in zip(values, results[base].get(key, []))]
+                if diffs:
+                    out[f"{label} - {base}: {key}"] = interval(diffs)
+    return out
+
+
+def table(report: dict) -> str:
+    """The confirmation as a Markdown table: one row per setting, one column per score."""
+    keys = list(dict.fromkeys(k for by in report["scores"].values() for k in by))
+    fmt = lambda s: f"{s['mean']:.4f}" + (f" ± {s['half']:.4f}" if s["half"] is not None else "")  # noqa: E731
+    lines = [f"test scores over seeds {', '.join(map(str, report['seeds']))} (mean ± 95% interval)", "",
+             "| setting | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for label, by in report["scores"].items():
+        lines.append(f"| {label} | " + " | ".join(fmt(by[k]) if k in by else "" for k in keys) + " |")
+    if report["paired"]:
+        lines += ["", "| paired difference | mean ± 95% interval |", "|---|---|"]
+        lines += [f"| {name} | {fmt(s)} |" for name, s in report["paired"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""A data-mixing law fitted over a study's trials, and its prediction checked by a run.
+
+Each objective is fitted as a function of one mixture coordinate x (e.g. the general-text
+weight) with the exponential form of the data-mixing laws of Ye et al. (2024),
+``y(x) = c + k * exp(t * x)``. The prediction is the x that meets a retention budget (the dev
+general-text change at most B) with the best predicted task score; a run at that x (the other
+settings of the trial nearest to it) measures both, next to what the law predicted.
+
+Fitted by hand with scipy's curve_fit: the form is routetune's choice, a few lines, and no
+library offers mixing laws.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from routetune.errors import RunError
+from routetune.sweep.study import Study, open_study, retention_change, retention_set, scores, trial_config
+from routetune.workflow import train_config
+
+log = logging.getLogger("routetune")
+
+
+def _form(x, c, k, t):
+    return c + k * np.exp(t * x)
+
+
+def _fit(x: np.ndarray, y: np.ndarray) -> dict:
+    from scipy.optimize import curve_fit
+
+    best = None
+    for t0 in (-5.0, -1.0, 1.0, 5.0):  # the sign and scale of the curvature are not known beforehand
+        try:
+            k0 = (y[np.argmax(x)] - y[np.argmin(x)]) / (math.exp(t0 * x.max()) - math.exp(t0 * x.min()) or 1.0)
+            with np.errstate(over="ignore", invalid="ignore"):  # trial curvatures that overflow are rejected
+                p, _ = curve_fit(_form, x, y, p0=(float(y.mean()), float(k0), t0), maxfev=20000)
+        except (RuntimeError, ValueError, OverflowError):
+            continue
+        rmse = float(np.sqrt(np.mean((_form(x, *p) - y) ** 2)))
+        if best is None or rmse < best["rmse"]:
+            best = {"c": float(p[0]), "k": float(p[1]), "t": float(p[2]), "rmse": rmse}
+    if best is None:
+        raise RunError("the mixing law did not fit these trials (too few distinct mixtures, or no trend)")
+    return best
+
+
+def _points(st: Study, key: str) -> list[tuple[float, float, float]]:
+    from optuna.trial import TrialState
+
+    name = retention_set(st)
+    kinds = [o.kind for o in st.cfg.objectives]
+    out = []
+    for t in st.study.get_trials(states=(TrialState.COMPLETE,)):
+        x = t.user_attrs.get("setting", {}).get(key)
+        if x is None:
+            continue
+        task = t.values[kinds.index("task")] if "task" in kinds else None
+        ret = t.values[kinds.index("retention")] if "retention" in kinds else t.user_attrs.get("retention")
+        if ret is None:
+            summary = json.loads((Path(t.user_attrs["run0"]["run"]) / "summary.json").read_text())
+            ret = retention_change(summary, name)
+        out.append((float(x), task, float(ret)))
+    return out
+
+
+def fit_law(st: Study, key: str, budget: float) -> dict:
+    points = _points(st, key)
+    if len({p[0] for p in points}) < 4 or any(p[1] is None for p in points):
+        raise RunError(f"--law {key}: needs a task objective and at least 4 finished trials with different "
+                       f"values of {key} (found {len({p[0] for p in points})})")
+    x = np.array([p[0] for p in points])
+    task_fit, ret_fit = _fit(x, np.array([p[1] for p in points])), _fit(x, np.array([p[2] for p in points]))
+    grid = np.linspace(x.min(), x.max(), 2001)
+    task_of = _form(grid, task_fit["c"], task_fit["k"], task_fit["t"])
+    ret_of = _form(grid, ret_fit["c"], ret_fit["k"], ret_fit["t"])
+    ok = ret_of <= budget
+    if not ok.any():
+        raise RunError(f"--law {key}: the fitted law meets the retention budget {budget:+.4f} nowhere in "
+                       f"[{x.min():.4g}, {x.max():.4g}] (least change {ret_of.min():+.4f})")
+    sign = 1 if st.directions[[o.kind for o in st.cfg.objectives].index("task")] == "maximize" else -1
+    i = int(np.argmax(np.where(ok, sign * task_of, -np.inf)))
+    return {"key": key, "budget": budget, "points": points, "task_fit": task_fit, "retention_fit": ret_fit,
+            "predicted": {"x": float(grid[i]), "task": float(task_of[i]), "retention": float(ret_of[i])}}
+
+
+def _setting_at(st: Study, key: str, x: float) -> dict:
+    """The setting of the trial nearest to x, with x put in (and, for a two-way simplex, 1 - x)."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in st.study.get_trials(states=(TrialState.COMPLETE,)) if key in t.user_attrs.get("setting", {})]
+    nearest = min(trials, key=lambda t: abs(t.user_attrs["setting"][key] - x))
+    setting = dict(nearest.user_attrs["setting"])
+    setting[key] = round(x, 6)
+    parent, _, leaf = key.rpartition(".")
+    simplex = st.cfg.space.get(parent)
+    if simplex is not None and simplex.type == "simplex" and len(simplex.keys) == 2:
+        other = next(n for n in simplex.keys if n != leaf)
+        setting[f"{parent}.{other}"] = round(1 - x, 6)
+    return setting
+
+
+def law(sweep_path: str | Path, key: str, budget: float) -> dict:
+    """Fit, predict, and measure the prediction with one run (its dev scores, like the trials')."""
+    st = open_study(sweep_path, resume=True)
+    result = fit_law(st, key, budget)
+    setting = _setting_at(st, key, result["predicted"]["x"])
+    name = "law-check"
+    run_dir = st.folder / name
+    cfg = trial_config(st, {**setting, "run.name": name, "run.output_dir": str(st.folder)})
+    _, summary = train_config(cfg, run_dir, overwrite=run_dir.exists(), run_test=False)
+    kinds = [o.kind for o in st.cfg.objectives]
+    measured = scores(st, run_dir, summary)
+    result["measured"] = {"task": measured[kinds.index("task")],
+                          "retention": measured[kinds.index("retention")] if "retention" in kinds
+                          else retention_change(summary, retention_set(st)), "run": str(run_dir)}
+    result["setting"] = setting
+    (st.folder / "law.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result

@@ -1,0 +1,116 @@
+"""Running a study: each trial trains its setting (for each repeat seed) as an ordinary run
+folder in the study folder and scores it on dev data; the loop stops at the trial budget (all
+workers together) or this process's time budget."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from routetune.errors import RunError
+from routetune.sweep.space import suggest
+from routetune.sweep.study import (Study, open_study, retention_change, retention_set, scores, task_metric,
+                                   trial_config, trial_name)
+from routetune.training.events import EVAL
+from routetune.workflow import resume_run, train_config
+
+log = logging.getLogger("routetune")
+
+
+def _pruning_listener(st: Study, trial):
+    import optuna
+
+    metric = task_metric(st, st.cfg.objectives[0])
+
+    def listen(record: dict) -> None:
+        if record.get("event") == EVAL and metric in record.get("metrics", {}):
+            trial.report(float(record["metrics"][metric]), record["step"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {record['step']}")
+    return listen
+
+
+def _train_one(st: Study, trial, setting: dict, repeat: int, listeners: list) -> tuple[Path, dict]:
+    """One seed of a trial's setting. A retried trial continues the dead trial's run folder from its
+    last checkpoint when it has one."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    earlier = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    old = st.folder / trial_name(earlier, repeat) if earlier is not None else None
+    if old is not None and (old / "checkpoints").is_dir():
+        try:
+            log.info("trial %d: continuing %s (its process stopped)", trial.number, old.name)
+            return resume_run(old, run_test=False, callbacks=listeners)
+        except RunError:  # it stopped before its first checkpoint: trained afresh below, its folder kept
+            log.info("trial %d: %s has no complete checkpoint; training the setting afresh", trial.number, old.name)
+    cfg = trial_config(st, setting)
+    seeds = {"train.seed": cfg.train.seed + repeat, "routing.seed": cfg.routing.seed + repeat} if repeat else {}
+    name = trial_name(trial.number, repeat)
+    cfg = trial_config(st, {**setting, **seeds, "run.name": name, "run.output_dir": str(st.folder)})
+    return train_config(cfg, st.folder / name, run_test=False, callbacks=listeners)
+
+
+def objective(st: Study):
+    def run(trial):
+        setting = suggest(trial, st.cfg.space)
+        trial.set_user_attr("setting", setting)
+        log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in setting.items()))
+        totals = None
+        for repeat in range(st.cfg.repeats):
+            listeners = [_pruning_listener(st, trial)] if st.cfg.pruner != "none" and repeat == 0 else []
+            run_dir, summary = _train_one(st, trial, setting, repeat, listeners)
+            values = scores(st, run_dir, summary)
+            trial.set_user_attr(f"run{repeat}", {"run": str(run_dir), "values": values})
+            totals = values if totals is None else [a + b for a, b in zip(totals, values)]
+        values = [v / st.cfg.repeats for v in totals]
+        if st.cfg.max_retention is not None:
+            kinds = [o.kind for o in st.cfg.objectives]
+            change = values[kinds.index("retention")] if "retention" in kinds else _mean_retention(st, trial)
+            trial.set_user_attr("retention", change)
+            trial.set_user_attr("constraint", [change - st.cfg.max_retention])
+        log.info("trial %d: %s", trial.number, ", ".join(f"{o.kind} {v:.4f}" for o, v in zip(st.cfg.objectives, values)))
+        return values[0] if len(values) == 1 else tuple(values)
+    return run
+
+
+def _mean_retention(st: Study, trial) -> float:
+    name = retention_set(st)
+    changes = [retention_change(json.loads((Path(trial.user_attrs[f"run{r}"]["run"]) / "summary.json").read_text()),
+                                name)
+               for r in range(st.cfg.repeats)]
+    return sum(changes) / len(changes)
+
+
+def _counts(study) -> tuple[int, int, int]:
+    """(finished, running, waiting) trials of the study, all workers."""
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return (sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states), states.count(TrialState.RUNNING),
+            states.count(TrialState.WAITING))
+
+
+def optimize(sweep_path: str | Path, resume: bool = False) -> Study:
+    """Run trials until the study has `trials` finished ones (all workers) or `timeout` passes.
+    Dead trials are failed once their heartbeat is stale and their settings queued again."""
+    from optuna.storages import fail_stale_trials
+
+    st = open_study(sweep_path, resume)
+    started, cfg = time.time(), st.cfg
+    run = objective(st)
+    log.info("study %s: %d trials wanted (%d finished so far)", st.folder, cfg.trials, _counts(st.study)[0])
+    while True:
+        fail_stale_trials(st.study)  # a dead worker's trial: failed, its setting queued again (WAITING)
+        done, running, waiting = _counts(st.study)
+        if done >= cfg.trials or (cfg.timeout is not None and time.time() - started > cfg.timeout):
+            break
+        if not waiting and done + running >= cfg.trials:  # the rest is with other workers (alive or not)
+            time.sleep(min(cfg.heartbeat, 10))
+            continue
+        st.study.optimize(run, n_trials=1, catch=())
+    done, _, _ = _counts(st.study)
+    log.info("study %s: %d trials finished", st.folder, done)
+    return st

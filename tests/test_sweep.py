@@ -1,0 +1,241 @@
+"""`routetune sweep`: an optuna study whose trials are run folders scored on dev data; it resumes
+after kill -9 losing at most the running trial, two processes share one study, the chosen
+settings are confirmed on test with seeds and intervals, a mixing law is fitted and checked, and
+the report draws the front."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import make_config, run_cli
+
+optuna = pytest.importorskip("optuna")
+
+from routetune.errors import ConfigError, RunError  # noqa: E402
+
+
+def _sweep(tmp_path, tiny_model_dir, ner_files, **extra):
+    held_dev, held_test = tmp_path / "general-dev.txt", tmp_path / "general-test.txt"
+    held_dev.write_text("the river of bread and salt ran past the store in paris . " * 20)
+    held_test.write_text("john opened a store in london and the apple was salt . " * 20)
+    base = make_config(tmp_path, tiny_model_dir, ner_files, **{
+        "train.epochs": 1, "train.eval_each_epoch": True,
+        "evals": {"general-dev": {"path": str(held_dev), "split": "dev"}, "general-test": {"path": str(held_test)}}})
+    sweep = {"base": base.name, "output_dir": str(tmp_path / "studies"), "name": "mix", "trials": 3,
+             "sampler": "random", "seed": 5, "heartbeat": 1,
+             "objectives": [{"kind": "task"}, {"kind": "retention"}],
+             "space": {"routing.weights": {"type": "simplex", "keys": ["ner", "general"]},
+                       "train.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True}},
+             "baselines": {"plain": {"routing.weights.general": 0.0}}, **extra}
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def _trials(study_dir):
+    from routetune.report_study import load_study
+
+    return load_study(study_dir)[1].get_trials(deepcopy=False)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir):
+    from conftest import write_task_and_general
+    from routetune.sweep.run import optimize
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = _sweep(tmp, tiny_model_dir, write_task_and_general(tmp), trials=4)
+    st = optimize(path)
+    return path, st.folder
+
+
+def test_trials_are_run_folders_scored_on_dev_data_only(finished):
+    from routetune.sweep.study import retention_change
+
+    path, folder = finished
+    trials = _trials(folder)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    for t in trials:
+        run_dir = folder / f"trial-{t.number:04d}"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert "test" not in summary  # never scored on test during the search
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["train"]["lr"] == pytest.approx(t.params["train.lr"])
+        weights = t.user_attrs["setting"]
+        assert cfg["routing"]["weights"]["general"] == pytest.approx(weights["routing.weights.general"])
+        assert weights["routing.weights.ner"] + weights["routing.weights.general"] == pytest.approx(1, abs=1e-5)
+        evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        dev = [e["metrics"]["ner/f1"] for e in evals if e["event"] == "eval" and e["step"] == summary["best"]["step"]]
+        assert t.values[0] == pytest.approx(dev[-1])
+        assert t.values[1] == pytest.approx(retention_change(summary, "general-dev"))
+        assert set(summary["dev"]) == {"general-dev"} and "general-dev/mlm_loss" in summary["before_after"]
+
+
+def test_the_report_draws_the_front_and_lists_the_trials(finished):
+    _, folder = finished
+    out = json.loads(run_cli("report", str(folder), "--json").stdout)
+    assert out["objectives"] == ["task", "retention"] and len(out["trials"]) == 4 and out["pareto_front"]
+    run_cli("report", str(folder))
+    assert (folder / "report" / "study_front.png").stat().st_size > 5000
+    md = (folder / "report" / "report.md").read_text()
+    assert "| trial | state | task | retention | front | feasible | setting |" in md
+
+
+def test_confirm_trains_fresh_seeds_and_reports_test_intervals(finished):
+    from scipy import stats
+
+    from routetune.sweep.confirm import SEED_BASE, confirm
+
+    path, folder = finished
+    report = confirm(path, 2)
+    labels = set(report["scores"])
+    assert {"base", "plain"} <= labels and any(n.startswith("trial-") for n in labels)
+    plain = report["scores"]["plain"]["test ner/f1"]
+    runs = [json.loads((folder / "confirm" / f"plain-seed{SEED_BASE + i}" / "summary.json").read_text())
+            for i in range(2)]
+    values = [r["test"]["ner"]["f1"] for r in runs]
+    assert plain["values"] == values
+    sd = math.sqrt(sum((v - sum(values) / 2) ** 2 for v in values))
+    assert plain["half"] == pytest.approx(stats.t.ppf(0.975, 1) * sd / math.sqrt(2))
+    cfgs = [yaml.safe_load((folder / "confirm" / f"plain-seed{SEED_BASE + i}" / "config.yaml").read_text())
+            for i in range(2)]
+    assert [c["train"]["seed"] for c in cfgs] == [SEED_BASE, SEED_BASE + 1]
+    assert cfgs[0]["routing"]["weights"]["general"] == 0
+    assert "general-test/mlm_loss change" in report["scores"]["base"]
+    assert "general-dev/mlm_loss change" not in report["scores"]["base"]  # dev sets chose; test confirms
+    assert any(k.endswith("- plain: test ner/f1") for k in report["paired"])
+    assert report == confirm(path, 2)  # a second call reuses the finished runs
+
+
+def test_the_mixing_law_predicts_and_a_run_measures(finished):
+    from routetune.sweep.law import _fit, law
+
+    x = [0.0, 0.1, 0.2, 0.4, 0.6]
+    import numpy as np
+
+    fit = _fit(np.array(x), np.array([0.5 + 0.3 * math.exp(-4 * v) for v in x]))
+    assert (fit["c"], fit["k"], fit["t"]) == pytest.approx((0.5, 0.3, -4), rel=1e-3)
+    path, folder = finished
+    result = law(path, "routing.weights.general", budget=10.0)
+    assert 0 <= result["predicted"]["x"] <= 1 and (folder / "law-check" / "summary.json").is_file()
+    assert set(result["measured"]) == {"task", "retention", "run"}
+    cfg = yaml.safe_load((folder / "law-check" / "config.yaml").read_text())
+    assert cfg["routing"]["weights"]["general"] == pytest.approx(result["predicted"]["x"], abs=1e-6)
+    assert json.loads((folder / "law.json").read_text())["predicted"] == result["predicted"]
+
+
+def test_kill_9_loses_at_most_the_running_trial(tmp_path, tiny_model_dir, ner_files):
+    path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=2, **{"set": {"train.save_every_steps": 2}})
+    killed = run_cli("sweep", str(path), fault="after_step:3", check=False)  # SIGKILL inside trial 0
+    assert killed.returncode != 0
+    folder = tmp_path / "studies" / "mix"
+    assert [t.state.name for t in _trials(folder)] == ["RUNNING"]
+    again = run_cli("sweep", str(path), "--resume")
+    assert "trial" in again.stdout
+    trials = _trials(folder)
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == 2 and states.count("FAIL") == 1
+    failed = next(t for t in trials if t.state.name == "FAIL")
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == failed.number)
+    assert retry.params == failed.params  # the killed trial's setting, tried again
+    # it continued the killed trial's run folder from its checkpoint instead of starting over
+    assert retry.user_attrs["run0"]["run"].endswith(f"trial-{failed.number:04d}")
+    assert "resumed from step-" in (folder / f"trial-{failed.number:04d}" / "train.log").read_text()
+
+
+def test_two_processes_share_one_study(tmp_path, tiny_model_dir, ner_files):
+    path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=4)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env.pop("ROUTETUNE_FAULT", None)
+    first = subprocess.Popen([sys.executable, "-m", "routetune.cli", "sweep", str(path)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "studies" / "mix"
+    for _ in range(600):  # the second worker joins once the first has created the study
+        if (folder / "study.db").is_file():
+            break
+        time.sleep(0.1)
+    second = subprocess.run([sys.executable, "-m", "routetune.cli", "sweep", str(path), "--resume"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, err + second.stderr
+    trials = _trials(folder)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4  # four in all, not four each
+    assert sorted(p.name for p in folder.glob("trial-*")) == [f"trial-{i:04d}" for i in range(4)]
+
+
+def test_sweep_file_mistakes_are_one_line(tmp_path, tiny_model_dir, ner_files):
+    from routetune.sweep.study import open_study
+
+    path = _sweep(tmp_path, tiny_model_dir, ner_files)
+    bad = yaml.safe_load(path.read_text())
+    bad["space"]["train.lrr"] = {"type": "float", "low": 1e-4, "high": 1e-3}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"mix.yaml: space.train.lrr: .*train.lrr"):
+        open_study(path, resume=False)
+    bad["space"].pop("train.lrr")
+    bad["space"]["train.lr"] = {"type": "float", "low": 1e-3, "high": 1e-4}
+    path.write_text(yaml.safe_dump(bad))
+    proc = run_cli("sweep", str(path), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith(f"error: {path}:") and "space.train.lr.high: expected a value above low" in proc.stderr
+    bad["space"]["train.lr"] = {"type": "float", "low": 1e-4, "high": 1e-3}
+    bad["pruner"] = "median"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="pruning needs a single objective"):
+        open_study(path, resume=False)
+    bad["pruner"] = "none"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(RunError, match="no study to resume"):
+        open_study(path, resume=True)
+    open_study(path, resume=False)
+    with pytest.raises(RunError, match="the study exists; --resume continues it"):
+        open_study(path, resume=False)
+    mine = tmp_path / "studies" / "other"
+    mine.mkdir()
+    bad["name"] = "other"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(RunError, match="exists and is not a routetune study"):
+        open_study(path, resume=False)
+
+
+def test_the_space_samples_conditions_and_simplexes(tmp_path):
+    from routetune.sweep.config import Param
+    from routetune.sweep.space import suggest
+
+    space = {"peft.r": Param(type="int", low=2, high=16, when={"peft.method": "lora"}),
+             "peft.method": Param(type="categorical", choices=["none", "lora"]),
+             "routing.weights": Param(type="simplex", keys=["a", "b", "c"])}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        values = suggest(trial, space)
+        seen.add(values["peft.method"])
+        assert ("peft.r" in values) == (values["peft.method"] == "lora")
+        assert sum(values[f"routing.weights.{k}"] for k in "abc") == pytest.approx(1, abs=1e-5)
+        study.tell(trial, 0.0)
+    assert seen == {"none", "lora"}
+
+
+def test_pruning_reports_dev_scores_and_stops_a_trial():
+    from types import SimpleNamespace
+
+    from routetune.sweep.run import _pruning_listener
+
+    reported = []
+    trial = SimpleNamespace(report=lambda v, s: reported.append((s, v)), should_prune=lambda: len(reported) > 1)
+    st = SimpleNamespace(cfg=SimpleNamespace(objectives=[SimpleNamespace(kind="task", metric="ner/f1")]))
+    listen = _pruning_listener(st, trial)
+    listen({"event": "train", "step": 1})
+    listen({"event": "eval", "step": 4, "metrics": {"ner/f1": 0.2}})
+    with pytest.raises(optuna.TrialPruned):
+        listen({"event": "eval", "step": 8, "metrics": {"ner/f1": 0.1}})
+    assert reported == [(4, 0.2), (8, 0.1)]
