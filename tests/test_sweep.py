@@ -125,9 +125,10 @@ def test_the_mixing_law_predicts_and_a_run_measures(finished):
     assert (fit["c"], fit["k"], fit["t"]) == pytest.approx((0.5, 0.3, -4), rel=1e-3)
     path, folder = finished
     result = law(path, "routing.weights.general", budget=10.0)
-    assert 0 <= result["predicted"]["x"] <= 1 and (folder / "law-check" / "summary.json").is_file()
-    assert set(result["measured"]) == {"task", "retention", "run"}
-    cfg = yaml.safe_load((folder / "law-check" / "config.yaml").read_text())
+    check = folder / f"law-check-general-{result['predicted']['x']:.4f}"
+    assert 0 <= result["predicted"]["x"] <= 1 and (check / "summary.json").is_file()
+    assert set(result["measured"]) == {"task", "retention", "run"} and result["measured"]["run"] == str(check)
+    cfg = yaml.safe_load((check / "config.yaml").read_text())
     assert cfg["routing"]["weights"]["general"] == pytest.approx(result["predicted"]["x"], abs=1e-6)
     assert json.loads((folder / "law.json").read_text())["predicted"] == result["predicted"]
 

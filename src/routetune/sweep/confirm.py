@@ -14,7 +14,7 @@ from pathlib import Path
 
 from routetune.errors import RunError
 from routetune.sweep.study import Study, open_study, task_metric, trial_config
-from routetune.workflow import train_config
+from routetune.workflow import resume_run, train_config
 
 log = logging.getLogger("routetune")
 SEED_BASE = 1000  # confirmation seeds: train.seed = routing.seed = 1000 + i, apart from the search's
@@ -75,13 +75,10 @@ def confirm(sweep_path: str | Path, k: int) -> dict:
             seed = SEED_BASE + i
             name = f"{label}-seed{seed}"
             run_dir = st.folder / "confirm" / name
-            if (run_dir / "summary.json").is_file():  # done in an earlier call
-                summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-            else:
-                cfg = trial_config(st, {**setting, "train.seed": seed, "routing.seed": seed, "run.name": name,
-                                        "run.output_dir": str(st.folder / "confirm")})
-                log.info("confirm %s (%d of %d)", name, i + 1, k)
-                _, summary = train_config(cfg, run_dir, overwrite=run_dir.exists(), run_test=True)
+            cfg = trial_config(st, {**setting, "train.seed": seed, "routing.seed": seed, "run.name": name,
+                                    "run.output_dir": str(st.folder / "confirm")})
+            log.info("confirm %s (%d of %d)", name, i + 1, k)
+            summary = run_or_continue(cfg, run_dir, run_test=True)
             for key, value in _test_scores(st, summary).items():
                 results.setdefault(label, {}).setdefault(key, []).append(value)
     report = {"seeds": [SEED_BASE + i for i in range(k)], "settings": settings,
@@ -90,6 +87,19 @@ def confirm(sweep_path: str | Path, k: int) -> dict:
               "paired": _paired(results, [n for n in settings if not n.startswith("trial-")])}
     (st.folder / "confirm.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def run_or_continue(cfg, run_dir: Path, run_test: bool) -> dict:
+    """A run's summary: read when it finished earlier, continued from its last checkpoint when it
+    stopped, trained otherwise (a folder it left without a checkpoint is replaced: it is ours)."""
+    if (run_dir / "summary.json").is_file():
+        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    if (run_dir / "checkpoints").is_dir():
+        try:
+            return resume_run(run_dir, run_test=run_test)[1]
+        except RunError:
+            pass
+    return train_config(cfg, run_dir, overwrite=run_dir.exists(), run_test=run_test)[1]
 
 
 def _paired(results: dict, baselines: list[str]) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 
 from routetune.errors import RunError
 from routetune.sweep.study import Study, open_study, retention_change, retention_set, scores, trial_config
-from routetune.workflow import train_config
+from routetune.sweep.confirm import run_or_continue
 
 log = logging.getLogger("routetune")
 
@@ -109,10 +109,10 @@ def law(sweep_path: str | Path, key: str, budget: float) -> dict:
     st = open_study(sweep_path, resume=True)
     result = fit_law(st, key, budget)
     setting = _setting_at(st, key, result["predicted"]["x"])
-    name = "law-check"
+    name = f"law-check-{key.rpartition('.')[2]}-{result['predicted']['x']:.4f}"  # one folder per prediction
     run_dir = st.folder / name
     cfg = trial_config(st, {**setting, "run.name": name, "run.output_dir": str(st.folder)})
-    _, summary = train_config(cfg, run_dir, overwrite=run_dir.exists(), run_test=False)
+    summary = run_or_continue(cfg, run_dir, run_test=False)
     kinds = [o.kind for o in st.cfg.objectives]
     measured = scores(st, run_dir, summary)
     result["measured"] = {"task": measured[kinds.index("task")],
