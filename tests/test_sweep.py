@@ -240,3 +240,27 @@ def test_pruning_reports_dev_scores_and_stops_a_trial():
     with pytest.raises(optuna.TrialPruned):
         listen({"event": "eval", "step": 8, "metrics": {"ner/f1": 0.1}})
     assert reported == [(4, 0.2), (8, 0.1)]
+
+
+def test_ctrl_c_stops_the_study_and_resume_continues_the_stopped_trial(tmp_path, tiny_model_dir, ner_files):
+    import signal
+
+    path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=2, **{"set": {"train.save_every_steps": 1}})
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env.pop("ROUTETUNE_FAULT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "routetune.cli", "sweep", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "studies" / "mix"
+    for _ in range(1200):  # interrupt once the first trial has a checkpoint
+        if list((folder / "trial-0000" / "checkpoints").glob("step-*")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("aborted"), err
+    assert [t.state.name for t in _trials(folder)] == ["FAIL"]
+    run_cli("sweep", str(path), "--resume")
+    trials = _trials(folder)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
+    assert trials[1].user_attrs["run0"]["run"].endswith("trial-0000")  # the stopped run, continued

@@ -379,7 +379,9 @@ def main() -> None:
         result = _run_app()
     finally:
         _leave_process_group()
-    if isinstance(result, int) and result:  # typer.Exit(code) in non-standalone mode
+    if isinstance(result, int) and result:  # typer.Exit(code), or 130: typer turned Ctrl-C into a return code
+        if result == 130:
+            typer.echo("aborted", err=True)
         sys.exit(result)
 
 

@@ -39,6 +39,7 @@ def _train_one(st: Study, trial, setting: dict, repeat: int, listeners: list) ->
 
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
     earlier = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    earlier = frozen.user_attrs.get("retry_of") if earlier is None else earlier
     old = st.folder / trial_name(earlier, repeat) if earlier is not None else None
     if old is not None and (old / "checkpoints").is_dir():
         try:
@@ -55,6 +56,13 @@ def _train_one(st: Study, trial, setting: dict, repeat: int, listeners: list) ->
 
 def objective(st: Study):
     def run(trial):
+        try:
+            return _run(trial)
+        except KeyboardInterrupt:  # Ctrl-C: optuna marks the trial failed; --resume tries it again
+            trial.set_user_attr("interrupted", True)
+            raise
+
+    def _run(trial):
         setting = suggest(trial, st.cfg.space)
         trial.set_user_attr("setting", setting)
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in setting.items()))
@@ -84,6 +92,18 @@ def _mean_retention(st: Study, trial) -> float:
     return sum(changes) / len(changes)
 
 
+def _requeue_interrupted(study) -> None:
+    """Trials stopped with Ctrl-C (marked failed by optuna) are queued again once; their retry
+    continues the stopped run folder, as for a dead worker's trial."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+
+
 def _counts(study) -> tuple[int, int, int]:
     """(finished, running, waiting) trials of the study, all workers."""
     from optuna.trial import TrialState
@@ -100,6 +120,8 @@ def optimize(sweep_path: str | Path, resume: bool = False) -> Study:
 
     st = open_study(sweep_path, resume)
     started, cfg = time.time(), st.cfg
+    if resume:
+        _requeue_interrupted(st.study)
     run = objective(st)
     log.info("study %s: %d trials wanted (%d finished so far)", st.folder, cfg.trials, _counts(st.study)[0])
     while True:

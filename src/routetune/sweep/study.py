@@ -128,7 +128,7 @@ def open_study(sweep_path: str | Path, resume: bool) -> Study:
                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                              max_retry=3, inherit_intermediate_values=True),
                          engine_kwargs={"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failing trial's error reaches the user as routetune's own
     # a joining or resumed process samples from its own stream, so two workers do not propose the same points
     seed = cfg.seed if not resume else int(hashlib.sha256(f"{cfg.seed}:{os.getpid()}:{time.time()}".encode())
                                            .hexdigest()[:8], 16)
