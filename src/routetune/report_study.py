@@ -56,7 +56,9 @@ def _importances(study, kinds: list[str]) -> dict:
     out = {}
     for i, kind in enumerate(kinds):
         try:
-            out[kind] = optuna.importance.get_param_importances(study, target=lambda t, i=i: t.values[i])
+            # fANOVA: the share of the objective's variance each parameter explains (direction-free)
+            out[kind] = optuna.importance.get_param_importances(
+                study, target=lambda t, i=i: t.values[i], evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
         except (ValueError, RuntimeError):  # e.g. a parameter that never varied
             continue
     return out
@@ -111,7 +113,7 @@ def _plot_importances(data: dict, out: Path) -> str | None:
 
 
 def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def write_study_report(folder: Path, out: Path | None = None) -> Path:
