@@ -3,12 +3,15 @@ going through a wrapper (timers, A/B switches, profilers)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+# the examples read the public data sets from $ROUTETUNE_DATA; here the shared copy beside the checkout
+os.environ.setdefault("ROUTETUNE_DATA", str(ROOT.parent / "shared" / "data"))
 
 # the bench work: only the example's primary source, no evaluations, logging or progress bar
 BENCH_SETTINGS = ("routing.weights.general=0", "train.eval_each_epoch=false", "train.eval_before=false",

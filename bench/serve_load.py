@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 DATA = Path(os.environ.get("ROUTETUNE_DATA", ROOT.parent / "shared" / "data"))
+os.environ.setdefault("ROUTETUNE_DATA", str(DATA))  # the examples read their data from there
 
 NAIVE = textwrap.dedent('''
     import sys

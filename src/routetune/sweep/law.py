@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,8 @@ def _fit(x: np.ndarray, y: np.ndarray) -> dict:
     for t0 in (-5.0, -1.0, 1.0, 5.0):  # the sign and scale of the curvature are not known beforehand
         try:
             k0 = (y[np.argmax(x)] - y[np.argmin(x)]) / (math.exp(t0 * x.max()) - math.exp(t0 * x.min()) or 1.0)
-            with np.errstate(over="ignore", invalid="ignore"):  # trial curvatures that overflow are rejected
+            with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # overflowing curvatures and flat data: judged by the RMSE below
                 p, _ = curve_fit(_form, x, y, p0=(float(y.mean()), float(k0), t0), maxfev=20000)
         except (RuntimeError, ValueError, OverflowError):
             continue
