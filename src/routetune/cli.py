@@ -21,8 +21,6 @@ _LIMITS = Limits()  # the serving defaults, defined once (serve/limits.py)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained language models with seeded routing of task and general data.")
-app.add_typer(data_app, name="data")
-app.command("sweep")(sweep_cmd)
 
 
 DEVICE_HELP = "auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N"
@@ -358,6 +356,10 @@ def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run folders to put 
     from routetune.report import compare_table
 
     typer.echo(compare_table(runs))
+
+
+app.command("sweep")(sweep_cmd)  # listed after the run commands; defined in cli_sweep.py
+app.add_typer(data_app, name="data")
 
 
 def _usage_error(exc: BaseException) -> bool:
