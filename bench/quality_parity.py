@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -42,16 +41,6 @@ sys.path.insert(0, str(ROOT / "src"))
 DATA = Path(os.environ.get("ROUTETUNE_DATA", ROOT.parent / "shared" / "data"))
 os.environ.setdefault("ROUTETUNE_DATA", str(DATA))  # the examples read their data from there
 EPOCHS, BATCH, LR, WD, MAX_LENGTH = 3, 16, 5e-5, 0.01, 128
-
-
-def interval(values: list[float]) -> dict:
-    from scipy import stats
-
-    n, mean = len(values), sum(values) / len(values)
-    if n < 2:
-        return {"mean": mean, "half": None, "n": n}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return {"mean": mean, "half": float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)), "n": n}
 
 
 def run_routetune(seed: int, precision: str, extra: list[str], out: Path) -> dict:
@@ -152,6 +141,8 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
+    from routetune.sweep.confirm import interval  # mean and 95% t-interval, as --confirm reports them
+
     globals()["EPOCHS"] = a.epochs
     results: dict = {}
     with tempfile.TemporaryDirectory() as runs:
@@ -178,7 +169,7 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(table, indent=2) + "\n")
     fmt = lambda i: f"{i['mean']:.4f}" + (f" ± {i['half']:.4f}" if i["half"] is not None else "")  # noqa: E731
-    print(f"\n| variant | dev F1 | test F1 | routetune − variant, test (paired) |\n|---|---|---|---|")
+    print("\n| variant | dev F1 | test F1 | routetune − variant, test (paired) |\n|---|---|---|---|")
     for variant, v in table["variants"].items():
         paired = fmt(v["routetune_minus_this_test"]) if "routetune_minus_this_test" in v else ""
         print(f"| {variant} | {fmt(v['dev'])} | {fmt(v['test'])} | {paired} |")

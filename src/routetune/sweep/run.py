@@ -4,7 +4,6 @@ workers together) or this process's time budget."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -66,30 +65,23 @@ def objective(st: Study):
         setting = suggest(trial, st.cfg.space)
         trial.set_user_attr("setting", setting)
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in setting.items()))
-        totals = None
+        totals, changes = None, []
         for repeat in range(st.cfg.repeats):
             listeners = [_pruning_listener(st, trial)] if st.cfg.pruner != "none" and repeat == 0 else []
             run_dir, summary = _train_one(st, trial, setting, repeat, listeners)
             values = scores(st, run_dir, summary)
             trial.set_user_attr(f"run{repeat}", {"run": str(run_dir), "values": values})
             totals = values if totals is None else [a + b for a, b in zip(totals, values)]
+            if st.cfg.max_retention is not None:  # the constraint's retention, objective or not
+                changes.append(retention_change(summary, retention_set(st)))
         values = [v / st.cfg.repeats for v in totals]
         if st.cfg.max_retention is not None:
-            kinds = [o.kind for o in st.cfg.objectives]
-            change = values[kinds.index("retention")] if "retention" in kinds else _mean_retention(st, trial)
+            change = sum(changes) / len(changes)
             trial.set_user_attr("retention", change)
             trial.set_user_attr("constraint", [change - st.cfg.max_retention])
         log.info("trial %d: %s", trial.number, ", ".join(f"{o.kind} {v:.4f}" for o, v in zip(st.cfg.objectives, values)))
         return values[0] if len(values) == 1 else tuple(values)
     return run
-
-
-def _mean_retention(st: Study, trial) -> float:
-    name = retention_set(st)
-    changes = [retention_change(json.loads((Path(trial.user_attrs[f"run{r}"]["run"]) / "summary.json").read_text()),
-                                name)
-               for r in range(st.cfg.repeats)]
-    return sum(changes) / len(changes)
 
 
 def _requeue_interrupted(study) -> None:

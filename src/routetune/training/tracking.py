@@ -86,7 +86,26 @@ def _flat(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-class MLflow:
+class _Forwarder:
+    """A tracker that takes each event's numbers as one dict per step (MLflow, trackio, W&B)."""
+
+    def __call__(self, record: dict) -> None:
+        values = scalars(record)
+        if values:
+            self.log(values, record.get("step", 0))
+
+
+def _saved_run_id(run_dir: Path, tool: str, resume_step: int | None) -> str | None:
+    """The tool's run id kept in RUN/<tool>.json, when resuming (a resume continues the same run)."""
+    note = run_dir / f"{tool}.json"
+    return json.loads(note.read_text())["run_id"] if resume_step is not None and note.is_file() else None
+
+
+def _save_run_id(run_dir: Path, tool: str, run_id: str) -> None:
+    (run_dir / f"{tool}.json").write_text(json.dumps({"run_id": run_id}) + "\n")
+
+
+class MLflow(_Forwarder):
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
         import mlflow  # optional package: imported when asked for
 
@@ -94,23 +113,20 @@ class MLflow:
         # MLflow 3 keeps its file store for reading old runs only: the default is SQLite in the run folder
         mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
         mlflow.set_experiment("routetune")
-        note = run_dir / "mlflow.json"
-        run_id = json.loads(note.read_text())["run_id"] if resume_step is not None and note.is_file() else None
+        run_id = _saved_run_id(run_dir, "mlflow", resume_step)
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
         if run_id is None:
-            note.write_text(json.dumps({"run_id": self.run.info.run_id}) + "\n")
+            _save_run_id(run_dir, "mlflow", self.run.info.run_id)
             mlflow.log_params(_flat(cfg.model_dump(mode="json")))
 
-    def __call__(self, record: dict) -> None:
-        values = scalars(record)
-        if values:
-            self.mlflow.log_metrics(values, step=record.get("step", 0))
+    def log(self, values: dict, step: int) -> None:
+        self.mlflow.log_metrics(values, step=step)
 
     def close(self) -> None:
         self.mlflow.end_run()
 
 
-class Trackio:
+class Trackio(_Forwarder):
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
         import trackio  # optional package: imported when asked for
 
@@ -119,31 +135,26 @@ class Trackio:
                      config=cfg.model_dump(mode="json"), resume="never" if resume_step is None else "allow",
                      embed=False, auto_log_gpu=False, auto_log_cpu=False)
 
-    def __call__(self, record: dict) -> None:
-        values = scalars(record)
-        if values:
-            self.trackio.log(values, step=record.get("step", 0))
+    def log(self, values: dict, step: int) -> None:
+        self.trackio.log(values, step=step)
 
     def close(self) -> None:
         self.trackio.finish()
 
 
-class WandB:
+class WandB(_Forwarder):
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
         import wandb  # optional package: imported when asked for
 
-        note = run_dir / "wandb.json"
-        run_id = json.loads(note.read_text())["run_id"] if resume_step is not None and note.is_file() else None
+        run_id = _saved_run_id(run_dir, "wandb", resume_step)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "routetune", name=run_dir.name,
                               id=run_id, resume="allow" if run_id else None, dir=str(run_dir),
                               config=cfg.model_dump(mode="json"))
         if run_id is None:
-            note.write_text(json.dumps({"run_id": self.run.id}) + "\n")
+            _save_run_id(run_dir, "wandb", self.run.id)
 
-    def __call__(self, record: dict) -> None:
-        values = scalars(record)
-        if values:
-            self.run.log(values, step=record.get("step", 0))
+    def log(self, values: dict, step: int) -> None:
+        self.run.log(values, step=step)
 
     def close(self) -> None:
         self.run.finish()
