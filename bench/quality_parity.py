@@ -1,29 +1,38 @@
 """Quality parity: routetune's defaults against the Hugging Face Trainer's standard recipe, same
 data, model, budget and evaluation code, over several seeds.
 
-    .venv/bin/python bench/quality_parity.py --seeds 1 2 3 4 5             # WNUT-17 NER, fp32
-    .venv/bin/python bench/quality_parity.py --seeds 1 2 3 --variants routetune hf hf-grouped
-    .venv/bin/python bench/quality_parity.py --seeds 1 2 3 --variants routetune routetune:train.dropout_impl=torch
+    .venv/bin/python bench/quality_parity.py --seeds 1 2 3 4 5                   # WNUT-17 NER, fp32
+    .venv/bin/python bench/quality_parity.py --work polarity --variants routetune hf hf-grouped
+    .venv/bin/python bench/quality_parity.py --epochs 1 --variants routetune routetune:train.group_by_length=true
 
-Work ``ner``: minilm-l6 token classification on WNUT-17 (train 3,394 / dev 1,009 / test 1,287
-sentences), 3 epochs, batch 16, lr 5e-5, weight decay 0.01, no warm-up, max_length 128, fp32
-(``--precision bf16`` where the CPU has native bf16).
+Works (both fp32 by default; ``--precision bf16`` where the CPU has native bf16):
 
-* ``routetune``: examples/wnut17-minilm.yaml with the general text switched off
-  (``routing.weights.general=0``, so the task source has all the weight) and every default as
-  shipped: dev F1 each epoch, the best checkpoint scored on test. ``routetune:KEY=VALUE`` adds an
-  override (a lever off, for ablations).
-* ``hf``: AutoModelForTokenClassification + DataCollatorForTokenClassification + Trainer, the
-  token-classification recipe of the transformers examples (the first sub-word of each word
+* ``ner``: minilm-l6 token classification on WNUT-17 (train 3,394 / dev 1,009 / test 1,287
+  sentences), 3 epochs, batch 16, lr 5e-5, weight decay 0.01, no warm-up, max_length 128;
+  entity-level micro F1 (seqeval).
+* ``polarity``: minilm-l6 sequence classification on sentence polarity (10,662 sentences; 10% dev
+  and 10% test held out by routetune's seeded rule, the same split on both sides), 2 epochs,
+  batch 32, lr 5e-5, weight decay 0.01, no warm-up, max_length 64; accuracy.
+
+Variants:
+
+* ``routetune``: the work's example config (examples/wnut17-minilm.yaml, polarity-minilm.yaml)
+  with the general text switched off (``routing.weights.general=0``, so the task source has all
+  the weight) and every default as shipped: dev score each epoch, the best checkpoint scored on
+  test. ``routetune:KEY=VALUE[,KEY=VALUE]`` adds overrides (a lever switched, for ablations).
+* ``hf``: AutoModelFor{TokenClassification,SequenceClassification} + the matching data collator
+  + Trainer, the recipe of the transformers examples (for NER the first sub-word of each word
   labelled, the rest -100), with the setting a competent user gives it to match routetune's
-  checkpoint choice: evaluation each epoch and ``load_best_model_at_end`` on dev entity F1.
+  checkpoint choice: evaluation each epoch and ``load_best_model_at_end`` on the dev score.
   ``hf-grouped`` adds ``train_sampling_strategy="group_by_length"``.
 
-Both sides are scored by the same code: words tagged from the first sub-word's prediction (words
-cut off by max_length tagged O), entity-level micro F1 by seqeval (routetune.evaluate.metrics).
-Each variant and seed trains in this process, one after the other. Printed and written to
-``--out`` (JSON): per variant dev and test F1 per seed, mean ± 95% t-interval, and the paired
-difference (same seed) of each variant to ``routetune``.
+Both sides are scored by the same code: for NER, words tagged from the first sub-word's
+prediction (words cut off by max_length tagged O) and entity F1 by seqeval
+(routetune.evaluate.metrics); for polarity, the arg-max class. Each variant and seed trains in
+this process, one after the other. Printed and written to ``--out`` (JSON): per variant dev and
+test score per seed, mean ± 95% t-interval, and the paired difference (same seed) of each variant
+to ``routetune``. ``--append`` adds this invocation's seeds to the results already in ``--out``
+for the same work, epochs and precision (each seed records the commit it ran on).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,22 +50,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 DATA = Path(os.environ.get("ROUTETUNE_DATA", ROOT.parent / "shared" / "data"))
 os.environ.setdefault("ROUTETUNE_DATA", str(DATA))  # the examples read their data from there
-EPOCHS, BATCH, LR, WD, MAX_LENGTH = 3, 16, 5e-5, 0.01, 128
+# per work: example config, task source, score, and the budget both sides get
+WORKS = {"ner": {"example": "wnut17-minilm.yaml", "source": "wnut17", "metric": "f1", "epochs": 3, "batch": 16,
+                 "max_length": 128},
+         "polarity": {"example": "polarity-minilm.yaml", "source": "polarity", "metric": "accuracy", "epochs": 2,
+                      "batch": 32, "max_length": 64}}
+LR, WD = 5e-5, 0.01
 
 
-def run_routetune(seed: int, precision: str, extra: list[str], out: Path) -> dict:
+def run_routetune(work: dict, seed: int, precision: str, extra: list[str], out: Path) -> dict:
     from routetune.workflow import train
 
-    overrides = ["routing.weights.general=0", f"train.epochs={EPOCHS}", f"train.precision={precision}", f"train.seed={seed}",
-                 f"routing.seed={seed}", "train.progress=false", f"run.output_dir={out}",
+    src, key = work["source"], f"{work['source']}/{work['metric']}"
+    overrides = ["routing.weights.general=0", f"train.epochs={work['epochs']}", f"train.precision={precision}",
+                 f"train.seed={seed}", f"routing.seed={seed}", "train.progress=false", f"run.output_dir={out}",
                  f"run.name=routetune-{seed}-{abs(hash(tuple(extra))) % 10**6}", *extra]
-    _, summary = train(ROOT / "examples" / "wnut17-minilm.yaml", overrides, overwrite=True, run_test=True)
+    _, summary = train(ROOT / "examples" / work["example"], overrides, overwrite=True, run_test=True)
     events = [json.loads(x) for x in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()]
-    dev = [e["metrics"]["wnut17/f1"] for e in events if e["event"] == "eval" and e["step"] == summary["best"]["step"]]
-    return {"dev": dev[-1], "test": summary["test"]["wnut17"]["f1"], "seconds": summary["train_seconds"]}
+    dev = [e["metrics"][key] for e in events if e["event"] == "eval" and e["step"] == summary["best"]["step"]]
+    return {"dev": dev[-1], "test": summary["test"][src][work["metric"]], "seconds": summary["train_seconds"]}
 
 
-def _tag(model, tok, sents, labels: list[str]) -> list[list[str]]:
+def _tag(model, tok, sents, labels: list[str], max_length: int) -> list[list[str]]:
     """Word tags from the first sub-word's prediction; words past max_length get O."""
     import torch
 
@@ -64,7 +80,7 @@ def _tag(model, tok, sents, labels: list[str]) -> list[list[str]]:
     with torch.inference_mode():
         for i in range(0, len(sents), 64):
             chunk = sents[i:i + 64]
-            enc = tok([s.tokens for s in chunk], is_split_into_words=True, truncation=True, max_length=MAX_LENGTH,
+            enc = tok([s.tokens for s in chunk], is_split_into_words=True, truncation=True, max_length=max_length,
                       padding=True, return_tensors="pt")
             pred = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.argmax(-1)
             for b, s in enumerate(chunk):
@@ -77,102 +93,172 @@ def _tag(model, tok, sents, labels: list[str]) -> list[list[str]]:
     return out
 
 
-def run_hf(seed: int, precision: str, grouped: bool) -> dict:
-    from transformers import (AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification,
-                              Trainer, TrainingArguments)
+def _classify(model, tok, examples, max_length: int) -> list[int]:
+    import torch
+
+    out = []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(examples), 64):
+            enc = tok([e.text for e in examples[i:i + 64]], truncation=True, max_length=max_length, padding=True,
+                      return_tensors="pt")
+            out += model(**enc).logits.argmax(-1).tolist()
+    return out
+
+
+def ner_task(tok, max_length: int) -> dict:
+    """WNUT-17 for the Trainer: rows, the model class, and the word-level scorer."""
+    from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
     from routetune.data.readers import read_conll
     from routetune.evaluate.metrics import entity_scores
-    from routetune.model.load import pick_attention, resolve_model
 
-    path = resolve_model("minilm-l6")
     split = {n: read_conll(DATA / "wnut17" / f) for n, f in
              [("train", "wnut17train.conll"), ("dev", "emerging.dev.conll"), ("test", "emerging.test.annotated")]}
     labels = sorted({t for s in split["train"] for t in s.tags})
+
+    def row(s):
+        enc = tok(s.tokens, is_split_into_words=True, truncation=True, max_length=max_length)
+        prev, lab = None, []
+        for w in enc.word_ids():
+            lab.append(-100 if w is None or w == prev else labels.index(s.tags[w]) if s.tags[w] in labels else 0)
+            prev = w
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": lab}
+
+    def score(model, name):
+        return entity_scores([s.tags for s in split[name]], _tag(model, tok, split[name], labels, max_length))["f1"]
+
+    return {"train": [row(s) for s in split["train"]], "dev_row": row(split["dev"][0]), "labels": labels,
+            "model": AutoModelForTokenClassification, "collator": DataCollatorForTokenClassification(tok),
+            "score": score}
+
+
+def polarity_task(tok, max_length: int) -> dict:
+    """Sentence polarity for the Trainer, split by routetune's own holdout rule (the same sentences)."""
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+    from routetune.config.load import load_config
+    from routetune.data.build import _split
+    from routetune.data.readers import read_examples
+
+    sc = load_config(ROOT / "examples" / WORKS["polarity"]["example"]).sources["polarity"]
+    train, dev, test = _split(read_examples(sc.train, sc.format), sc, "polarity")
+    split = {"train": train, "dev": dev, "test": test}
+    labels = sorted({e.label for e in train})
+
+    def row(e):
+        enc = tok(e.text, truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels.index(e.label)}
+
+    def score(model, name):
+        pred = _classify(model, tok, split[name], max_length)
+        return sum(labels[p] == e.label for p, e in zip(pred, split[name])) / len(pred)
+
+    return {"train": [row(e) for e in train], "dev_row": row(dev[0]), "labels": labels,
+            "model": AutoModelForSequenceClassification, "collator": DataCollatorWithPadding(tok), "score": score}
+
+
+def run_hf(work_name: str, seed: int, precision: str, grouped: bool) -> dict:
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    from routetune.model.load import pick_attention, resolve_model
+
+    work = WORKS[work_name]
+    path = resolve_model("minilm-l6")
     tok = AutoTokenizer.from_pretrained(path)
-
-    def rows(sents):
-        out = []
-        for s in sents:
-            enc = tok(s.tokens, is_split_into_words=True, truncation=True, max_length=MAX_LENGTH)
-            prev, lab = None, []
-            for w in enc.word_ids():
-                lab.append(-100 if w is None or w == prev else labels.index(s.tags[w]) if s.tags[w] in labels else 0)
-                prev = w
-            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": lab})
-        return out
-
-    dev_rows = rows(split["dev"])
-
-    def dev_f1(_):  # the same word-level seqeval scoring as routetune's, on the model being trained
-        return {"f1": entity_scores([s.tags for s in split["dev"]], _tag(trainer.model, tok, split["dev"], labels))["f1"]}
-
-    model = AutoModelForTokenClassification.from_pretrained(
+    task = (ner_task if work_name == "ner" else polarity_task)(tok, work["max_length"])
+    labels = task["labels"]
+    model = task["model"].from_pretrained(
         path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={t: i for i, t in enumerate(labels)},
         attn_implementation=pick_attention("auto", False, "cpu"))
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(out, num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH,
+        args = TrainingArguments(out, num_train_epochs=work["epochs"], per_device_train_batch_size=work["batch"],
                                  per_device_eval_batch_size=64, learning_rate=LR, weight_decay=WD,
                                  bf16=precision == "bf16", use_cpu=True, seed=seed, report_to=[],
                                  eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
-                                 metric_for_best_model="f1", save_total_limit=1, logging_strategy="no",
+                                 metric_for_best_model="score", save_total_limit=1, logging_strategy="no",
                                  dataloader_num_workers=0,
                                  train_sampling_strategy="group_by_length" if grouped else "random")
         # the Trainer's own evaluation loop runs on one row; compute_metrics scores the whole dev set
-        # with the word-level scorer above, so the checkpoint is chosen on the same F1 as routetune's
-        trainer = Trainer(model=model, args=args, train_dataset=rows(split["train"]), eval_dataset=dev_rows[:1],
-                          data_collator=DataCollatorForTokenClassification(tok),
-                          compute_metrics=dev_f1)
+        # with the scorer above, so the checkpoint is chosen on the same dev score as routetune's
+        trainer = Trainer(model=model, args=args, train_dataset=task["train"], eval_dataset=[task["dev_row"]],
+                          data_collator=task["collator"],
+                          compute_metrics=lambda _: {"score": task["score"](trainer.model, "dev")})
         started = time.time()
         trainer.train()
         seconds = time.time() - started
-    scores = {n: entity_scores([s.tags for s in split[n]], _tag(trainer.model, tok, split[n], labels))["f1"]
-              for n in ("dev", "test")}
-    return {**scores, "seconds": round(seconds, 1)}
+    return {**{n: task["score"](trainer.model, n) for n in ("dev", "test")}, "seconds": round(seconds, 1)}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def summarise(table: dict) -> None:
+    """Mean ± 95% interval per variant and the paired difference to ``routetune`` (same seeds)."""
+    from routetune.sweep.confirm import interval  # mean and 95% t-interval, as --confirm reports them
+
+    runs = table["runs"]
+    base = runs.get("routetune", {})
+    table["variants"] = {}
+    for variant, by_seed in runs.items():
+        v = {s: interval([r[s] for r in by_seed.values()]) for s in ("dev", "test")}
+        paired = [k for k in by_seed if k in base]
+        if variant != "routetune" and paired:
+            for s in ("dev", "test"):
+                v[f"routetune_minus_this_{s}"] = interval([base[k][s] - by_seed[k][s] for k in paired])
+        table["variants"][variant] = v
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="ner", choices=sorted(WORKS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    ap.add_argument("--variants", nargs="+", default=["routetune", "hf"])
+    ap.add_argument("--variants", nargs="+", default=["routetune", "hf", "hf-grouped"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--epochs", type=int, default=3, help="Fewer for a quick check of the harness only")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality_parity.json")
+    ap.add_argument("--epochs", type=int, help="Instead of the work's own (3 for ner, 2 for polarity)")
+    ap.add_argument("--out", type=Path, help="JSON results (default runs/quality_parity_WORK_EEPOCHS_PRECISION.json)")
+    ap.add_argument("--append", action="store_true", help="Add to the runs already in --out")
     a = ap.parse_args()
     import torch
 
-    from routetune.sweep.confirm import interval  # mean and 95% t-interval, as --confirm reports them
-
-    globals()["EPOCHS"] = a.epochs
-    results: dict = {}
+    work = WORKS[a.work]
+    if a.epochs:
+        work["epochs"] = a.epochs
+    out = a.out or ROOT / "runs" / f"quality_parity_{a.work}_e{work['epochs']}_{a.precision}.json"
+    table = {"work": a.work, "epochs": work["epochs"], "precision": a.precision, "metric": work["metric"], "runs": {}}
+    if a.append and out.exists():
+        table = json.loads(out.read_text())
+        if (table["work"], table["epochs"], table["precision"]) != (a.work, work["epochs"], a.precision):
+            sys.exit(f"--append: {out} holds work {table['work']}, {table['epochs']} epochs, {table['precision']}")
+    table.update(cpu=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
+    commit = _commit()
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as runs:
         for seed in a.seeds:
             for variant in a.variants:
                 kind, _, extra = variant.partition(":")
                 if kind == "routetune":
-                    r = run_routetune(seed, a.precision, extra.split(",") if extra else [], Path(runs))
+                    r = run_routetune(work, seed, a.precision, extra.split(",") if extra else [], Path(runs))
                 else:
-                    r = run_hf(seed, a.precision, grouped=kind == "hf-grouped")
-                results.setdefault(variant, {})[seed] = r
-                print(f"seed {seed} {variant}: dev F1 {r['dev']:.4f} test F1 {r['test']:.4f} ({r['seconds']:.0f} s)",
+                    r = run_hf(a.work, seed, a.precision, grouped=kind == "hf-grouped")
+                r.update(commit=commit, date=time.strftime("%Y-%m-%d %H:%M"))
+                table["runs"].setdefault(variant, {})[str(seed)] = r
+                print(f"seed {seed} {variant}: dev {r['dev']:.4f} test {r['test']:.4f} ({r['seconds']:.0f} s)",
                       flush=True)
-    table = {"work": "ner (WNUT-17, minilm-l6, 3 epochs)", "precision": a.precision, "seeds": a.seeds,
-             "cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-             "date": time.strftime("%Y-%m-%d %H:%M"), "variants": {}}
-    for variant, by_seed in results.items():
-        table["variants"][variant] = {s: interval([r[s] for r in by_seed.values()]) for s in ("dev", "test")}
-        table["variants"][variant]["per_seed"] = by_seed
-        if variant != "routetune" and "routetune" in results:
-            for s in ("dev", "test"):
-                diffs = [results["routetune"][k][s] - r[s] for k, r in by_seed.items()]
-                table["variants"][variant][f"routetune_minus_this_{s}"] = interval(diffs)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(table, indent=2) + "\n")
+                summarise(table)
+                out.write_text(json.dumps(table, indent=2) + "\n")  # after every run: a killed bench keeps them
     fmt = lambda i: f"{i['mean']:.4f}" + (f" ± {i['half']:.4f}" if i["half"] is not None else "")  # noqa: E731
-    print("\n| variant | dev F1 | test F1 | routetune − variant, test (paired) |\n|---|---|---|---|")
+    print(f"\n{a.work}, {work['epochs']} epochs, {a.precision}, {work['metric']} (written to {out})")
+    print("| variant | seeds | dev | test | routetune − variant, test (paired) |\n|---|---|---|---|---|")
     for variant, v in table["variants"].items():
         paired = fmt(v["routetune_minus_this_test"]) if "routetune_minus_this_test" in v else ""
-        print(f"| {variant} | {fmt(v['dev'])} | {fmt(v['test'])} | {paired} |")
+        seeds = ", ".join(table["runs"][variant])
+        print(f"| {variant} | {seeds} | {fmt(v['dev'])} | {fmt(v['test'])} | {paired} |")
 
 
 if __name__ == "__main__":
