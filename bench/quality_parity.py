@@ -214,6 +214,33 @@ def summarise(table: dict) -> None:
         table["variants"][variant] = v
 
 
+def print_table(table: dict, out: Path) -> None:
+    fmt = lambda i: f"{i['mean']:.4f}" + (f" ± {i['half']:.4f}" if i["half"] is not None else "")  # noqa: E731
+    print(f"\n{table['work']}, {table['epochs']} epochs, {table['precision']}, {table['metric']} (written to {out})")
+    print("| variant | seeds | dev | test | routetune − variant, test (paired) |\n|---|---|---|---|---|")
+    for variant, v in table["variants"].items():
+        paired = fmt(v["routetune_minus_this_test"]) if "routetune_minus_this_test" in v else ""
+        print(f"| {variant} | {', '.join(table['runs'][variant])} | {fmt(v['dev'])} | {fmt(v['test'])} | {paired} |")
+
+
+def merge(files: list[Path], out: Path) -> None:
+    """One table from the runs of several invocations of the same work, epochs and precision
+    (e.g. run side by side): a later file's run of a variant and seed replaces an earlier one."""
+    tables = [json.loads(f.read_text()) for f in files]
+    kinds = {(t["work"], t["epochs"], t["precision"]) for t in tables}
+    if len(kinds) != 1:
+        sys.exit(f"--merge: the files hold different works, epochs or precisions: {sorted(kinds)}")
+    table = {k: tables[0][k] for k in ("work", "epochs", "precision", "metric")}
+    table["runs"] = {}
+    for t in tables:
+        for variant, by_seed in t["runs"].items():
+            table["runs"].setdefault(variant, {}).update(by_seed)
+    table["merged_from"] = [str(f) for f in files]
+    summarise(table)
+    out.write_text(json.dumps(table, indent=2) + "\n")
+    print_table(table, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="ner", choices=sorted(WORKS))
@@ -223,7 +250,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="Instead of the work's own (3 for ner, 2 for polarity)")
     ap.add_argument("--out", type=Path, help="JSON results (default runs/quality_parity_WORK_EEPOCHS_PRECISION.json)")
     ap.add_argument("--append", action="store_true", help="Add to the runs already in --out")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="Train nothing: one table from these results files, written to --out")
     a = ap.parse_args()
+    if a.merge:
+        return merge(a.merge, a.out or ROOT / "runs" / "quality_parity_merged.json")
     import torch
 
     work = WORKS[a.work]
@@ -246,19 +277,13 @@ def main() -> None:
                     r = run_routetune(work, seed, a.precision, extra.split(",") if extra else [], Path(runs))
                 else:
                     r = run_hf(a.work, seed, a.precision, grouped=kind == "hf-grouped")
-                r.update(commit=commit, date=time.strftime("%Y-%m-%d %H:%M"))
+                r.update(commit=commit, date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads())
                 table["runs"].setdefault(variant, {})[str(seed)] = r
                 print(f"seed {seed} {variant}: dev {r['dev']:.4f} test {r['test']:.4f} ({r['seconds']:.0f} s)",
                       flush=True)
                 summarise(table)
                 out.write_text(json.dumps(table, indent=2) + "\n")  # after every run: a killed bench keeps them
-    fmt = lambda i: f"{i['mean']:.4f}" + (f" ± {i['half']:.4f}" if i["half"] is not None else "")  # noqa: E731
-    print(f"\n{a.work}, {work['epochs']} epochs, {a.precision}, {work['metric']} (written to {out})")
-    print("| variant | seeds | dev | test | routetune − variant, test (paired) |\n|---|---|---|---|---|")
-    for variant, v in table["variants"].items():
-        paired = fmt(v["routetune_minus_this_test"]) if "routetune_minus_this_test" in v else ""
-        seeds = ", ".join(table["runs"][variant])
-        print(f"| {variant} | {seeds} | {fmt(v['dev'])} | {fmt(v['test'])} | {paired} |")
+    print_table(table, out)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,10 @@ def test_fuzz_10000(name):
     _run(name, SLOW)
 
 
-def test_resolve_text_files_only_ours():
-    for spec in ["", "/", "\x00", "*", "**/*.nothing", str(TMP / "missing"), "[", "~nobody/x"]:
+def test_resolve_text_files_only_ours(tmp_path, monkeypatch):
+    # from an empty folder: "" and the globs are relative to it, and an empty folder stands in for
+    # "/" (a folder is searched recursively; the whole file system would take half a minute)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    for spec in ["", str(tmp_path / "empty"), "\x00", "*", "**/*.nothing", str(TMP / "missing"), "[", "~nobody/x"]:
         _only_ours(resolve_text_files, spec)
