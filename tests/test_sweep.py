@@ -264,3 +264,27 @@ def test_ctrl_c_stops_the_study_and_resume_continues_the_stopped_trial(tmp_path,
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
     assert trials[1].user_attrs["run0"]["run"].endswith("trial-0000")  # the stopped run, continued
+
+
+def test_a_retention_budget_marks_trials_infeasible_and_the_best_feasible_one_is_chosen(tmp_path, tiny_model_dir):
+    from conftest import write_task_and_general
+    from routetune.sweep.confirm import chosen_trials
+    from routetune.sweep.run import optimize
+    from routetune.sweep.study import retention_change
+
+    path = _sweep(tmp_path, tiny_model_dir, write_task_and_general(tmp_path), trials=3, objectives=[{"kind": "task"}],
+                  max_retention=-0.01)  # today: one of the three trials is infeasible, two are not
+    st = optimize(path)
+    trials = _trials(st.folder)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    for t in trials:  # retention is not an objective here, but the constraint measures it on the dev set
+        summary = json.loads((st.folder / f"trial-{t.number:04d}" / "summary.json").read_text())
+        change = retention_change(summary, "general-dev")
+        assert len(t.values) == 1 and t.user_attrs["retention"] == pytest.approx(change)
+        assert t.user_attrs["constraint"] == pytest.approx([change + 0.01])
+    feasible = [t for t in trials if t.user_attrs["retention"] <= -0.01]
+    if feasible:
+        assert [t.number for t in chosen_trials(st)] == [max(feasible, key=lambda t: t.values[0]).number]
+    else:
+        with pytest.raises(RunError, match="no finished trial meets the constraints"):
+            chosen_trials(st)
