@@ -1,7 +1,7 @@
 """Replay with the Hugging Face recipe, in the same harness as routetune: the reference a mixture
 chosen by `routetune sweep` is compared with.
 
-    .venv/bin/python bench/replay_reference.py --share 0.25 --seeds 1001 1002 1003
+    .venv/bin/python bench/replay_reference.py --share 0.25 --seeds 1000 1001 1002
     .venv/bin/python bench/replay_reference.py --share 0 0.25 --seeds 1001 --steps 5 \
         --set evals.wikitext.max_blocks=40                                               # a quick look
 
@@ -128,7 +128,7 @@ def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--share", type=float, nargs="+", default=[0.25], help="General share(s) of the examples")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1001, 1002, 1003])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002])
     ap.add_argument("--variants", nargs="+", default=["hf", "routetune"], choices=["hf", "routetune"])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
