@@ -10,8 +10,11 @@ and the two never share the cores):
 
 * ner: minilm-l6 token classification on WNUT-17 train, batch 16, max_length 128, AdamW lr 5e-5.
   HF: AutoModelForTokenClassification + DataCollatorForTokenClassification + Trainer, twice: the
-  default (random) sampler and `train_sampling_strategy="group_by_length"`; the ratio is taken
-  against the faster of the two. routetune: examples/wnut17-minilm.yaml with general routing at 0.
+  default (random) sampler and `train_sampling_strategy="group_by_length"`. routetune:
+  examples/wnut17-minilm.yaml with general routing at 0, also twice: its default (random order)
+  and `train.group_by_length=true`. Ratios: routetune's default against the faster Trainer
+  setting, and each order against the Trainer's same order (the pairs whose quality matches:
+  grouping lowers dev F1 on both sides, docs/results.md).
 * clm: smollm2-135m, LoRA r=8 alpha 16 dropout 0.05 on q,k,v,o, causal-LM on 128-token blocks of
   Tiny Shakespeare, batch 8, lr 2e-4. HF: get_peft_model + Trainer. routetune:
   examples/shakespeare-smollm2.yaml with general routing at 0.
@@ -359,10 +362,14 @@ def main() -> None:
             if args.hf_fp32 and args.precision == "bf16":
                 kinds += [k + "-fp32" for k in kinds]
             kinds.append("routetune")
+            if work == "ner":  # length grouping is off by default; its speed is measured next to it
+                kinds.append("routetune-grouped")
             for kind in kinds:
                 if args.only and not kind.startswith(args.only):
                     continue
-                r = run_child(kind, work, steps, args.skip, args.set if kind == "routetune" else [], args.precision)
+                extra = [*args.set, "train.group_by_length=true"] if kind == "routetune-grouped" else args.set
+                r = run_child(kind.removesuffix("-grouped") if kind.startswith("routetune") else kind, work, steps,
+                              args.skip, extra if kind.startswith("routetune") else [], args.precision)
                 peaks.append(r["matmul_peak_after_gflops"])
                 row[kind] = r
                 print(f"{work:4s} {kind:15s} {r['tokens_per_s']:8.0f} tokens/s  {r['timed_steps']} steps "
@@ -375,11 +382,15 @@ def main() -> None:
                 row["ratio"] = row["routetune"]["tokens_per_s"] / hf_best[0]
                 row["hf_best"] = hf_best[1]
                 print(f"{work:4s} ratio routetune/HF best ({hf_best[1]}): {row['ratio']:.2f}", flush=True)
+            for mine, theirs in (("routetune", "hf"), ("routetune-grouped", "hf-grouped")):
+                if mine in row and theirs in row:  # the same order on both sides (the same quality)
+                    row[f"ratio_{mine}_{theirs}"] = row[mine]["tokens_per_s"] / row[theirs]["tokens_per_s"]
+                    print(f"{work:4s} ratio {mine}/{theirs}: {row[f'ratio_{mine}_{theirs}']:.2f}", flush=True)
             rounds.append(row)
         results[work] = rounds[0] if args.repeat == 1 else {"rounds": rounds}
         if args.repeat > 1:
             summary = {kind: statistics.median(r[kind]["tokens_per_s"] for r in rounds) for kind in rounds[0]
-                       if kind not in ("ratio", "hf_best")}
+                       if kind not in ("ratio", "hf_best") and not kind.startswith("ratio_")}
             if "ratio" in rounds[0]:
                 summary["ratio"] = statistics.median(r["ratio"] for r in rounds)
             results[work]["median"] = summary

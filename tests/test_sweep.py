@@ -248,8 +248,12 @@ def test_ctrl_c_stops_the_study_and_resume_continues_the_stopped_trial(tmp_path,
     path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=2, **{"set": {"train.save_every_steps": 1}})
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("ROUTETUNE_FAULT", None)
+    # a terminal's Ctrl-C: SIGINT at its default disposition in the child, even when this suite was
+    # started in the background (a shell starts background jobs with SIGINT ignored, and Python
+    # keeps an inherited SIG_IGN, so the signal would never arrive)
     proc = subprocess.Popen([sys.executable, "-m", "routetune.cli", "sweep", str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     folder = tmp_path / "studies" / "mix"
     for _ in range(1200):  # interrupt once the first trial has a checkpoint
         if list((folder / "trial-0000" / "checkpoints").glob("step-*")):
