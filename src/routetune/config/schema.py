@@ -120,7 +120,7 @@ class TrainConfig(Strict):
     fused: bool = True
     """Use PyTorch's fused AdamW kernel (one pass over all parameters; measured ~1.4x faster steps for full fine-tuning of minilm-l6). false: the per-tensor loop."""
     group_by_length: bool = False
-    """Serve sized sources in a length-grouped order (mega-batches of 50 batches sorted by length, batches shuffled): less padding, so faster steps (WNUT-17 NER on CPU ~1.2x), same examples per epoch. Off by default: in the quality-parity runs (docs/results.md) it lowered WNUT-17 dev F1 on most paired seeds, as the Trainer's own group_by_length did on all five, while test F1 stayed within noise; the random order is the safe default."""
+    """Serve sized sources in a length-grouped order (mega-batches of 50 batches sorted by length, batches shuffled): less padding, so faster steps (WNUT-17 NER on a 2-core CPU 1.2-1.5x), same examples per epoch. Off by default: in the quality-parity runs (docs/results.md) it lowered WNUT-17 dev F1 on most paired seeds, as the Trainer's own group_by_length did on all five, while test F1 stayed within noise; the random order is the safe default."""
     bf16_frozen_weights: bool = True
     """When training in bf16: hold frozen Linear weights (e.g. the base model under LoRA) as bf16 copies while training, instead of autocast re-casting them at every call. Same matmul operands; fp32 originals are what checkpoints save."""
     fast_dropout: bool = True
