@@ -233,3 +233,23 @@ def test_compare_names_runs_apart_counts_as_integers_and_differences(tmp_path, t
     assert header.rstrip(" |").endswith(f"elsewhere/{run_dir.name} - runs/{run_dir.name}")
     f1 = next(line for line in table.splitlines() if "| f1 |" in line)
     assert f1.rstrip(" |").endswith("+0.0000")
+
+
+def test_a_run_trains_the_same_whether_base_scores_are_cached_or_not(tmp_path, headless_bert, ner_files, monkeypatch):
+    """Scoring the base model (here: fitting an MLM head for it) must not move the random stream
+    training draws from; otherwise a warm cache of base-model scores changes the trained model."""
+    from routetune.workflow import train
+
+    monkeypatch.setenv("ROUTETUNE_BEFORE_CACHE", str(tmp_path / "before-cache"))
+    held = tmp_path / "held.txt"
+    held.write_text("the store in paris opened a river of bread and salt . " * 30)
+    summaries = []
+    for name in ("cold", "warm"):
+        cfg = make_config(tmp_path, headless_bert, ner_files, **{
+            "run.name": name, "evals": {"held": {"path": str(held)}},
+            "retention": {"fit_steps": 5, "fit_batch_size": 4, "fit_lr": 1e-2}})
+        summaries.append(train(cfg, run_test=True)[1])
+    cold, warm = summaries
+    assert any((tmp_path / "before-cache").iterdir())  # the second run read the first one's scores
+    assert cold["before"] == warm["before"]
+    assert cold["test"] == warm["test"] and cold["before_after"] == warm["before_after"]
