@@ -4,6 +4,7 @@ data, model, budget and evaluation code, over several seeds.
     .venv/bin/python bench/quality_parity.py --seeds 1 2 3 4 5                   # WNUT-17 NER, fp32
     .venv/bin/python bench/quality_parity.py --work polarity --variants routetune hf hf-grouped
     .venv/bin/python bench/quality_parity.py --epochs 1 --variants routetune routetune:train.group_by_length=true
+    .venv/bin/python bench/quality_parity.py --work lm --variants routetune hf       # causal-LM LoRA, 40 steps
 
 Works (both fp32 by default; ``--precision bf16`` where the CPU has native bf16):
 
@@ -13,6 +14,13 @@ Works (both fp32 by default; ``--precision bf16`` where the CPU has native bf16)
 * ``polarity``: minilm-l6 sequence classification on sentence polarity (10,662 sentences; 10% dev
   and 10% test held out by routetune's seeded rule, the same split on both sides), 2 epochs,
   batch 32, lr 5e-5, weight decay 0.01, no warm-up, max_length 64; accuracy.
+* ``lm``: smollm2-135m with LoRA (r=8, alpha 16, dropout 0.05 on q,k,v,o) trained on 128-token
+  blocks of Tiny Shakespeare alone (examples/shakespeare-smollm2.yaml without its general replay),
+  ``--steps`` steps (default 40) of 8 blocks, lr 2e-4; the score is the perplexity of the held-out
+  last 10% of the text (lower is better), WikiText-2 test (its first 40 blocks) beside it. No
+  checkpoint is chosen (the run ends at its last step), so there is no dev score. Both sides come
+  from ``bench/replay_reference.py`` with a general share of 0: the Trainer gets routetune's own
+  blocks, the same LoRA settings and ``DataCollatorForLanguageModeling``.
 
 Variants:
 
@@ -54,7 +62,8 @@ os.environ.setdefault("ROUTETUNE_DATA", str(DATA))  # the examples read their da
 WORKS = {"ner": {"example": "wnut17-minilm.yaml", "source": "wnut17", "metric": "f1", "epochs": 3, "batch": 16,
                  "max_length": 128},
          "polarity": {"example": "polarity-minilm.yaml", "source": "polarity", "metric": "accuracy", "epochs": 2,
-                      "batch": 32, "max_length": 64}}
+                      "batch": 32, "max_length": 64},
+         "lm": {"example": "shakespeare-smollm2.yaml", "source": "shakespeare", "metric": "perplexity", "steps": 40}}
 LR, WD = 5e-5, 0.01
 
 
@@ -69,6 +78,20 @@ def run_routetune(work: dict, seed: int, precision: str, extra: list[str], out: 
     events = [json.loads(x) for x in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()]
     dev = [e["metrics"][key] for e in events if e["event"] == "eval" and e["step"] == summary["best"]["step"]]
     return {"dev": dev[-1], "test": summary["test"][src][work["metric"]], "seconds": summary["train_seconds"]}
+
+
+def run_lm(kind: str, work: dict, seed: int, precision: str, extra: list[str], out: Path) -> dict:
+    """The causal-LM work through bench/replay_reference.py's two sides, general share 0."""
+    if kind not in ("hf", "routetune"):
+        sys.exit(f"--variants: the lm work has routetune[:K=V] and hf, not {kind} (its blocks all have one length)")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import replay_reference as rr
+
+    extra = ["evals.wikitext.max_blocks=40", *extra]
+    r = (rr.run_hf(seed, 0.0, work["steps"], precision, extra) if kind == "hf"
+         else rr.run_routetune(seed, 0.0, work["steps"], precision, out, extra))
+    return {"test": r[rr.TASK]["after"], "wikitext": r[rr.HELD]["after"], "seconds": r["seconds"],
+            "base": {"test": r[rr.TASK]["before"], "wikitext": r[rr.HELD]["before"]}}
 
 
 def _tag(model, tok, sents, labels: list[str], max_length: int) -> list[list[str]]:
@@ -206,31 +229,42 @@ def summarise(table: dict) -> None:
     base = runs.get("routetune", {})
     table["variants"] = {}
     for variant, by_seed in runs.items():
-        v = {s: interval([r[s] for r in by_seed.values()]) for s in ("dev", "test")}
+        scores = [s for s in ("dev", "test", "wikitext") if all(s in r for r in by_seed.values())]
+        v = {s: interval([r[s] for r in by_seed.values()]) for s in scores}
         paired = [k for k in by_seed if k in base]
         if variant != "routetune" and paired:
-            for s in ("dev", "test"):
+            for s in scores:
                 v[f"routetune_minus_this_{s}"] = interval([base[k][s] - by_seed[k][s] for k in paired])
         table["variants"][variant] = v
 
 
 def print_table(table: dict, out: Path) -> None:
     fmt = lambda i: f"{i['mean']:.4f}" + (f" ± {i['half']:.4f}" if i["half"] is not None else "")  # noqa: E731
-    print(f"\n{table['work']}, {table['epochs']} epochs, {table['precision']}, {table['metric']} (written to {out})")
-    print("| variant | seeds | dev | test | routetune − variant, test (paired) |\n|---|---|---|---|---|")
+    scores = ["dev", "test"] if table["work"] != "lm" else ["test", "wikitext"]
+    print(f"\n{table['work']}, {_budget(table)}, {table['precision']}, {table['metric']} (written to {out})")
+    print(f"| variant | seeds | {' | '.join(scores)} | routetune − variant, test (paired) |\n|---|---|---|---|---|")
     for variant, v in table["variants"].items():
         paired = fmt(v["routetune_minus_this_test"]) if "routetune_minus_this_test" in v else ""
-        print(f"| {variant} | {', '.join(table['runs'][variant])} | {fmt(v['dev'])} | {fmt(v['test'])} | {paired} |")
+        cells = " | ".join(fmt(v[s]) for s in scores)
+        print(f"| {variant} | {', '.join(table['runs'][variant])} | {cells} | {paired} |")
+
+
+def _budget(table: dict) -> str:
+    return f"{table['steps']} steps" if table.get("steps") else f"{table['epochs']} epochs"
+
+
+def _kind(table: dict) -> tuple:
+    return table["work"], table.get("epochs"), table.get("steps"), table["precision"]
 
 
 def merge(files: list[Path], out: Path) -> None:
     """One table from the runs of several invocations of the same work, epochs and precision
     (e.g. run side by side): a later file's run of a variant and seed replaces an earlier one."""
     tables = [json.loads(f.read_text()) for f in files]
-    kinds = {(t["work"], t["epochs"], t["precision"]) for t in tables}
+    kinds = {_kind(t) for t in tables}
     if len(kinds) != 1:
-        sys.exit(f"--merge: the files hold different works, epochs or precisions: {sorted(kinds)}")
-    table = {k: tables[0][k] for k in ("work", "epochs", "precision", "metric")}
+        sys.exit(f"--merge: the files hold different works, budgets or precisions: {sorted(kinds, key=str)}")
+    table = {k: tables[0].get(k) for k in ("work", "epochs", "steps", "precision", "metric")}
     table["runs"] = {}
     for t in tables:
         for variant, by_seed in t["runs"].items():
@@ -245,10 +279,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="ner", choices=sorted(WORKS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    ap.add_argument("--variants", nargs="+", default=["routetune", "hf", "hf-grouped"])
+    ap.add_argument("--variants", nargs="+", help="Default: routetune hf hf-grouped (lm: routetune hf)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--epochs", type=int, help="Instead of the work's own (3 for ner, 2 for polarity)")
-    ap.add_argument("--out", type=Path, help="JSON results (default runs/quality_parity_WORK_EEPOCHS_PRECISION.json)")
+    ap.add_argument("--steps", type=int, help="lm: instead of its 40 steps")
+    ap.add_argument("--out", type=Path, help="JSON results (default runs/quality_parity_WORK_BUDGET_PRECISION.json)")
     ap.add_argument("--append", action="store_true", help="Add to the runs already in --out")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                     help="Train nothing: one table from these results files, written to --out")
@@ -258,14 +293,20 @@ def main() -> None:
     import torch
 
     work = WORKS[a.work]
-    if a.epochs:
+    a.variants = a.variants or (["routetune", "hf"] if a.work == "lm" else ["routetune", "hf", "hf-grouped"])
+    if a.epochs and "epochs" in work:
         work["epochs"] = a.epochs
-    out = a.out or ROOT / "runs" / f"quality_parity_{a.work}_e{work['epochs']}_{a.precision}.json"
-    table = {"work": a.work, "epochs": work["epochs"], "precision": a.precision, "metric": work["metric"], "runs": {}}
+    if a.steps and "steps" in work:
+        work["steps"] = a.steps
+    table = {"work": a.work, "epochs": work.get("epochs"), "steps": work.get("steps"), "precision": a.precision,
+             "metric": work["metric"], "runs": {}}
+    budget = f"s{table['steps']}" if table["steps"] else f"e{table['epochs']}"
+    out = a.out or ROOT / "runs" / f"quality_parity_{a.work}_{budget}_{a.precision}.json"
     if a.append and out.exists():
-        table = json.loads(out.read_text())
-        if (table["work"], table["epochs"], table["precision"]) != (a.work, work["epochs"], a.precision):
-            sys.exit(f"--append: {out} holds work {table['work']}, {table['epochs']} epochs, {table['precision']}")
+        old = json.loads(out.read_text())
+        if _kind(old) != _kind(table):
+            sys.exit(f"--append: {out} holds work {old['work']}, {_budget(old)}, {old['precision']}")
+        table = old
     table.update(cpu=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
     commit = _commit()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -273,14 +314,16 @@ def main() -> None:
         for seed in a.seeds:
             for variant in a.variants:
                 kind, _, extra = variant.partition(":")
-                if kind == "routetune":
+                if a.work == "lm":
+                    r = run_lm(kind, work, seed, a.precision, extra.split(",") if extra else [], Path(runs))
+                elif kind == "routetune":
                     r = run_routetune(work, seed, a.precision, extra.split(",") if extra else [], Path(runs))
                 else:
                     r = run_hf(a.work, seed, a.precision, grouped=kind == "hf-grouped")
                 r.update(commit=commit, date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads())
                 table["runs"].setdefault(variant, {})[str(seed)] = r
-                print(f"seed {seed} {variant}: dev {r['dev']:.4f} test {r['test']:.4f} ({r['seconds']:.0f} s)",
-                      flush=True)
+                print(f"seed {seed} {variant}: " + " ".join(f"{k} {r[k]:.4f}" for k in ("dev", "test", "wikitext")
+                                                             if k in r) + f" ({r['seconds']:.0f} s)", flush=True)
                 summarise(table)
                 out.write_text(json.dumps(table, indent=2) + "\n")  # after every run: a killed bench keeps them
     print_table(table, out)

@@ -77,6 +77,11 @@ def _scorer(model):
     return Scored()
 
 
+_BEFORE: dict = {}
+"""The base model's scores per (precision, overrides): they do not depend on the seed or share, so
+an invocation computes them once (as routetune's cache of base-model scores does)."""
+
+
 def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]) -> dict:
     from datasets import Dataset, interleave_datasets
     from peft import LoraConfig, get_peft_model
@@ -107,8 +112,10 @@ def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]
         return {n: text_scores(_scorer(model), "causal-lm", tok, s, cfg.model.max_length, cfg.train, precision)
                 ["perplexity"] for n, s in sets.items()}
 
-    with model.disable_adapter():
-        before = score()
+    if (precision, tuple(extra)) not in _BEFORE:
+        with model.disable_adapter():
+            _BEFORE[precision, tuple(extra)] = score()
+    before = _BEFORE[precision, tuple(extra)]
     t = cfg.train
     with tempfile.TemporaryDirectory() as out:
         # warmup_steps: a float below 1 is the share of the steps (transformers 5 folded warmup_ratio into it)
