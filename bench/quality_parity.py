@@ -84,8 +84,7 @@ def run_lm(kind: str, work: dict, seed: int, precision: str, extra: list[str], o
     """The causal-LM work through bench/replay_reference.py's two sides, general share 0."""
     if kind not in ("hf", "routetune"):
         sys.exit(f"--variants: the lm work has routetune[:K=V] and hf, not {kind} (its blocks all have one length)")
-    sys.path.insert(0, str(ROOT / "bench"))
-    import replay_reference as rr
+    import replay_reference as rr  # bench/, this script's folder, is on sys.path
 
     extra = ["evals.wikitext.max_blocks=40", *extra]
     r = (rr.run_hf(seed, 0.0, work["steps"], precision, extra) if kind == "hf"
@@ -240,7 +239,7 @@ def summarise(table: dict) -> None:
 
 def print_table(table: dict, out: Path) -> None:
     fmt = lambda i: f"{i['mean']:.4f}" + (f" ± {i['half']:.4f}" if i["half"] is not None else "")  # noqa: E731
-    scores = ["dev", "test"] if table["work"] != "lm" else ["test", "wikitext"]
+    scores = [s for s in ("dev", "test", "wikitext") if all(s in v for v in table["variants"].values())]
     print(f"\n{table['work']}, {_budget(table)}, {table['precision']}, {table['metric']} (written to {out})")
     print(f"| variant | seeds | {' | '.join(scores)} | routetune − variant, test (paired) |\n|---|---|---|---|---|")
     for variant, v in table["variants"].items():
