@@ -82,10 +82,17 @@ _BEFORE: dict = {}
 an invocation computes them once (as routetune's cache of base-model scores does)."""
 
 
-def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]) -> dict:
+def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str], start: dict | None = None,
+           order: list[list[int]] | None = None) -> dict:
+    """The Trainer's run. `start` (LoRA tensors by routetune's parameter names) replaces peft's
+    initialisation and `order` (blocks, in training order) the mixed, shuffled training set: with
+    both, the Trainer trains from routetune's start on routetune's blocks (bench/lm_same_start.py),
+    and the result gains "losses", the loss of every step."""
     from datasets import Dataset, interleave_datasets
+    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
     from routetune.config.load import load_config
     from routetune.data.build import build, build_evals, resolve_objective
@@ -103,10 +110,35 @@ def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]
     train_set = data[TASK] if share == 0 else interleave_datasets(
         [data[TASK], data[GENERAL]], probabilities=[1 - share, share], seed=seed, stopping_strategy="all_exhausted")
     p = cfg.peft
+    set_seed(seed)  # as the Trainer's examples do before building the model: the LoRA initialisation follows the seed
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(path, attn_implementation=pick_attention("auto", True, "cpu")),
         LoraConfig(task_type="CAUSAL_LM", r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
                    target_modules=list(p.target_modules)))
+    if start is not None:
+        # routetune injects the adapters into the transformers model itself; peft's wrapper adds
+        # "base_model.model." in front of the same names
+        own = {k: v for k, v in model.named_parameters() if "lora_" in k}
+        if set(own) != {"base_model.model." + k for k in start}:
+            raise ValueError("the LoRA parameters of the two models differ")
+        with torch.no_grad():
+            for name, value in start.items():
+                own["base_model.model." + name].copy_(value)
+    losses: list[float] = []
+
+    class Reference(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            # routetune's order instead of the Trainer's shuffle
+            return SequentialSampler(self.train_dataset) if order is not None else super()._get_train_sampler(*args, **kwargs)
+
+        def compute_loss(self, *args, **kwargs):
+            loss = super().compute_loss(*args, **kwargs)
+            if order is not None:
+                losses.append((loss[0] if isinstance(loss, tuple) else loss).item())
+            return loss
+
+    if order is not None:
+        train_set = Dataset.from_dict({"input_ids": order})
 
     def score() -> dict:
         return {n: text_scores(_scorer(model), "causal-lm", tok, s, cfg.model.max_length, cfg.train, precision)
@@ -123,13 +155,14 @@ def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]
                                  weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type="linear",
                                  bf16=precision == "bf16", use_cpu=True, seed=seed, report_to=[], save_strategy="no",
                                  logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=train_set,
-                          data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+        trainer = Reference(model=model, args=args, train_dataset=train_set,
+                            data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
         started = time.time()
         trainer.train()
         seconds = time.time() - started
     after = score()
-    return {n: {"before": before[n], "after": after[n]} for n in sets} | {"seconds": round(seconds, 1)}
+    return ({n: {"before": before[n], "after": after[n]} for n in sets} | {"seconds": round(seconds, 1)}
+            | ({"losses": losses} if order is not None else {}))
 
 
 def main() -> None:

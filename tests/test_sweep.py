@@ -207,6 +207,25 @@ def test_sweep_file_mistakes_are_one_line(tmp_path, tiny_model_dir, ner_files):
         open_study(path, resume=False)
 
 
+def test_a_study_without_dev_evaluations_fails_before_any_trial_trains(tmp_path, tiny_model_dir, ner_files):
+    from routetune.sweep.study import open_study
+
+    path = _sweep(tmp_path, tiny_model_dir, ner_files, set={"train.eval_each_epoch": False})
+    with pytest.raises(ConfigError, match=r"mix.yaml: objectives: 'ner/f1' .* never evaluate: set "
+                                          r"train.eval_each_epoch or train.eval_every_steps"):
+        open_study(path, resume=False)
+    path = _sweep(tmp_path, tiny_model_dir, ner_files, set={"sources.ner.dev": None})
+    with pytest.raises(ConfigError, match=r"source 'ner' has none: give it dev, holdout.dev or dataset.dev"):
+        open_study(path, resume=False)
+    path = _sweep(tmp_path, tiny_model_dir, ner_files, objectives=[{"kind": "task", "metric": "nerr/f1"}])
+    with pytest.raises(ConfigError, match=r"'nerr/f1' names no source of .*\(sources: general, ner\)"):
+        open_study(path, resume=False)
+    assert not (tmp_path / "studies").exists()  # nothing was written
+    path = _sweep(tmp_path, tiny_model_dir, ner_files, set={"train.eval_each_epoch": False,
+                                                            "train.eval_every_steps": 2})
+    assert open_study(path, resume=False).directions == ["maximize", "minimize"]
+
+
 def test_the_space_samples_conditions_and_simplexes(tmp_path):
     from routetune.sweep.config import Param
     from routetune.sweep.space import suggest

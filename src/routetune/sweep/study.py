@@ -97,6 +97,27 @@ def _check_space(st: Study) -> None:
             raise ConfigError(f"{st.sweep_path}: space.{key}: {exc}") from None
     if st.cfg.uses_retention:
         retention_set(st)
+    _check_dev_evaluation(st)
+
+
+def _check_dev_evaluation(st: Study) -> None:
+    """Each task objective's source has a dev set and the runs evaluate on it (else the first
+    trial would train and only then find nothing to score)."""
+    base = trial_config(st, {})
+    for obj in st.cfg.objectives:
+        if obj.kind != "task":
+            continue
+        metric = task_metric(st, obj)
+        source = base.sources.get(metric.split("/")[0])
+        if source is None:
+            raise ConfigError(f"{st.sweep_path}: objectives: {metric!r} names no source of {st.base_path.name} "
+                              f"(sources: {', '.join(base.sources)})")
+        if not (source.dev or (source.holdout and source.holdout.dev) or (source.dataset and source.dataset.dev)):
+            raise ConfigError(f"{st.sweep_path}: objectives: {metric!r} is read on dev data, and source "
+                              f"{metric.split('/')[0]!r} has none: give it dev, holdout.dev or dataset.dev")
+        if not (base.train.eval_each_epoch or base.train.eval_every_steps):
+            raise ConfigError(f"{st.sweep_path}: objectives: {metric!r} is read on dev data, and the runs never "
+                              "evaluate: set train.eval_each_epoch or train.eval_every_steps (in set:)")
 
 
 def open_study(sweep_path: str | Path, resume: bool) -> Study:
