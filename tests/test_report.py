@@ -238,8 +238,10 @@ def test_compare_names_runs_apart_counts_as_integers_and_differences(tmp_path, t
 def test_a_run_trains_the_same_whether_base_scores_are_cached_or_not(tmp_path, headless_bert, ner_files, monkeypatch):
     """Scoring the base model (here: fitting an MLM head for it) must not move the random stream
     training draws from; otherwise a warm cache of base-model scores changes the trained model."""
+    from routetune.evaluate import retention
     from routetune.workflow import train
 
+    retention._head_missing.cache_clear()  # the first check of a process loads the model (and its new head)
     monkeypatch.setenv("ROUTETUNE_BEFORE_CACHE", str(tmp_path / "before-cache"))
     held = tmp_path / "held.txt"
     held.write_text("the store in paris opened a river of bread and salt . " * 30)

@@ -208,11 +208,8 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
             step = trainer.restore(resume_from)
             log.info("resumed from %s at step %d of %d", resume_from.name, step, setup.total_steps)
         elif world.main and cfg.train.eval_before and setup.before_sets():
-            # scored (or fitted) on a forked random state: training draws the same random numbers
-            # whether the base-model scores come from the cache or are computed here
-            with _forked_rng(setup.hardware):
-                before = retention.score_before(setup.model, setup.model_path, setup.before_sets(),
-                                                setup.objectives, setup.tokenizer, cfg, setup.hardware, _fit(setup))
+            before = retention.score_before(setup.model, setup.model_path, setup.before_sets(), setup.objectives,
+                                            setup.tokenizer, cfg, setup.hardware, _fit(setup))
             (run_dir / "before.json").write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
         if world.main:
             trackers = tracking.open_trackers(cfg, run_dir, step)
@@ -266,13 +263,6 @@ def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: flo
     summary["wall_seconds"] = round(time.time() - started, 2)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
-
-
-def _forked_rng(hardware):
-    import torch
-
-    cuda = [hardware.device.index or 0] if hardware.cuda else []
-    return torch.random.fork_rng(devices=cuda, device_type="cuda")
 
 
 def _score_final(setup: Setup, sets: dict, summary: dict) -> dict:

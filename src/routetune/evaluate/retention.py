@@ -218,8 +218,11 @@ def base_model_name(cfg) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _head_missing(base: str, digest: str) -> bool:
-    """Whether the checkpoint at `base` lacks an MLM head (loaded once per version of its files)."""
-    return bool(load_lm(base)[1])
+    """Whether the checkpoint at `base` lacks an MLM head (loaded once per version of its files).
+    Loading initialises a missing head from torch's generator: on a forked state, so the first
+    run of a process draws the same random numbers as the next ones, for which this is cached."""
+    with torch.random.fork_rng(devices=[]):
+        return bool(load_lm(base)[1])
 
 
 def fit_recipe(cfg, sets: dict, objectives_of: dict) -> dict | None:
@@ -268,6 +271,7 @@ def score_before(model, model_path: str, sets: dict, objectives_of: dict, tokeni
     keys = {n: before_key(model_path, n, objectives_of[n], s, cfg, fit if objectives_of[n] == "masked-lm" else None,
                           hardware) for n, s in sets.items()}
     out, todo = {}, {}
+    import hashlib as _h; print("RNG0", _h.md5(torch.random.get_rng_state().numpy().tobytes()).hexdigest()[:8])
     for name, evalset in sets.items():
         hit = cached(keys[name]) if cfg.retention.cache_before else None
         if hit is not None:
@@ -284,10 +288,16 @@ def score_before(model, model_path: str, sets: dict, objectives_of: dict, tokeni
         out.update(score_sets(model, plain, objectives_of, tokenizer, cfg, hardware.precision)[1])
     if fitted:
         log.info("fitting an MLM head on the base model for masked-LM retention: %s", fit_note(fit))
-        torch.manual_seed(cfg.train.seed)
-        base = build_model(model_path, cfg.train.seed, cfg.model.attention, hardware.device.type).to(hardware.device)
-        out.update(score_with_fitted_head(base, fit, fitted, objectives_of, tokenizer, cfg, hardware.precision))
+        # the fresh base model draws its new head weights from torch's generator reseeded as
+        # training's was; on a forked state, so that training draws the same random numbers
+        # whether these scores come from the cache or are computed here
+        with torch.random.fork_rng(devices=[hardware.device.index or 0] if hardware.cuda else [], device_type="cuda"):
+            torch.manual_seed(cfg.train.seed)
+            base = build_model(model_path, cfg.train.seed, cfg.model.attention, hardware.device.type)
+            out.update(score_with_fitted_head(base.to(hardware.device), fit, fitted, objectives_of, tokenizer, cfg,
+                                              hardware.precision))
         del base
+    print("RNG1", _h.md5(torch.random.get_rng_state().numpy().tobytes()).hexdigest()[:8], list(plain), list(fitted))
     for name in todo:
         if cfg.retention.cache_before:
             store(keys[name], out[name])
