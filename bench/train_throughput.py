@@ -303,6 +303,13 @@ def child(kind: str, work: str, steps: int, skip: int, overrides: list[str], pre
     print("RESULT " + json.dumps(result), flush=True)
 
 
+# each measured kind: the child process that trains it, and the config overrides routetune's side
+# adds (the Trainer's children read their settings from their own name)
+KINDS = {"hf": ("hf", []), "hf-grouped": ("hf-grouped", []), "hf-fp32": ("hf-fp32", []),
+         "hf-grouped-fp32": ("hf-grouped-fp32", []), "routetune": ("routetune", []),
+         "routetune-grouped": ("routetune", ["train.group_by_length=true"])}
+
+
 def run_child(kind: str, work: str, steps: int, skip: int, overrides: list[str], precision: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--work", work, "--steps", str(steps), "--skip", str(skip),
            "--precision", precision]
@@ -332,7 +339,7 @@ def main() -> None:
                     help="autocast of both sides; auto: what routetune picks on this CPU (bf16 only where native)")
     ap.add_argument("--hf-fp32", action="store_true",
                     help="also run the reference in fp32 (when both train in bf16): a user may find it faster")
-    ap.add_argument("--child", choices=["hf", "hf-grouped", "hf-fp32", "hf-grouped-fp32", "routetune"],
+    ap.add_argument("--child", choices=sorted({process for process, _ in KINDS.values()}),
                     help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -367,9 +374,9 @@ def main() -> None:
             for kind in kinds:
                 if args.only and not kind.startswith(args.only):
                     continue
-                extra = [*args.set, "train.group_by_length=true"] if kind == "routetune-grouped" else args.set
-                r = run_child(kind.removesuffix("-grouped") if kind.startswith("routetune") else kind, work, steps,
-                              args.skip, extra if kind.startswith("routetune") else [], args.precision)
+                process, own = KINDS[kind]
+                r = run_child(process, work, steps, args.skip, [*args.set, *own] if process == "routetune" else [],
+                              args.precision)
                 peaks.append(r["matmul_peak_after_gflops"])
                 row[kind] = r
                 print(f"{work:4s} {kind:15s} {r['tokens_per_s']:8.0f} tokens/s  {r['timed_steps']} steps "
@@ -407,7 +414,7 @@ def main() -> None:
     for work in works:
         rounds = results[work]["rounds"] if args.repeat > 1 else [results[work]]
         for n, row in enumerate(rounds, 1):
-            for kind in ("hf", "hf-grouped", "hf-fp32", "hf-grouped-fp32", "routetune"):
+            for kind in KINDS:
                 if kind not in row:
                     continue
                 r = row[kind]
