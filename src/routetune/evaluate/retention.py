@@ -271,7 +271,6 @@ def score_before(model, model_path: str, sets: dict, objectives_of: dict, tokeni
     keys = {n: before_key(model_path, n, objectives_of[n], s, cfg, fit if objectives_of[n] == "masked-lm" else None,
                           hardware) for n, s in sets.items()}
     out, todo = {}, {}
-    import hashlib as _h; print("RNG0", _h.md5(torch.random.get_rng_state().numpy().tobytes()).hexdigest()[:8])
     for name, evalset in sets.items():
         hit = cached(keys[name]) if cfg.retention.cache_before else None
         if hit is not None:
@@ -297,7 +296,6 @@ def score_before(model, model_path: str, sets: dict, objectives_of: dict, tokeni
             out.update(score_with_fitted_head(base.to(hardware.device), fit, fitted, objectives_of, tokenizer, cfg,
                                               hardware.precision))
         del base
-    print("RNG1", _h.md5(torch.random.get_rng_state().numpy().tobytes()).hexdigest()[:8], list(plain), list(fitted))
     for name in todo:
         if cfg.retention.cache_before:
             store(keys[name], out[name])
