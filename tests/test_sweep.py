@@ -89,6 +89,32 @@ def test_the_report_draws_the_front_and_lists_the_trials(finished):
     assert "| trial | state | task | retention | front | feasible | setting |" in md
 
 
+def test_the_front_plot_has_one_legend_entry_per_kind_of_point(tmp_path, monkeypatch):
+    from routetune import report_study
+
+    def trial(n, task, retention, feasible=True):
+        return {"number": n, "state": "COMPLETE", "values": {"task": task, "retention": retention},
+                "feasible": feasible}
+
+    seen = {}
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        seen["labels"] = ax.get_legend_handles_labels()[1]
+        seen["colours"] = [tuple(c.get_facecolor()[0]) for c in ax.collections]
+        return str(path)
+
+    monkeypatch.setattr(report_study, "_save", keep)
+    data = {"objectives": ["task", "retention"], "directions": ["maximize", "minimize"], "pareto_front": [0, 1],
+            "trials": [trial(0, 0.6, -0.1), trial(1, 0.5, -0.2), trial(2, 0.4, -0.05)]}
+    report_study._plot_front(data, tmp_path)
+    assert seen["labels"] == ["Pareto front", "trial"]  # no entry for infeasible points when there are none
+    assert seen["colours"][0] != seen["colours"][1]
+    data["trials"].append(trial(3, 0.7, 0.3, feasible=False))
+    report_study._plot_front(data, tmp_path)
+    assert seen["labels"] == ["Pareto front", "trial", "infeasible"]
+
+
 def test_confirm_trains_fresh_seeds_and_reports_test_intervals(finished):
     from scipy import stats
 

@@ -73,13 +73,17 @@ def _plot_front(data: dict, out: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(kinds) == 2:
         front = set(data["pareto_front"])
-        for feasible, marker in ((True, "o"), (False, "x")):
-            pts = [t for t in done if t["feasible"] == feasible]
-            ax.scatter([t["values"]["retention"] for t in pts], [t["values"]["task"] for t in pts], marker=marker,
-                       c=["C3" if t["number"] in front else "C0" for t in pts],
-                       label="trials" if feasible else "infeasible")
+        # one scatter per kind of point, so each legend entry shows its own colour and marker
+        groups = (("Pareto front", "o", "C3", lambda t: t["number"] in front),
+                  ("trial", "o", "C0", lambda t: t["feasible"] and t["number"] not in front),
+                  ("infeasible", "x", "C7", lambda t: not t["feasible"] and t["number"] not in front))
+        for label, marker, color, member in groups:
+            pts = [t for t in done if member(t)]
+            if pts:
+                ax.scatter([t["values"]["retention"] for t in pts], [t["values"]["task"] for t in pts],
+                           marker=marker, c=color, label=label)
         line = sorted((t["values"]["retention"], t["values"]["task"]) for t in done if t["number"] in front)
-        ax.plot([p[0] for p in line], [p[1] for p in line], "C3-", label="Pareto front")
+        ax.plot([p[0] for p in line], [p[1] for p in line], "C3-")
         for t in done:
             ax.annotate(str(t["number"]), (t["values"]["retention"], t["values"]["task"]), fontsize=7)
         ax.set(xlabel="dev general-text change vs base (lower is better)", ylabel="dev task metric",
