@@ -53,7 +53,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
+
+import replay_reference as rr  # bench/, this script's folder: the causal-LM work and the shared scoring adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -85,34 +86,11 @@ def run_lm(kind: str, work: dict, seed: int, precision: str, extra: list[str], o
     """The causal-LM work through bench/replay_reference.py's two sides, general share 0."""
     if kind not in ("hf", "routetune"):
         sys.exit(f"--variants: the lm work has routetune[:K=V] and hf, not {kind} (its blocks all have one length)")
-    import replay_reference as rr  # bench/, this script's folder, is on sys.path
-
     extra = ["evals.wikitext.max_blocks=40", *extra]
     r = (rr.run_hf(seed, 0.0, work["steps"], precision, extra) if kind == "hf"
          else rr.run_routetune(seed, 0.0, work["steps"], precision, out, extra))
     return {"test": r[rr.TASK]["after"], "wikitext": r[rr.HELD]["after"], "seconds": r["seconds"],
             "base": {"test": r[rr.TASK]["before"], "wikitext": r[rr.HELD]["before"]}}
-
-
-def _scored(model, labels: list[str]):
-    """The Trainer's model through routetune's scoring interface (a head's labels, its logits), so
-    both sides are scored by routetune's own code (routetune.model.inference: the same word
-    tagging, truncation and arg-max). Checked against the hand-written scorers this replaced: equal
-    F1 and accuracy on WNUT-17 dev and test and polarity dev."""
-    import torch
-
-    class Scored(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-            self.heads = {"task": SimpleNamespace(labels=labels)}
-
-        def head_logits(self, name, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
-
-        token_logits = head_logits
-
-    return Scored()
 
 
 def ner_task(tok, max_length: int) -> dict:
@@ -135,7 +113,7 @@ def ner_task(tok, max_length: int) -> dict:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": lab}
 
     def score(model, name):
-        return evaluate_tagging(_scored(model, labels), "task", tok, split[name], max_length)["f1"]
+        return evaluate_tagging(rr._scorer(model, labels), "task", tok, split[name], max_length)["f1"]
 
     return {"train": [row(s) for s in split["train"]], "dev_row": row(split["dev"][0]), "labels": labels,
             "model": AutoModelForTokenClassification, "collator": DataCollatorForTokenClassification(tok),
@@ -161,7 +139,7 @@ def polarity_task(tok, max_length: int) -> dict:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels.index(e.label)}
 
     def score(model, name):
-        probs, _ = classify(_scored(model, labels), "task", tok, [e.text for e in split[name]], max_length)
+        probs, _ = classify(rr._scorer(model, labels), "task", tok, [e.text for e in split[name]], max_length)
         return sum(labels[p] == e.label for p, e in zip(probs.argmax(-1).tolist(), split[name])) / len(split[name])
 
     return {"train": [row(e) for e in train], "dev_row": row(dev[0]), "labels": labels,
