@@ -287,7 +287,9 @@ def test_pruning_reports_dev_scores_and_stops_a_trial():
     assert reported == [(4, 0.2), (8, 0.1)]
 
 
-def test_ctrl_c_stops_the_study_and_resume_continues_the_stopped_trial(tmp_path, tiny_model_dir, ner_files):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_the_study_and_resume_continues_the_stopped_trial(tmp_path, tiny_model_dir,
+                                                                                  ner_files, stop):
     import signal
 
     path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=2, **{"set": {"train.save_every_steps": 1}})
@@ -304,9 +306,10 @@ def test_ctrl_c_stops_the_study_and_resume_continues_the_stopped_trial(tmp_path,
         if list((folder / "trial-0000" / "checkpoints").glob("step-*")):
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, stop))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().endswith("aborted"), err
+    code, word = {"SIGINT": (130, "aborted"), "SIGTERM": (143, "terminated")}[stop]
+    assert proc.returncode == code and err.strip().endswith(word), err
     assert [t.state.name for t in _trials(folder)] == ["FAIL"]
     run_cli("sweep", str(path), "--resume")
     trials = _trials(folder)

@@ -1,5 +1,5 @@
-"""Command line: one function per subcommand. Errors of routetune's own types print one clear
-message and exit with status 2; anything else is a bug and keeps its traceback."""
+"""Command line: one function per subcommand. How a command ends (exit statuses, the one-line
+error of routetune's own types, Ctrl-C and SIGTERM) is in cli_exit.py."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from routetune.cli_data import data_app
+from routetune.cli_exit import run_app
 from routetune.cli_sweep import sweep_cmd
 from routetune.errors import RoutetuneError, RunError
 from routetune.logs import set_quiet, setup_logging
@@ -362,57 +363,9 @@ app.command("sweep")(sweep_cmd)  # listed after the run commands; defined in cli
 app.add_typer(data_app, name="data")
 
 
-def _usage_error(exc: BaseException) -> bool:
-    """A command-line usage error (unknown command or option, bad or missing value). typer ships
-    its own copy of click, whose exceptions are not click's, so they are recognised by shape."""
-    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
-
-
-def _leave_process_group() -> None:
-    """Under torchrun: leave the process group before exit (its threads must not outlive it)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def main() -> None:
     setup_logging()
-    try:
-        result = _run_app()
-    finally:
-        _leave_process_group()
-    if isinstance(result, int) and result:  # typer.Exit(code), or 130: typer turned Ctrl-C into a return code
-        if result == 130:
-            typer.echo("aborted", err=True)
-        sys.exit(result)
-
-
-def _run_app():
-    try:
-        return app(standalone_mode=False, prog_name="routetune")
-    except RoutetuneError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:  # a path the user gave or owns
-        typer.echo(f"error: {exc.filename or ''}: {exc.strerror or exc}".replace("error: : ", "error: "), err=True)
-        sys.exit(2)
-    except OSError as exc:
-        if exc.errno == 30:  # EROFS: a read-only file system
-            typer.echo(f"error: {exc.filename}: read-only file system", err=True)
-            sys.exit(2)
-        raise
-    except Exception as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `routetune`: the help, as click shows it
-            exc.show()
-            sys.exit(2)
-        if _usage_error(exc):
-            command = getattr(getattr(exc, "ctx", None), "command_path", None) or "routetune"
-            typer.echo(f"error: {exc.format_message()} (see: {command} --help)", err=True)
-            sys.exit(2)
-        raise
+    run_app(app)
 
 
 if __name__ == "__main__":
