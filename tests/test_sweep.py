@@ -115,13 +115,35 @@ def test_the_front_plot_has_one_legend_entry_per_kind_of_point(tmp_path, monkeyp
     assert seen["labels"] == ["Pareto front", "trial", "infeasible"]
 
 
-def test_confirm_trains_fresh_seeds_and_reports_test_intervals(finished):
+def test_confirm_trains_fresh_seeds_and_reports_test_intervals(finished, monkeypatch):
     from scipy import stats
 
+    from routetune.sweep import confirm as module
     from routetune.sweep.confirm import SEED_BASE, confirm
 
     path, folder = finished
+    # another process holds one run (a second `--confirm` on the study): this one trains every
+    # other run first, then waits for it (here: lets it go) and continues it
+    held = folder / "confirm" / ".locks" / f"base-seed{SEED_BASE}"
+    held.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+                               str(held)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    claim, waited = module._claimed_run, []
+
+    def claimed(st, label, setting, seed, wait, place):
+        if wait:  # every run it could take is done, the held one untouched
+            waited.append(label)
+            done = sorted(p.parent.name for p in (folder / "confirm").glob("*/summary.json"))
+            assert f"base-seed{SEED_BASE}" not in done and len(done) == len(module.chosen_trials(st)) * 2 + 3
+            holder.kill()
+            holder.wait()
+        return claim(st, label, setting, seed, wait, place)
+
+    monkeypatch.setattr(module, "_claimed_run", claimed)
     report = confirm(path, 2)
+    assert waited == ["base"]
     labels = set(report["scores"])
     assert {"base", "plain"} <= labels and any(n.startswith("trial-") for n in labels)
     plain = report["scores"]["plain"]["test ner/f1"]

@@ -3,10 +3,12 @@ front), the base config and the named baselines, each trained with the same K fr
 (never used in the search) and scored on *test* data: the task's test metric and the relative
 change of every test `evals` set from the base model. Reported as mean and 95% t-interval, and
 as the paired difference to each baseline (same seeds, so the seed's share of the noise cancels).
-Runs go to ``STUDY/confirm/LABEL-seedN``; a confirmation that stops continues where it stopped."""
+Runs go to ``STUDY/confirm/LABEL-seedN``; a confirmation that stops continues where it stopped, and
+several processes started on one study share its runs."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -69,24 +71,49 @@ def confirm(sweep_path: str | Path, k: int) -> dict:
     st = open_study(sweep_path, resume=True)
     settings = {f"trial-{t.number:04d}": t.user_attrs["setting"] for t in chosen_trials(st)}
     settings.update({"base": {}, **{name: dict(over) for name, over in st.cfg.baselines.items()}})
+    jobs = [(label, setting, SEED_BASE + i) for label, setting in settings.items() for i in range(k)]
+    summaries = {}
+    for wait in (False, True):  # runs another process holds come last: waited for, then read or continued
+        for n, (label, setting, seed) in enumerate(jobs):
+            if n not in summaries:
+                summary = _claimed_run(st, label, setting, seed, wait, f"{n + 1} of {len(jobs)}")
+                if summary is not None:
+                    summaries[n] = summary
     results: dict = {}
-    for label, setting in settings.items():
-        for i in range(k):
-            seed = SEED_BASE + i
-            name = f"{label}-seed{seed}"
-            run_dir = st.folder / "confirm" / name
-            cfg = trial_config(st, {**setting, "train.seed": seed, "routing.seed": seed, "run.name": name,
-                                    "run.output_dir": str(st.folder / "confirm")})
-            log.info("confirm %s (%d of %d)", name, i + 1, k)
-            summary = run_or_continue(cfg, run_dir, run_test=True)
-            for key, value in _test_scores(st, summary).items():
-                results.setdefault(label, {}).setdefault(key, []).append(value)
+    for n, (label, _, _) in enumerate(jobs):
+        for key, value in _test_scores(st, summaries[n]).items():
+            results.setdefault(label, {}).setdefault(key, []).append(value)
     report = {"seeds": [SEED_BASE + i for i in range(k)], "settings": settings,
               "scores": {label: {key: {"values": v, **interval(v)} for key, v in by.items()}
                          for label, by in results.items()},
               "paired": _paired(results, [n for n in settings if not n.startswith("trial-")])}
     (st.folder / "confirm.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _claimed_run(st: Study, label: str, setting: dict, seed: int, wait: bool, place: str) -> dict | None:
+    """One confirmation run's summary, trained under an exclusive lock on its name, so several
+    `--confirm` processes on one study share the runs. Without `wait`, a run another process holds
+    is skipped (None); with it, the lock is waited for. The lock is the operating system's
+    (`flock`): it goes when its process ends, however it ends, so a run whose process died is
+    continued from its last checkpoint by whoever takes it next. Written here: optuna's storage
+    coordinates trials, and confirmation runs are not trials."""
+    name = f"{label}-seed{seed}"
+    locks = st.folder / "confirm" / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / name, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("confirm %s (%s): another process is running it; %s", name, place,
+                     "waiting for it" if wait else "later")
+            if not wait:
+                return None
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        cfg = trial_config(st, {**setting, "train.seed": seed, "routing.seed": seed, "run.name": name,
+                                "run.output_dir": str(st.folder / "confirm")})
+        log.info("confirm %s (%s)", name, place)
+        return run_or_continue(cfg, st.folder / "confirm" / name, run_test=True)
 
 
 def run_or_continue(cfg, run_dir: Path, run_test: bool) -> dict:
