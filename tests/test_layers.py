@@ -16,7 +16,7 @@ LAYERS = [  # bottom first
     ("training",),
     ("runs", "export", "workflow", "continual", "sweep"),
     ("serve", "report", "report_study"),
-    ("cli", "cli_io", "cli_data", "cli_sweep", "api", "__main__", "config_docs"),
+    ("cli", "cli_io", "cli_exit", "cli_data", "cli_sweep", "api", "__main__", "config_docs"),
 ]
 
 
