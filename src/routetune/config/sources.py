@@ -134,6 +134,16 @@ class SourceConfig(Strict):
     def supervised(self) -> bool:
         return objectives.get(self.objective).supervised
 
+    def locations(self) -> dict:
+        """Where each split is read from: file paths, or the split names of the source's dataset."""
+        d = self.dataset
+        return {"train": self.train, "dev": self.dev, "test": self.test} if d is None else \
+            {"train": d.train, "dev": d.dev, "test": d.test}
+
+    def has_split(self, split: str) -> bool:
+        """Whether a `dev` or `test` set exists: read from its own file or dataset split, or held out."""
+        return bool(self.locations()[split] or (self.holdout and getattr(self.holdout, split)))
+
 
 class EvalTextConfig(Strict):
     path: str

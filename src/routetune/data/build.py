@@ -101,7 +101,7 @@ def _labelled(ctx: _Context, read, found, make_source, check, kind: str):
     read or carve the dev/test sets and check their labels. `read` takes a location: a file
     path, or for a dataset source a split name."""
     sc, name = ctx.sc, ctx.name
-    where = _locations(sc)
+    where = sc.locations()
     train, held_dev, held_test = _split(read(where["train"]), sc, name)
     labels = _merge_labels(found(train), ctx.earlier_labels, ctx.allow_new_labels, name, _origin(sc, where["train"]))
     source, labels = make_source(train, labels)
@@ -113,13 +113,6 @@ def _labelled(ctx: _Context, read, found, make_source, check, kind: str):
             check(items, labels, _origin(sc, loc) if loc else None, split)
         sets.append(EvalSet(kind, items, _origin(sc, loc) if loc else "holdout") if items else None)
     return source, sets[0], sets[1]
-
-
-def _locations(sc) -> dict:
-    """Where each split is read from: file paths, or the split names of the source's dataset."""
-    d = sc.dataset
-    return {"train": sc.train, "dev": sc.dev, "test": sc.test} if d is None else \
-        {"train": d.train, "dev": d.dev, "test": d.test}
 
 
 def _origin(sc, loc: str) -> str:
@@ -197,7 +190,7 @@ def _prompts(ctx: _Context):
 
 def _text_files(ctx: _Context, split: str) -> list | None:
     """The files of a text split: the paths given, or a dataset split's text column written to a file."""
-    loc = _locations(ctx.sc)[split]
+    loc = ctx.sc.locations()[split]
     if not loc:
         return None
     if ctx.sc.dataset is None:
@@ -226,7 +219,7 @@ def _text(ctx: _Context):
         strip = sc.text.strip_gutenberg
         given = _text_files(ctx, split)
         if given:
-            return EvalSet("text", text_parts(given), _origin(sc, _locations(sc)[split]), strip)
+            return EvalSet("text", text_parts(given), _origin(sc, sc.locations()[split]), strip)
         if hi > lo:
             return EvalSet("text", text_parts(files, lo, hi), f"holdout {lo:.3g}-{hi:.3g} of each file", strip)
         return None

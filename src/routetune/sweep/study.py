@@ -112,7 +112,7 @@ def _check_dev_evaluation(st: Study) -> None:
         if source is None:
             raise ConfigError(f"{st.sweep_path}: objectives: {metric!r} names no source of {st.base_path.name} "
                               f"(sources: {', '.join(base.sources)})")
-        if not (source.dev or (source.holdout and source.holdout.dev) or (source.dataset and source.dataset.dev)):
+        if not source.has_split("dev"):
             raise ConfigError(f"{st.sweep_path}: objectives: {metric!r} is read on dev data, and source "
                               f"{metric.split('/')[0]!r} has none: give it dev, holdout.dev or dataset.dev")
         if not (base.train.eval_each_epoch or base.train.eval_every_steps):
