@@ -20,8 +20,9 @@ from conftest import make_config, run_cli
     (["predict", "runs/x", "--format", "xml"], "error: Invalid value for --format: expected auto, lines or jsonl"),
     (["serve", "runs/x", "--port", "many"], "error: Invalid value for '--port': Input should be a valid integer"),
     (["eval", "runs/x", "--precision", "fp8"], "error: --precision: expected one of auto, fp32, bf16, fp16"),
+    (["sweep", "s.yaml", "--where", "a=1"], "error: --where: it chooses the trials a mixing law is fitted on"),
 ], ids=["unknown-command", "unknown-option", "missing-argument", "bad-choice", "bad-format", "bad-integer",
-        "bad-precision"])
+        "bad-precision", "where-without-law"])
 def test_usage_errors_are_one_line_and_exit_2(args, message):
     proc = run_cli(*args, check=False)
     assert proc.returncode == 2, proc.stderr

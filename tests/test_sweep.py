@@ -163,6 +163,38 @@ def test_confirm_trains_fresh_seeds_and_reports_test_intervals(finished, monkeyp
     assert report == confirm(path, 2)  # a second call reuses the finished runs
 
 
+def test_the_mixing_law_can_hold_a_categorical_choice_fixed():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from routetune.sweep.law import fit_law, parse_where
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    curves = {0.0: (0.1, -4.0), 1.0: (0.3, -1.0)}  # retention k * exp(t x) - 0.1, by distill
+    for distill, (k, t) in curves.items():
+        for x in (0.0, 0.15, 0.3, 0.45, 0.6):
+            setting = {"routing.weights.general": x, "sources.general.distill": distill}
+            study.add_trial(optuna.trial.create_trial(values=[0.5 - 0.1 * x, k * np.exp(t * x) - 0.1],
+                                                      user_attrs={"setting": setting},
+                                                      params={}, distributions={}))
+    st = SimpleNamespace(study=study, directions=["maximize", "minimize"],
+                         cfg=SimpleNamespace(objectives=[SimpleNamespace(kind="task"), SimpleNamespace(kind="retention")]))
+    where = parse_where(["sources.general.distill=1.0"])
+    assert where == {"sources.general.distill": 1.0}
+    fit = fit_law(st, "routing.weights.general", 0.1, where)
+    assert (fit["retention_fit"]["k"], fit["retention_fit"]["t"]) == pytest.approx((0.3, -1.0), rel=1e-3)
+    assert len(fit["points"]) == 5 and fit["where"] == where
+    # the budget is met where 0.3 exp(-x) - 0.1 <= 0.1, from x = ln 1.5 on; the task falls with x
+    assert fit["predicted"]["x"] == pytest.approx(math.log(1.5), abs=1e-3)
+    with pytest.raises(ConfigError, match="--where: sources.general.distil is not a key"):
+        fit_law(st, "routing.weights.general", 0.1, {"sources.general.distil": 1.0})
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_where(["distill"])
+    with pytest.raises(RunError, match="among the trials with sources.general.distill=0.5"):
+        fit_law(st, "routing.weights.general", 0.1, {"sources.general.distill": 0.5})
+
+
 def test_the_mixing_law_predicts_and_a_run_measures(finished):
     from routetune.sweep.law import _fit, law
 

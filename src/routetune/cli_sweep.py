@@ -20,18 +20,23 @@ def sweep_cmd(
     law: Optional[str] = typer.Option(None, "--law", metavar="KEY", help="Fit a mixing law over this key of the "
                                       "space (e.g. routing.weights.general) and check its prediction with a run"),
     budget: float = typer.Option(0.0, "--budget", help="With --law: the dev retention change allowed (0.01 = 1%)"),
+    where: Optional[list[str]] = typer.Option(None, "--where", metavar="KEY=VALUE", help="With --law: fit over the "
+                                              "trials with this setting only (repeatable; e.g. "
+                                              "sources.general.distill=1.0)"),
 ) -> None:
     """Search hyperparameters and the data mixture with optuna: every trial is a run folder scored on
     dev data (task metric, general-text retention); the study resumes after any stop."""
+    if where and law is None:
+        raise RunError("--where: it chooses the trials a mixing law is fitted on; give it with --law KEY")
     if confirm is not None:
         from routetune.sweep.confirm import confirm as run_confirm, table
 
         typer.echo(table(run_confirm(sweep, confirm)))
         return
     if law is not None:
-        from routetune.sweep.law import law as run_law
+        from routetune.sweep.law import law as run_law, parse_where
 
-        r = run_law(sweep, law, budget)
+        r = run_law(sweep, law, budget, parse_where(where or []))
         p, m = r["predicted"], r["measured"]
         typer.echo(f"mixing law over {law}: predicted {law}={p['x']:.4f} -> task {p['task']:.4f}, retention "
                    f"{p['retention']:+.4f}; measured task {m['task']:.4f}, retention {m['retention']:+.4f} ({m['run']})")

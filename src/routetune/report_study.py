@@ -142,7 +142,8 @@ def write_study_report(folder: Path, out: Path | None = None) -> Path:
                           [[name, fmt(s)] for name, s in c["paired"].items()], []))
     if "law" in data:
         law = data["law"]
-        parts.append((f"Mixing law over {law['key']} (retention budget {law['budget']:+.4f})",
+        held = "".join(f", {k}={v}" for k, v in law.get("where", {}).items())
+        parts.append((f"Mixing law over {law['key']} (retention budget {law['budget']:+.4f}{held})",
                       ["", law["key"], "task", "retention"],
                       [["predicted", _fmt(law["predicted"]["x"]), _fmt(law["predicted"]["task"]),
                         _fmt(law["predicted"]["retention"])]]

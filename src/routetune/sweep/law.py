@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from routetune.errors import RunError
+from routetune.errors import ConfigError, RunError
 from routetune.sweep.study import Study, open_study, retention_change, retention_set, scores, trial_config
 from routetune.sweep.confirm import run_or_continue
 
@@ -51,30 +51,53 @@ def _fit(x: np.ndarray, y: np.ndarray) -> dict:
     return best
 
 
-def _points(st: Study, key: str) -> list[tuple[float, float, float]]:
+def _trials(st: Study, key: str, where: dict) -> list:
+    """The finished trials that vary `key` and hold every `where` key at its value: a law over one
+    coordinate, with the study's other choices (a categorical one, say) held fixed."""
     from optuna.trial import TrialState
 
-    name = retention_set(st)
+    trials = [t for t in st.study.get_trials(states=(TrialState.COMPLETE,)) if key in t.user_attrs.get("setting", {})]
+    for k in where:
+        if not any(k in t.user_attrs["setting"] for t in trials):
+            raise ConfigError(f"--where: {k} is not a key of this study's settings "
+                              f"(keys: {', '.join(sorted({n for t in trials for n in t.user_attrs['setting']}))})")
+    return [t for t in trials if all(t.user_attrs["setting"].get(k) == v for k, v in where.items())]
+
+
+def parse_where(items: list[str]) -> dict:
+    """`--where KEY=VALUE` options as a dict, each value read as YAML (1.0, iid, true)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise ConfigError(f"--where: expected KEY=VALUE (e.g. sources.general.distill=1.0), got {item!r}")
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _points(st: Study, key: str, where: dict) -> list[tuple[float, float, float]]:
     kinds = [o.kind for o in st.cfg.objectives]
     out = []
-    for t in st.study.get_trials(states=(TrialState.COMPLETE,)):
-        x = t.user_attrs.get("setting", {}).get(key)
-        if x is None:
-            continue
+    for t in _trials(st, key, where):
+        x = t.user_attrs["setting"][key]
         task = t.values[kinds.index("task")] if "task" in kinds else None
         ret = t.values[kinds.index("retention")] if "retention" in kinds else t.user_attrs.get("retention")
         if ret is None:
             summary = json.loads((Path(t.user_attrs["run0"]["run"]) / "summary.json").read_text())
-            ret = retention_change(summary, name)
+            ret = retention_change(summary, retention_set(st))
         out.append((float(x), task, float(ret)))
     return out
 
 
-def fit_law(st: Study, key: str, budget: float) -> dict:
-    points = _points(st, key)
+def fit_law(st: Study, key: str, budget: float, where: dict | None = None) -> dict:
+    where = where or {}
+    points = _points(st, key, where)
     if len({p[0] for p in points}) < 4 or any(p[1] is None for p in points):
+        held = f" among the trials with {', '.join(f'{k}={v}' for k, v in where.items())}" if where else ""
         raise RunError(f"--law {key}: needs a task objective and at least 4 finished trials with different "
-                       f"values of {key} (found {len({p[0] for p in points})})")
+                       f"values of {key}{held} (found {len({p[0] for p in points})})")
     x = np.array([p[0] for p in points])
     task_fit, ret_fit = _fit(x, np.array([p[1] for p in points])), _fit(x, np.array([p[2] for p in points]))
     grid = np.linspace(x.min(), x.max(), 2001)
@@ -86,16 +109,14 @@ def fit_law(st: Study, key: str, budget: float) -> dict:
                        f"[{x.min():.4g}, {x.max():.4g}] (least change {ret_of.min():+.4f})")
     sign = 1 if st.directions[[o.kind for o in st.cfg.objectives].index("task")] == "maximize" else -1
     i = int(np.argmax(np.where(ok, sign * task_of, -np.inf)))
-    return {"key": key, "budget": budget, "points": points, "task_fit": task_fit, "retention_fit": ret_fit,
+    return {"key": key, "budget": budget, "where": where, "points": points, "task_fit": task_fit, "retention_fit": ret_fit,
             "predicted": {"x": float(grid[i]), "task": float(task_of[i]), "retention": float(ret_of[i])}}
 
 
-def _setting_at(st: Study, key: str, x: float) -> dict:
-    """The setting of the trial nearest to x, with x put in (and, for a two-way simplex, 1 - x)."""
-    from optuna.trial import TrialState
-
-    trials = [t for t in st.study.get_trials(states=(TrialState.COMPLETE,)) if key in t.user_attrs.get("setting", {})]
-    nearest = min(trials, key=lambda t: abs(t.user_attrs["setting"][key] - x))
+def _setting_at(st: Study, key: str, x: float, where: dict) -> dict:
+    """The setting of the trial nearest to x (among those `where` holds), with x put in (and, for
+    a two-way simplex, 1 - x)."""
+    nearest = min(_trials(st, key, where), key=lambda t: abs(t.user_attrs["setting"][key] - x))
     setting = dict(nearest.user_attrs["setting"])
     setting[key] = round(x, 6)
     parent, _, leaf = key.rpartition(".")
@@ -106,12 +127,14 @@ def _setting_at(st: Study, key: str, x: float) -> dict:
     return setting
 
 
-def law(sweep_path: str | Path, key: str, budget: float) -> dict:
+def law(sweep_path: str | Path, key: str, budget: float, where: dict | None = None) -> dict:
     """Fit, predict, and measure the prediction with one run (its dev scores, like the trials')."""
+    where = where or {}
     st = open_study(sweep_path, resume=True)
-    result = fit_law(st, key, budget)
-    setting = _setting_at(st, key, result["predicted"]["x"])
-    name = f"law-check-{key.rpartition('.')[2]}-{result['predicted']['x']:.4f}"  # one folder per prediction
+    result = fit_law(st, key, budget, where)
+    setting = _setting_at(st, key, result["predicted"]["x"], where)
+    held = "".join(f"-{k.rpartition('.')[2]}={v}" for k, v in where.items())
+    name = f"law-check-{key.rpartition('.')[2]}-{result['predicted']['x']:.4f}{held}"  # one folder per prediction
     run_dir = st.folder / name
     cfg = trial_config(st, {**setting, "run.name": name, "run.output_dir": str(st.folder)})
     summary = run_or_continue(cfg, run_dir, run_test=False)
