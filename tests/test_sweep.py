@@ -163,6 +163,29 @@ def test_confirm_trains_fresh_seeds_and_reports_test_intervals(finished, monkeyp
     assert report == confirm(path, 2)  # a second call reuses the finished runs
 
 
+def test_a_resumed_study_refuses_a_changed_search_but_takes_a_new_budget_and_test_text(finished, tmp_path):
+    from routetune.sweep.study import open_study
+
+    path, folder = finished
+    sweep = yaml.safe_load(path.read_text())
+    sweep["base"] = str(path.parent / sweep["base"])
+
+    def resume_with(**changes):
+        changed = tmp_path / "changed.yaml"
+        changed.write_text(yaml.safe_dump({**sweep, **changes}))
+        return open_study(changed, resume=True)
+
+    (tmp_path / "more.txt").write_text("a new general text, scored on test only . " * 20)
+    st = resume_with(trials=9, set={"evals.more-test": {"path": str(tmp_path / "more.txt"), "split": "test"}},
+                     baselines={"plain": {"routing.weights.general": 0.0}, "half": {"routing.weights.general": 0.5}})
+    assert st.folder == folder and st.cfg.trials == 9
+    space = {**sweep["space"], "train.lr": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True}}
+    with pytest.raises(ConfigError, match=r"changed.yaml: space differs from the study's .*sweep.json"):
+        resume_with(space=space)
+    with pytest.raises(ConfigError, match="objectives, set differ from"):
+        resume_with(objectives=[{"kind": "task"}], set={"train.epochs": 2})
+
+
 def test_the_mixing_law_can_hold_a_categorical_choice_fixed():
     from types import SimpleNamespace
 

@@ -140,6 +140,8 @@ def open_study(sweep_path: str | Path, resume: bool) -> Study:
         raise RunError(f"{folder}: the study exists; --resume continues it (also from a second process)")
     if resume and not mark.is_file() and cfg.storage is None:
         raise RunError(f"{folder}: no study to resume (run without --resume to start it)")
+    if resume and mark.is_file():
+        _check_unchanged(st, json.loads(mark.read_text(encoding="utf-8")))
     folder.mkdir(parents=True, exist_ok=True)
     if not mark.is_file():
         mark.write_text(json.dumps({"sweep": str(sweep_path.resolve()), "base": str(st.base_path),
@@ -156,6 +158,31 @@ def open_study(sweep_path: str | Path, resume: bool) -> Study:
     st.study = optuna.create_study(storage=storage, study_name=name, directions=st.directions,
                                    sampler=_sampler(cfg, seed), pruner=_pruner(cfg), load_if_exists=True)
     return st
+
+
+# What a resumed study may change: the budget, the workers' settings, what --confirm adds
+# (baselines, and general texts scored on test only, which no trial reads).
+_FREE = ("trials", "timeout", "heartbeat", "storage", "seed", "baselines", "base")  # base: as resolved, below
+
+
+def _trial_view(config: dict) -> dict:
+    view = {k: v for k, v in config.items() if k not in _FREE}
+    view["set"] = {k: v for k, v in config.get("set", {}).items()
+                   if not (k.startswith("evals.") and isinstance(v, dict) and v.get("split", "test") == "test")}
+    return view
+
+
+def _check_unchanged(st: Study, recorded: dict) -> None:
+    """A resumed study's sweep file says what its finished trials ran with: a changed space,
+    objective, base or override would mix two studies in one front."""
+    now, then = _trial_view(st.cfg.model_dump(mode="json")), _trial_view(recorded["config"])
+    changed = sorted(k for k in then if now.get(k) != then[k])  # a key newer than the study: not compared
+    if recorded.get("base", str(st.base_path)) != str(st.base_path):
+        changed.insert(0, "base")
+    if changed:
+        raise ConfigError(f"{st.sweep_path}: {', '.join(changed)} differ{'s' if len(changed) == 1 else ''} from the study's ({st.folder / MARK}), which "
+                          "its finished trials ran with; change only trials, timeout, baselines or test-split evals "
+                          "of a running study, or start a new one (another name)")
 
 
 def _constraints(trial) -> list[float]:
