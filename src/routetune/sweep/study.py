@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from routetune import objectives as objective_table
-from routetune.config import Config, load_config
+from routetune.config import Config, EvalTextConfig, load_config
 from routetune.errors import ConfigError, RunError
 from routetune.sweep.config import SweepConfig, load_sweep
 from routetune.training.events import EVAL
@@ -168,7 +168,8 @@ _FREE = ("trials", "timeout", "heartbeat", "storage", "seed", "baselines", "base
 def _trial_view(config: dict) -> dict:
     view = {k: v for k, v in config.items() if k not in _FREE}
     view["set"] = {k: v for k, v in config.get("set", {}).items()
-                   if not (k.startswith("evals.") and isinstance(v, dict) and v.get("split", "test") == "test")}
+                   if not (k.startswith("evals.") and isinstance(v, dict)
+                            and v.get("split", EvalTextConfig.model_fields["split"].default) == "test")}
     return view
 
 
