@@ -233,7 +233,15 @@ def test_the_mixing_law_predicts_and_a_run_measures(finished):
     assert set(result["measured"]) == {"task", "retention", "run"} and result["measured"]["run"] == str(check)
     cfg = yaml.safe_load((check / "config.yaml").read_text())
     assert cfg["routing"]["weights"]["general"] == pytest.approx(result["predicted"]["x"], abs=1e-6)
+    assert cfg["routing"]["weights"]["ner"] == pytest.approx(1 - result["predicted"]["x"], abs=1e-6)
+    # the law models the mixture alone: the other settings come from the best trial on the task
+    best = max(_trials(folder), key=lambda t: t.values[0])
+    assert result["settings_from_trial"] == best.number
+    assert cfg["train"]["lr"] == pytest.approx(best.params["train.lr"])
     assert json.loads((folder / "law.json").read_text())["predicted"] == result["predicted"]
+    run_cli("report", str(folder))
+    md = (folder / "report" / "report.md").read_text()
+    assert f"the check run's other settings from trial {best.number}" in md and "| measured |" in md
 
 
 def test_kill_9_loses_at_most_the_running_trial(tmp_path, tiny_model_dir, ner_files):

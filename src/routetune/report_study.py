@@ -143,6 +143,8 @@ def write_study_report(folder: Path, out: Path | None = None) -> Path:
     if "law" in data:
         law = data["law"]
         held = "".join(f", {k}={v}" for k, v in law.get("where", {}).items())
+        if "settings_from_trial" in law:
+            held += f"; the check run's other settings from trial {law['settings_from_trial']}"
         parts.append((f"Mixing law over {law['key']} (retention budget {law['budget']:+.4f}{held})",
                       ["", law["key"], "task", "retention"],
                       [["predicted", _fmt(law["predicted"]["x"]), _fmt(law["predicted"]["task"]),

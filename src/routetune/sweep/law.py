@@ -3,8 +3,8 @@
 Each objective is fitted as a function of one mixture coordinate x (e.g. the general-text
 weight) with the exponential form of the data-mixing laws of Ye et al. (2024),
 ``y(x) = c + k * exp(t * x)``. The prediction is the x that meets a retention budget (the dev
-general-text change at most B) with the best predicted task score; a run at that x (the other
-settings of the trial nearest to it) measures both, next to what the law predicted.
+general-text change at most B) with the best predicted task score; a run at that x (its other
+settings from the trial with the best task score) measures both, next to what the law predicted.
 
 Fitted by hand with scipy's curve_fit: the form is routetune's choice, a few lines, and no
 library offers mixing laws.
@@ -113,18 +113,23 @@ def fit_law(st: Study, key: str, budget: float, where: dict | None = None) -> di
             "predicted": {"x": float(grid[i]), "task": float(task_of[i]), "retention": float(ret_of[i])}}
 
 
-def _setting_at(st: Study, key: str, x: float, where: dict) -> dict:
-    """The setting of the trial nearest to x (among those `where` holds), with x put in (and, for
-    a two-way simplex, 1 - x)."""
-    nearest = min(_trials(st, key, where), key=lambda t: abs(t.user_attrs["setting"][key] - x))
-    setting = dict(nearest.user_attrs["setting"])
+def _setting_at(st: Study, key: str, x: float, where: dict) -> tuple[dict, int]:
+    """The setting to check a prediction with: x put in (and, for a two-way simplex, 1 - x), the
+    other keys (a learning rate, say) from the trial with the best task score among those `where`
+    holds. The law models x alone, so the check holds the rest at the best the study found (the
+    trial nearest to x may have a poor learning rate). Returns the setting and that trial's number."""
+    kinds = [o.kind for o in st.cfg.objectives]
+    i = kinds.index("task")
+    sign = 1 if st.directions[i] == "maximize" else -1
+    best = max(_trials(st, key, where), key=lambda t: sign * t.values[i])
+    setting = dict(best.user_attrs["setting"])
     setting[key] = round(x, 6)
     parent, _, leaf = key.rpartition(".")
     simplex = st.cfg.space.get(parent)
     if simplex is not None and simplex.type == "simplex" and len(simplex.keys) == 2:
         other = next(n for n in simplex.keys if n != leaf)
         setting[f"{parent}.{other}"] = round(1 - x, 6)
-    return setting
+    return setting, best.number
 
 
 def law(sweep_path: str | Path, key: str, budget: float, where: dict | None = None) -> dict:
@@ -132,7 +137,7 @@ def law(sweep_path: str | Path, key: str, budget: float, where: dict | None = No
     where = where or {}
     st = open_study(sweep_path, resume=True)
     result = fit_law(st, key, budget, where)
-    setting = _setting_at(st, key, result["predicted"]["x"], where)
+    setting, result["settings_from_trial"] = _setting_at(st, key, result["predicted"]["x"], where)
     held = "".join(f"-{k.rpartition('.')[2]}={v}" for k, v in where.items())
     name = f"law-check-{key.rpartition('.')[2]}-{result['predicted']['x']:.4f}{held}"  # one folder per prediction
     run_dir = st.folder / name
