@@ -4,12 +4,14 @@ chosen by `routetune sweep` is compared with.
     .venv/bin/python bench/replay_reference.py --share 0.25 --seeds 1000 1001 1002
     .venv/bin/python bench/replay_reference.py --share 0 0.25 --seeds 1001 --steps 5 \
         --set evals.wikitext.max_blocks=40                                               # a quick look
+    .venv/bin/python bench/replay_reference.py --sweep examples/sweep-shakespeare.yaml --share 0.25
+        # the study's base config with its `set` overrides: the same dev/test split and test texts
 
 Work: examples/shakespeare-smollm2.yaml, smollm2-135m with LoRA (r=8, alpha 16, dropout 0.05 on
 q,k,v,o), causal-LM on 128-token blocks of Tiny Shakespeare (the last 10% held out as the domain
 test set), general English (Project Gutenberg novels) replayed at a share of the examples,
 150 steps of 8 blocks, lr 2e-4, no warm-up, no weight decay; WikiText-2 test is the held-out
-general text.
+general text (with ``--sweep``: every evals set with split test, e.g. the study's test texts).
 
 * ``hf``: the standard recipe for replay with the Hugging Face stack: the two sets of blocks as
   ``datasets.Dataset``s mixed by ``datasets.interleave_datasets(probabilities=[1 - share, share],
@@ -50,16 +52,33 @@ def _weights(share: float) -> list[str]:
     return [f"routing.weights.{TASK}={1 - share}", f"routing.weights.{GENERAL}={share}"]
 
 
-def run_routetune(seed: int, share: float, steps: int, precision: str, out: Path, extra: list[str]) -> dict:
+def held_sets(cfg) -> list[str]:
+    """The general texts both sides are scored on: every evals set with split test."""
+    return [n for n, e in cfg.evals.items() if e.split == "test"]
+
+
+def from_sweep(path: Path) -> tuple[Path, list[str]]:
+    """A study's base config and its `set` overrides, so the reference trains and scores on exactly
+    the data the study's trials and confirmation runs see."""
+    from routetune.sweep.config import load_sweep
+    from routetune.sweep.study import _overrides
+
+    sweep = load_sweep(path)
+    return (path.parent / sweep.base).resolve(), _overrides(sweep.set)
+
+
+def run_routetune(seed: int, share: float, steps: int, precision: str, out: Path, extra: list[str],
+                  config: Path = CONFIG) -> dict:
+    from routetune.config.load import load_config
     from routetune.workflow import train
 
     overrides = [*_weights(share), f"train.seed={seed}", f"routing.seed={seed}", f"train.max_steps={steps}",
                  f"train.precision={precision}", "train.progress=false", f"run.output_dir={out}",
                  f"run.name=routetune-{seed}-{share}", *extra]
-    _, summary = train(CONFIG, overrides, overwrite=True, run_test=True)
+    _, summary = train(config, overrides, overwrite=True, run_test=True)
     ba = summary["before_after"]
     return {name: {"before": ba[f"{name}/perplexity"]["before"], "after": ba[f"{name}/perplexity"]["after"]}
-            for name in (TASK, HELD)} | {"seconds": summary["train_seconds"]}
+            for name in (TASK, *held_sets(load_config(config, overrides)))} | {"seconds": summary["train_seconds"]}
 
 
 def _scorer(model, labels: list[str] = ()):
@@ -93,7 +112,7 @@ an invocation computes them once (as routetune's cache of base-model scores does
 
 
 def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str], start: dict | None = None,
-           order: list[list[int]] | None = None) -> dict:
+           order: list[list[int]] | None = None, config: Path = CONFIG) -> dict:
     """The Trainer's run. `start` (LoRA tensors by routetune's parameter names) replaces peft's
     initialisation and `order` (blocks, in training order) the mixed, shuffled training set: with
     both, the Trainer trains from routetune's start on routetune's blocks (bench/lm_same_start.py),
@@ -109,12 +128,13 @@ def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]
     from routetune.evaluate.tasks import text_scores
     from routetune.model.load import load_tokenizer, pick_attention, resolve_model
 
-    cfg = load_config(CONFIG, [*_weights(share), *extra])
+    cfg = load_config(config, [*_weights(share), *extra])
     path = resolve_model(cfg.model.name)
     tok = load_tokenizer(path)
     objectives = {n: resolve_objective(sc.objective, True, n) for n, sc in cfg.sources.items()}
     sources, _, test = build(cfg, tok, objectives)
-    sets = {TASK: test[TASK], HELD: build_evals(cfg, True)[0][HELD]}
+    general = build_evals(cfg, True)[0]
+    sets = {TASK: test[TASK]} | {n: general[n] for n in held_sets(cfg)}
     data = {n: Dataset.from_dict({"input_ids": [s.prefix + e.input_ids + s.suffix for e in s.encoded]})
             for n, s in sources.items()}
     train_set = data[TASK] if share == 0 else interleave_datasets(
@@ -154,10 +174,10 @@ def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]
         return {n: text_scores(_scorer(model), "causal-lm", tok, s, cfg.model.max_length, cfg.train, precision)
                 ["perplexity"] for n, s in sets.items()}
 
-    if (precision, tuple(extra)) not in _BEFORE:
+    if (precision, str(config), tuple(extra)) not in _BEFORE:
         with model.disable_adapter():
-            _BEFORE[precision, tuple(extra)] = score()
-    before = _BEFORE[precision, tuple(extra)]
+            _BEFORE[precision, str(config), tuple(extra)] = score()
+    before = _BEFORE[precision, str(config), tuple(extra)]
     t = cfg.train
     with tempfile.TemporaryDirectory() as out:
         # warmup_steps: a float below 1 is the share of the steps (transformers 5 folded warmup_ratio into it)
@@ -183,6 +203,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: what routetune's train.precision=auto picks on this machine")
+    ap.add_argument("--sweep", type=Path, help="A sweep file: its base config and `set` overrides for both sides")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="Config override for both sides (e.g. evals.wikitext.max_blocks=40 for a quick look)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "replay_reference.json")
@@ -190,27 +211,32 @@ def main() -> None:
     from routetune.device import resolve
     from routetune.sweep.confirm import interval
 
+    config, extra = from_sweep(a.sweep) if a.sweep else (CONFIG, [])
+    extra += a.set
     precision = resolve("cpu", a.precision).precision
-    table = {"steps": a.steps, "precision": precision, "overrides": a.set, "date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}}
+    table = {"steps": a.steps, "precision": precision, "config": str(config), "overrides": extra,
+             "date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}}
     with tempfile.TemporaryDirectory() as runs:
         for share in a.share:
             for seed in a.seeds:
                 for variant in a.variants:
-                    r = (run_hf(seed, share, a.steps, precision, a.set) if variant == "hf"
-                         else run_routetune(seed, share, a.steps, precision, Path(runs), a.set))
+                    r = (run_hf(seed, share, a.steps, precision, extra, config=config) if variant == "hf"
+                         else run_routetune(seed, share, a.steps, precision, Path(runs), extra, config=config))
                     table["runs"].setdefault(f"{variant} {share}", {})[str(seed)] = r
+                    sets = [n for n in r if n != "seconds"]
                     print(f"share {share} seed {seed} {variant}: " + ", ".join(
-                        f"{n} {r[n]['before']:.2f} -> {r[n]['after']:.2f}" for n in (TASK, HELD))
+                        f"{n} {r[n]['before']:.2f} -> {r[n]['after']:.2f}" for n in sets)
                         + f" ({r['seconds']:.0f} s)", flush=True)
                     a.out.parent.mkdir(parents=True, exist_ok=True)
                     a.out.write_text(json.dumps(table, indent=2) + "\n")
-    print(f"\n| variant, share | seeds | {TASK} test ppl after | {HELD} ppl after |\n|---|---|---|---|")
+    print(f"\n| variant, share | seeds | " + " | ".join(f"{n} test ppl after" for n in sets)
+          + " |\n|---|---|" + "---|" * len(sets))
     for key, by_seed in table["runs"].items():
         cells = []
-        for n in (TASK, HELD):
+        for n in sets:
             i = interval([r[n]["after"] for r in by_seed.values()])
             cells.append(f"{i['mean']:.2f}" + (f" ± {i['half']:.2f}" if i["half"] is not None else ""))
-        print(f"| {key} | {', '.join(by_seed)} | {cells[0]} | {cells[1]} |")
+        print(f"| {key} | {', '.join(by_seed)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
