@@ -61,10 +61,9 @@ def from_sweep(path: Path) -> tuple[Path, list[str]]:
     """A study's base config and its `set` overrides, so the reference trains and scores on exactly
     the data the study's trials and confirmation runs see."""
     from routetune.sweep.config import load_sweep
-    from routetune.sweep.study import _overrides
+    from routetune.sweep.study import base_of
 
-    sweep = load_sweep(path)
-    return (path.parent / sweep.base).resolve(), _overrides(sweep.set)
+    return base_of(path, load_sweep(path))
 
 
 def run_routetune(seed: int, share: float, steps: int, precision: str, out: Path, extra: list[str],

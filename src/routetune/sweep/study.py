@@ -51,6 +51,12 @@ def _overrides(values: dict) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
+def base_of(sweep_path: Path, cfg: SweepConfig) -> tuple[Path, list[str]]:
+    """The base config a sweep file names (relative to the sweep file) and its `set` overrides:
+    what every trial, confirmation run and reference run (bench/replay_reference.py) starts from."""
+    return (sweep_path.parent / cfg.base).resolve(), _overrides(cfg.set)
+
+
 def trial_config(st: Study, values: dict) -> Config:
     return load_config(st.base_path, _overrides({**st.cfg.set, **values}))
 
@@ -131,7 +137,7 @@ def open_study(sweep_path: str | Path, resume: bool) -> Study:
     cfg = load_sweep(sweep_path)
     name = cfg.name or sweep_path.stem
     folder = Path(cfg.output_dir).expanduser() / name
-    st = Study(cfg, sweep_path, (sweep_path.parent / cfg.base).resolve(), folder, None)
+    st = Study(cfg, sweep_path, base_of(sweep_path, cfg)[0], folder, None)
     _check_space(st)
     mark = folder / MARK
     if folder.exists() and not mark.is_file():
