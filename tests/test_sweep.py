@@ -218,6 +218,28 @@ def test_the_mixing_law_can_hold_a_categorical_choice_fixed():
         fit_law(st, "routing.weights.general", 0.1, {"sources.general.distill": 0.5})
 
 
+def test_confirm_points_spreads_the_chosen_settings_along_the_front():
+    from types import SimpleNamespace
+
+    from routetune.sweep.confirm import chosen_trials
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for i in range(7):  # a front of 6 (task up, retention change up); trial 6 is dominated by trial 2
+        values = [0.5 + 0.01 * i, -0.1 + 0.02 * i] if i < 6 else [0.51, 0.2]
+        study.add_trial(optuna.trial.create_trial(values=values, user_attrs={"setting": {}}, params={},
+                                                  distributions={}))
+
+    def chosen(points):
+        st = SimpleNamespace(study=study, directions=["maximize", "minimize"], folder="study",
+                             cfg=SimpleNamespace(objectives=[0, 1], confirm_points=points))
+        return [t.number for t in chosen_trials(st)]
+
+    assert chosen(4) == [5, 3, 2, 0]  # both ends first-and-last, evenly between, best task first
+    assert chosen(2) == [5, 0]
+    assert chosen(1) == [5]  # the end best on the task
+    assert chosen(10) == [5, 4, 3, 2, 1, 0]  # the whole front
+
+
 def test_the_mixing_law_predicts_and_a_run_measures(finished):
     from routetune.sweep.law import _fit, law
 

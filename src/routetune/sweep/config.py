@@ -83,6 +83,8 @@ class SweepConfig(Strict):
     """The search space: dotted config key -> dimension."""
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Named override sets confirmed next to the chosen settings with the same seeds (e.g. `{plain: {routing.weights.general: 0}}`)."""
+    confirm_points: int = Field(4, ge=1)
+    """Multi-objective studies: how many points of the feasible Pareto front `--confirm` trains (spread along it, both ends first; 1: the end best on the task). Each point costs K runs; may change after the search."""
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:

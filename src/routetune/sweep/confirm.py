@@ -22,8 +22,9 @@ log = logging.getLogger("routetune")
 SEED_BASE = 1000  # confirmation seeds: train.seed = routing.seed = 1000 + i, apart from the search's
 
 
-def chosen_trials(st: Study, limit: int = 4) -> list:
-    """The best feasible trial (one objective) or the feasible Pareto front, at most `limit`."""
+def chosen_trials(st: Study) -> list:
+    """The best feasible trial (one objective) or the feasible Pareto front, at most
+    `confirm_points` of it: both ends and evenly between (one: the end best on the task)."""
     from optuna.trial import TrialState
 
     done = [t for t in st.study.get_trials(states=(TrialState.COMPLETE,))]
@@ -36,8 +37,9 @@ def chosen_trials(st: Study, limit: int = 4) -> list:
     front = [t for t in st.study.best_trials if t in feasible] or feasible
     sign = 1 if st.directions[0] == "maximize" else -1
     front = sorted(front, key=lambda t: -sign * t.values[0])
+    limit = st.cfg.confirm_points
     if len(front) > limit:  # spread along the front: both ends and evenly between
-        front = [front[round(i * (len(front) - 1) / (limit - 1))] for i in range(limit)]
+        front = [front[round(i * (len(front) - 1) / max(limit - 1, 1))] for i in range(limit)]
     return front
 
 

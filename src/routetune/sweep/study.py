@@ -168,7 +168,7 @@ def open_study(sweep_path: str | Path, resume: bool) -> Study:
 
 # What a resumed study may change: the budget, the workers' settings, what --confirm adds
 # (baselines, and general texts scored on test only, which no trial reads).
-_FREE = ("trials", "timeout", "heartbeat", "storage", "seed", "baselines", "base")  # base: as resolved, below
+_FREE = ("trials", "timeout", "heartbeat", "storage", "seed", "baselines", "confirm_points", "base")  # base: as resolved, below
 
 
 def _trial_view(config: dict) -> dict:
