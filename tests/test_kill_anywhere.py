@@ -86,7 +86,13 @@ def run_with_random_kills(cfg: Path, run_dir: Path, seed: int, train_s: float, k
     rng = random.Random(seed)
     # within the first 60% of the reference's training time: a run here may train faster than the
     # reference did (which also paid for a cold start), and a kill after the end proves nothing
-    codes = [_launch(["train", str(cfg), "--no-test"], run_dir, rng.uniform(0, 0.6 * train_s))[0]]
+    delay = rng.uniform(0, 0.6 * train_s)
+    codes = [_launch(["train", str(cfg), "--no-test"], run_dir, delay)[0]]
+    for _ in range(3):  # finished before the kill (this run trained faster than the reference, e.g. on a
+        if codes[0] != 0:  # less loaded machine): train again from scratch, killed earlier
+            break
+        delay /= 3
+        codes = [_launch(["train", str(cfg), "--no-test", "--overwrite"], run_dir, delay)[0]]
     for _ in range(kills - 1):
         if (run_dir / "summary.json").is_file() or not ckpt.step_checkpoints(run_dir / "checkpoints"):
             break
