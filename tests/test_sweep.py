@@ -231,13 +231,24 @@ def test_confirm_points_spreads_the_chosen_settings_along_the_front():
 
     def chosen(points):
         st = SimpleNamespace(study=study, directions=["maximize", "minimize"], folder="study",
-                             cfg=SimpleNamespace(objectives=[0, 1], confirm_points=points))
+                             cfg=SimpleNamespace(objectives=[SimpleNamespace(kind="task"),
+                                                             SimpleNamespace(kind="retention")], confirm_points=points))
         return [t.number for t in chosen_trials(st)]
 
     assert chosen(4) == [5, 3, 2, 0]  # both ends first-and-last, evenly between, best task first
     assert chosen(2) == [5, 0]
     assert chosen(1) == [5]  # the end best on the task
     assert chosen(10) == [5, 4, 3, 2, 1, 0]  # the whole front
+
+    # the sweep file may list retention first: the values come in that order, the task is still read
+    swapped = optuna.create_study(directions=["minimize", "maximize"])
+    for t in study.get_trials():
+        swapped.add_trial(optuna.trial.create_trial(values=t.values[::-1], user_attrs={"setting": {}}, params={},
+                                                    distributions={}))
+    st = SimpleNamespace(study=swapped, directions=["minimize", "maximize"], folder="study",
+                         cfg=SimpleNamespace(objectives=[SimpleNamespace(kind="retention"), SimpleNamespace(kind="task")],
+                                             confirm_points=1))
+    assert [t.number for t in chosen_trials(st)] == [5]
 
 
 def test_the_mixing_law_predicts_and_a_run_measures(finished):

@@ -35,12 +35,19 @@ def chosen_trials(st: Study) -> list:
         sign = 1 if st.directions[0] == "maximize" else -1
         return [max(feasible, key=lambda t: sign * t.values[0])]
     front = [t for t in st.study.best_trials if t in feasible] or feasible
-    sign = 1 if st.directions[0] == "maximize" else -1
-    front = sorted(front, key=lambda t: -sign * t.values[0])
+    i, sign = task_place(st)
+    front = sorted(front, key=lambda t: -sign * t.values[i])  # the end best on the task first
     limit = st.cfg.confirm_points
     if len(front) > limit:  # spread along the front: both ends and evenly between
         front = [front[round(i * (len(front) - 1) / max(limit - 1, 1))] for i in range(limit)]
     return front
+
+
+def task_place(st: Study) -> tuple[int, int]:
+    """The task objective's place among the study's values (the sweep file may list retention
+    first), and +1 where higher is better, else -1."""
+    i = [o.kind for o in st.cfg.objectives].index("task")
+    return i, 1 if st.directions[i] == "maximize" else -1
 
 
 def interval(values: list[float]) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 
 from routetune.errors import ConfigError, RunError
 from routetune.sweep.study import Study, open_study, retention_change, retention_set, scores, trial_config
-from routetune.sweep.confirm import run_or_continue
+from routetune.sweep.confirm import run_or_continue, task_place
 
 log = logging.getLogger("routetune")
 
@@ -77,12 +77,6 @@ def parse_where(items: list[str]) -> dict:
     return out
 
 
-def _task(st: Study) -> tuple[int, int]:
-    """The task objective's place among the study's values, and +1 where higher is better, else -1."""
-    i = [o.kind for o in st.cfg.objectives].index("task")
-    return i, 1 if st.directions[i] == "maximize" else -1
-
-
 def _points(st: Study, key: str, where: dict) -> list[tuple[float, float, float]]:
     kinds = [o.kind for o in st.cfg.objectives]
     out = []
@@ -113,7 +107,7 @@ def fit_law(st: Study, key: str, budget: float, where: dict | None = None) -> di
     if not ok.any():
         raise RunError(f"--law {key}: the fitted law meets the retention budget {budget:+.4f} nowhere in "
                        f"[{x.min():.4g}, {x.max():.4g}] (least change {ret_of.min():+.4f})")
-    sign = _task(st)[1]
+    sign = task_place(st)[1]
     i = int(np.argmax(np.where(ok, sign * task_of, -np.inf)))
     return {"key": key, "budget": budget, "where": where, "points": points, "task_fit": task_fit, "retention_fit": ret_fit,
             "predicted": {"x": float(grid[i]), "task": float(task_of[i]), "retention": float(ret_of[i])}}
@@ -124,7 +118,7 @@ def _setting_at(st: Study, key: str, x: float, where: dict) -> tuple[dict, int]:
     other keys (a learning rate, say) from the trial with the best task score among those `where`
     holds. The law models x alone, so the check holds the rest at the best the study found (the
     trial nearest to x may have a poor learning rate). Returns the setting and that trial's number."""
-    i, sign = _task(st)
+    i, sign = task_place(st)
     best = max(_trials(st, key, where), key=lambda t: sign * t.values[i])
     setting = dict(best.user_attrs["setting"])
     setting[key] = round(x, 6)
