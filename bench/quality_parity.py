@@ -20,7 +20,8 @@ Works (both fp32 by default; ``--precision bf16`` where the CPU has native bf16)
   last 10% of the text (lower is better), WikiText-2 test (its first 40 blocks) beside it. No
   checkpoint is chosen (the run ends at its last step), so there is no dev score. Both sides come
   from ``bench/replay_reference.py`` with a general share of 0: the Trainer gets routetune's own
-  blocks, the same LoRA settings and ``DataCollatorForLanguageModeling``.
+  blocks, the same LoRA settings and ``DataCollatorForLanguageModeling``. Variant ``hf-data-seed``:
+  the Trainer with ``data_seed=seed + 1000``, its block order drawn apart from its initialisation.
 
 Variants:
 
@@ -84,11 +85,14 @@ def run_routetune(work: dict, seed: int, precision: str, extra: list[str], out: 
 
 def run_lm(kind: str, work: dict, seed: int, precision: str, extra: list[str], out: Path) -> dict:
     """The causal-LM work through bench/replay_reference.py's two sides, general share 0."""
-    if kind not in ("hf", "routetune"):
-        sys.exit(f"--variants: the lm work has routetune[:K=V] and hf, not {kind} (its blocks all have one length)")
+    if kind not in ("hf", "hf-data-seed", "routetune"):
+        sys.exit(f"--variants: the lm work has routetune[:K=V], hf and hf-data-seed, not {kind} (its blocks all "
+                 "have one length)")
     extra = ["evals.wikitext.max_blocks=40", *extra]
-    r = (rr.run_hf(seed, 0.0, work["steps"], precision, extra) if kind == "hf"
-         else rr.run_routetune(seed, 0.0, work["steps"], precision, out, extra))
+    # hf-data-seed: the Trainer's sampler seeded apart (data_seed = seed + 1000), so its block order no
+    # longer comes from the random stream its LoRA initialisation came from
+    data_seed = seed + 1000 if kind == "hf-data-seed" else None
+    r = (rr.run_hf(seed, 0.0, work["steps"], precision, extra, data_seed=data_seed) if kind.startswith("hf") else rr.run_routetune(seed, 0.0, work["steps"], precision, out, extra))
     return {"test": r[rr.TASK]["after"], "wikitext": r[rr.HELD]["after"], "seconds": r["seconds"],
             "base": {"test": r[rr.TASK]["before"], "wikitext": r[rr.HELD]["before"]}}
 

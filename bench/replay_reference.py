@@ -111,11 +111,13 @@ an invocation computes them once (as routetune's cache of base-model scores does
 
 
 def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str], start: dict | None = None,
-           order: list[list[int]] | None = None, config: Path = CONFIG) -> dict:
+           order: list[list[int]] | None = None, config: Path = CONFIG, data_seed: int | None = None) -> dict:
     """The Trainer's run. `start` (LoRA tensors by routetune's parameter names) replaces peft's
     initialisation and `order` (blocks, in training order) the mixed, shuffled training set: with
     both, the Trainer trains from routetune's start on routetune's blocks (bench/lm_same_start.py),
-    and the result gains "losses", the loss of every step."""
+    and the result gains "losses", the loss of every step. `data_seed`: the Trainer's own knob that
+    seeds its sampler apart from `seed` (by default both come from the seed, so the block order and
+    the LoRA initialisation are drawn from the same random stream)."""
     from datasets import Dataset, interleave_datasets
     import torch
     from peft import LoraConfig, get_peft_model
@@ -182,7 +184,8 @@ def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]
         # warmup_steps: a float below 1 is the share of the steps (transformers 5 folded warmup_ratio into it)
         args = TrainingArguments(out, max_steps=steps, per_device_train_batch_size=t.batch_size, learning_rate=t.lr,
                                  weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type="linear",
-                                 bf16=precision == "bf16", use_cpu=True, seed=seed, report_to=[], save_strategy="no",
+                                 bf16=precision == "bf16", use_cpu=True, seed=seed, data_seed=data_seed, report_to=[],
+                                 save_strategy="no",
                                  logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
         trainer = Reference(model=model, args=args, train_dataset=train_set,
                             data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
