@@ -92,7 +92,8 @@ def run_lm(kind: str, work: dict, seed: int, precision: str, extra: list[str], o
     # hf-data-seed: the Trainer's sampler seeded apart (data_seed = seed + 1000), so its block order no
     # longer comes from the random stream its LoRA initialisation came from
     data_seed = seed + 1000 if kind == "hf-data-seed" else None
-    r = (rr.run_hf(seed, 0.0, work["steps"], precision, extra, data_seed=data_seed) if kind.startswith("hf") else rr.run_routetune(seed, 0.0, work["steps"], precision, out, extra))
+    r = (rr.run_hf(seed, 0.0, work["steps"], precision, extra, data_seed=data_seed) if kind.startswith("hf")
+         else rr.run_routetune(seed, 0.0, work["steps"], precision, out, extra))
     return {"test": r[rr.TASK]["after"], "wikitext": r[rr.HELD]["after"], "seconds": r["seconds"],
             "base": {"test": r[rr.TASK]["before"], "wikitext": r[rr.HELD]["before"]}}
 
