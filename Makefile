@@ -22,7 +22,8 @@ quickstart: $(STAMP)
 	$(VENV)/bin/routetune train examples/quickstart.yaml --set run.name=quickstart --overwrite --test
 
 # Two workers (pytest-xdist), each test file on one of them, one thread each: the suite is mostly
-# process starts and tiny models, so two files at a time use both cores of a small machine.
+# tiny models and command-line child processes (forked from one that has torch imported:
+# tests/forkserver.py), so two files at a time use both cores of a small machine.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile

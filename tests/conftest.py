@@ -10,6 +10,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import forkserver
 import pytest
 import torch
 
@@ -29,16 +30,13 @@ def device(request) -> str:
 
 
 def run_cli(*args, fault=None, check=True, env_extra=None):
-    """`python -m routetune.cli ARGS` in a subprocess (optionally killed at a fault point)."""
-    import subprocess
-    import sys
-
+    """`python -m routetune.cli ARGS` in a child process (optionally killed at a fault point),
+    forked from one that has the heavy modules imported (forkserver.py)."""
     env = {**os.environ, "PYTHONHASHSEED": "0", **(env_extra or {})}
     env.pop("ROUTETUNE_FAULT", None)
     if fault:
         env["ROUTETUNE_FAULT"] = fault
-    proc = subprocess.run([sys.executable, "-m", "routetune.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = forkserver.run("routetune.cli", [str(a) for a in args], env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc

@@ -3,10 +3,12 @@ config mistake is reported before the heavy libraries load, --version, python -m
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
+import forkserver
 import pytest
 
 from conftest import make_config, run_cli
@@ -90,10 +92,10 @@ def test_predict_input_that_is_not_unicode_is_one_line(tmp_path, tiny_model_dir,
     from routetune.workflow import train
 
     run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}))
-    proc = subprocess.run([sys.executable, "-m", "routetune", "predict", str(run_dir)], input=b"John in \xff Paris\n",
-                          capture_output=True, timeout=120)
+    proc = forkserver.run("routetune", ["predict", str(run_dir)], {**os.environ, "PYTHONHASHSEED": "0"},
+                          input=b"John in \xff Paris\n", timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.decode().strip().splitlines()[-1].startswith("error: <stdin>:1: invalid UTF-8")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: <stdin>:1: invalid UTF-8")
     bad = tmp_path / "in.jsonl"
     bad.write_text('John in Paris\n\n{"text": "Apple \\ud800"}\n')
     proc = run_cli("predict", str(run_dir), str(bad), check=False)
@@ -148,9 +150,8 @@ def _stderr_on_a_terminal(*args) -> str:
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
-    env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "routetune.cli", *args], stdout=subprocess.DEVNULL, stderr=slave,
-                            env=env)
+    proc = forkserver.popen("routetune.cli", list(args), {**os.environ, "PYTHONHASHSEED": "0"},
+                            stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
     out = b""
     while True:

@@ -5,9 +5,8 @@ resumes exactly on 2 processes and with the same remaining plan on 1."""
 import json
 import os
 import string
-import subprocess
-import sys
 
+import forkserver
 import pytest
 import torch
 from conftest import CUDA, WORDS, make_config, write_task_and_general
@@ -23,8 +22,7 @@ def _launch(*args, nproc=1, fault=None, check=True):
     env.pop("ROUTETUNE_FAULT", None)
     if fault:
         env["ROUTETUNE_FAULT"] = fault
-    cmd = [sys.executable, "-m", "routetune.cli", *args] + (["--nproc", str(nproc)] if nproc > 1 else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = forkserver.run("routetune.cli", [*args] + (["--nproc", str(nproc)] if nproc > 1 else []), env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
@@ -152,9 +150,8 @@ def test_a_rank_without_examples_gets_a_zero_weight_stand_in(tiny_tokenizer, tmp
 def _torchrun(*args, nproc: int):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("ROUTETUNE_FAULT", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "routetune", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = forkserver.run("torch.distributed.run", ["--standalone", f"--nproc_per_node={nproc}", "-m", "routetune",
+                                                    *args], env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import forkserver
 import pytest
 from safetensors.torch import load_file
 
@@ -67,8 +68,7 @@ def _launch(args: list[str], run_dir: Path, delay: float | None) -> tuple[int, f
     env.pop("ROUTETUNE_FAULT", None)
     plan = run_dir / "plan.jsonl"
     size = plan.stat().st_size if plan.is_file() else 0
-    proc = subprocess.Popen([sys.executable, "-m", "routetune.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    proc = forkserver.popen("routetune.cli", args, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None and not (plan.is_file() and plan.stat().st_size > size):
         time.sleep(0.01)
     started = time.perf_counter()
@@ -92,7 +92,8 @@ def run_with_random_kills(cfg: Path, run_dir: Path, seed: int, train_s: float, k
         if codes[0] != 0:  # less loaded machine): train again from scratch, killed earlier
             break
         delay /= 3
-        codes = [_launch(["train", str(cfg), "--no-test", "--overwrite"], run_dir, delay)[0]]
+        shutil.rmtree(run_dir)  # (with --overwrite, _launch would wait for the new plan to outgrow the old one)
+        codes = [_launch(["train", str(cfg), "--no-test"], run_dir, delay)[0]]
     for _ in range(kills - 1):
         if (run_dir / "summary.json").is_file() or not ckpt.step_checkpoints(run_dir / "checkpoints"):
             break

@@ -6,10 +6,10 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
+import forkserver
 import pytest
 from fastapi.testclient import TestClient
 
@@ -168,8 +168,8 @@ def test_sigterm_drains_in_flight_requests(ner_run):
 
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "routetune.cli", "serve", str(ner_run), "--port", str(port),
-                             "--max-wait-ms", "800"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = forkserver.popen("routetune.cli", ["serve", str(ner_run), "--port", str(port), "--max-wait-ms", "800"], env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         for _ in range(300):
             try:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import forkserver
 import pytest
 import yaml
 
@@ -300,15 +301,14 @@ def test_two_processes_share_one_study(tmp_path, tiny_model_dir, ner_files):
     path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=4)
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("ROUTETUNE_FAULT", None)
-    first = subprocess.Popen([sys.executable, "-m", "routetune.cli", "sweep", str(path)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = forkserver.popen("routetune.cli", ["sweep", str(path)], env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     folder = tmp_path / "studies" / "mix"
     for _ in range(600):  # the second worker joins once the first has created the study
         if (folder / "study.db").is_file():
             break
         time.sleep(0.1)
-    second = subprocess.run([sys.executable, "-m", "routetune.cli", "sweep", str(path), "--resume"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    second = forkserver.run("routetune.cli", ["sweep", str(path), "--resume"], env, timeout=300)
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0 and second.returncode == 0, err + second.stderr
     trials = _trials(folder)
@@ -413,12 +413,10 @@ def test_ctrl_c_or_sigterm_stops_the_study_and_resume_continues_the_stopped_tria
     path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=2, **{"set": {"train.save_every_steps": 1}})
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("ROUTETUNE_FAULT", None)
-    # a terminal's Ctrl-C: SIGINT at its default disposition in the child, even when this suite was
-    # started in the background (a shell starts background jobs with SIGINT ignored, and Python
-    # keeps an inherited SIG_IGN, so the signal would never arrive)
-    proc = subprocess.Popen([sys.executable, "-m", "routetune.cli", "sweep", str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # a terminal's Ctrl-C: the child starts with SIGINT at its default disposition (forkserver.py),
+    # even when this suite was started in the background with SIGINT ignored
+    proc = forkserver.popen("routetune.cli", ["sweep", str(path)], env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     folder = tmp_path / "studies" / "mix"
     for _ in range(1200):  # interrupt once the first trial has a checkpoint
         if list((folder / "trial-0000" / "checkpoints").glob("step-*")):
