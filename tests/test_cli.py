@@ -61,6 +61,18 @@ def test_a_config_mistake_is_reported_before_torch_loads(tmp_path, tiny_model_di
     assert "train.lr: expected a number" in proc.stderr
 
 
+@pytest.mark.parametrize("args", [["eval", "runs/x", "--precision", "fp8"], ["resume", "runs/x", "--device", "gpu"],
+                                  ["eval", "runs/x", "--split", "foo"], ["predict", "runs/x", "--format", "xml"]])
+def test_a_misspelt_option_is_reported_before_torch_and_transformers_load(args):
+    code = ("import sys; import routetune.cli as c; sys.argv = ['routetune', *%r]\n"
+            "try:\n    c.main()\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+            "import transformers; print(transformers.utils.logging.is_progress_bar_enabled())") % args
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False", "False", "False"], proc.stdout + proc.stderr  # bars off all the same
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_unknown_checkpoint_lists_the_ones_there(tmp_path, tiny_model_dir, ner_files):
     from routetune.workflow import train
 

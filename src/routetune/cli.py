@@ -33,12 +33,22 @@ NPROC_HELP = ("Data-parallel processes on this machine (one per GPU, or per CPU 
               "across machines use torchrun itself (docs/distributed.md)")
 
 
-def _device_option():
-    return typer.Option(None, "--device", help=DEVICE_HELP)
+def _spelling(option: str):
+    """A callback that checks how --device or --precision is spelled before anything heavy loads
+    (what the value means on this machine is checked once torch is there)."""
+    def check(value: Optional[str]) -> Optional[str]:
+        from routetune.config.schema import check_device, check_precision
+
+        return value if value is None else (check_device if option == "--device" else check_precision)(value, option)
+    return check
 
 
-def _precision_option():
-    return typer.Option(None, "--precision", help=PRECISION_HELP)
+def _device_option(help_text: str = DEVICE_HELP):
+    return typer.Option(None, "--device", help=help_text, callback=_spelling("--device"))
+
+
+def _precision_option(help_text: str = PRECISION_HELP):
+    return typer.Option(None, "--precision", help=help_text, callback=_spelling("--precision"))
 
 
 def _version(value: bool) -> None:
@@ -113,10 +123,10 @@ def validate_cmd(
 def resume_cmd(
     run: Path = typer.Argument(..., help="Run folder"),
     test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the test sets at the end"),
-    device: Optional[str] = typer.Option(None, "--device", help=f"Continue on another device: {DEVICE_HELP} "
-                                         "(default: the run's train.device)"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Continue in another precision (default: the "
-                                            "run's train.precision)"),
+    device: Optional[str] = _device_option(f"Continue on another device: {DEVICE_HELP} (default: the run's "
+                                           "train.device)"),
+    precision: Optional[str] = _precision_option("Continue in another precision (default: the run's "
+                                                 "train.precision)"),
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Continue an interrupted run exactly from its newest complete checkpoint."""
@@ -177,11 +187,11 @@ def eval_cmd(
     precision: Optional[str] = _precision_option(),
 ) -> None:
     """Evaluate a run's checkpoint on the dev or test sets of its sources."""
+    if split not in ("dev", "test"):
+        raise typer.BadParameter("expected dev or test", param_hint="--split")
     from routetune.evaluate.tasks import format_scores
     from routetune.workflow import evaluate
 
-    if split not in ("dev", "test"):
-        raise typer.BadParameter("expected dev or test", param_hint="--split")
     scores = evaluate(run, split, checkpoint, device=device, precision=precision)
     if as_json:
         typer.echo(json.dumps({"run": str(run), "split": split, "checkpoint": checkpoint, "scores": scores}))
@@ -204,12 +214,12 @@ def predict_cmd(
 ) -> None:
     """Predict (plain lines or JSONL in, JSONL out, one output line per input line; a JSONL "id" is kept): entity tags and spans, a label with probabilities, or - for a
     language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
+    if fmt not in ("auto", "lines", "jsonl"):
+        raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
     from routetune.cli_io import generate_file, read_items, write_jsonl
     from routetune.runs import load_for_inference
     from routetune.serve.predictor import Predictor, parse_line
 
-    if fmt not in ("auto", "lines", "jsonl"):
-        raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
     cfg, model, tokenizer, hw = load_for_inference(run, checkpoint, device, precision)
     precision = hw.precision
     head = source or cfg.train.primary

@@ -24,19 +24,17 @@ import contextlib
 import logging
 import os
 import platform
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from routetune.config.schema import check_device, check_precision
 from routetune.errors import ConfigError
 
 log = logging.getLogger("routetune")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 # oneDNN ISA names (ONEDNN_MAX_CPU_ISA) at or above which bf16 matmuls are native
 _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
@@ -113,8 +111,7 @@ def _cpu_name() -> str:
 
 def resolve_device(spec: str = "auto", key: str = "train.device") -> torch.device:
     """`auto`: the current CUDA device when one is available, else the CPU."""
-    if not DEVICE_PATTERN.fullmatch(spec or ""):
-        raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N, got {spec!r}")
+    check_device(spec, key)
     if spec == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(spec)
@@ -136,8 +133,7 @@ def resolve(device: str = "auto", precision: str = "auto",
     `names` are the config keys or CLI options the two values came from, for messages."""
     dev = resolve_device(device, names[0])
     key = names[1]
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{key}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision, key)
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
         bf16 = torch.cuda.is_bf16_supported(including_emulation=False)

@@ -41,6 +41,8 @@ def setup_logging(verbose: bool = False) -> None:
         logger.propagate = False
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers  # its logging switch; transformers imports torch lazily, so this stays light
-
-    transformers.utils.logging.disable_progress_bar()  # our own bar is enough
+    # transformers' and the Hub's progress bars off: our own bar is enough
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    else:  # read as they load (importing transformers here would cost seconds before a usage error)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

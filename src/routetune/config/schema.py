@@ -7,13 +7,31 @@ each key (attribute docstrings, rendered into docs/configuration.md by config_do
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
 from routetune import objectives
 from routetune.config.base import Strict
 from routetune.config.sources import EvalTextConfig, SourceConfig
+from routetune.errors import ConfigError
+
+# how a device and a precision are spelled (config keys and --device / --precision); what they
+# mean on this machine is device.py's
+DEVICES = r"auto|cpu|cuda(:\d+)?"
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def check_device(spec: str, key: str) -> str:
+    if not re.fullmatch(DEVICES, spec or ""):
+        raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N, got {spec!r}")
+    return spec
+
+
+def check_precision(precision: str, key: str) -> str:
+    if precision not in get_args(Precision):
+        raise ConfigError(f"{key}: expected one of {', '.join(get_args(Precision))}, got {precision!r}")
+    return precision
 
 
 class RunConfig(Strict):
@@ -141,9 +159,9 @@ class TrainConfig(Strict):
     """Learning rate after the warm-up: `linear` decay to 0, `cosine` decay to 0 (half a cosine), or `constant` (transformers' schedules of the same names)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping norm; null disables clipping."""
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field("auto", pattern=rf"^({DEVICES})$")
     """`auto` (a CUDA GPU when PyTorch sees one, else the CPU), `cpu`, `cuda` or `cuda:N`. Model, heads, batches and optimizer state live there; checkpoints are device-independent (a run trained on a GPU resumes, evaluates and serves on a CPU)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     """`auto`: bf16 autocast on GPUs that support it, fp16 with a gradient scaler on older GPUs, bf16 on CPUs with native bf16 (AMX or AVX512-BF16), fp32 on other CPUs (where bf16 is emulated and several times slower). The choice and its reason are logged and written to the run's hardware.json. bf16/fp16 autocast keeps the weights in fp32."""
     seed: int = 42
     """Seed for head initialisation, dropout and masking."""
