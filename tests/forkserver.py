@@ -13,8 +13,9 @@ joined, exit handlers run, buffers flushed, then os._exit, skipping the module t
 What a fork cannot change is what an interpreter reads once as it starts: the hash seed, the
 thread count of the OpenMP runtime, torch's CPU capability and allocator switches. A command
 whose environment differs from the server's in one of those runs in a fresh interpreter
-instead, and so does every command when ROUTETUNE_TEST_FRESH=1. Tests of what a fresh
-interpreter does (imports, start-up) call subprocess themselves.
+instead, and so does every command when ROUTETUNE_TEST_FRESH=1 and on systems other than
+Linux (where forking a process that has loaded system frameworks is not safe). Tests of what a
+fresh interpreter does (imports, start-up) call subprocess themselves.
 
 No library offers this for arbitrary commands (multiprocessing's forkserver runs Python
 functions, not `python -m` entry points with their own stdio and exit status), hence this file.
@@ -149,8 +150,10 @@ class Child:
 class _Server:
     def __init__(self, env: dict):
         self.env = dict(env)
-        self.path = os.path.join(tempfile.mkdtemp(prefix="routetune-forkserver-"), "socket")
-        self.proc = subprocess.Popen([sys.executable, __file__, self.path], env=self.env, stdin=subprocess.DEVNULL,
+        # an abstract socket (Linux): no file to clean up, no limit from a long TMPDIR
+        name = f"routetune-forkserver-{os.getpid()}-{os.urandom(4).hex()}"
+        self.path = "\0" + name
+        self.proc = subprocess.Popen([sys.executable, __file__, name], env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
@@ -167,7 +170,7 @@ _server: list[_Server] = []
 
 
 def _forkable(env: dict) -> bool:
-    if os.environ.get("ROUTETUNE_TEST_FRESH") == "1":
+    if os.environ.get("ROUTETUNE_TEST_FRESH") == "1" or sys.platform != "linux":  # fork after torch: Linux only
         return False
     if not _server:
         _server.append(_Server({**os.environ, "PYTHONHASHSEED": env.get("PYTHONHASHSEED", "0")}))
@@ -306,4 +309,4 @@ def _child(request: dict) -> None:
 
 
 if __name__ == "__main__":
-    _child(_serve(sys.argv[1]))
+    _child(_serve("\0" + sys.argv[1]))
