@@ -1,6 +1,7 @@
 """The speed levers of issue #8 keep the semantics they claim."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -121,6 +122,22 @@ def test_levers_keep_training_equivalent_and_checkpoints_fp32(tmp_path, tiny_lla
     for k in fast:
         assert fast[k].dtype == torch.float32
         assert torch.equal(fast[k], slow[k]), k
+
+
+def test_bf16_frozen_weights_say_where_they_are_skipped(tmp_path, tiny_llama_dir, caplog):
+    from test_peft import _config
+
+    from routetune.workflow import train
+
+    skipped = "train.bf16_frozen_weights: skipped in fp32"
+    with caplog.at_level(logging.INFO, logger="routetune"):
+        train(_config(tmp_path, tiny_llama_dir, True, {"method": "lora", "r": 4}, {}, max_steps=1))
+    assert skipped in caplog.text  # fp32 (the default on CPUs without native bf16) has no casts to save
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="routetune"):
+        train(_config(tmp_path, tiny_llama_dir, True, {"method": "lora", "r": 4}, {}, max_steps=1, precision="bf16"),
+              overwrite=True)
+    assert "train.bf16_frozen_weights" not in caplog.text
 
 
 def test_sgd_optimizer(tmp_path, tiny_llama_dir):

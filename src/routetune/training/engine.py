@@ -98,6 +98,9 @@ class Trainer:
         # method allows them (DoRA reads the base weight for its magnitude norm)
         self.frozen = FrozenBf16(self.model) if (self.hw.precision == "bf16" and tc.bf16_frozen_weights
                                                  and self.model.method.frozen_bf16) else None
+        if tc.bf16_frozen_weights and self.hw.precision != "bf16" and self.world.main:
+            log.info("train.bf16_frozen_weights: skipped in %s (it saves the casts of bf16 autocast)",
+                     self.hw.precision)
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> FitResult:
