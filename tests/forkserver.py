@@ -13,8 +13,9 @@ joined, exit handlers run, buffers flushed, then os._exit, skipping the module t
 What a fork cannot change is what an interpreter reads once as it starts: the hash seed, the
 thread count of the OpenMP runtime, torch's CPU capability and allocator switches. A command
 whose environment differs from the server's in one of those runs in a fresh interpreter
-instead, and so does every command when ROUTETUNE_TEST_FRESH=1 and on systems other than
-Linux (where forking a process that has loaded system frameworks is not safe). Tests of what a
+instead, and so does every command when ROUTETUNE_TEST_FRESH=1, on systems other than Linux
+(where forking a process that has loaded system frameworks is not safe) and on machines with
+a CUDA GPU (CUDA cannot be used in a child forked from a process that has initialised it). Tests of what a
 fresh interpreter does (imports, start-up) call subprocess themselves.
 
 No library offers this for arbitrary commands (multiprocessing's forkserver runs Python
@@ -166,15 +167,22 @@ class _Server:
             self.proc.wait()
 
 
-_server: list[_Server] = []
+_servers: dict[tuple, _Server] = {}  # by the values of AT_START they were started with
+MAX_SERVERS = 2  # e.g. before and after `import routetune` set THP_MEM_ALLOC_ENABLE in this process
 
 
-def _forkable(env: dict) -> bool:
-    if os.environ.get("ROUTETUNE_TEST_FRESH") == "1" or sys.platform != "linux":  # fork after torch: Linux only
-        return False
-    if not _server:
-        _server.append(_Server({**os.environ, "PYTHONHASHSEED": env.get("PYTHONHASHSEED", "0")}))
-    return all(env.get(k) == _server[0].env.get(k) for k in AT_START)
+def _server_for(env: dict) -> _Server | None:
+    """The server whose start-up environment matches ENV (started if need be), or None: start a
+    fresh interpreter."""
+    import torch
+
+    # fork after importing torch: Linux only, and not where CUDA is (a CUDA context does not survive a fork)
+    if os.environ.get("ROUTETUNE_TEST_FRESH") == "1" or sys.platform != "linux" or torch.cuda.is_available():
+        return None
+    key = tuple(env.get(k) for k in AT_START)
+    if key not in _servers and len(_servers) < MAX_SERVERS:
+        _servers[key] = _Server(env)
+    return _servers.get(key)
 
 
 def _sigint_default() -> None:
@@ -186,10 +194,11 @@ def _sigint_default() -> None:
 def popen(module: str, args: list[str], env: dict, **streams) -> Child | subprocess.Popen:
     """`python -m MODULE ARGS` with ENV, as subprocess.Popen would start it (stdin, stdout,
     stderr, text as there)."""
-    if not _forkable(env):
+    server = _server_for(env)
+    if server is None:
         return subprocess.Popen([sys.executable, "-m", module, *args], env=env, preexec_fn=_sigint_default,
                                 **streams)
-    return Child(_server[0].path, module, args, env, **streams)
+    return Child(server.path, module, args, env, **streams)
 
 
 def run(module: str, args: list[str], env: dict, timeout: float = 300, input: bytes | None = None) -> Completed:
