@@ -40,8 +40,8 @@ AT_START = ("PYTHONHASHSEED", "PYTHONPATH", "PYTHONHOME", "OMP_NUM_THREADS", "MK
             "PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "LD_PRELOAD", "MALLOC_CONF")
 PRELOAD = ("routetune.cli", "routetune.workflow", "routetune.runs", "routetune.evaluate.tasks",
            "routetune.serve.predictor", "routetune.serve.server", "routetune.continual", "routetune.export",
-           "routetune.sweep.study", "routetune.sweep.run", "routetune.training.setup", "peft", "sklearn.metrics", "seqeval.metrics",
-           "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama",
+           "routetune.sweep.study", "routetune.sweep.run", "routetune.training.setup", "peft", "sklearn.metrics",
+           "seqeval.metrics", "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama",
            "transformers.models.auto.modeling_auto", "uvicorn", "optuna", "httpx")
 
 
