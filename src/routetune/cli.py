@@ -71,8 +71,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the versions of routetune, torch and transformers and exit"),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (they are hidden anyway "
-                                     "when stderr is not a terminal)")) -> None:
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (when stderr is not a "
+                                     "terminal, evaluation shows none anyway and the training bar "
+                                     "updates every 30 s)")) -> None:
     """Fine-tune pretrained language models with seeded routing of task and general data."""
     set_quiet(quiet)
 
