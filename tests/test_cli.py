@@ -3,7 +3,6 @@ config mistake is reported before the heavy libraries load, --version, python -m
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import forkserver
 import pytest
 
-from conftest import make_config, run_cli
+from conftest import cli_env, make_config, run_cli
 
 
 @pytest.mark.parametrize("args, message", [
@@ -52,23 +51,27 @@ def test_set_errors_name_the_override_not_the_file(tmp_path, tiny_model_dir, ner
     assert proc.stderr.strip() == "error: --set train.lr=fast: train.lr: expected a number, got 'fast'"
 
 
+def _in_a_fresh_interpreter(*args):
+    """`routetune ARGS` in a new interpreter; stdout: its exit status, whether torch and
+    transformers were loaded by then, and whether transformers' progress bars are on after."""
+    code = ("import sys; import routetune.cli as c; sys.argv = ['routetune', *%r]\n"
+            "try:\n    c.main()\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+            "import transformers; print(transformers.utils.logging.is_progress_bar_enabled())") % (args,)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
 def test_a_config_mistake_is_reported_before_torch_loads(tmp_path, tiny_model_dir, ner_files):
     path = make_config(tmp_path, tiny_model_dir, ner_files, **{"train.lr": "fast"})
-    code = ("import sys; import routetune.cli as c; sys.argv = ['routetune', 'train', %r]\n"
-            "try:\n    c.main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)") % str(path)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    proc = _in_a_fresh_interpreter("train", str(path))
+    assert proc.stdout.split()[:2] == ["2", "False"], proc.stdout + proc.stderr
     assert "train.lr: expected a number" in proc.stderr
 
 
 @pytest.mark.parametrize("args", [["eval", "runs/x", "--precision", "fp8"], ["resume", "runs/x", "--device", "gpu"],
                                   ["eval", "runs/x", "--split", "foo"], ["predict", "runs/x", "--format", "xml"]])
 def test_a_misspelt_option_is_reported_before_torch_and_transformers_load(args):
-    code = ("import sys; import routetune.cli as c; sys.argv = ['routetune', *%r]\n"
-            "try:\n    c.main()\nexcept SystemExit as e:\n"
-            "    print(e.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
-            "import transformers; print(transformers.utils.logging.is_progress_bar_enabled())") % args
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = _in_a_fresh_interpreter(*args)
     assert proc.stdout.split() == ["2", "False", "False", "False"], proc.stdout + proc.stderr  # bars off all the same
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
 
@@ -104,7 +107,7 @@ def test_predict_input_that_is_not_unicode_is_one_line(tmp_path, tiny_model_dir,
     from routetune.workflow import train
 
     run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}))
-    proc = forkserver.run("routetune", ["predict", str(run_dir)], {**os.environ, "PYTHONHASHSEED": "0"},
+    proc = forkserver.run("routetune", ["predict", str(run_dir)], cli_env(),
                           input=b"John in \xff Paris\n", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: <stdin>:1: invalid UTF-8")
@@ -162,8 +165,7 @@ def _stderr_on_a_terminal(*args) -> str:
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
-    proc = forkserver.popen("routetune.cli", list(args), {**os.environ, "PYTHONHASHSEED": "0"},
-                            stdout=subprocess.DEVNULL, stderr=slave)
+    proc = forkserver.popen("routetune.cli", list(args), cli_env(), stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
     out = b""
     while True:

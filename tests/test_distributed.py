@@ -3,13 +3,12 @@ processes trains on the same plan and ends with the same weights; a 2-process ru
 resumes exactly on 2 processes and with the same remaining plan on 1."""
 
 import json
-import os
 import string
 
 import forkserver
 import pytest
 import torch
-from conftest import CUDA, WORDS, make_config, write_task_and_general
+from conftest import CUDA, WORDS, cli_env, make_config, write_task_and_general
 from safetensors.torch import load_file
 
 from routetune.training import checkpoint as ckpt
@@ -18,11 +17,8 @@ TOL = 1e-5  # fp32: the all-reduced gradient sums the same terms in another orde
 
 
 def _launch(*args, nproc=1, fault=None, check=True):
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    env.pop("ROUTETUNE_FAULT", None)
-    if fault:
-        env["ROUTETUNE_FAULT"] = fault
-    proc = forkserver.run("routetune.cli", [*args] + (["--nproc", str(nproc)] if nproc > 1 else []), env, timeout=600)
+    proc = forkserver.run("routetune.cli", [*args] + (["--nproc", str(nproc)] if nproc > 1 else []),
+                          cli_env(fault, OMP_NUM_THREADS="1"), timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
@@ -148,10 +144,8 @@ def test_a_rank_without_examples_gets_a_zero_weight_stand_in(tiny_tokenizer, tmp
 
 
 def _torchrun(*args, nproc: int):
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    env.pop("ROUTETUNE_FAULT", None)
     proc = forkserver.run("torch.distributed.run", ["--standalone", f"--nproc_per_node={nproc}", "-m", "routetune",
-                                                    *args], env, timeout=600)
+                                                    *args], cli_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -1,13 +1,12 @@
 """Tiny end-to-end runs on a random-weight 2-layer BERT built in the test session."""
 
 import json
-import os
 
 import forkserver
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_config
+from conftest import cli_env, make_config
 from routetune.cli import app
 from routetune.errors import ConfigError, DataError, ModelError, RunError
 from routetune.workflow import evaluate, train
@@ -140,7 +139,7 @@ def test_empty_sources(tmp_path, tiny_model_dir, ner_files):
 def test_cli_reports_errors_with_exit_code_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: x}\nsources: {}\ntrain: {lr: fast}\n")
-    proc = forkserver.run("routetune.cli", ["train", str(bad)], {**os.environ, "PYTHONHASHSEED": "0"}, timeout=120)
+    proc = forkserver.run("routetune.cli", ["train", str(bad)], cli_env(), timeout=120)
     assert proc.returncode == 2
     assert "train.lr: expected a number, got 'fast'" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -6,7 +6,6 @@ weights, optimizer, scheduler, router and source cursors, early stopping, RNG.""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -18,7 +17,7 @@ import forkserver
 import pytest
 from safetensors.torch import load_file
 
-from conftest import make_config, run_cli
+from conftest import cli_env, make_config, run_cli
 from routetune.training import checkpoint as ckpt
 
 STEPS = 10
@@ -64,11 +63,9 @@ def assert_equal_states(a: dict, b: dict) -> None:
 def _launch(args: list[str], run_dir: Path, delay: float | None) -> tuple[int, float]:
     """Run `routetune ARGS`; once it trains (plan.jsonl grows), wait `delay` seconds and SIGKILL
     it (None: let it finish). Returns (exit code, seconds it spent training)."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    env.pop("ROUTETUNE_FAULT", None)
     plan = run_dir / "plan.jsonl"
     size = plan.stat().st_size if plan.is_file() else 0
-    proc = forkserver.popen("routetune.cli", args, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = forkserver.popen("routetune.cli", args, cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None and not (plan.is_file() and plan.stat().st_size > size):
         time.sleep(0.01)
     started = time.perf_counter()

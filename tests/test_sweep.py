@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import forkserver
 import pytest
 import yaml
 
-from conftest import make_config, run_cli
+from conftest import cli_env, make_config, run_cli
 
 optuna = pytest.importorskip("optuna")
 
@@ -299,8 +298,7 @@ def test_kill_9_loses_at_most_the_running_trial(tmp_path, tiny_model_dir, ner_fi
 
 def test_two_processes_share_one_study(tmp_path, tiny_model_dir, ner_files):
     path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=4)
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    env.pop("ROUTETUNE_FAULT", None)
+    env = cli_env()
     first = forkserver.popen("routetune.cli", ["sweep", str(path)], env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     folder = tmp_path / "studies" / "mix"
@@ -411,8 +409,7 @@ def test_ctrl_c_or_sigterm_stops_the_study_and_resume_continues_the_stopped_tria
     import signal
 
     path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=2, **{"set": {"train.save_every_steps": 1}})
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    env.pop("ROUTETUNE_FAULT", None)
+    env = cli_env()
     # a terminal's Ctrl-C: the child starts with SIGINT at its default disposition (forkserver.py),
     # even when this suite was started in the background with SIGINT ignored
     proc = forkserver.popen("routetune.cli", ["sweep", str(path)], env, stdout=subprocess.PIPE,

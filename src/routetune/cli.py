@@ -37,9 +37,11 @@ def _spelling(option: str):
     """A callback that checks how --device or --precision is spelled before anything heavy loads
     (what the value means on this machine is checked once torch is there)."""
     def check(value: Optional[str]) -> Optional[str]:
+        if value is None:  # not given: nothing to check (and nothing to import)
+            return None
         from routetune.config.schema import check_device, check_precision
 
-        return value if value is None else (check_device if option == "--device" else check_precision)(value, option)
+        return (check_device if option == "--device" else check_precision)(value, option)
     return check
 
 
