@@ -81,3 +81,95 @@ def test_resolve_text_files(tmp_path):
     assert [f.name for f in resolve_text_files(str(tmp_path / "d" / "*.md"))] == ["c.md"]
     with pytest.raises(DataError, match="no such file"):
         resolve_text_files(str(tmp_path / "missing*"))
+
+
+# ---- line endings: every reader reads LF, CRLF, CR-only and mixed files alike ---------------
+
+def _endings(text: str, style: str) -> bytes:
+    lines = text.split("\n")
+    if style == "lf":
+        out = "\n".join(lines)
+    elif style == "crlf":
+        out = "\r\n".join(lines)
+    elif style == "cr":
+        out = "\r".join(lines)
+    else:  # mixed: each line end chosen in turn (never a CR right before an LF: that is one CRLF)
+        ends = ["\r", "\r\n", "\n"]
+        out = "".join(line + (ends[i % 3] if i < len(lines) - 1 else "") for i, line in enumerate(lines))
+    return out.encode("utf-8")
+
+
+def _read_conll(p):
+    return [(s.tokens, s.tags, s.line) for s in read_conll(p)]
+
+
+def _read_text(p):
+    return list(iter_text(p))
+
+
+def _read_fielded(fmt):
+    def read(p):
+        from routetune.data.readers import read_examples
+
+        return [(e.text, e.label, e.origin.rsplit(":", 1)[1]) for e in read_examples(str(p), fmt)]
+    return read
+
+
+def _read_lines_per_class(p):
+    from routetune.data.readers import read_examples
+
+    return [(e.text, e.label, e.origin.rsplit(":", 1)[1]) for e in read_examples(str(p.parent / "*.txt*"),
+                                                                                  "lines-per-class")]
+
+
+def _read_folders(p):
+    from routetune.data.readers import read_examples
+
+    return [(e.text, e.label) for e in read_examples(str(p.parent.parent), "folders")]
+
+
+def _read_prompt_completion(p):
+    from routetune.data.readers import read_prompt_completions
+
+    return [(e.text, e.completion, e.origin.rsplit(":", 1)[1]) for e in read_prompt_completions(str(p))]
+
+
+READERS = {
+    "conll": ("a.conll", "John B-person\nruns O\n\nParis B-location\nrocks O\n\n\nBob B-person", _read_conll),
+    "text": ("a.txt", "one line\n\ntwo line\nthree", _read_text),
+    "jsonl": ("a.jsonl", '{"text": "good", "label": "pos"}\n\n{"text": "bad", "label": "neg"}', _read_fielded("jsonl")),
+    "csv": ("a.csv", "text,label\ngood film,pos\n\"bad, sad\",neg\nfine,pos", _read_fielded("csv")),
+    "tsv": ("a.tsv", "text\tlabel\ngood film\tpos\nbad\tneg", _read_fielded("tsv")),
+    "lines-per-class": ("a.txt.pos", "great\nfine\n\nsuperb", _read_lines_per_class),
+    "folders": ("classes/pos/a.txt", "a good\nfilm", _read_folders),
+    "prompt-completion": ("pc.jsonl", '{"prompt": "Q1", "completion": "A1"}\n{"prompt": "Q2", "completion": "A2"}',
+                          _read_prompt_completion),
+}
+
+
+@pytest.mark.parametrize("style", ["crlf", "cr", "mixed"])
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_every_reader_reads_any_line_ending_like_lf(tmp_path, reader, style):
+    name, text, read = READERS[reader]
+    results = {}
+    for s in ("lf", style):
+        folder = tmp_path / s
+        p = folder / name
+        p.parent.mkdir(parents=True)
+        p.write_bytes(_endings(text, s))
+        if reader == "lines-per-class":
+            (folder / "a.txt.neg").write_bytes(_endings("awful\nbad", s))
+        if reader == "folders":
+            (folder / "classes" / "neg").mkdir()
+            (folder / "classes" / "neg" / "b.txt").write_bytes(_endings("a bad\nfilm", s))
+        results[s] = read(p)
+    assert results[style] == results["lf"]
+    assert len(results["lf"]) >= 2
+
+
+@pytest.mark.parametrize("style", ["crlf", "cr", "mixed"])
+def test_line_numbers_in_errors_count_any_line_ending(tmp_path, style):
+    p = write(tmp_path, "bad.conll", _endings("John B-PER\nruns O\n\nParis X-LOC", style))
+    with pytest.raises(DataError) as err:
+        read_conll(p)
+    assert err.value.line == 4

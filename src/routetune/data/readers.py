@@ -1,7 +1,7 @@
 """File formats -> examples. Every problem is a :class:`DataError` naming file:line.
 
 Lines are read as bytes and decoded one by one so that bad UTF-8 is reported with its line
-number; a leading BOM and CRLF line ends are accepted.
+number; a leading BOM is accepted, and LF, CRLF and CR-only line ends (mixed too) each end a line.
 """
 
 from __future__ import annotations
@@ -34,15 +34,20 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         raise DataError("file not found" + hint(path), path)
     if path.is_dir():
         raise DataError("expected a file, got a folder", path)
+    number = 0
     with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"invalid UTF-8 at byte {exc.start} of the line", path, number) from None
-            if number == 1 and text.startswith("\ufeff"):
-                text = text[1:]
-            yield number, text.rstrip("\r\n")
+        for raw in fh:  # split on LF; a CR inside what is left ends a line too (CR-only and mixed files)
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            raw = raw[:-1] if raw.endswith(b"\r") else raw
+            for piece in raw.split(b"\r"):
+                number += 1
+                try:
+                    text = piece.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"invalid UTF-8 at byte {exc.start} of the line", path, number) from None
+                if number == 1 and text.startswith("\ufeff"):
+                    text = text[1:]
+                yield number, text
 
 
 def iob1_to_iob2(tags: list[str]) -> list[str]:
