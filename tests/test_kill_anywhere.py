@@ -22,6 +22,7 @@ from routetune.training import checkpoint as ckpt
 
 STEPS = 10
 TIMING = ("train_seconds",)  # wall-clock, the one field that may differ
+# a resumed run's metrics.jsonl also holds its `resume` events, so its length differs; plan.jsonl's may not
 
 
 def _config(root: Path, model_dir, files, name: str, **extra) -> Path:
@@ -42,6 +43,7 @@ def final_state(run_dir: Path) -> dict:
             state = json.loads(f.read_text())
             for key in TIMING:
                 state.pop(key, None)
+            state.get("logs", {}).pop("metrics.jsonl", None)
             out[f.name] = state
     out["plan"] = (run_dir / "plan.jsonl").read_text()
     return out

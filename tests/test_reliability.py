@@ -146,7 +146,9 @@ def test_unmarked_checkpoint_is_never_used_and_damaged_newest_falls_back(tmp_pat
         ckpt.newest_valid(root)
     with pytest.raises(ckpt.CheckpointError):
         load_run(root.parent, "last")
-    assert "step-00000000" in ckpt.clean_incomplete(root)
+    # its files still match its manifest: recovery completes it (never deletes it), and it is used again
+    assert ckpt.recover(root)["completed"] == ["step-00000000"]
+    assert ckpt.newest_valid(root) == older
 
 
 @pytest.mark.parametrize("policy", ["abort", "skip"])

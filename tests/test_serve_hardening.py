@@ -48,11 +48,14 @@ class LiveServer:
     def __init__(self, app, **config):
         import uvicorn
 
+        from routetune.serve.server import uvicorn_config
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
-                                                    **config))
+        # the settings `routetune serve` runs with (connection guard included)
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, app.state.limits,
+                                                    **{"log_level": "error", **config}))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -94,6 +97,72 @@ def test_stalled_bodies_take_no_prediction_slot_and_time_out(loaded):
             answer = s.recv(4096).decode(errors="replace")
             assert answer.startswith("HTTP/1.1 408"), answer[:80]
             s.close()
+
+
+def _metric(server, name: str) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).text
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(name)}
+
+
+def test_a_connection_flood_cannot_starve_ordinary_clients(loaded):
+    """256 idle connections and 256 that trickle header bytes: ordinary clients are answered all
+    along (the longest-waiting connection is evicted to admit each), and the flood is closed by
+    the header deadline; every close is counted in /metrics."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg, model, tok = loaded
+    app = create_app(model, tok, cfg, Limits(max_connections=256, header_timeout_s=2.0), "fp32")
+    with LiveServer(app) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(256)]
+        trickle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(256)]
+        for s in trickle:
+            s.sendall(b"POST /v1/ner HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        stop = threading.Event()
+
+        def trickler():  # one more header byte per connection every 0.2 s, never the end of the headers
+            while not stop.is_set():
+                for s in trickle:
+                    try:
+                        s.send(b"a")
+                    except OSError:
+                        pass
+                time.sleep(0.2)
+
+        thread = threading.Thread(target=trickler, daemon=True)
+        thread.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        with ThreadPoolExecutor(10) as pool:
+            codes = list(pool.map(lambda i: server.post("/v1/ner", {"texts": [f"John in Paris {i}"]}).status_code,
+                                  range(10)))
+        assert codes == [200] * 10 and time.monotonic() - started < 10
+        time.sleep(3.0)  # past the header deadline: the whole flood is closed
+        stop.set()
+        thread.join(5)
+        still_open = 0
+        for s in idle + trickle:
+            s.settimeout(2)
+            try:
+                still_open += s.recv(4096) != b""  # b"": closed by the server
+            except TimeoutError:
+                still_open += 1
+            except OSError:  # reset by the server: closed
+                pass
+            s.close()
+        assert still_open == 0
+        closed = _metric(server, "routetune_connections_closed_total")
+        evicted = closed.get('routetune_connections_closed_total{reason="evicted"}', 0)
+        timed_out = closed.get('routetune_connections_closed_total{reason="header_timeout"}', 0)
+        assert evicted >= 256 and evicted + timed_out == 512  # each flood connection closed once, and counted
+        assert server.post("/v1/ner", {"texts": ["John in Paris"]}).status_code == 200
+
+
+def test_deeply_nested_json_is_a_422(loaded):
+    body = "[" * 5000 + "]" * 5000
+    r = client(loaded).post("/v1/ner", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
 
 
 def test_preparation_runs_off_the_event_loop(loaded):

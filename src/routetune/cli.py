@@ -307,7 +307,12 @@ def serve_cmd(
     max_concurrency: int = typer.Option(_LIMITS.max_concurrency, "--max-concurrency", min=1,
                                         help="Requests served at once, once their body is in (more: 503)"),
     max_connections: int = typer.Option(_LIMITS.max_connections, "--max-connections", min=1,
-                                        help="Open connections (more: 503)"),
+                                        help="Open connections; past this the longest-idle one is closed"),
+    header_timeout_s: float = typer.Option(_LIMITS.header_timeout_s, "--header-timeout", min=0.001,
+                                           help="Seconds a connection may take to send a request's headers"),
+    require_signed: bool = typer.Option(False, "--require-signed",
+                                        help="Serve only a checkpoint signed with the key in "
+                                             "ROUTETUNE_SIGNING_KEY (set it when training)"),
     timeout_s: float = typer.Option(_LIMITS.timeout_s, "--timeout", min=0.001,
                                     help="Seconds from a request's body to its response (504)"),
     max_new_tokens: int = typer.Option(_LIMITS.max_new_tokens, "--max-new-tokens", min=1,
@@ -319,10 +324,11 @@ def serve_cmd(
     limits = Limits(max_body_bytes=max_body_bytes, max_items=max_items, max_tokens=max_tokens, max_chars=max_chars,
                     truncate=truncate, max_concurrency=max_concurrency, max_connections=max_connections,
                     body_timeout_s=body_timeout_s, timeout_s=timeout_s, max_batch=max_batch,
-                    max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_new_tokens=max_new_tokens)
+                    max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_new_tokens=max_new_tokens,
+                    header_timeout_s=header_timeout_s)
     serve_run(run, host, port, checkpoint, limits, precision, device=device, api_key=api_key,
               allow_unauthenticated=allow_unauthenticated, docs=docs, metrics=metrics, ssl_certfile=ssl_certfile,
-              ssl_keyfile=ssl_keyfile)
+              ssl_keyfile=ssl_keyfile, require_signed=require_signed)
 
 
 @app.command("continual")

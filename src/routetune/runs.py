@@ -1,12 +1,16 @@
 """Run folders: claim one safely, hold it exclusively, load a run from it.
 
-Invariant: routetune deletes only what it wrote. A run folder it writes carries the marker file
-``.routetune-run``; ``--overwrite`` replaces a folder only when it is one (or an older run folder
-holding nothing but a run's own files), and even then the old folder is first renamed aside and
-deleted only once the new run has written its first checkpoint; if the new run fails before that,
-the old folder is put back. ``train`` and ``resume`` hold an exclusive lock on the folder
-(``.lock``, an ``flock`` the kernel releases when the process dies, however it dies), so a second
-process can never clean up a live run's temporary checkpoint files.
+Invariant: routetune deletes only files it wrote. A run folder it writes carries the marker file
+``.routetune-run``. ``--overwrite`` replaces a folder only when it has the marker and every file in
+it is one a run writes (:func:`inventory`): the fixed names at its top level, in ``checkpoints/``
+exactly the files each checkpoint's SHA-256 manifest lists (or the temporary folders of a write in
+progress), the report's and trackers' files. Anything else (a notebook, a plot, a folder of the
+user's, a symbolic link) is named and the overwrite refused: nothing is deleted. Even then the old
+folder is first renamed aside and its files deleted, one by one from the inventory, only once the
+new run has written its first checkpoint; if the new run fails before that, the old folder is put
+back. ``train`` and ``resume`` hold an exclusive lock on the folder (``.lock``, an ``flock`` the
+kernel releases when the process dies, however it dies), so a second process can never clean up
+a live run's temporary checkpoint files.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import re
 import socket
 import time
 from pathlib import Path
@@ -31,44 +35,120 @@ log = logging.getLogger("routetune")
 
 MARKER = ".routetune-run"
 LOCK = ".lock"
-# what a run folder holds (older folders have no marker; these names identify them)
-RUN_ENTRIES = {"config.yaml", "labels.json", "metrics.jsonl", "plan.jsonl", "train.log", "summary.json",
-               "before.json", "hardware.json", "checkpoints", "report", LOCK, MARKER}
+# the files a run writes at the top level of its folder (trackers' notes and the log's rewrite included)
+RUN_FILES = {"config.yaml", "labels.json", "metrics.jsonl", "plan.jsonl", "train.log", "summary.json",
+             "before.json", "hardware.json", "mlflow.db", "mlflow.json", "wandb.json", "metrics.tmp", "plan.tmp",
+             "summary.json.tmp", LOCK, MARKER}
+# what `routetune report RUN` writes into RUN/report/
+REPORT_FILES = re.compile(r"^(report\.(md|html)|(loss|dev|shares|retention|continual)\.png|"
+                          r"(per_type|confusion)_.+\.png)$")
+TENSORBOARD_FILE = re.compile(r"^events\.out\.tfevents\..+$")
 
 
-def is_run_folder(path: Path) -> bool:
-    """Whether routetune wrote `path`: its marker, or (older runs) a config.yaml and only run files."""
-    if (path / MARKER).is_file():
-        return True
-    names = {p.name for p in path.iterdir()}
-    return "config.yaml" in names and names <= RUN_ENTRIES
+def _checkpoint_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(ours, foreign) of one entry of checkpoints/: the files its manifest lists (and the manifest,
+    marker and signature), or all of a temporary folder of save_atomic's."""
+    files = [p for p in folder.rglob("*") if not p.is_dir()]
+    if ckpt.PARTIAL.match(folder.name):
+        return files, []
+    if not (ckpt.STEP_DIR.match(folder.name) or folder.name == "best"):
+        return [], files or [folder]
+    try:
+        listed = set(json.loads((folder / ckpt.MANIFEST).read_text()))
+    except (OSError, ValueError):
+        listed = set()
+    own = {ckpt.MANIFEST, ckpt.COMPLETE, ckpt.SIGNATURE} if listed else set()
+    ours, foreign = [], []
+    for p in files:
+        rel = p.relative_to(folder).as_posix()
+        (ours if (rel in listed or rel in own) and not p.is_symlink() else foreign).append(p)
+    return ours, foreign
+
+
+def inventory(path: Path) -> tuple[list[Path], list[Path]]:
+    """(ours, foreign): the files of run folder `path` that a run writes, and everything else."""
+    ours, foreign = [], []
+    for entry in sorted(path.iterdir()):
+        name = entry.name
+        if entry.is_symlink():
+            foreign.append(entry)
+        elif entry.is_file():
+            (ours if name in RUN_FILES else foreign).append(entry)
+        elif name == "checkpoints":
+            for sub in sorted(entry.iterdir()):
+                if sub.is_dir() and not sub.is_symlink():
+                    o, f = _checkpoint_files(sub)
+                    ours += o
+                    foreign += f
+                else:
+                    foreign.append(sub)
+        elif name in ("report", "tensorboard"):
+            pattern = REPORT_FILES if name == "report" else TENSORBOARD_FILE
+            for p in sorted(entry.rglob("*")):
+                if not p.is_dir():
+                    (ours if p.parent == entry and pattern.match(p.name) and not p.is_symlink() else foreign).append(p)
+        elif name == "wandb":  # wandb's own folder: routetune told wandb to write there
+            ours += [p for p in entry.rglob("*") if not p.is_dir()]
+        else:
+            foreign += [p for p in entry.rglob("*") if not p.is_dir()] or [entry]
+    return ours, foreign
+
+
+def remove_own(path: Path) -> list[Path]:
+    """Delete the files of `path` that a run writes, then the folders left empty; returns what is left
+    (files routetune did not write), which stays where it is."""
+    ours, foreign = inventory(path)
+    for p in ours:
+        p.unlink()
+    for d in sorted((d for d in path.rglob("*") if d.is_dir() and not d.is_symlink()), key=lambda d: -len(d.parts)):
+        if not any(d.iterdir()):
+            d.rmdir()
+    if not any(path.iterdir()):
+        path.rmdir()
+    return foreign
+
+
+def _names(paths: list[Path], root: Path, most: int = 5) -> str:
+    shown = ", ".join(p.relative_to(root).as_posix() for p in paths[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
 
 
 class Claim:
     """A run folder made ready for a new run; the folder it replaces (if any) waits aside until
-    :meth:`commit` deletes it, or :meth:`rollback` puts it back."""
+    :meth:`commit` deletes its files, or :meth:`rollback` puts it back."""
 
     def __init__(self, path: Path, aside: Path | None):
         self.path, self.aside = path, aside
 
     def commit(self) -> None:
         if self.aside is not None and self.aside.exists():
-            shutil.rmtree(self.aside)
-            log.info("--overwrite: the new run has its first checkpoint; removed the previous run folder")
+            left = remove_own(self.aside)
+            if left:
+                log.warning("--overwrite: files routetune did not write appeared in the previous run folder while "
+                            "the new run started; they are kept in %s: %s", self.aside, _names(left, self.aside))
+            else:
+                log.info("--overwrite: the new run has its first checkpoint; removed the previous run folder")
         self.aside = None
 
     def rollback(self) -> None:
         if self.aside is None:
             return
-        if self.path.exists():
-            shutil.rmtree(self.path)  # ours: created by claim() and holding only this failed run
-        os.replace(self.aside, self.path)
-        log.warning("the new run failed before its first checkpoint; the previous run folder %s is back", self.path)
+        left = remove_own(self.path) if self.path.exists() else []
+        if left:  # someone added files to the new folder: keep both, say where
+            log.warning("the new run failed before its first checkpoint; %s holds files routetune did not write "
+                        "(%s), so the previous run stays at %s", self.path, _names(left, self.path), self.aside)
+        else:
+            os.replace(self.aside, self.path)
+            log.warning("the new run failed before its first checkpoint; the previous run folder %s is back",
+                        self.path)
         self.aside = None
 
 
 def check_claimable(path: Path, overwrite: bool) -> None:
     """Refuse, before any heavy work, a folder that may not be (re)used."""
+    if path.is_symlink():
+        raise RunError(f"{path}: is a symbolic link; a run folder must be a real folder (nothing was deleted); "
+                       "choose another run.name or run.output_dir")
     if path.exists() and not path.is_dir():
         raise RunError(f"{path}: exists and is not a folder")
     if not path.exists() or not any(path.iterdir()):
@@ -76,9 +156,14 @@ def check_claimable(path: Path, overwrite: bool) -> None:
     if not overwrite:
         raise RunError(f"{path}: run folder exists and is not empty; choose another run.name "
                        "or pass --overwrite to replace it")
-    if not is_run_folder(path):
+    if not (path / MARKER).is_file():
         raise RunError(f"{path}: --overwrite replaces only a run folder routetune wrote (it has no {MARKER} "
-                       "marker and holds other files); nothing was deleted; choose another run.name")
+                       "marker); nothing was deleted; choose another run.name")
+    _, foreign = inventory(path)
+    if foreign:
+        raise RunError(f"{path}: --overwrite replaces only a run folder routetune wrote, and this one holds "
+                       f"files it did not write ({_names(foreign, path)}); nothing was deleted; move them out "
+                       "or choose another run.name")
 
 
 def claim(path: Path, overwrite: bool) -> Claim:
@@ -88,6 +173,7 @@ def claim(path: Path, overwrite: bool) -> Claim:
     aside = None
     if path.exists() and any(path.iterdir()):
         with RunLock(path):  # not while another process trains in it
+            check_claimable(path, overwrite)  # again, under the lock: nothing may have been added since
             aside = path.parent / f".replaced-{path.name}-{os.getpid()}-{int(time.time())}"
             os.replace(path, aside)
         log.warning("--overwrite: the previous run folder is moved to %s until the new run's first checkpoint",
@@ -143,7 +229,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
     """(config, model, tokenizer) of a run, from a verified checkpoint; the model is on the CPU."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run folder")
+        raise RunError(f"{run_dir}: no such run folder{ckpt.replaced_hint(run_dir)}")
     cfg = config_from_run(run_dir)
     folder = ckpt.run_checkpoint(run_dir, checkpoint)
     return cfg, RoutedModel.load(folder), load_tokenizer(str(folder))

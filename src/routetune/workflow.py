@@ -13,7 +13,8 @@ from pathlib import Path
 
 from routetune import objectives
 from routetune.config import Config, config_from_run, dump_config, load_config
-from routetune.errors import RunError
+from routetune.errors import RoutetuneError, RunError
+from routetune.files import write_text_atomic
 from routetune.data.build import build, resolve_objective
 from routetune.evaluate import retention
 from routetune.evaluate.tasks import score_sets
@@ -106,8 +107,8 @@ def train_config(cfg: Config, run_dir: Path, overwrite: bool = False, run_test: 
     claimed = claim(run_dir, overwrite)
     try:
         with RunLock(run_dir):
-            (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-            (run_dir / "labels.json").write_text(json.dumps(setup.labels, indent=2) + "\n", encoding="utf-8")
+            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+            write_text_atomic(run_dir / "labels.json", json.dumps(setup.labels, indent=2) + "\n")
             world.barrier()
             return _fit_and_report(setup, run_dir, run_test, resume_from=None, claimed=claimed, held=held.records,
                                    callbacks=callbacks)
@@ -125,7 +126,11 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
     cfg = config_from_run(run_dir)
     finished = run_dir / "summary.json"
     if finished.is_file():
-        summary = json.loads(finished.read_text(encoding="utf-8"))
+        try:
+            summary = json.loads(finished.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise RunError(f"{finished}: not valid JSON, so whether the run finished is unknown; if it did not, "
+                           "move the file away and resume again") from None
         log.info("%s finished at step %s of %s (summary.json); nothing to resume, nothing changed", run_dir,
                  summary.get("steps"), summary.get("planned_steps"))
         return run_dir, summary
@@ -136,7 +141,7 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
         folder = _resume_point(run_dir) if world.main else None
         folder = world.broadcast(folder)
         if folder is None:
-            raise RunError(f"{run_dir}: no complete checkpoint to resume from")
+            raise RunError(f"{run_dir}: no complete checkpoint to resume from{ckpt.replaced_hint(run_dir)}")
         with _HeldLogs() as held:
             setup = prepare(cfg, device, precision, world=world)
         _check_labels(run_dir, setup.labels)
@@ -145,9 +150,13 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
 
 
 def _resume_point(run_dir: Path) -> str | None:
-    removed = ckpt.clean_incomplete(run_dir / "checkpoints")
-    if removed:
-        log.warning("removed incomplete checkpoint folders: %s", ", ".join(removed))
+    done = ckpt.recover(run_dir / "checkpoints")
+    for kind, what in (("completed", "checkpoints whose files match their manifest, marked complete"),
+                       ("restored", "checkpoints put back from an interrupted replacement"),
+                       ("removed", "temporary folders of an interrupted checkpoint write, removed"),
+                       ("kept", "unverifiable checkpoint folders, left in place and not used")):
+        if done[kind]:
+            log.warning("%s: %s", what, ", ".join(done[kind]))
     folder = ckpt.newest_valid(run_dir / "checkpoints")
     return str(folder) if folder is not None else None
 
@@ -158,11 +167,20 @@ def _write_hardware(run_dir: Path, setup: Setup, resumed: bool) -> None:
     sessions = json.loads(path.read_text(encoding="utf-8")) if resumed and path.is_file() else []
     sessions.append({**setup.hardware.describe(), **setup.world.describe(),
                      "started": datetime.now().isoformat(timespec="seconds")})
-    path.write_text(json.dumps(sessions, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(sessions, indent=2) + "\n")
 
 
 def _check_labels(run_dir: Path, labels: dict) -> None:
-    saved = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+    path = run_dir / "labels.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; a resumed run checks its label sets against it. Restore it from a copy "
+                       "(the label lists are also in each checkpoint's heads.json), or start a new run") from None
+    except (ValueError, UnicodeDecodeError):
+        raise RunError(f"{path}: not valid JSON; restore it from a copy, or start a new run") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"{path}: expected a JSON object of label lists by source")
     for name in set(saved) | set(labels):
         if saved.get(name) != labels.get(name):
             new = sorted(set(labels.get(name, [])) - set(saved.get(name, [])))
@@ -210,7 +228,7 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
         elif world.main and cfg.train.eval_before and setup.before_sets():
             before = retention.score_before(setup.model, setup.model_path, setup.before_sets(), setup.objectives,
                                             setup.tokenizer, cfg, setup.hardware, _fit(setup))
-            (run_dir / "before.json").write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
+            write_text_atomic(run_dir / "before.json", json.dumps(before, indent=2) + "\n")
         if world.main:
             trackers = tracking.open_trackers(cfg, run_dir, step)
             trainer.metrics.listeners += trackers
@@ -219,6 +237,10 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
         summary = _summarize(setup, run_dir, result, run_test, started) if world.main else {}
         world.barrier()  # the others leave once rank 0 has written the summary
         return run_dir, world.broadcast(summary)
+    except RoutetuneError as exc:  # the CLI prints it as its last line; train.log keeps it too
+        if handler is not None:
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (exc,), None))
+        raise
     finally:
         for tracker in trackers:
             tracker.close()
@@ -261,7 +283,7 @@ def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: flo
         summary["before_after"] = retention.before_after(summary["before"],
                                                          {**summary.get("test", {}), **summary.get("dev", {})})
     summary["wall_seconds"] = round(time.time() - started, 2)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

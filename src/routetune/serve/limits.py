@@ -4,8 +4,8 @@ ASGI middleware that enforces the ones that act before a handler runs.
 Order, outermost first: StatusMetrics (counts, times and logs every response) -> Auth (bearer
 key) -> BodyReader (the whole body, within `max_body_bytes` and `body_timeout_s`) ->
 ConcurrencyLimit (a prediction slot, taken only once the body is in) -> the app. A client that
-sends its body slowly, or never, holds a connection (capped by uvicorn's `limit_concurrency`,
-`max_connections`) but never a prediction slot.
+sends its body slowly, or never, holds a connection but never a prediction slot; a connection
+that sends no complete headers is closed by serve/connections.py.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ class Limits:
     max_concurrency: int = 32
     """Prediction requests served at once, counted from when their body has arrived (more: 503)."""
     max_connections: int = 256
-    """Open connections (uvicorn's limit_concurrency; more: 503): slow clients are capped here."""
+    """Open connections: past this, a new connection closes the one that has waited longest for its
+    request headers (only if every connection has a request in flight is the new one refused)."""
+    header_timeout_s: float = 5.0
+    """Seconds a connection may wait for a request's headers (after connecting, or after its last
+    response) before it is closed."""
     body_timeout_s: float = 5.0
     """Seconds a request's body may take to arrive (then 408)."""
     timeout_s: float = 10.0
@@ -194,3 +198,8 @@ class Metrics:
         self.items = Counter("routetune_items", "Items predicted", ["endpoint"], registry=self.registry)
         self.inflight = Gauge("routetune_inflight_requests", "Requests being served", registry=self.registry)
         self.truncated = Counter("routetune_truncated_items", "Items cut to the token limit", registry=self.registry)
+        self.connections = Gauge("routetune_open_connections", "Open HTTP connections", registry=self.registry)
+        self.connections_closed = Counter("routetune_connections_closed", "Connections closed by the server: "
+                                          "header_timeout (headers not complete in time), evicted (the longest "
+                                          "waiting, to admit a new one), refused (all busy)", ["reason"],
+                                          registry=self.registry)

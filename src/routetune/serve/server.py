@@ -33,14 +33,17 @@ from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from routetune.device import model_device, resolve
 from routetune.errors import RoutetuneError
 from routetune.model.inference import generate
 from routetune.runs import load_for_inference
+from routetune.serve.connections import ConnectionGuard
 from routetune.serve.limits import Auth, BodyReader, ConcurrencyLimit, Limits, StatusMetrics
 from routetune.serve.predictor import item_from_text, item_from_tokens, unicode_problem
 from routetune.serve.service import Batcher, Service  # noqa: F401  (Batcher: part of this module's API)
+from routetune.training import checkpoint as ckpt
 
 log = logging.getLogger("routetune")
 
@@ -217,8 +220,13 @@ def _service_routes(app: FastAPI, svc: Service, metrics: bool) -> None:
 
 
 def _error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's own raise reaches only this one
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer when the JSON parser itself fails (nesting deeper than it recurses):
+            # bad JSON is a 422 like any other, with where and what
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": "the body could not be parsed as JSON "
+                                             "(nested too deeply?)", "type": "json_invalid"}]}, status_code=422)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -287,21 +295,44 @@ def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) 
                 "and its /docs and /metrics", host)
 
 
+def uvicorn_config(app: FastAPI, host: str, port: int, limits: Limits, drain_s: float = 30.0, **kw):
+    """uvicorn's settings for `routetune serve`: its own connection cap off (it answers 503 to
+    everyone while idle sockets are open), routetune's header deadline and idle eviction instead."""
+    import uvicorn
+
+    guard = ConnectionGuard(getattr(app.state, "metrics", None), limits.header_timeout_s, limits.max_connections)
+    return uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain_s, access_log=False,
+                          http=guard.protocol(), **{"log_level": "info", **kw})
+
+
+def check_signed(run_dir, checkpoint: str) -> None:
+    """`serve --require-signed`: the checkpoint must carry the HMAC of its manifest under the key in
+    ROUTETUNE_SIGNING_KEY (see training/checkpoint.py for what digests and signatures protect)."""
+    import os
+
+    folder = ckpt.run_checkpoint(run_dir, checkpoint)  # verified against its manifest
+    try:
+        ckpt.verify_signature(folder, os.environ.get(ckpt.SIGNING_KEY_ENV))
+    except ckpt.CheckpointError as exc:
+        raise RoutetuneError(f"--require-signed: {exc}") from None
+    log.info("%s: signature verified", folder)
+
+
 def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "best",
               limits: Limits | None = None, precision: str | None = None, drain_s: float = 30.0,
               device: str | None = None, api_key: str | None = None, allow_unauthenticated: bool = False,
               docs: bool = True, metrics: bool = True, ssl_certfile: str | None = None,
-              ssl_keyfile: str | None = None) -> None:
+              ssl_keyfile: str | None = None, require_signed: bool = False) -> None:
     import uvicorn  # only `routetune serve` runs a server; create_app (tests, embedding) does not need it
 
     limits = limits or Limits()
     check_exposure(host, api_key, allow_unauthenticated)
+    if require_signed:
+        check_signed(run_dir, checkpoint)
     tune_process()
     cfg, model, tokenizer, hw = load_for_inference(run_dir, checkpoint, device, precision)
     log.info("serving on %s in %s (%s)", hw.device, hw.precision, hw.reason)
     app = create_app(model, tokenizer, cfg, limits, hw.precision, after_batch=_Trim(), api_key=api_key, docs=docs,
                      metrics=metrics)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s,
-                            access_log=False, limit_concurrency=limits.max_connections,
-                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn_config(app, host, port, limits, drain_s, ssl_certfile=ssl_certfile,
+                                  ssl_keyfile=ssl_keyfile)).run()

@@ -110,30 +110,55 @@ class SourceStats:
         return out
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Drop events logged after `step` (they belong to the part of a run that a resume redoes).
-    A last line cut off by a kill mid-write is dropped with a warning; a bad line elsewhere is an
-    error naming file and line."""
-    if not path.is_file():
-        return
+def _check_line(path: Path, n: int, line: str, last: bool) -> dict | None:
+    """One line of a run's JSONL log, parsed; None for a blank line or (`last`) one cut by a kill."""
+    if not line.strip():
+        return None
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        if last:
+            log.warning("%s:%d: dropped a line cut off by an interrupted write", path, n)
+            return None
+        raise RunError(f"{path}:{n}: not a JSON line; the run's log is damaged (restore it from a copy, "
+                       "or start a new run)") from None
+    if not isinstance(event, dict):
+        raise RunError(f"{path}:{n}: expected a JSON object per line; the run's log is damaged")
+    step = event.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise RunError(f"{path}:{n}: \"step\" is {step!r}, expected a whole number; the run's log is damaged")
+    return event
+
+
+def truncate_log(path: Path, step: int, size: int | None = None) -> None:
+    """Drop events logged after `step` (they belong to the part of a run that a resume redoes).
+
+    `size` is the file's length when the step's checkpoint was written (checkpoints record it):
+    the file is cut back to exactly that, and a file shorter than that was cut or edited since and
+    is refused, naming the line where it ends. Without a recorded size (older checkpoints), events
+    after `step` are dropped, and a last line cut off by a kill mid-write with a warning. A bad line
+    elsewhere is an error naming file and line."""
+    if not path.is_file():
+        if size:
+            raise RunError(f"{path}: missing, though the step-{step} checkpoint was written after it held "
+                           f"{size} bytes; restore it from a copy, or start a new run")
+        return
+    data = path.read_bytes()
+    if size is not None:
+        if len(data) < size:
+            n = data.count(b"\n") + 1
+            raise RunError(f"{path}:{n}: the log ends here, {size - len(data)} bytes short of what it held when the "
+                           f"step-{step} checkpoint was written (cut or edited since); restore it from a copy, or "
+                           "start a new run")
+        data = data[:size]
+    try:
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise RunError(f"{path}: not valid UTF-8; the run's log is damaged") from None
     kept = []
     for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                log.warning("%s:%d: dropped a line cut off by an interrupted write", path, n)
-                continue
-            raise RunError(f"{path}:{n}: not a JSON line; the run's log is damaged") from None
-        if not isinstance(event, dict):
-            raise RunError(f"{path}:{n}: expected a JSON object per line")
-        if event.get("step", 0) <= step:
+        event = _check_line(path, n, line, last=size is None and n == len(lines))
+        if event is not None and (size is not None or event.get("step", 0) <= step):
             kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

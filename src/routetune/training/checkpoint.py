@@ -3,13 +3,21 @@
 A checkpoint is written into a temporary folder inside ``checkpoints/``, every file fsynced, a
 ``manifest.json`` of SHA-256 digests added, the folder renamed into place, and only then a
 ``COMPLETE`` marker (holding the manifest's own digest) written. A folder without the marker is
-not a checkpoint: it is never loaded and is removed by :func:`clean_incomplete`. Loading verifies
-every digest and names the first file that does not match.
+not loaded. :func:`recover` repairs what an interrupted write leaves, and deletes only what is
+provably a partial write of routetune's own: a folder whose files match its manifest is completed,
+never removed. Loading verifies every digest and names the first file that does not match.
+
+The digests catch accidents (a cut copy, a bad disk, a file edited by mistake), not tampering:
+whoever can write the folder can rewrite the manifest too. With ``ROUTETUNE_SIGNING_KEY`` set,
+each checkpoint also gets a ``SIGNATURE`` (an HMAC-SHA256 of its manifest under that key), which
+:func:`verify_signature` (``serve --require-signed``) checks.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -27,7 +35,10 @@ log = logging.getLogger("routetune")
 
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
+SIGNATURE = "SIGNATURE"
+SIGNING_KEY_ENV = "ROUTETUNE_SIGNING_KEY"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+PARTIAL = re.compile(r"^\.(tmp|old)-(best|step-\d{8})-\d+$")  # the temporary names save_atomic writes
 
 
 class CheckpointError(RoutetuneError):
@@ -51,42 +62,102 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE))
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE, SIGNATURE))
+
+
+def _no_space(exc: BaseException) -> bool:
+    """A write failed because the disk is full (safetensors reports it in its own error type)."""
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc) \
+        or "StorageFull" in str(exc)
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
+def _disk_full(folder: Path, tmp: Path) -> RunError:
+    """The one-line error for a checkpoint that did not fit: where, how much it needs, how much is free."""
+    written = _size_mb(tmp) if tmp.exists() else 0.0
+    shutil.rmtree(tmp, ignore_errors=True)  # ours, and partial: never loaded
+    done = step_checkpoints(folder.parent)
+    need = max(written, _size_mb(done[-1][1]) if done else 0.0)
+    free = shutil.disk_usage(folder.parent).free / 1e6
+    kept = f"the checkpoint {done[-1][1].name} is intact; " if done else ""
+    return RunError(f"{folder.parent}: no space left on the device while writing checkpoint {folder.name} "
+                    f"(it needs about {need:.0f} MB; {free:.0f} MB free); {kept}free space, then continue with "
+                    f"`routetune resume {folder.parent.parent}`")
+
+
+def sign(folder: Path, key: str | None = None) -> bool:
+    """Write SIGNATURE (HMAC-SHA256 of the manifest under the user's key) if a key is given or set in
+    ROUTETUNE_SIGNING_KEY. Returns whether it signed."""
+    key = key if key is not None else os.environ.get(SIGNING_KEY_ENV)
+    if not key:
+        return False
+    mac = hmac.new(key.encode("utf-8"), (folder / MANIFEST).read_bytes(), hashlib.sha256).hexdigest()
+    (folder / SIGNATURE).write_text(mac + "\n")
+    return True
+
+
+def verify_signature(folder: Path, key: str | None) -> None:
+    """Raise CheckpointError unless `folder`'s SIGNATURE is the HMAC of its manifest under `key`
+    (call after :func:`verify`, which checks the files against the manifest)."""
+    if not key:
+        raise CheckpointError(f"{folder}: a signed checkpoint is required but {SIGNING_KEY_ENV} is not set")
+    sig = folder / SIGNATURE
+    if not sig.is_file():
+        raise CheckpointError(f"{sig}: missing; the checkpoint was not signed (set {SIGNING_KEY_ENV} when training "
+                              "or exporting)")
+    want = hmac.new(key.encode("utf-8"), (folder / MANIFEST).read_bytes(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(sig.read_text().strip(), want):
+        raise CheckpointError(f"{sig}: does not match the manifest under this key (altered, or signed with "
+                              "another key)")
 
 
 def save_atomic(folder: Path, write, after_files=None) -> None:
     """Call ``write(tmp)``; then fsync, add the manifest, rename to `folder`, mark COMPLETE.
 
     An existing `folder` is replaced only after the new one is complete on disk. `after_files`
-    is a test hook called between writing the files and the rename.
+    is a test hook called between writing the files and the rename. A full disk is a RunError
+    naming the folder and the space needed; the partial folder goes, everything before it stays.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write(tmp)
-    manifest = {}
-    for f in _files(tmp):
-        with f.open("rb") as fh:
+    try:
+        write(tmp)
+        manifest = {}
+        for f in _files(tmp):
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+            manifest[f.relative_to(tmp).as_posix()] = _sha256(f)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        with (tmp / MANIFEST).open("rb") as fh:
             os.fsync(fh.fileno())
-        manifest[f.relative_to(tmp).as_posix()] = _sha256(f)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    with (tmp / MANIFEST).open("rb") as fh:
-        os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+        sign(tmp)
+        _fsync_dir(tmp)
+    except Exception as exc:
+        if _no_space(exc):
+            raise _disk_full(folder, tmp) from None
+        raise
     if after_files is not None:
         after_files(tmp)
     old = folder.parent / f".old-{folder.name}-{os.getpid()}"
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
+    _mark_complete(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _mark_complete(folder: Path) -> None:
     (folder / COMPLETE).write_text(_sha256(folder / MANIFEST) + "\n")
     with (folder / COMPLETE).open("rb") as fh:
         os.fsync(fh.fileno())
     _fsync_dir(folder.parent)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 # The files a checkpoint of each format (model/methods/base.py) cannot be without: a manifest that lists fewer (one rewritten
@@ -139,6 +210,15 @@ def verify(folder: Path) -> None:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file() or _sha256(manifest_path) != (folder / COMPLETE).read_text().strip():
         raise CheckpointError(f"{manifest_path}: manifest missing or altered")
+    verify_files(folder)
+
+
+def verify_files(folder: Path) -> None:
+    """Raise CheckpointError unless the manifest lists the full file set of the checkpoint's kind
+    and nothing else, and every file matches its digest (the COMPLETE marker is not consulted)."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing")
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:
@@ -179,17 +259,57 @@ def newest_valid(root: Path) -> Path | None:
     return None
 
 
-def clean_incomplete(root: Path) -> list[str]:
-    """Remove temporary and unmarked folders left by an interrupted write."""
-    removed = []
+def recover(root: Path) -> dict[str, list[str]]:
+    """Repair what an interrupted checkpoint write leaves in `root` (checkpoints/), deleting only
+    what is provably a partial write of routetune's own. Returns what was done, by kind:
+
+    * ``completed``: a checkpoint folder whose files match its manifest but which lacks COMPLETE
+      (a kill between the rename and the marker) gets its marker;
+    * ``restored``: a checkpoint moved aside (``.old-NAME-PID``) while its replacement was being
+      renamed in, whose NAME is now missing, goes back under its name;
+    * ``removed``: temporary folders (``.tmp-NAME-PID``, or ``.old-NAME-PID`` once NAME is complete);
+    * ``kept``: a checkpoint-named folder without COMPLETE whose files do not match a manifest:
+      not provably ours, so it is left as it is and never loaded.
+    """
+    done: dict[str, list[str]] = {"completed": [], "restored": [], "removed": [], "kept": []}
     if not root.is_dir():
-        return removed
-    for p in root.iterdir():  # only names routetune writes: anything else in the folder is not ours
-        ours = p.name.startswith((".tmp-", ".old-")) or STEP_DIR.match(p.name) or p.name == "best"
-        if p.is_dir() and ours and (p.name.startswith((".tmp-", ".old-")) or not (p / COMPLETE).is_file()):
+        return done
+    for p in sorted(root.iterdir()):
+        m = PARTIAL.match(p.name)
+        if not (p.is_dir() and m and m.group(1) == "old"):
+            continue
+        target = root / m.group(2)
+        if target.is_dir() and not (target / COMPLETE).is_file():
+            _complete_or_keep(target, done)
+        if (target / COMPLETE).is_file():  # its replacement is complete: the old copy was on its way out
             shutil.rmtree(p)
-            removed.append(p.name)
-    return removed
+            done["removed"].append(p.name)
+        elif not target.exists():  # killed between the two renames: the old copy is the checkpoint
+            os.replace(p, target)
+            done["restored"].append(target.name)
+        else:
+            done["kept"].append(p.name)
+    for p in sorted(root.iterdir()):
+        if not p.is_dir():
+            continue
+        if PARTIAL.match(p.name):  # .tmp-: written before its rename, so never the only copy of anything
+            shutil.rmtree(p)
+            done["removed"].append(p.name)
+        elif (STEP_DIR.match(p.name) or p.name == "best") and not (p / COMPLETE).is_file():
+            _complete_or_keep(p, done)
+    return done
+
+
+def _complete_or_keep(folder: Path, done: dict) -> None:
+    try:
+        verify_files(folder)
+    except CheckpointError as exc:
+        log.warning("%s: no %s marker and its files do not match a manifest (%s); left in place, not used",
+                    folder, COMPLETE, exc)
+        done["kept"].append(folder.name)
+        return
+    _mark_complete(folder)
+    done["completed"].append(folder.name)
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -263,18 +383,31 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
+def replaced_hint(run_dir: Path) -> str:
+    """Where an interrupted --overwrite left the run it was replacing (``.replaced-NAME-PID-TIME``
+    beside the run folder), as a clause to add to a message; empty if there is none."""
+    run_dir = Path(run_dir)
+    parent = run_dir.parent if run_dir.parent.is_dir() else None
+    copies = sorted(parent.glob(f".replaced-{run_dir.name}-*")) if parent is not None else []
+    if not copies:
+        return ""
+    newest = copies[-1]
+    return (f"; an interrupted --overwrite left the earlier run of this name at {newest}: to get it back, "
+            f"move {run_dir} away and run `mv {newest} {run_dir}`")
+
+
 def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
     """A run's checkpoint folder, verified: `best` (the newest step checkpoint when the run had no
     dev set), `last` (the newest step checkpoint), or a checkpoint folder name."""
     root = Path(run_dir) / "checkpoints"
     if not Path(run_dir).is_dir():
-        raise RunError(f"{run_dir}: no such run folder")
+        raise RunError(f"{run_dir}: no such run folder{replaced_hint(run_dir)}")
     if which == "best" and (root / "best").is_dir():
         folder = root / "best"
     elif which in ("best", "last"):
         folder = newest_valid(root)
         if folder is None:
-            raise RunError(f"{root}: no complete checkpoint; did training finish?")
+            raise RunError(f"{root}: no complete checkpoint; did training finish?{replaced_hint(run_dir)}")
     else:
         folder = root / which
         if not folder.is_dir() or "/" in which or which.startswith("."):

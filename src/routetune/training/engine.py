@@ -32,6 +32,7 @@ from routetune.training.setup import Setup
 from routetune.training.weighting import micro_batches
 
 log = logging.getLogger("routetune")
+LOGS = ("metrics.jsonl", "plan.jsonl")  # the run's append-only logs, cut back to a checkpoint on resume
 
 
 class NonFiniteLoss(RoutetuneError):
@@ -320,11 +321,17 @@ class Trainer:
         return self.frozen.fp32() if self.frozen is not None else contextlib.nullcontext()
 
     def save(self, step: int) -> None:
-        """A step checkpoint, written by rank 0 with every rank's random-number state."""
+        """A step checkpoint, written by rank 0 with every rank's random-number state and the
+        length of the logs so far (a resume cuts them back to exactly that, and refuses a log
+        that has lost part of it)."""
         rngs = self.world.gather(ckpt.rng_state())  # on every rank: a collective
         if not self.world.main:
             self.last_save = time.monotonic()
             return
+        if self.plan_log:
+            self.plan_log.flush()
+        logs = {name: (self.run_dir / name).stat().st_size if (self.run_dir / name).is_file() else 0
+                for name in LOGS}
 
         def write(folder: Path) -> None:
             self.model.save(folder, self.setup.tokenizer)
@@ -337,7 +344,7 @@ class Trainer:
                      "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "early_stopping": self.stopper.state_dict(), "stats": {n: asdict(s) for n, s in self.stats.items()},
                      "train_seconds": self.train_seconds, "skipped_in_a_row": self.skipped_in_a_row, "rng": rng_meta,
-                     "rng_ranks": [meta for _, meta in rngs[1:]]}
+                     "rng_ranks": [meta for _, meta in rngs[1:]], "logs": logs}
             (folder / "trainer_state.json").write_text(json.dumps(state))
 
         with self._exact_weights():
@@ -376,7 +383,7 @@ class Trainer:
         step = int(state["step"])
         self.restore_rng(folder, state, step)
         if self.world.main:
-            for name in ("metrics.jsonl", "plan.jsonl"):
-                truncate_log(self.run_dir / name, step)
+            for name in LOGS:
+                truncate_log(self.run_dir / name, step, state.get("logs", {}).get(name))
         self.metrics.write(events.RESUME, step=step, checkpoint=folder.name, processes=self.world.size)
         return step
