@@ -160,21 +160,41 @@ def test_mixed_precision_sigkill_resume_is_bitwise_identical(tmp_path, tiny_mode
     assert [s["precision"] for s in killed[3]] == [precision, precision]  # one entry per session
 
 
-def test_fp16_trains_through_the_gradient_scaler(tmp_path, tiny_model_dir, ner_files):
-    """fp16 goes through torch's GradScaler (an overflowing step is skipped by it, not applied),
-    clipping is done on unscaled gradients, and the weights stay finite."""
+def test_fp16_trains_through_the_gradient_scaler(tmp_path, tiny_model_dir, ner_files, monkeypatch):
+    """fp16 goes through torch's GradScaler: a step whose gradients overflow is skipped (weights
+    unchanged, the scale halved), clipping sees the unscaled gradients, and the weights stay finite."""
     from routetune.training.engine import Trainer
     from routetune.training.setup import prepare
 
-    cfg = load_config(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.precision": "fp16",
-                                                                          "train.max_steps": 4}))
-    setup = prepare(cfg)
-    trainer = Trainer(setup, tmp_path / "run")
-    (tmp_path / "run").mkdir()
+    def trainer_for(name: str, **extra):
+        cfg = load_config(make_config(tmp_path / name, tiny_model_dir, ner_files, **{
+            "train.precision": "fp16", "train.max_steps": 4, "train.max_grad_norm": 0.5, **extra}))
+        setup = prepare(cfg)
+        (tmp_path / name / "run").mkdir(parents=True)
+        return setup, Trainer(setup, tmp_path / name / "run")
+
+    # every step overflows: a scale of 2^40 times fp16 activation gradients is far past fp16's range
+    setup, trainer = trainer_for("overflow")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    before = {n: p.detach().clone() for n, p in setup.model.named_parameters()}
     trainer.run()
+    assert trainer.scaler.get_scale() == 2.0 ** 36  # halved at each of the 4 skipped steps
+    assert all(torch.equal(p, before[n]) for n, p in setup.model.named_parameters())  # no update applied
+
+    # ordinary steps: applied, clipped on unscaled gradients (the norm clipping sees is not x 65536)
+    norms = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, **kw: norms.append(
+        float(real_clip(params, max_norm, **kw))) or norms[-1])
+    setup, trainer = trainer_for("ordinary")
     assert trainer.scaler is not None and not trainer.clip_in_optimizer
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)  # small enough that no step overflows
+    before = {n: p.detach().clone() for n, p in setup.model.named_parameters()}
+    trainer.run()
+    assert trainer.scaler.get_scale() == 256.0  # no step skipped
+    assert len(norms) == 4 and all(0 < n < 50 for n in norms), norms  # scaled, they would be 256x larger
+    assert any(not torch.equal(p, before[n]) for n, p in setup.model.named_parameters())
     assert all(torch.isfinite(p).all() for p in setup.model.parameters())
-    assert trainer.scaler.get_scale() > 0
 
 
 def test_cli_device_and_precision_errors_are_one_line(tmp_path, tiny_model_dir, ner_files):
@@ -185,7 +205,8 @@ def test_cli_device_and_precision_errors_are_one_line(tmp_path, tiny_model_dir, 
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --precision: expected one of auto, fp32")
     ok = run_cli("eval", str(run_dir), "--device", "cpu", "--precision", "fp32", "--json")
-    assert json.loads(ok.stdout)["scores"]["ner"]["f1"] >= 0
+    own = json.loads((run_dir / "summary.json").read_text())["test"]["ner"]  # scored in fp32 on the CPU too
+    assert json.loads(ok.stdout)["scores"]["ner"]["f1"] == pytest.approx(own["f1"], abs=1e-9)
     if not CUDA:
         proc = run_cli("predict", str(run_dir), "--device", "cuda", check=False, env_extra={})
         assert proc.returncode == 2 and "--device: cuda asked for" in proc.stderr
@@ -262,3 +283,12 @@ def test_resume_on_a_missing_device_names_the_option(tmp_path, tiny_model_dir, n
     (run_dir / "summary.json").unlink()  # as if interrupted
     proc = run_cli("resume", str(run_dir), "--device", "cuda", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --device: cuda asked for")
+
+
+def test_deterministic_kernels_are_switched_on_and_logged(tmp_path, tiny_model_dir, ner_files):
+    """`train.deterministic`: torch's deterministic algorithms on for the run (in a process of its
+    own: the switch is process-wide), said in the log, and the run trains to the end."""
+    path = make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 3, "train.deterministic": True})
+    proc = run_cli("train", path, "--no-test")
+    assert "train.deterministic: deterministic kernels (CUBLAS_WORKSPACE_CONFIG=:4096:8)" in proc.stderr
+    assert (tmp_path / "runs" / "tiny" / "summary.json").is_file()

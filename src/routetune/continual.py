@@ -110,7 +110,6 @@ def run_continual(path: Path, overwrite: bool = False) -> dict:
     """Train the stages; under torchrun each stage trains on every process and rank 0 scores and
     writes (the other ranks receive its numbers)."""
     path = Path(path)
-    world = distributed.world()
     ccfg = load_continual(path)
     base = (path.parent / ccfg.output_dir / ccfg.name).resolve()
     if (base / "continual.json").exists() and not overwrite:
@@ -118,6 +117,7 @@ def run_continual(path: Path, overwrite: bool = False) -> dict:
     base.mkdir(parents=True, exist_ok=True)
     task_paths = [(path.parent / t.config).resolve() for t in ccfg.tasks]
     configs = [load_config(p, t.set) for p, t in zip(task_paths, ccfg.tasks)]
+    world = distributed.world(configs[0].train.device if configs else None)
     names = [task_source(c) for c in configs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: tasks: each task needs its own source name (got {names})")

@@ -181,4 +181,6 @@ def to_device(tensors: dict, device: torch.device) -> dict:
     """Move a batch's tensors; on CUDA through pinned memory, so the copy does not block the host."""
     if device.type == "cpu":
         return tensors
+    if device.type != "cuda":
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
     return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in tensors.items()}

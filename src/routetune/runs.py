@@ -225,14 +225,15 @@ class RunLock:
         self.release()
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best"):
-    """(config, model, tokenizer) of a run, from a verified checkpoint; the model is on the CPU."""
+def load_run(run_dir: str | Path, checkpoint: str = "best", device_type: str = "cpu"):
+    """(config, model, tokenizer) of a run, from a verified checkpoint; the model is on the CPU,
+    its attention implementation the run's `model.attention` for `device_type`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder{ckpt.replaced_hint(run_dir)}")
     cfg = config_from_run(run_dir)
     folder = ckpt.run_checkpoint(run_dir, checkpoint)
-    return cfg, RoutedModel.load(folder), load_tokenizer(str(folder))
+    return cfg, RoutedModel.load(folder, cfg.model.attention, device_type), load_tokenizer(str(folder))
 
 
 def load_for_inference(run_dir: str | Path, checkpoint: str = "best", device: str | None = None,
@@ -241,6 +242,6 @@ def load_for_inference(run_dir: str | Path, checkpoint: str = "best", device: st
     machine: device and precision chosen here (`--device` / `--precision`, default auto), checked
     before the run is loaded, the model moved there and prepared for inference."""
     hw: Hardware = inference_hardware(device, precision)
-    cfg, model, tokenizer = load_run(run_dir, checkpoint)
+    cfg, model, tokenizer = load_run(run_dir, checkpoint, hw.device.type)
     for_inference(model, hw.precision, hw.device)
     return cfg, model, tokenizer, hw

@@ -95,7 +95,7 @@ def train_config(cfg: Config, run_dir: Path, overwrite: bool = False, run_test: 
                  callbacks: list | None = None) -> tuple[Path, dict]:
     """Train a validated config into `run_dir` (see :func:`train`). `callbacks` are called with
     every event of metrics.jsonl as it is written (rank 0)."""
-    world = distributed.world()  # one process, or this rank of a torchrun launch
+    world = distributed.world(cfg.train.device)  # one process, or this rank of a torchrun launch
     distributed.quiet_other_ranks(world)
     if world.main:
         check_claimable(run_dir, overwrite)  # refuse before any heavy work
@@ -134,7 +134,7 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
         log.info("%s finished at step %s of %s (summary.json); nothing to resume, nothing changed", run_dir,
                  summary.get("steps"), summary.get("planned_steps"))
         return run_dir, summary
-    world = distributed.world()
+    world = distributed.world(device or cfg.train.device)
     distributed.quiet_other_ranks(world)
     # rank 0 holds the lock: a live run's temporary checkpoint folders are not ours to clean
     with RunLock(run_dir) if world.main else contextlib.nullcontext():
@@ -273,7 +273,8 @@ def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: flo
     if wanted:
         if checkpoint == "best":
             ckpt.verify(best)
-            setup.model = RoutedModel.load(best).to(setup.hardware.device)
+            setup.model = RoutedModel.load(best, cfg.model.attention, setup.hardware.device.type).to(
+                setup.hardware.device)
         scores = _score_final(setup, {n: s for sets in wanted.values() for n, s in sets.items()}, summary)
         for key, sets in wanted.items():  # dev `evals` sets are scored with or without --test
             summary[key] = {n: scores[n] for n in sets if n in scores}

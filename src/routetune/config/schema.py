@@ -146,7 +146,7 @@ class TrainConfig(Strict):
     fused_lm_loss: bool = True
     """Causal-LM loss computed chunk by chunk from the hidden states (model/lm_loss.py) instead of transformers' full fp32 vocabulary logits: same loss and gradients up to rounding, less memory, faster on CPU. Used for decoders whose logits are the plain LM head of the last hidden state (Llama, Mistral, Qwen2/3, GPT-2, GPT-NeoX, Phi-3, SmolLM3, OLMo-2, StarCoder2, StableLM); others keep transformers' loss."""
     embedding_grad_buffer: bool = False
-    """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by default: it removes the per-step zero-fill (~10 ms) but did not make whole WNUT-17 steps faster in interleaved runs (docs/benchmarks.md)."""
+    """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by default: it removes the per-step zero-fill (~10 ms) but did not make whole WNUT-17 steps faster in interleaved runs (docs/benchmarks.md). Not with data-parallel training (the gradient is written outside DistributedDataParallel's reducer; refused there)."""
     lr: float = Field(5e-5, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(0.01, ge=0)
@@ -165,6 +165,8 @@ class TrainConfig(Strict):
     """`auto`: bf16 autocast on GPUs that support it, fp16 with a gradient scaler on older GPUs, bf16 on CPUs with native bf16 (AMX or AVX512-BF16), fp32 on other CPUs (where bf16 is emulated and several times slower). The choice and its reason are logged and written to the run's hardware.json. bf16/fp16 autocast keeps the weights in fp32."""
     seed: int = 42
     """Seed for head initialisation, dropout and masking."""
+    deterministic: bool = False
+    """Deterministic kernels (torch's `use_deterministic_algorithms`, cuDNN's deterministic mode, `CUBLAS_WORKSPACE_CONFIG`). On a GPU a resumed run then ends bitwise equal to an uninterrupted one; without it the plan and all state resume exactly, and the weights to rounding (SDPA and some backward kernels sum in no fixed order). Slower on a GPU; a kernel without a deterministic version stops the run with torch's error naming it. CPU training is deterministic either way."""
     primary: str | None = None
     """Source whose passes count as epochs and whose metric selects `best`. Default: the first labelled source, else the first source."""
     eval_every_steps: int | None = Field(None, ge=1)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from routetune import objectives
+from routetune.model import init
 from routetune.config import config_from_run
 from routetune.data.collate import mask_sequence, pad_batch
 from routetune.data.readers import resolve_text_files
@@ -136,7 +137,7 @@ def reset_head(lm: nn.Module, seed: int) -> None:
         for module in mlm_head_modules(lm):
             for sub in module.modules():
                 if isinstance(sub, nn.Linear) and id(sub.weight) not in embed:
-                    sub.weight.normal_(0.0, std, generator=gen)
+                    init.normal_(sub.weight, std, gen)
                     if sub.bias is not None:
                         sub.bias.zero_()
                 elif isinstance(sub, nn.LayerNorm):

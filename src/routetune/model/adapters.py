@@ -12,6 +12,8 @@ import re
 import torch
 from torch import nn
 
+from routetune.model import init
+
 # Output projections per placement: attention output (Houlsby), feed-forward output (both).
 PLACEMENT_PATTERNS = {
     "attention": (r"\.attention\.output\.dense$", r"\.self_attn\.o_proj$"),
@@ -53,7 +55,7 @@ def add_bottleneck_adapters(lm: nn.Module, size: int, placement: list[str], seed
             parent_name, _, child = name.rpartition(".")
             wrapped = WithAdapter(module, size)
             with torch.no_grad():
-                wrapped.adapter.down.weight.normal_(0.0, 0.02, generator=gen)
+                init.normal_(wrapped.adapter.down.weight, 0.02, gen)
                 wrapped.adapter.down.bias.zero_()
             setattr(lm.get_submodule(parent_name), child, wrapped)
             added += 1

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from routetune.model.frozen_bf16 import FrozenBf16
+from routetune.model.lm_loss import SCORED_INDEX, pick_scored
 from routetune.model.methods.base import is_adapter_param
 
 
@@ -62,24 +63,26 @@ class Teacher:
             model.train(training)
 
     @torch.no_grad()
-    def outputs(self, objective: str, input_ids, attention_mask, selected) -> torch.Tensor:
+    def outputs(self, objective: str, input_ids, attention_mask, selected, index=None) -> torch.Tensor:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.lm is not None:
-            return lm_outputs(self.lm, objective, inputs, 0, selected)
+            return lm_outputs(self.lm, objective, inputs, 0, selected, index)
         with self._starting_model():
-            return lm_outputs(self.model.lm, objective, inputs, 0, selected)
+            return lm_outputs(self.model.lm, objective, inputs, 0, selected, index)
 
 
-def lm_outputs(lm, objective: str, inputs: dict, drop: int, selected: torch.Tensor) -> torch.Tensor:
+def lm_outputs(lm, objective: str, inputs: dict, drop: int, selected: torch.Tensor,
+               index: torch.Tensor | None = None) -> torch.Tensor:
     """LM-head logits at the selected positions only (rows), the vocabulary projection run on
-    those rows alone where the head allows it (BERT's ``cls``)."""
+    those rows alone where the head allows it (BERT's ``cls``); `index`: the selected positions
+    as (row, position) pairs, gathered without a host sync (model/lm_loss.py)."""
     head = getattr(lm, "cls", None) if objective == "masked-lm" else None
     if head is not None:
-        return head(lm.base_model(**inputs).last_hidden_state[:, drop:][selected])
+        return head(pick_scored(lm.base_model(**inputs).last_hidden_state[:, drop:], selected, index))
     logits = lm(**inputs).logits[:, drop:]
     if objective == "causal-lm":
         logits = logits[:, :-1]  # position i predicts token i + 1
-    return logits[selected]
+    return pick_scored(logits, selected, index)
 
 
 def distill_loss(model, teacher: Teacher, objective: str, batch: dict[str, torch.Tensor], share: float) -> torch.Tensor:
@@ -87,13 +90,13 @@ def distill_loss(model, teacher: Teacher, objective: str, batch: dict[str, torch
     tokens the LM loss scores (masked positions, or next tokens that are not padding/prompt)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     targets = labels[:, 1:] if objective == "causal-lm" else labels
-    selected = targets != -100
+    selected, index = targets != -100, batch.get(SCORED_INDEX)
     inputs, drop = model.lm_inputs(ids, mask)
-    student = lm_outputs(model.lm, objective, inputs, drop, selected).float()
-    target = teacher.outputs(objective, ids, mask, selected).float()
+    student = lm_outputs(model.lm, objective, inputs, drop, selected, index).float()
+    target = teacher.outputs(objective, ids, model.backbone_mask(mask), selected, index).float()
     log_p = nn.functional.log_softmax(student, -1)
     kl = nn.functional.kl_div(log_p, nn.functional.log_softmax(target, -1), log_target=True,
                               reduction="batchmean")  # batchmean over rows = mean per scored token
     if share >= 1.0:
         return kl
-    return (1.0 - share) * nn.functional.nll_loss(log_p, targets[selected]) + share * kl
+    return (1.0 - share) * nn.functional.nll_loss(log_p, pick_scored(targets, selected, index)) + share * kl

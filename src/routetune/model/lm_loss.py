@@ -23,6 +23,7 @@ Apple's cut-cross-entropy) are Triton/CUDA only.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -37,6 +38,51 @@ def _rows_per_chunk(vocab: int) -> int:
     return max(16, CHUNK_ELEMENTS // max(1, vocab))
 
 
+SCORED_INDEX = "scored_index"  # batch key: (row, position) of each scored LM token, computed on the CPU
+
+
+def scored_positions(objective: str, labels: torch.Tensor) -> torch.Tensor | None:
+    """(row, position) pairs of the tokens an LM objective scores (masked positions; for causal
+    LM the shifted targets that are not -100), computed where the labels are (the CPU, before the
+    batch moves): a boolean-mask gather on the device (`x[mask]`) needs the host to learn how
+    many rows it yields, a stall of the GPU's queue, while these pairs index without one."""
+    if objective == "masked-lm":
+        return (labels != -100).nonzero()
+    if objective == "causal-lm":
+        return (labels[:, 1:] != -100).nonzero()
+    return None
+
+
+def pick_scored(x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+    """``x[mask]`` (mask over x's first two dimensions): with `index` (from :func:`scored_positions`,
+    positions shifted by `offset`), the same rows in the same order, gathered without a host sync."""
+    if index is None:
+        return x[mask]
+    return x[index[:, 0], index[:, 1] + offset]
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether to avoid reading tensor values on the host, at some cost in arithmetic (everywhere
+    but the CPU, where such a read waits for nothing)."""
+    return device.type != "cpu"
+
+
+def _underflow_exact(nll, logits, p, p_t, rows, t):
+    """Where p[target] underflows (target logit > ~70 below the max), -log p is inf: take the
+    exact log-sum-exp path for those rows. On the CPU only the rows that need it are recomputed
+    (asking whether any does costs nothing there); on a GPU that question would stall the queue
+    for the host, so every row gets the sync-free form lse = max + log(1 / p_max), read from the
+    softmax already computed, and `where` keeps it only for the underflowed rows."""
+    tiny = p_t < 1e-30
+    if not sync_free(logits.device):
+        if bool(tiny.any()):
+            lse = torch.logsumexp(logits[tiny].float(), dim=-1)
+            nll[tiny] = lse - logits[tiny].float()[torch.arange(int(tiny.sum())), t[tiny]]
+        return nll
+    lse = logits.max(-1).values.float() - torch.log(p.max(-1).values)
+    return torch.where(tiny, lse - logits[rows, t].float(), nll)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, want_hidden_grad: bool, want_weight_grad: bool):
@@ -45,7 +91,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
-        with torch.autocast(hidden.device.type, enabled=False):
+        off = torch.autocast(hidden.device.type, enabled=False) if hidden.device.type in ("cpu", "cuda") \
+            else contextlib.nullcontext()
+        with off:
             for start in range(0, n, step):
                 h = hidden[start : start + step]
                 t = targets[start : start + step]
@@ -56,10 +104,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 rows = torch.arange(h.shape[0], device=h.device)
                 p_t = p[rows, t]
                 nll = -torch.log(p_t)
-                tiny = p_t < 1e-30  # p underflows (target logit > ~70 below the max): exact path
-                if bool(tiny.any()):
-                    lse = torch.logsumexp(logits[tiny].float(), dim=-1)
-                    nll[tiny] = lse - logits[tiny].float()[torch.arange(int(tiny.sum()), device=h.device), t[tiny]]
+                nll = _underflow_exact(nll, logits, p, p_t, rows, t)
                 total += nll.sum()
                 if grad_hidden is None and grad_weight is None:
                     continue
@@ -116,7 +161,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0  # nothing scored: a zero loss that keeps the graph
     device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
     h = hidden.to(dtype)
     w = _cast_weight(weight, dtype)
     grad = torch.is_grad_enabled()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from routetune.model import init
+
 METHODS = ("prompt_tuning", "prefix_tuning")
 
 
@@ -48,7 +50,8 @@ def build_prompt_module(pconfig, word_embeddings: nn.Embedding, generator: torch
 
     if pconfig.peft_type.value == "PROMPT_TUNING":
         module = PromptEmbedding(pconfig, word_embeddings)
-        ids = torch.randint(0, word_embeddings.num_embeddings, (pconfig.num_virtual_tokens,), generator=generator)
+        ids = init.randint(word_embeddings.num_embeddings, (pconfig.num_virtual_tokens,), generator,
+                           word_embeddings.weight.device)
         with torch.no_grad():
             module.embedding.weight.copy_(word_embeddings.weight[ids].float())
         return module

@@ -22,11 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from routetune import objectives
+from routetune.model import init, lm_loss
 from routetune.model import methods
 from routetune.model.distill import Teacher, distill_loss
 from routetune.model.heads import HEADS, copy_pooler, head_dropout
-from routetune.model.lm_loss import linear_cross_entropy
+from routetune.model.lm_loss import SCORED_INDEX, linear_cross_entropy, pick_scored
 from routetune.model.load import is_decoder, lm_head_is_tied, load_lm
+from routetune.model.attention import NAME as ATTENTION_NAME
 from routetune.model.methods.base import NOTE, Method, check_base
 from routetune.model.prompts import build_prompt_module, prefix_cache, virtual_tokens
 
@@ -80,7 +82,7 @@ class RoutedModel(nn.Module):
         with torch.no_grad():
             for module in head.modules():
                 if isinstance(module, nn.Linear):
-                    module.weight.normal_(0.0, getattr(cfg, "initializer_range", 0.02), generator=gen)
+                    init.normal_(module.weight, getattr(cfg, "initializer_range", 0.02), gen)
                     if module.bias is not None:
                         module.bias.zero_()
         if getattr(head, "pooling", None) == "cls" and pooler_from:
@@ -95,15 +97,35 @@ class RoutedModel(nn.Module):
         """Keyword arguments for the backbone / LM, and how many leading output positions are
         virtual tokens (prompt tuning) to drop. See model/prompts.py."""
         if self.prompt is None:
-            return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
+            return {"input_ids": input_ids, "attention_mask": self.backbone_mask(attention_mask)}, 0
         b, n = input_ids.shape[0], self.n_virtual
-        mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], 1)
+        prefix = self.method.name != "prompt_tuning"  # the virtual keys come from the cache, not the inputs
+        mask = self.backbone_mask(torch.cat([attention_mask.new_ones(b, n), attention_mask], 1),
+                                  input_ids.shape[1] if prefix else None)
         if self.method.name == "prompt_tuning":
             embeds = self.lm.get_input_embeddings()(input_ids)
             virtual = virtual_tokens(self.prompt, n, b).to(embeds.dtype)
             return {"inputs_embeds": torch.cat([virtual, embeds], 1), "attention_mask": mask}, n
         return {"input_ids": input_ids, "attention_mask": mask,
                 self._cache_kwarg: prefix_cache(self.prompt, self.config, n, b), "use_cache": False}, 0
+
+    def backbone_mask(self, attention_mask: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """The padding mask as the backbone takes it. Given a 2-D mask, transformers asks the device
+        whether any position is padded (to skip the mask for SDPA), a host synchronisation in every
+        forward pass. So off the CPU an SDPA backbone gets the 4-D boolean mask SDPA takes, which
+        transformers uses as it is: [batch, 1, 1, keys] for an encoder, causal and padding
+        [batch, 1, queries, keys] for a decoder (`queries` < keys when a prefix's keys come first).
+        On the CPU the 2-D mask is kept (the question costs nothing there; same kernels)."""
+        if (not lm_loss.sync_free(attention_mask.device)
+                or self.config._attn_implementation not in ("sdpa", ATTENTION_NAME)):
+            return attention_mask
+        keys = attention_mask[:, None, None, :].bool()
+        if not self.is_decoder:
+            return keys
+        k = attention_mask.shape[1]
+        q = queries if queries is not None else k
+        causal = torch.ones(q, k, dtype=torch.bool, device=attention_mask.device).tril(k - q)
+        return causal[None, None] & keys
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         inputs, drop = self.lm_inputs(input_ids, attention_mask)
@@ -125,8 +147,9 @@ class RoutedModel(nn.Module):
         # transformers' loss (shift, mean over scored tokens) without the full fp32 logits
         hidden = self.backbone(**inputs).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
-        scored = targets != -100
-        return linear_cross_entropy(hidden[scored], head.weight, targets[scored])
+        scored, index = targets != -100, batch.get(SCORED_INDEX)
+        return linear_cross_entropy(pick_scored(hidden, scored, index, drop), head.weight,
+                                    pick_scored(targets, scored, index, drop))
 
     def _plain_lm_head(self) -> nn.Linear | None:
         """The LM head when the causal-LM logits are exactly ``lm_head(last_hidden_state)`` (no
@@ -169,9 +192,10 @@ class RoutedModel(nn.Module):
         if head is None:
             logits = self.lm_logits(batch["input_ids"], batch["attention_mask"])
             return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        selected = labels != -100
+        selected, index = labels != -100, batch.get(SCORED_INDEX)
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
-        return nn.functional.cross_entropy(head(hidden[selected]).float(), labels[selected])
+        return nn.functional.cross_entropy(head(pick_scored(hidden, selected, index)).float(),
+                                           pick_scored(labels, selected, index))
 
     # ------------------------------------------------------------------ self-distillation
 
@@ -243,15 +267,17 @@ class RoutedModel(nn.Module):
                     target[: old.shape[0]].copy_(old)
 
     @classmethod
-    def load(cls, folder: str | Path) -> RoutedModel:
+    def load(cls, folder: str | Path, attention: str = "auto", device_type: str | None = None) -> RoutedModel:
         """A checkpoint folder as a model: its method rebuilds the LM (from the base it names, for
-        partial checkpoints), then the heads are added and loaded."""
+        partial checkpoints), then the heads are added and loaded. `attention` (the run's
+        `model.attention`) and `device_type` (where the model will run) choose the attention
+        implementation as training does; the model itself is on the CPU."""
         folder = Path(folder)
         note = json.loads((folder / NOTE).read_text()) if (folder / NOTE).is_file() else {}
         if note:
             check_base(folder, note)
         name = note.get("method") or ("lora" if note.get("adapter") else "none")
-        model = methods.get(name).rebuild(cls, folder, note)
+        model = methods.get(name).rebuild(cls, folder, note, attention, device_type)
         specs = json.loads((folder / "heads.json").read_text())
         for name, spec in specs.items():
             if spec["kind"] not in HEADS:

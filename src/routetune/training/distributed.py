@@ -1,7 +1,9 @@
 """Data-parallel training on PyTorch's own engine: ``torch.distributed`` process groups started by
 ``torchrun``, gradients averaged by ``DistributedDataParallel``.
 
-One process per GPU (backend ``nccl``) or per CPU socket (``gloo``). Every process builds the
+One process per GPU (backend ``nccl``) or per CPU socket (``gloo``), chosen by the run's device
+(``train.device``, or ``resume --device``), not by whether the machine has a GPU: a CPU run on a
+GPU machine uses gloo. ``ROUTETUNE_BACKEND=gloo|nccl`` overrides the choice. Every process builds the
 same setup and the same routed plan (the router is a pure function of seed and step, so nothing
 about the plan is communicated); each trains its slice of every global batch. Only rank 0 writes
 the run folder; decisions that must agree (dev evaluation and early stopping, when to save) are
@@ -80,14 +82,27 @@ class World:
 ALONE = World()
 
 
-def world() -> World:
-    """This process's place in the run: joins the process group torchrun set up (once)."""
+def backend_for(device: str | None, cuda_available: bool, override: str | None = None) -> str:
+    """The process-group backend of a run on `device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``):
+    nccl where the run's tensors live on a GPU, gloo otherwise (or `override`)."""
+    if override:
+        if override not in ("gloo", "nccl"):
+            raise ValueError(f"ROUTETUNE_BACKEND: expected gloo or nccl, got {override!r}")
+        return override
+    spec = device or "auto"
+    on_gpu = spec.startswith("cuda") or (spec == "auto" and cuda_available)
+    return "nccl" if on_gpu and cuda_available else "gloo"
+
+
+def world(device: str | None = None) -> World:
+    """This process's place in the run: joins the process group torchrun set up (once), with the
+    backend of the run's `device` (see :func:`backend_for`)."""
     if "WORLD_SIZE" not in os.environ:  # not started by torchrun
         return ALONE
     size = int(os.environ["WORLD_SIZE"])
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("ROUTETUNE_BACKEND") != "gloo" else "gloo"
+        backend = backend_for(device, torch.cuda.is_available(), os.environ.get("ROUTETUNE_BACKEND"))
         if backend == "nccl":
             torch.cuda.set_device(local)
         # a generous timeout: rank 0 alone scores the base model and the dev sets while the others wait
@@ -107,7 +122,8 @@ def wrap(model: torch.nn.Module, w: World):
     sources it drew, not the others."""
     if not w.distributed:
         return model
-    ids = [w.local_rank] if w.backend == "nccl" else None
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    ids = [w.local_rank] if on_gpu else None  # device_ids name a GPU; a CPU model takes none
     # buffers (position ids, ...) are equal on every rank: synced at start, not at each forward
     # (torch 2.13 renames the switch; older releases know only the first name)
     params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters

@@ -185,15 +185,15 @@ class Trainer:
         gradient averaged by DistributedDataParallel is the one a single process computes on the
         global batch (up to rounding), whatever the number of processes or micro-batches."""
         k = self.setup.cfg.train.grad_accum
-        pieces = [(part, tensors, units) for part in parts if not part.stand_in
-                  for tensors, units in micro_batches(to_device(part.tensors, self.hw.device),
-                                                      self.objectives[part.source], k)]
+        # slices and counts are made on the CPU copies; only the pieces move to the device
+        pieces = [(part, to_device(tensors, self.hw.device), units) for part in parts if not part.stand_in
+                  for tensors, units in micro_batches(part.tensors, self.objectives[part.source], k)]
         totals = self.global_counts(parts, pieces)
         if not pieces:  # nothing scored on this rank: a zero-weight pass keeps the ranks in step
             pieces = [(parts[0], to_device(parts[0].tensors, self.hw.device), 0.0)]
         self.bad_examples = {}
-        loss_sums = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # + rank 0's "a save is due by time"
         all_examples = totals[:, 0].sum().item()
+        piece_losses = []
         for i, (part, tensors, units) in enumerate(pieces):
             j = self.names.index(part.source)
             share = units / totals[j, 1].item() if units else 0.0  # of the source's units over all ranks
@@ -202,7 +202,13 @@ class Trainer:
                 loss = self.part_loss(part.source, tensors)
                 scaled = loss * (scale * share * self.world.size)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            value = loss.detach().item()  # one host sync per piece
+            piece_losses.append(loss.detach())
+        # the step's one host synchronisation: every piece's loss comes back at once
+        values = torch.stack([loss.double() for loss in piece_losses]).cpu().tolist()
+        loss_sums = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # + rank 0's "a save is due by time"
+        for (part, _, units), value in zip(pieces, values):
+            j = self.names.index(part.source)
+            share = units / totals[j, 1].item() if units else 0.0
             if not math.isfinite(value) and not part.stand_in:
                 self.bad_examples[part.source] = part.example_ids[:8]
             loss_sums[j] += share * value

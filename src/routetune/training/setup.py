@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,10 +78,16 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     setup; its batches are its slice of each global batch, on its own GPU."""
     methods.get(cfg.peft.method)  # an unknown method, or a tracker not installed, is refused before any data is read
     check_trackers(cfg.train.report_to)
+    if cfg.train.embedding_grad_buffer and world.distributed:
+        raise ConfigError("train.embedding_grad_buffer: not with data-parallel training (it writes the embedding "
+                          "gradient outside DistributedDataParallel's reducer, so the ranks would not average it); "
+                          "set it to false")
     hardware = resolve(device or cfg.train.device, precision or cfg.train.precision,
                        names=("--device" if device else "train.device", "--precision" if precision else "train.precision"))
     if world.distributed and hardware.cuda:  # one GPU per process: torchrun's LOCAL_RANK
         hardware = dataclasses.replace(hardware, device=torch.device("cuda", world.local_rank))
+    if cfg.train.deterministic:
+        _deterministic_kernels()
     earlier_labels, earlier = {}, None
     if cfg.model.init_from:
         earlier = run_checkpoint(Path(cfg.model.init_from), "best")
@@ -189,6 +196,16 @@ def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hard
             model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.embedding_grad_buffer:
         use_embedding_grad_buffer(model.lm)
+
+
+def _deterministic_kernels() -> None:
+    """`train.deterministic`: kernels that give the same result on every run (cuBLAS needs its
+    workspace setting before its first call)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    log.info("train.deterministic: deterministic kernels (CUBLAS_WORKSPACE_CONFIG=%s)",
+             os.environ["CUBLAS_WORKSPACE_CONFIG"])
 
 
 def _check_early_stopping(cfg: Config, dev: dict, objectives: dict) -> None:

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from routetune.model.lm_loss import SCORED_INDEX, scored_positions
+
 
 def scored_units(objective: str, tensors: dict) -> torch.Tensor:
     """Per example, what its source's loss averages over: scored tokens (labels that are not
@@ -22,7 +24,9 @@ def scored_units(objective: str, tensors: dict) -> torch.Tensor:
 
 def micro_batches(tensors: dict, objective: str, k: int):
     """The batch in `k` slices of consecutive examples, each cut to its own longest row, with
-    the slice's scored units; slices with none are skipped."""
+    the slice's scored units; slices with none are skipped. Called on the CPU copy of a batch
+    (the counts and cuts read tensor values: on a GPU each would stall the queue); an LM
+    objective's slice also gets the positions its loss scores (model/lm_loss.py)."""
     units = scored_units(objective, tensors)
     n = tensors["input_ids"].shape[0]
     size = math.ceil(n / k)
@@ -33,4 +37,7 @@ def micro_batches(tensors: dict, objective: str, k: int):
         piece = {key: v[start:start + size] for key, v in tensors.items()}
         width = int(piece["attention_mask"].sum(1).max())  # right padding beyond it is not needed
         piece = {key: v[:, :width] if v.dim() == 2 else v for key, v in piece.items()}
+        index = scored_positions(objective, piece["labels"]) if piece["labels"].dim() == 2 else None
+        if index is not None:
+            piece[SCORED_INDEX] = index
         yield piece, u

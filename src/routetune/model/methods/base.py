@@ -80,9 +80,10 @@ class Method:
         if untied or [k for k in result.unexpected_keys if k in params]:
             raise ValueError(f"{folder}/model.safetensors does not fit this model (missing {untied[:3]})")
 
-    def rebuild(self, routed_cls, folder: Path, note: dict):
-        """A RoutedModel (without heads) with this checkpoint's LM, for `RoutedModel.load`."""
-        lm, _ = load_lm(str(folder))
+    def rebuild(self, routed_cls, folder: Path, note: dict, attention: str = "auto", device_type: str | None = None):
+        """A RoutedModel (without heads) with this checkpoint's LM, for `RoutedModel.load`, its
+        attention implementation chosen for `device_type` (where it will run) as in training."""
+        lm, _ = load_lm(str(folder), attention, device_type)
         return routed_cls(lm)
 
     # ---------------------------------------------------------------- export
@@ -119,8 +120,8 @@ class TrainedTensors(Method):
     def inject(self, lm, options: dict) -> None:
         """Rebuild the method's modules in a freshly loaded base (from the note's options)."""
 
-    def rebuild(self, routed_cls, folder: Path, note: dict):
-        lm, _ = load_lm(note["base"])
+    def rebuild(self, routed_cls, folder: Path, note: dict, attention: str = "auto", device_type: str | None = None):
+        lm, _ = load_lm(note["base"], attention, device_type)
         self.inject(lm, note)
         model = routed_cls(lm)
         model.method, model.base_path = self, note["base"]
@@ -172,10 +173,10 @@ class PeftFormat(Method):
         """Put the method described by peft `config` into `model` (training and loading alike)."""
         raise NotImplementedError
 
-    def rebuild(self, routed_cls, folder: Path, note: dict):
+    def rebuild(self, routed_cls, folder: Path, note: dict, attention: str = "auto", device_type: str | None = None):
         from peft import PeftConfig
 
-        lm, _ = load_lm(note["base"])
+        lm, _ = load_lm(note["base"], attention, device_type)
         config = PeftConfig.from_pretrained(str(folder))
         model = routed_cls(lm)
         self.attach(model, config)
