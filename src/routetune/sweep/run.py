@@ -105,6 +105,24 @@ def _counts(study) -> tuple[int, int, int]:
             states.count(TrialState.WAITING))
 
 
+class _BudgetLock:
+    """An exclusive lock on the study folder from counting the trials to starting one, so that two
+    workers that both see one trial missing do not both start it (workers on one file system; the
+    kernel releases it if the process dies). Written by hand: optuna has no atomic "ask if under
+    budget"."""
+
+    def __init__(self, folder: Path):
+        import fcntl
+
+        self.fh = (Path(folder) / ".budget.lock").open("a")
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
 def optimize(sweep_path: str | Path, resume: bool = False) -> Study:
     """Run trials until the study has `trials` finished ones (all workers) or `timeout` passes.
     Dead trials are failed once their heartbeat is stale and their settings queued again."""
@@ -117,14 +135,20 @@ def optimize(sweep_path: str | Path, resume: bool = False) -> Study:
     run = objective(st)
     log.info("study %s: %d trials wanted (%d finished so far)", st.folder, cfg.trials, _counts(st.study)[0])
     while True:
-        fail_stale_trials(st.study)  # a dead worker's trial: failed, its setting queued again (WAITING)
-        done, running, waiting = _counts(st.study)
-        if done >= cfg.trials or (cfg.timeout is not None and time.time() - started > cfg.timeout):
-            break
-        if not waiting and done + running >= cfg.trials:  # the rest is with other workers (alive or not)
-            time.sleep(min(cfg.heartbeat, 10))
-            continue
-        st.study.optimize(run, n_trials=1, catch=())
+        lock = _BudgetLock(st.folder)  # counting and starting a trial: one worker at a time
+        try:
+            fail_stale_trials(st.study)  # a dead worker's trial: failed, its setting queued again (WAITING)
+            done, running, waiting = _counts(st.study)
+            if done >= cfg.trials or (cfg.timeout is not None and time.time() - started > cfg.timeout):
+                break
+            if not waiting and done + running >= cfg.trials:  # the rest is with other workers (alive or not)
+                lock.release()
+                time.sleep(min(cfg.heartbeat, 10))
+                continue
+            # the trial exists (RUNNING) when optuna calls the objective: the lock goes then
+            st.study.optimize(lambda trial: lock.release() or run(trial), n_trials=1, catch=())
+        finally:
+            lock.release()
     done, _, _ = _counts(st.study)
     log.info("study %s: %d trials finished", st.folder, done)
     return st
