@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.routetune-installed
 
-.PHONY: setup quickstart test test-slow clean
+.PHONY: setup quickstart quickstart-check test test-fresh test-slow wheel-check ci clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,26 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
+# Every subcommand once, successfully, each in a new interpreter (as a user runs them).
+test-fresh: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -m fresh -n $(TEST_WORKERS) --dist load
+
+# The real offline models (minilm-l6, the SmolLM2 GGUF conversion, random kills on minilm) and the
+# 10,000-input reader fuzz (ROUTETUNE_FUZZ_INPUTS sets the count).
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile
+
+# The quickstart, then its test F1 against the README's figure.
+quickstart-check: quickstart
+	$(PY) scripts/check_quickstart.py
+
+# A wheel built from the checkout, installed into a new virtual environment, used outside the checkout.
+wheel-check: $(STAMP)
+	PYTHON=$(PYTHON) bash scripts/check_wheel.sh
+
+# What CI runs (.ci/run): all of the above.
+ci:
+	bash .ci/run
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -5,6 +5,7 @@ folder already there is verified, never replaced. Downloads are served from file
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from pathlib import Path
 
@@ -90,8 +91,11 @@ def test_a_missing_example_file_names_the_fetch_command(tmp_path, monkeypatch):
     assert catalog.hint(tmp_path / "mydata" / "train.conll") == ""
 
 
-@pytest.mark.skipif(not (SHARED / "wnut17").is_dir(), reason="needs ../shared/data beside the checkout")
 def test_cli_fetch_from_a_local_copy_matches_the_published_digests(tmp_path):
+    if not (SHARED / "wnut17").is_dir():  # CI always has ../shared/data: there the digests must be checked
+        if os.environ.get("CI"):
+            pytest.fail(f"{SHARED}: missing under CI; the published digests cannot be checked")
+        pytest.skip("needs ../shared/data beside the checkout")
     proc = run_cli("data", "fetch", "wnut17", "wikitext-2-raw", "sentence_polarity", "--root", str(tmp_path),
                    "--from", str(SHARED))
     assert "wnut17: fetched" in proc.stdout and "sentence_polarity: fetched" in proc.stdout

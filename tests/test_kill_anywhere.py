@@ -81,28 +81,32 @@ def _launch(args: list[str], run_dir: Path, delay: float | None) -> tuple[int, f
 
 def run_with_random_kills(cfg: Path, run_dir: Path, seed: int, train_s: float, kills: int = 2) -> list:
     """Kill the first process and the resumes at seeded random moments of their training, then let
-    the run finish."""
+    the run finish. A first kill that lands before the first checkpoint (nothing to resume) or after
+    the end (this run trained faster than the reference) is tried again, later or earlier, so that
+    the run is always resumed at least once."""
     rng = random.Random(seed)
-    # within the first 60% of the reference's training time: a run here may train faster than the
-    # reference did (which also paid for a cold start), and a kill after the end proves nothing
+    # within the first 60% of the reference's training time: a kill after the end proves nothing
     delay = rng.uniform(0, 0.6 * train_s)
-    codes = [_launch(["train", str(cfg), "--no-test"], run_dir, delay)[0]]
-    for _ in range(3):  # finished before the kill (this run trained faster than the reference, e.g. on a
-        if codes[0] != 0:  # less loaded machine): train again from scratch, killed earlier
-            break
-        delay /= 3
-        shutil.rmtree(run_dir)  # (with --overwrite, _launch would wait for the new plan to outgrow the old one)
-        codes = [_launch(["train", str(cfg), "--no-test"], run_dir, delay)[0]]
+    codes = []
+    for _ in range(4):
+        if run_dir.exists():  # (with --overwrite, _launch would wait for the new plan to outgrow the old one)
+            shutil.rmtree(run_dir)
+        codes.append(_launch(["train", str(cfg), "--no-test"], run_dir, delay)[0])
+        if codes[-1] != 0 and ckpt.step_checkpoints(run_dir / "checkpoints"):
+            break  # killed mid-run, with a checkpoint to resume from
+        delay = delay / 3 if codes[-1] == 0 else min(2 * delay + 0.05 * train_s, 0.6 * train_s)
     for _ in range(kills - 1):
         if (run_dir / "summary.json").is_file() or not ckpt.step_checkpoints(run_dir / "checkpoints"):
             break
         codes.append(_launch(["resume", str(run_dir), "--no-test"], run_dir, rng.uniform(0, 0.5 * train_s))[0])
     if not (run_dir / "summary.json").is_file():
-        if ckpt.step_checkpoints(run_dir / "checkpoints"):
-            run_cli("resume", str(run_dir), "--no-test")
-        else:  # killed before its first checkpoint: nothing to resume, start again
-            run_cli("train", str(cfg), "--no-test", "--overwrite")
+        run_cli("resume", str(run_dir), "--no-test")
     return codes
+
+
+def resumes(run_dir: Path) -> int:
+    """How many times the run was resumed (its `resume` events)."""
+    return sum(json.loads(line)["event"] == "resume" for line in (run_dir / "metrics.jsonl").read_text().splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +129,7 @@ def test_random_sigkills_resume_with_every_state_equal(tmp_path, tiny_model_dir,
     run_dir = tmp_path / "killed" / "runs" / "run"
     codes = run_with_random_kills(cfg, run_dir, seed, train_s)
     assert -signal.SIGKILL in codes  # at least one kill landed mid-run
+    assert resumes(run_dir) >= 1  # and the run was resumed from a checkpoint, not trained again
     assert_equal_states(final_state(run_dir), ref)
 
 
@@ -137,6 +142,7 @@ def test_kill_inside_a_checkpoint_write_resumes_with_every_state_equal(tmp_path,
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert bool(leftovers) == fault.startswith("in_"), leftovers  # a half-written folder, never used
     run_cli("resume", str(run_dir), "--no-test")
+    assert resumes(run_dir) == 1
     assert_equal_states(final_state(run_dir), ref)
 
 
@@ -156,4 +162,5 @@ def test_random_sigkills_on_the_real_minilm(tmp_path):
         cfg = _config(tmp_path, "minilm-l6", files, f"killed{seed}", **extra)
         run_dir = tmp_path / f"killed{seed}" / "runs" / "run"
         run_with_random_kills(cfg, run_dir, seed, train_s)
+        assert resumes(run_dir) >= 1
         assert_equal_states(final_state(run_dir), ref)

@@ -296,13 +296,15 @@ def test_clipping_inside_fused_adamw_equals_clip_grad_norm(tmp_path, tiny_llama_
 
 
 _HUGE_PAGE_PROBE = """
+import os
 import sys
 if sys.argv[1] == "routetune":
     import routetune  # noqa: F401
 import torch
 t = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
 t += 1
-print(next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")))
+print(next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")),
+      os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"))
 """
 
 
@@ -325,11 +327,17 @@ def test_importing_routetune_gives_large_buffers_huge_pages(setting, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(_HUGE_PAGE_PROBE)
 
-    def huge_kb(*args) -> int:
-        return int(subprocess.run([sys.executable, str(probe), *args], env=env, capture_output=True, text=True,
-                                  check=True).stdout.strip())
+    def probe_run(*args) -> tuple[int, str]:
+        kb, switch = subprocess.run([sys.executable, str(probe), *args], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split()
+        return int(kb), switch
 
-    with_routetune = huge_kb("routetune")
+    def huge_kb(*args) -> int:
+        return probe_run(*args)[0]
+
+    with_routetune, switch = probe_run("routetune")
+    # in every kernel mode: routetune keeps the user's setting, and switches torch's on when there is none
+    assert switch == ("0" if setting == "0" else "1")
     if setting == "0":
         if "[madvise]" in mode.read_text():  # with "always" the kernel uses huge pages regardless
             assert with_routetune == 0 and huge_kb("plain") == 0

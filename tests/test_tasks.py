@@ -137,7 +137,7 @@ def test_classification_end_to_end(tmp_path, tiny_model_dir, class_files, object
     run_dir, summary = train(_cls_config(tmp_path, tiny_model_dir, class_files, objective, **extra))
     scores = summary["test"]["polarity"]
     assert scores["examples"] == 6 and set(scores["per_class"]) == {"neg", "pos"}
-    assert scores["accuracy"] >= 0.5
+    assert scores["accuracy"] >= 5 / 6  # at most one of six wrong; a model that learned nothing gets 0.5
     assert summary["best"]["metric"] == "polarity/accuracy"
     again = evaluate(run_dir, "test")["polarity"]
     assert again["accuracy"] == scores["accuracy"] and again["confusion"] == scores["confusion"]
