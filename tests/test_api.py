@@ -47,6 +47,53 @@ def test_the_python_api_from_a_fresh_interpreter(tmp_path, tiny_model_dir, ner_f
     assert (tmp_path / "runs" / "nb" / "summary.json").is_file()
 
 
+def test_the_api_speaks_the_ecosystem_s_words_and_refuses_at_once(tmp_path, tiny_model_dir, ner_files):
+    """As a notebook would use it: `validation` is `dev`, any other split is refused with the
+    choices; one text in, one result out; bad items, a missing run or checkpoint, and generation
+    on an encoder are one clear error each, at once; numbers are plain Python numbers."""
+    import routetune
+    from routetune.errors import RoutetuneError, RunError
+    from routetune.workflow import train
+
+    short_test = tmp_path / "short-test.conll"  # fewer sentences than dev: the two splits tell apart
+    short_test.write_text("\n\n".join(ner_files["dev"].read_text().strip().split("\n\n")[:2]) + "\n")
+    run_dir, summary = train(make_config(tmp_path, tiny_model_dir, ner_files, **{
+        "train.max_steps": 6, "train.eval_every_steps": 3, "sources.ner.test": str(short_test)}))
+    events = []
+    run = routetune.load(run_dir)
+    sentences = {split: run.evaluate(split)["ner"]["sentences"] for split in ("validation", "dev", "test")}
+    assert sentences["validation"] == sentences["dev"] > sentences["test"], sentences
+    with pytest.raises(RunError, match=r"split: expected dev, validation or test, got 'train'"):
+        run.evaluate("train")
+    one = run.predict("john opened a store in paris")
+    assert isinstance(one, dict) and len(one["tags"]) == 6
+    assert run.predict(["john opened a store in paris"]) == [one]
+    for bad, word in (([1], "item 0 is a int"), (5, "got int"), ([["a", 2]], "item 0 is a list")):
+        with pytest.raises(RoutetuneError, match=word):
+            run.predict(bad)
+    with pytest.raises(RunError, match="generation needs a decoder backbone"):
+        run.generate("hello")
+    with pytest.raises(RunError, match="no such run folder"):
+        routetune.load(tmp_path / "runs" / "nope")
+    with pytest.raises(RunError, match="no checkpoint named 'step-99'"):
+        routetune.load(run_dir, checkpoint="step-99")
+
+    def numbers(x):
+        if isinstance(x, dict):
+            return [n for v in x.values() for n in numbers(v)]
+        if isinstance(x, (list, tuple)):
+            return [n for v in x for n in numbers(v)]
+        return [x] if not isinstance(x, (str, bool, type(None))) else []
+
+    scores = run.evaluate("dev")
+    assert numbers(scores) and all(type(n) in (int, float) for n in numbers(scores)), scores
+    assert all(type(n) in (int, float) for n in numbers(one))
+    routetune.train(make_config(tmp_path / "cb", tiny_model_dir, ner_files, **{"train.max_steps": 3,
+                                                                               "train.eval_every_steps": 3}),
+                    callbacks=[events.append])
+    assert all(type(n) in (int, float) for e in events for n in numbers(e))
+
+
 def test_overrides_are_checked_like_set(tmp_path, tiny_model_dir, ner_files):
     import routetune
     from routetune.errors import ConfigError

@@ -11,10 +11,10 @@ import os
 # the user set (e.g. THP_MEM_ALLOC_ENABLE=0) is kept. Measured in docs/benchmarks.md (speed levers).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from routetune.errors import ConfigError, DataError, RoutetuneError  # noqa: E402
+from routetune.errors import ConfigError, DataError, RoutetuneError, RunError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "DataError", "Run", "RoutetuneError", "__version__", "load", "train"]
+__all__ = ["ConfigError", "DataError", "Run", "RoutetuneError", "RunError", "__version__", "load", "train"]
 
 
 def __getattr__(name: str):

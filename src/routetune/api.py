@@ -19,12 +19,14 @@ import json
 from pathlib import Path
 
 from routetune.config import Config, config_from_dict, load_config
+from routetune.errors import RoutetuneError, RunError
 from routetune.export import export as export_run
 from routetune.logs import setup_logging
 from routetune.model.inference import generate
 from routetune.runs import load_for_inference
 from routetune.serve.predictor import Predictor, item_from_text, item_from_tokens
-from routetune.workflow import evaluate, run_dir_for, train_config
+from routetune.training import checkpoint as ckpt
+from routetune.workflow import SPLITS, evaluate, plain, run_dir_for, train_config
 
 
 def _overrides(overrides: dict) -> list[str]:
@@ -48,9 +50,11 @@ def train(config: str | Path | dict, *, overwrite: bool = False, test: bool = Tr
 
 def load(run_dir: str | Path, checkpoint: str = "best", device: str | None = None,
          precision: str | None = None) -> Run:
-    """A finished (or interrupted) run folder; the model is loaded when first used."""
+    """A finished (or interrupted) run folder. The folder and its checkpoint are checked now (a
+    RunError names what is missing); the model is loaded when first used."""
     setup_logging()
     run_dir = Path(run_dir)
+    ckpt.run_checkpoint(run_dir, checkpoint)  # exists and verifies, or one clear error now
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     return Run(run_dir, summary, checkpoint, device, precision)
@@ -79,20 +83,34 @@ class Run:
         return self._loaded
 
     def evaluate(self, split: str = "test", sources: list[str] | None = None) -> dict:
-        """Scores of the run's checkpoint on its sources' dev or test sets."""
-        return evaluate(self.dir, split, self.checkpoint, sources, self.device, self.precision)
+        """Scores of the run's checkpoint on its sources' `dev` (also called `validation`) or `test`
+        sets, as plain Python numbers."""
+        return plain(evaluate(self.dir, split, self.checkpoint, sources, self.device, self.precision))
 
-    def predict(self, items: list[str] | list[list[str]], source: str | None = None) -> list[dict]:
+    def predict(self, items: str | list[str] | list[list[str]], source: str | None = None) -> dict | list[dict]:
         """Tags and entity spans (token heads) or a label with probabilities (classification
-        heads) per item: a text, or a list of words. `source`: the head (default: the primary)."""
+        heads) per item: a text, or a list of words. One text in, one result out; a list in, a
+        list out. `source`: the head (default: the primary)."""
+        single = isinstance(items, str)
+        batch = [items] if single else items
+        if not isinstance(batch, (list, tuple)):
+            raise RoutetuneError(f"predict: expected a text or a list of texts (or of word lists), got "
+                                 f"{type(items).__name__}")
+        for i, x in enumerate(batch):
+            if not (isinstance(x, str) or (isinstance(x, list) and all(isinstance(w, str) for w in x))):
+                raise RoutetuneError(f"predict: item {i} is a {type(x).__name__}; expected a text or a list of words")
         cfg, model, tokenizer, hw = self._load()
         predictor = Predictor(model, tokenizer, source or cfg.train.primary, cfg.model.max_length,
                               cfg.train.eval_batch_size, hw.precision)
-        return predictor.predict([item_from_tokens(x) if isinstance(x, list) else item_from_text(x) for x in items])
+        out = plain(predictor.predict([item_from_tokens(x) if isinstance(x, list) else item_from_text(x)
+                                       for x in batch]))
+        return out[0] if single else out
 
     def generate(self, prompts: str | list[str], max_new_tokens: int = 64) -> str | list[str]:
         """Greedy continuations (decoder runs); one prompt in, one string out."""
         cfg, model, tokenizer, hw = self._load()
+        if not model.is_decoder:
+            raise RunError(f"{self.dir}: generation needs a decoder backbone; this run's is an encoder")
         single = isinstance(prompts, str)
         out = generate(model, tokenizer, [prompts] if single else list(prompts), max_new_tokens,
                        cfg.model.max_length + max_new_tokens, cfg.train.eval_batch_size, hw.precision)

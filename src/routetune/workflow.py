@@ -302,12 +302,28 @@ def _score_final(setup: Setup, sets: dict, summary: dict) -> dict:
     return scores
 
 
+SPLITS = {"dev": "dev", "validation": "dev", "test": "test"}  # what `evaluate` takes (datasets say "validation")
+
+
+def plain(value):
+    """`value` with NumPy numbers (metrics libraries return them) as plain Python ones."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    item = getattr(value, "item", None)  # numpy scalars (and 0-d arrays)
+    return item() if callable(item) and type(value).__module__ == "numpy" else value
+
+
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
              sources: list[str] | None = None, device: str | None = None, precision: str | None = None,
              cfg: Config | None = None) -> dict:
     """Score a run's checkpoint on the dev or test sets of its sources (files or holdout). `cfg`
     gives the sources to score instead of the run's own config (a continual stage scores each
-    earlier task as its own config defines it)."""
+    earlier task as its own config defines it). `split`: dev (or validation) or test."""
+    if split not in SPLITS:
+        raise RunError(f"split: expected dev, validation or test, got {split!r}")
+    split = SPLITS[split]
     run_cfg, model, tokenizer, hw = load_for_inference(run_dir, checkpoint, device, precision)
     cfg = cfg or run_cfg
     missing = [n for n in sources or [] if n not in cfg.sources]

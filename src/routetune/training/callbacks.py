@@ -79,10 +79,13 @@ class MetricsLog:
         record = {"event": event, "time": round(time.time() - self.t0, 3), **fields}
         if not self.enabled:
             return record
+        line = json.dumps(record, default=float)
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
-        for listener in self.listeners:
-            listener(record)
+            fh.write(line + "\n")
+        if self.listeners:  # callbacks and trackers get what the file holds: plain Python values
+            event_record = json.loads(line)
+            for listener in self.listeners:
+                listener(event_record)
         return record
 
 
