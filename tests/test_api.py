@@ -105,6 +105,12 @@ def test_overrides_are_checked_like_set(tmp_path, tiny_model_dir, ner_files):
         routetune.train([1])
 
 
+def summary_model(run_dir):
+    import yaml as _yaml
+
+    return _yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["name"]
+
+
 @pytest.fixture
 def tracked_run(tmp_path, tiny_model_dir, ner_files, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -139,6 +145,14 @@ def test_tensorboard_mlflow_and_trackio_receive_the_metrics(tracked_run):
     history = client.get_metric_history(run_id, "dev/ner/f1")
     assert [m.step for m in history] == [e["step"] for e in evals]
     assert [m.value for m in history] == pytest.approx([e["metrics"]["ner/f1"] for e in evals])
+    assert run.data.params["model.name"] == str(summary_model(run_dir))  # a plain value, not JSON-quoted
+    # the results a user opens the tracker for: test scores and before/after retention, at the last step
+    final = [e for e in events if e["event"] == "final"]
+    assert len(final) == 1 and final[0]["test"]["ner"]["f1"] == summary["test"]["ner"]["f1"]
+    assert run.data.metrics["test/ner/f1"] == pytest.approx(summary["test"]["ner"]["f1"])
+    assert "test/ner/sentences" not in run.data.metrics  # counts are not metrics
+    assert tb.Scalars("test/ner/f1")[-1].value == pytest.approx(summary["test"]["ner"]["f1"])
+    assert tb.Scalars("test/ner/f1")[-1].step == summary["steps"]
 
     from trackio.sqlite_storage import SQLiteStorage
 
@@ -214,3 +228,16 @@ def test_wandb_receives_the_metrics_and_a_resume_continues_its_run(tmp_path, tin
     assert json.loads((run_dir / "wandb.json").read_text()) == {"run_id": "abc123"}
     WandB(run_dir, config_from_run(run_dir), resume_step=4)  # a resume continues the same W&B run
     assert calls["init"][-1]["id"] == "abc123" and calls["init"][-1]["resume"] == "allow"
+
+
+def test_the_final_event_gives_trackers_test_scores_and_retention():
+    from routetune.training.tracking import scalars
+
+    record = {"event": "final", "step": 9, "test": {"ner": {"f1": 0.5, "precision": 0.4, "sentences": 12,
+                                                            "per_type": {"person": {"f1": 1.0}}}},
+              "dev": {"general-dev": {"mlm_loss": 6.1, "tokens": 300}},
+              "before_after": {"general-heldout/mlm_loss": {"before": 6.8, "after": 6.7, "ratio": 0.985}}}
+    assert scalars(record) == {"test/ner/f1": 0.5, "test/ner/precision": 0.4, "dev/general-dev/mlm_loss": 6.1,
+                               "retention/general-heldout/mlm_loss/before": 6.8,
+                               "retention/general-heldout/mlm_loss/after": 6.7,
+                               "retention/general-heldout/mlm_loss/ratio": 0.985}

@@ -134,3 +134,9 @@ def test_every_example_config_is_valid(path):
         _check_space(Study(cfg, path, (path.parent / cfg.base).resolve(), path.parent, None))
         return
     assert load_config(path).sources
+
+
+@pytest.mark.parametrize("value, expected", [("tensorboard", ["tensorboard"]), ("none", []),
+                                             ("[mlflow, tensorboard]", ["mlflow", "tensorboard"])])
+def test_report_to_takes_one_name_or_none_like_the_trainer(tmp_path, value, expected):
+    assert load_config(write(tmp_path, BASE), [f"train.report_to={value}"]).train.report_to == expected

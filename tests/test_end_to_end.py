@@ -6,7 +6,7 @@ import forkserver
 import pytest
 from typer.testing import CliRunner
 
-from conftest import cli_env, make_config
+from conftest import cli_env, make_config, run_cli
 from routetune.cli import app
 from routetune.errors import ConfigError, DataError, ModelError, RunError
 from routetune.workflow import evaluate, train
@@ -143,3 +143,37 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert "train.lr: expected a number, got 'fast'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_no_retention_skips_the_before_and_after_scoring(tmp_path, tiny_model_dir, ner_files):
+    """`train --no-retention`: a quick check without the general-text scoring (no base-model
+    scoring, no masked-LM head fits); without it the log says what the scoring cost and how to skip it."""
+    held = tmp_path / "heldout.txt"
+    held.write_text("the store opened in paris and london . " * 30)
+    extra = {"train.max_steps": 3, "evals": {"heldout": {"path": str(held)}}, "retention.fit_head": "always",
+             "retention.fit_steps": 5}
+    quick = run_cli("train", make_config(tmp_path / "q", tiny_model_dir, ner_files, **extra), "--no-retention")
+    summary = json.loads((tmp_path / "q" / "runs" / "tiny" / "summary.json").read_text())
+    assert "before_after" not in summary and not (tmp_path / "q" / "runs" / "tiny" / "before.json").exists()
+    assert "MLM head" not in quick.stderr
+    full = run_cli("train", make_config(tmp_path / "f", tiny_model_dir, ner_files, **extra))
+    summary = json.loads((tmp_path / "f" / "runs" / "tiny" / "summary.json").read_text())
+    assert "heldout/mlm_loss" in summary["before_after"]
+    assert "`train --no-retention` skips" in full.stderr
+
+
+def test_a_run_shorter_than_its_first_evaluation_still_ends_with_one(tmp_path, tiny_model_dir, ner_files, caplog):
+    """max_steps ends before the first dev evaluation is due: the last step is evaluated (and the
+    log says so), so summary.json names a best value and checkpoint instead of null."""
+    import logging
+
+    from routetune.workflow import train
+
+    logging.getLogger("routetune").setLevel(logging.INFO)
+    with caplog.at_level(logging.INFO, logger="routetune"):
+        run_dir, summary = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}))
+    assert "no dev evaluation in the run's 2 steps" in caplog.text
+    assert summary["best"]["value"] is not None and summary["best"]["step"] == 2
+    assert summary["best"]["checkpoint"] == "best"
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if e["event"] == "eval"] == [2]

@@ -181,7 +181,13 @@ def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
     card = (tmp_path / "out" / "heads" / "cls" / "README.md").read_text()  # a model card in each folder
     assert f"parameter-sharing method: `{method}` (merged into the weights)" in card
     assert "| cls | sequence-classification |" in card and "| general | language-modeling |" in card
-    assert (tmp_path / "out" / "lm" / "README.md").is_file()
+    assert str(tmp_path) not in card and "`cls.jsonl`" in card  # file names, no path of this machine
+    assert "Labels (class id: label): 0: `neg`, 1: `pos`" in card
+    assert "Load with `transformers.AutoModelForSequenceClassification.from_pretrained" in card
+    lm_card = (tmp_path / "out" / "lm" / "README.md").read_text()
+    assert "Load with `transformers.AutoModelForMaskedLM.from_pretrained" in lm_card and str(tmp_path) not in lm_card
+    marker = json.loads((tmp_path / "out" / "routetune-export.json").read_text())
+    assert marker["run"] == run_dir.name
     ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     lm = AutoModelForMaskedLM.from_pretrained(tmp_path / "out" / "lm").eval()
@@ -239,3 +245,12 @@ def test_prompt_tuning_generates_and_prefix_tuning_refuses(tmp_path, tiny_llama_
         else:
             out = generate(model, tok, ["where is john", "a"], 3, 32)
             assert len(out) == 2 and all(isinstance(o, str) for o in out)
+
+
+def test_a_model_card_names_the_hub_model_behind_an_alias():
+    from routetune.export import _base_name
+
+    assert _base_name("minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert _base_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert _base_name("/home/me/models/my-bert") == "my-bert"  # a local folder: its name, not the path
+    assert _base_name("bert-base-cased") == "bert-base-cased"

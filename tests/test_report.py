@@ -212,11 +212,12 @@ def test_compare_and_report_of_several_runs(tmp_path, tiny_model_dir, ner_files)
     parser = _Refs()
     parser.feed((tmp_path / "cmp" / "report.html").read_text())
     assert all((tmp_path / "cmp" / ref).is_file() for ref in parser.refs)
-    result = runner.invoke(app, ["report", str(a), str(b)])
-    assert result.exit_code == 2 or "needs --out" in str(result.exception)
+    result = runner.invoke(app, ["report", str(a), str(b)])  # without --out: a comparison folder beside them
+    assert result.exit_code == 0, result.output
+    assert (a.parent / "compare-on-off" / "report.html").is_file()
 
 
-def test_compare_names_runs_apart_counts_as_integers_and_differences(tmp_path, tiny_model_dir, ner_files):
+def test_compare_names_runs_apart_lists_metrics_not_counts_and_differences(tmp_path, tiny_model_dir, ner_files):
     import shutil
 
     from routetune.report import compare_table
@@ -227,8 +228,8 @@ def test_compare_names_runs_apart_counts_as_integers_and_differences(tmp_path, t
     shutil.copytree(run_dir, other)
     table = compare_table([run_dir, other])
     assert f"runs/{run_dir.name}" in table and f"elsewhere/{run_dir.name}" in table
-    row = next(line for line in table.splitlines() if "| support |" in line or "| words |" in line)
-    assert ".0000" not in row.split("|")[3]  # a count prints as an integer
+    for count in ("support", "words", "sentences", "truncated_words"):  # counts are not metrics: no +0 rows
+        assert f"| {count} |" not in table
     header = next(line for line in table.splitlines() if line.startswith("| source | metric"))
     assert header.rstrip(" |").endswith(f"elsewhere/{run_dir.name} - runs/{run_dir.name}")
     f1 = next(line for line in table.splitlines() if "| f1 |" in line)

@@ -87,6 +87,12 @@ def test_the_report_draws_the_front_and_lists_the_trials(finished):
     assert (folder / "report" / "study_front.png").stat().st_size > 5000
     md = (folder / "report" / "report.md").read_text()
     assert "| trial | state | task | retention | front | feasible | setting |" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    feasible = {t["number"]: t["feasible"] for t in out["trials"]}
+    assert len(rows) == 4 and all(line.split("|")[6].strip() == ("yes" if feasible[int(line.split("|")[1])] else "no")
+                                  for line in rows)  # as --json says, never blank
+    if out["importances"]:
+        assert "too few for fANOVA" in md  # 4 trials: the importances carry a caveat
 
 
 def test_the_front_plot_has_one_legend_entry_per_kind_of_point(tmp_path, monkeypatch):
@@ -453,3 +459,23 @@ def test_a_retention_budget_marks_trials_infeasible_and_the_best_feasible_one_is
     else:
         with pytest.raises(RunError, match="no finished trial meets the constraints"):
             chosen_trials(st)
+
+
+def test_trials_and_set_on_the_command_line(tmp_path, tiny_model_dir, ner_files):
+    """`--trials N` and `--set KEY=VALUE`: a short study without editing the sweep file; the values
+    are recorded with the study, a resume with other ones is refused, a bad key is one line."""
+    path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=20)
+    bad = run_cli("sweep", str(path), "--set", "train.max_stepz=3", check=False)
+    assert bad.returncode == 2 and "set: " in bad.stderr and "train.max_stepz" in bad.stderr.strip().splitlines()[-1]
+    run_cli("sweep", str(path), "--trials", "2", "--set", "train.max_steps=3")
+    folder = tmp_path / "studies" / "mix"
+    trials = _trials(folder)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+    for t in sorted(folder.glob("trial-*")):
+        assert json.loads((t / "summary.json").read_text())["steps"] == 3
+    recorded = json.loads((folder / "sweep.json").read_text())["config"]
+    assert recorded["trials"] == 2 and recorded["set"]["train.max_steps"] == 3
+    other = run_cli("sweep", str(path), "--resume", "--trials", "3", "--set", "train.max_steps=4", check=False)
+    assert other.returncode == 2 and "set differs" in other.stderr
+    both = run_cli("sweep", str(path), "--confirm", "2", "--trials", "3", check=False)
+    assert both.returncode == 2 and "--confirm and --law read the study" in both.stderr

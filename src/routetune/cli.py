@@ -14,13 +14,15 @@ import typer
 from routetune.cli_data import data_app
 from routetune.cli_exit import run_app
 from routetune.cli_sweep import sweep_cmd
+from routetune.run_paths import check_new_run_folder, check_run_folder
+from routetune.serve.access import check_exposure
 from routetune.errors import RoutetuneError, RunError
 from routetune.logs import set_quiet, setup_logging
 from routetune.serve.limits import Limits
 
 _LIMITS = Limits()  # the serving defaults, defined once (serve/limits.py)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Fine-tune pretrained language models with seeded routing of task and general data.")
 
 
@@ -82,7 +84,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @app.command("train")
 def train_cmd(
-    config: Path = typer.Argument(..., help="YAML run config"),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML run config"),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=3e-5 (repeatable)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder of the same name"),
     test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the test sets at the end"),
@@ -90,13 +92,20 @@ def train_cmd(
     allow_new_labels: bool = typer.Option(False, "--allow-new-labels",
                                           help="With model.init_from: add labels the earlier heads lack"),
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
+    retention: bool = typer.Option(True, "--retention/--no-retention",
+                                   help="Score general text before and after training (the config's `evals`); "
+                                        "--no-retention skips it, with its masked-LM head fits (a quick check)"),
 ) -> None:
     """Train a config into a new run folder (or continue one with --resume)."""
     from routetune.config import load_config
 
     if allow_new_labels:
         set_ = [*set_, "model.allow_new_labels=true"]
-    load_config(config, set_)  # a config mistake is reported before torch and transformers load (seconds)
+    if not retention:
+        set_ = [*set_, "evals={}", "train.eval_before=false"]
+    cfg = load_config(config, set_)  # a config mistake is reported before torch and transformers load (seconds)
+    if cfg.run.name is not None and not resume:  # so is a run folder that may not be used
+        check_new_run_folder(Path(cfg.run.output_dir) / cfg.run.name, overwrite)
     _launch_processes(nproc)
     from routetune.workflow import train
 
@@ -106,7 +115,7 @@ def train_cmd(
 
 @app.command("validate")
 def validate_cmd(
-    config: Path = typer.Argument(..., help="YAML run config"),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML run config"),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=3e-5 (repeatable)"),
 ) -> None:
     """Check a config and all its data (every file read and checked, the model and tokenizer
@@ -124,7 +133,7 @@ def validate_cmd(
 
 @app.command("resume")
 def resume_cmd(
-    run: Path = typer.Argument(..., help="Run folder"),
+    run: Path = typer.Argument(..., metavar="RUN", help="Run folder"),
     test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the test sets at the end"),
     device: Optional[str] = _device_option(f"Continue on another device: {DEVICE_HELP} (default: the run's "
                                            "train.device)"),
@@ -133,6 +142,7 @@ def resume_cmd(
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Continue an interrupted run exactly from its newest complete checkpoint."""
+    check_run_folder(run)  # before anything heavy loads
     _launch_processes(nproc)
     from routetune.workflow import resume_run
 
@@ -182,7 +192,7 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    run: Path = typer.Argument(..., help="Run folder"),
+    run: Path = typer.Argument(..., metavar="RUN", help="Run folder"),
     split: str = typer.Option("test", "--split", help="dev or test"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report"),
@@ -190,6 +200,7 @@ def eval_cmd(
     precision: Optional[str] = _precision_option(),
 ) -> None:
     """Evaluate a run's checkpoint on the dev or test sets of its sources."""
+    check_run_folder(run)  # before anything heavy loads
     if split not in ("dev", "test"):
         raise typer.BadParameter("expected dev or test", param_hint="--split")
     from routetune.evaluate.tasks import format_scores
@@ -205,11 +216,11 @@ def eval_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    run: Path = typer.Argument(..., help="Run folder"),
-    input_file: Optional[Path] = typer.Argument(None, help="Input file; default: standard input"),
+    run: Path = typer.Argument(..., metavar="RUN", help="Run folder"),
+    input_file: Optional[Path] = typer.Argument(None, metavar="INPUT_FILE", help="Input file; default: standard input"),
     fmt: str = typer.Option("auto", "--format", help="lines, jsonl, or auto (JSONL lines start with '{')"),
     source: Optional[str] = typer.Option(None, "--source", help="Task head to use (default: the primary)"),
-    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL here instead of stdout"),
     precision: Optional[str] = _precision_option(),
     device: Optional[str] = _device_option(),
@@ -217,6 +228,7 @@ def predict_cmd(
 ) -> None:
     """Predict (plain lines or JSONL in, JSONL out, one output line per input line; a JSONL "id" is kept): entity tags and spans, a label with probabilities, or - for a
     language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
+    check_run_folder(run)  # before anything heavy loads
     if fmt not in ("auto", "lines", "jsonl"):
         raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
     from routetune.cli_io import generate_file, read_items, write_jsonl
@@ -238,8 +250,8 @@ def predict_cmd(
 
 @app.command("generate")
 def generate_cmd(
-    run: Path = typer.Argument(..., help="Run folder (decoder backbone)"),
-    input_file: Optional[Path] = typer.Argument(None, help="Prompts: plain lines or JSONL {\"prompt\": ...}; default: stdin"),
+    run: Path = typer.Argument(..., metavar="RUN", help="Run folder (decoder backbone)"),
+    input_file: Optional[Path] = typer.Argument(None, metavar="INPUT_FILE", help="Prompts: plain lines or JSONL {\"prompt\": ...}; default: stdin"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate per prompt"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL here instead of stdout"),
@@ -247,6 +259,7 @@ def generate_cmd(
     precision: Optional[str] = _precision_option(),
 ) -> None:
     """Greedy generation for new prompts with a fine-tuned decoder; writes JSONL {prompt, completion}."""
+    check_run_folder(run)  # before anything heavy loads
     from routetune.cli_io import generate_file
     from routetune.runs import load_for_inference
 
@@ -258,13 +271,14 @@ def generate_cmd(
 
 @app.command("export")
 def export_cmd(
-    run: Path = typer.Argument(..., help="Run folder"),
+    run: Path = typer.Argument(..., metavar="RUN", help="Run folder"),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write"),
     merge: bool = typer.Option(False, "--merge", help="Merge adapters into the weights (plain transformers folders)"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder"),
 ) -> None:
     """Export standard Hugging Face / PEFT folders: the LM, the adapter, and each task head as a transformers task model."""
+    check_run_folder(run)  # before anything heavy loads
     from routetune.export import export
 
     for folder in export(run, out, checkpoint, merge, overwrite):
@@ -273,7 +287,7 @@ def export_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    run: Path = typer.Argument(..., help="Run folder"),
+    run: Path = typer.Argument(..., metavar="RUN", help="Run folder"),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: loopback only)"),
     port: int = typer.Option(8080, "--port"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
@@ -319,6 +333,8 @@ def serve_cmd(
                                        help="Largest max_new_tokens a request may ask for"),
 ) -> None:
     """Serve a run over HTTP (FastAPI + uvicorn): /v1/ner, /v1/classify, /v1/generate, /healthz, /metrics, /docs."""
+    check_run_folder(run)  # before FastAPI and torch load
+    check_exposure(host, api_key, allow_unauthenticated)
     from routetune.serve.server import serve_run
 
     limits = Limits(max_body_bytes=max_body_bytes, max_items=max_items, max_tokens=max_tokens, max_chars=max_chars,
@@ -333,7 +349,7 @@ def serve_cmd(
 
 @app.command("continual")
 def continual_cmd(
-    config: Path = typer.Argument(..., help="Continual config: a sequence of task run configs"),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Continual config: a sequence of task run configs"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing stage run folders"),
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
@@ -348,11 +364,13 @@ def continual_cmd(
 
 @app.command("report")
 def report_cmd(
-    runs: list[Path] = typer.Argument(..., help="One run folder, or several to compare, or a study folder"),
+    runs: list[Path] = typer.Argument(..., metavar="RUNS", help="One run folder, or several to compare, or a study folder"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/report; required for several runs)"),
     as_json: bool = typer.Option(False, "--json", help="A study: print its trials, front and importances as JSON"),
 ) -> None:
     """Write report.md and report.html with PNG plots: losses per source, realised vs target shares, dev metric with the early-stopping point, per-type F1 or confusion, before vs after, continual matrix; for a study folder the trials, the Pareto front, the importances."""
+    for run in runs:
+        check_run_folder(run)  # before anything heavy loads
     from routetune.report import write_report
 
     if len(runs) == 1 and (runs[0] / "sweep.json").is_file():
@@ -371,8 +389,10 @@ def report_cmd(
 
 
 @app.command("compare")
-def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run folders to put side by side")) -> None:
+def compare_cmd(runs: list[Path] = typer.Argument(..., metavar="RUNS", help="Run folders to put side by side")) -> None:
     """Print a Markdown table: test metrics and before/after of each run, side by side."""
+    for run in runs:
+        check_run_folder(run)  # before anything heavy loads
     from routetune.report import compare_table
 
     typer.echo(compare_table(runs))

@@ -26,7 +26,7 @@ def list_cmd(root: Optional[Path] = typer.Option(None, "--root", help="Data root
 
 @data_app.command("fetch")
 def fetch_cmd(
-    names: list[str] = typer.Argument(..., help=f"Data sets to fetch ({', '.join(CATALOG)}), or all"),
+    names: list[str] = typer.Argument(..., metavar="NAMES", help=f"Data sets to fetch ({', '.join(CATALOG)}), or all"),
     root: Optional[Path] = typer.Option(None, "--root", help="Data root (default: $ROUTETUNE_DATA, else "
                                         "~/.cache/routetune/data)"),
     source: Optional[Path] = typer.Option(None, "--from", help="Take the files from this folder (a copy made "

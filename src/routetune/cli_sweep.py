@@ -12,7 +12,7 @@ from routetune.errors import RunError
 
 
 def sweep_cmd(
-    sweep: Path = typer.Argument(..., help="Sweep file: base config, search space, objectives, budget (docs/sweep.md)"),
+    sweep: Path = typer.Argument(..., metavar="SWEEP", help="Sweep file: base config, search space, objectives, budget (docs/sweep.md)"),
     resume: bool = typer.Option(False, "--resume", help="Continue the study after a stop, or join it as a second "
                                 "worker (same storage)"),
     confirm: Optional[int] = typer.Option(None, "--confirm", metavar="K", help="Train the chosen settings, the base "
@@ -23,11 +23,17 @@ def sweep_cmd(
     where: Optional[list[str]] = typer.Option(None, "--where", metavar="KEY=VALUE", help="With --law: fit over the "
                                               "trials with this setting only (repeatable; e.g. "
                                               "sources.general.distill=1.0)"),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, metavar="N", help="The search's budget, instead "
+                                         "of the sweep file's `trials` (e.g. 3 for a quick check)"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="A fixed override for every trial, added "
+                                   "to the sweep file's `set:` (repeatable; e.g. --set train.max_steps=20)"),
 ) -> None:
     """Search hyperparameters and the data mixture with optuna: every trial is a run folder scored on
     dev data (task metric, general-text retention); the study resumes after any stop."""
     if where and law is None:
         raise RunError("--where: it chooses the trials a mixing law is fitted on; give it with --law KEY")
+    if (trials is not None or set_) and (confirm is not None or law is not None):
+        raise RunError("--trials and --set change the search; --confirm and --law read the study as it was run")
     if confirm is not None:
         from routetune.sweep.confirm import confirm as run_confirm, table
 
@@ -44,7 +50,7 @@ def sweep_cmd(
     from routetune.sweep.confirm import chosen_trials
     from routetune.sweep.run import optimize
 
-    st = optimize(sweep, resume=resume)
+    st = optimize(sweep, resume=resume, trials=trials, sets=set_)
     kinds = [o.kind for o in st.cfg.objectives]
     try:
         for t in chosen_trials(st):

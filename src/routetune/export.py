@@ -19,6 +19,7 @@ import torch
 
 from routetune import objectives
 from routetune.errors import RunError
+from routetune.model.load import ALIASES
 from routetune.runs import load_run
 from routetune.training.checkpoint import run_checkpoint
 
@@ -91,9 +92,10 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = Fal
     try:
         parts = _write_export(model, tokenizer, run_checkpoint(run_dir, checkpoint), tmp, merge)
         for part in parts:  # a model card in every exported folder, as the hub expects
-            (tmp / part / "README.md").write_text(model_card(Path(run_dir), cfg, method.name, part, merge),
+            (tmp / part / "README.md").write_text(model_card(Path(run_dir), cfg, model, part, merge),
                                                   encoding="utf-8")
-        (tmp / EXPORT_MARKER).write_text(json.dumps({"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint,
+        # the run's folder name, not a path of this machine (the export may be shared)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"run": Path(run_dir).resolve().name, "checkpoint": checkpoint,
                                                      "merge": merge, "method": method.name}) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,9 +109,21 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = Fal
     return [str(out / p) for p in parts]
 
 
-def model_card(run_dir: Path, cfg, method: str, part: str, merged: bool) -> str:
-    """README.md of an exported folder: what it is, what it was trained from and on, its scores
-    (summary.json), and how to load it."""
+def _loader(model, part: str) -> str:
+    """The one class that loads an exported folder."""
+    if part == "adapter":
+        return "peft.AutoPeftModelForCausalLM" if model.is_decoder else "peft.PeftModel"
+    if part == "lm":
+        return "transformers.AutoModelForCausalLM" if model.is_decoder else "transformers.AutoModelForMaskedLM"
+    kind = model.heads[part.removeprefix("heads/")].kind
+    return ("transformers.AutoModelForTokenClassification" if kind == "token-classification"
+            else "transformers.AutoModelForSequenceClassification")
+
+
+def model_card(run_dir: Path, cfg, model, part: str, merged: bool) -> str:
+    """README.md of an exported folder: what it is, what it was trained from and on (file names, not
+    this machine's paths), its labels, its scores (summary.json), and the class that loads it."""
+    method = model.method.name
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     kind = {"lm": "the backbone with its language-model head", "adapter": "a PEFT adapter for the base model"}.get(
@@ -118,14 +132,18 @@ def model_card(run_dir: Path, cfg, method: str, part: str, merged: bool) -> str:
     lines = ["---", "library_name: " + ("peft" if part == "adapter" else "transformers"), "tags: [routetune]", "---",
              "", f"# {run_dir.name}: {part}", "",
              f"This folder holds {kind}, exported by routetune from the run `{run_dir.name}`.", "",
-             f"- base model: `{cfg.model.name}`",
+             f"- base model: `{_base_name(cfg.model.name)}`",
              f"- parameter-sharing method: `{method}`" + (" (merged into the weights)" if merged else ""),
              f"- steps: {summary.get('steps', '?')} of batch {cfg.train.batch_size}, lr {cfg.train.lr}, "
              f"precision {summary.get('hardware', {}).get('precision', cfg.train.precision)}", "",
              "## Training data (routed)", "", "| source | objective | data | routing weight |", "|---|---|---|---|"]
     for name, sc in cfg.sources.items():
-        data = sc.dataset.path if sc.dataset is not None else sc.train
+        data = sc.dataset.path if sc.dataset is not None else Path(str(sc.train)).name  # a hub id, or a file name
         lines.append(f"| {name} | {sc.objective} | `{data}` | {weights.get(name, '-')} |")
+    name = part.removeprefix("heads/")
+    head = model.heads[name] if part.startswith("heads/") and name in model.heads else None
+    if head is not None:
+        lines += ["", f"Labels (class id: label): {', '.join(f'{i}: `{x}`' for i, x in enumerate(head.labels))}"]
     test = summary.get("test", {})
     if test:
         lines += ["", "## Test scores", "", "| set | metric | value |", "|---|---|---|"]
@@ -135,11 +153,17 @@ def model_card(run_dir: Path, cfg, method: str, part: str, merged: bool) -> str:
                     lines.append(f"| {name} | {metric} | {scores[metric]:.4f} |")
     for key, v in summary.get("before_after", {}).items():
         lines.append(f"\nGeneral text `{key}`: {v['before']:.4f} before training, {v['after']:.4f} after.")
-    loader = {"lm": "AutoModelForCausalLM / AutoModelForMaskedLM", "adapter": "peft.PeftModel"}.get(
-        part, "AutoModelForTokenClassification / AutoModelForSequenceClassification")
-    lines += ["", f"Load with `{loader}.from_pretrained(\"<this folder>\")`" +
+    lines += ["", f"Load with `{_loader(model, part)}.from_pretrained(\"<this folder>\")`" +
               (" on top of the base model." if part == "adapter" else "."), ""]
     return "\n".join(lines)
+
+
+def _base_name(name: str) -> str:
+    """The hub id behind an offline alias (what a reader of the card can look up); a local folder
+    by its name only."""
+    if name in ALIASES and ALIASES[name].hub_id:
+        return ALIASES[name].hub_id
+    return Path(name).name if Path(name).is_absolute() else name
 
 
 def _write_export(model, tokenizer, folder: Path, out: Path, merge: bool) -> list[str]:

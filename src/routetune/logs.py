@@ -41,7 +41,10 @@ def setup_logging(verbose: bool = False) -> None:
         logger.propagate = False
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # transformers' and the Hub's progress bars off: our own bar is enough
+    # transformers', the Hub's and datasets' progress bars off ("Generating train split"): our own is enough
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     else:  # read as they load (importing transformers here would cost seconds before a usage error)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from routetune.errors import RunError
-from routetune.training.events import EARLY_STOP, EVAL, TRAIN
+from routetune.training.events import COUNTS as EVENT_COUNTS, EARLY_STOP, EVAL, TRAIN
 
 
 # ------------------------------------------------------------------ reading a run
@@ -183,21 +183,31 @@ def plot_retention(runs: list[dict], out: Path) -> str | None:
     rows = [(run["name"], key, v) for run in runs for key, v in run["summary"].get("before_after", {}).items()]
     if not rows:
         return None
+    # the change against the base model, in %: bars of absolute values that start at 0 made a
+    # -1.4% change look like two equal bars
     plt = _plt()
     keys = sorted({r[1] for r in rows})
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / (len(runs) + 1)
-    for k, key in enumerate(keys):
-        before = next(v["before"] for _, kk, v in rows if kk == key)
-        ax.bar(k, before, width, color="grey", label="base model" if k == 0 else None)
-        for r, run in enumerate(runs):
+    width = min(0.3, 0.8 / len(runs))
+    for r, run in enumerate(runs):
+        for k, key in enumerate(keys):
             v = run["summary"].get("before_after", {}).get(key)
-            if v:
-                ax.bar(k + (r + 1) * width, v["after"], width, color=f"C{r}",
-                       label=(run["name"] if len(runs) > 1 else "fine-tuned") if k == 0 else None)
-    ax.set_xticks([k + width * len(runs) / 2 for k in range(len(keys))], keys, fontsize=8)
-    ax.set(ylabel="value (lower is better for perplexity / loss)", title="Before vs after fine-tuning")
-    ax.legend(fontsize=8)
+            if not v:
+                continue
+            change = 100 * (v["ratio"] - 1)
+            x = k + (r - (len(runs) - 1) / 2) * width
+            ax.bar(x, change, width, color=f"C{r}", label=(run["name"] if len(runs) > 1 else "fine-tuned")
+                   if k == 0 else None)
+            ax.annotate(f"{v['before']:.4g} -> {v['after']:.4g}\n{change:+.2f}%", (x, change), fontsize=7,
+                        ha="center", va="bottom" if change >= 0 else "top")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(keys)), keys, fontsize=8)
+    ax.set_xlim(-0.75, len(keys) - 0.25)
+    ax.set(ylabel="change vs the base model (%)",
+           title="General text, fine-tuned vs base model\n(loss / perplexity: below 0 is better)")
+    ax.margins(y=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
     return _save(fig, out / "retention.png")
 
 
@@ -217,9 +227,7 @@ def plot_continual(continual: dict, out: Path) -> str:
 
 # ------------------------------------------------------------------ text
 
-COUNTS = {"support", "tokens", "examples", "blocks", "completion_tokens", "generated", "steps", "batches",
-          "sentences", "words", "untokenizable_words", "n_truncated_words", "n_truncated_sentences",
-          "truncated_words", "truncated_sentences", "truncated"}
+COUNTS = EVENT_COUNTS  # fields that count things (training/events.py), not metrics
 
 
 def _fmt(v, key: str | None = None) -> str:
@@ -270,8 +278,9 @@ def _run_section(runs: list[dict]):
 
 
 def _test_section(runs: list[dict], images: dict):
-    """Test metrics, runs side by side, with each run's difference from the first."""
-    keys = sorted({(src, m) for run in runs for src, m, _ in test_rows(run["summary"])})
+    """Test metrics, runs side by side, with each run's difference from the first (metrics only:
+    counts such as sentences or truncated words stay in summary.json)."""
+    keys = sorted({(src, m) for run in runs for src, m, _ in test_rows(run["summary"]) if m not in COUNTS})
     if not keys:
         return None
     values = {run["name"]: {(src, m): v for src, m, v in test_rows(run["summary"])} for run in runs}
@@ -363,10 +372,9 @@ def render_html(title: str, parts) -> str:
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     """Write report.md, report.html and the PNG plots; returns the folder."""
     runs = [read_run(Path(d)) for d in run_dirs]
-    if out is None:
-        if len(runs) > 1:
-            raise RunError("comparing runs needs --out FOLDER")
-        out = runs[0]["dir"] / "report"
+    if out is None:  # one run: its report/ folder; several: a comparison folder beside the first
+        out = runs[0]["dir"] / "report" if len(runs) == 1 else \
+            runs[0]["dir"].parent / ("compare-" + "-".join(r["dir"].name for r in runs))[:120]
     out.mkdir(parents=True, exist_ok=True)
     images: dict[str, list[str]] = {"training": [], "test": [], "retention": [], "continual": []}
     for name in (plot_losses(runs, out), plot_dev(runs, out)):

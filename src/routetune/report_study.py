@@ -127,9 +127,12 @@ def write_study_report(folder: Path, out: Path | None = None) -> Path:
     images = [i for i in (_plot_front(data, out), _plot_importances(data, out)) if i]
     kinds = data["objectives"]
     rows = [[str(t["number"]), t["state"].lower(), *[_fmt(t["values"].get(k, "")) for k in kinds],
-             "yes" if t["number"] in data["pareto_front"] else "", "" if t["feasible"] else "no",
+             "yes" if t["number"] in data["pareto_front"] else "", "yes" if t["feasible"] else "no",
              ", ".join(f"{k}={_fmt(v)}" for k, v in t["setting"].items())] for t in data["trials"]]
-    parts = [("Trials (dev scores)", ["trial", "state", *kinds, "front", "feasible", "setting"], rows, images)]
+    complete = sum(t["state"] == "COMPLETE" for t in data["trials"])
+    caveat = (f"; the importances come from {complete} finished trials, too few for fANOVA to rank parameters "
+              "reliably (it needs tens)") if data["importances"] and complete < 10 else ""
+    parts = [("Trials (dev scores)" + caveat, ["trial", "state", *kinds, "front", "feasible", "setting"], rows, images)]
     if "confirm" in data:
         c = data["confirm"]
         keys = list(dict.fromkeys(k for by in c["scores"].values() for k in by))

@@ -29,6 +29,7 @@ from routetune.errors import RunError
 from routetune.model.routed import RoutedModel
 from routetune.model.inference import for_inference
 from routetune.model.load import load_tokenizer
+from routetune.run_paths import check_new_run_folder, check_run_folder
 from routetune.training import checkpoint as ckpt
 
 log = logging.getLogger("routetune")
@@ -146,16 +147,8 @@ class Claim:
 
 def check_claimable(path: Path, overwrite: bool) -> None:
     """Refuse, before any heavy work, a folder that may not be (re)used."""
-    if path.is_symlink():
-        raise RunError(f"{path}: is a symbolic link; a run folder must be a real folder (nothing was deleted); "
-                       "choose another run.name or run.output_dir")
-    if path.exists() and not path.is_dir():
-        raise RunError(f"{path}: exists and is not a folder")
-    if not path.exists() or not any(path.iterdir()):
+    if not check_new_run_folder(path, overwrite):
         return
-    if not overwrite:
-        raise RunError(f"{path}: run folder exists and is not empty; choose another run.name "
-                       "or pass --overwrite to replace it")
     if not (path / MARKER).is_file():
         raise RunError(f"{path}: --overwrite replaces only a run folder routetune wrote (it has no {MARKER} "
                        "marker); nothing was deleted; choose another run.name")
@@ -228,9 +221,7 @@ class RunLock:
 def load_run(run_dir: str | Path, checkpoint: str = "best", device_type: str = "cpu"):
     """(config, model, tokenizer) of a run, from a verified checkpoint; the model is on the CPU,
     its attention implementation the run's `model.attention` for `device_type`."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run folder{ckpt.replaced_hint(run_dir)}")
+    run_dir = check_run_folder(run_dir)
     cfg = config_from_run(run_dir)
     folder = ckpt.run_checkpoint(run_dir, checkpoint)
     return cfg, RoutedModel.load(folder, cfg.model.attention, device_type), load_tokenizer(str(folder))

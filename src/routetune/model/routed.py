@@ -295,7 +295,8 @@ def build_model(path: str, seed: int, attention: str = "auto", device_type: str 
     lm, missing_head = load_lm(path, attention, device_type)
     if missing_head:
         tied = lm_head_is_tied(lm)
-        log.info("the checkpoint has no LM head weights (%s): initialised a new one%s",
+        log.info("the checkpoint has no LM head weights (%s), as usual for a model published without one: "
+                 "initialised a new one%s (language-modelling sources train it)",
                  ", ".join(missing_head[:4]) + (" ..." if len(missing_head) > 4 else ""),
                  " with its decoder tied to the word embeddings" if tied else "")
     return RoutedModel(lm)

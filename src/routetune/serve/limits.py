@@ -175,9 +175,11 @@ class StatusMetrics:
             endpoint = path if path in self.metrics.endpoints else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(seconds)
-            if self.access_log:
+            if self.access_log:  # time, client, request, status, items, duration
                 items = scope.get("state", {}).get("items", "-")
-                log.info("%s %s %d items=%s %.1f ms", scope.get("method"), path, status, items, 1000 * seconds)
+                client = scope.get("client") or ("-", 0)
+                log.info("%s %s:%s %s %s %d items=%s %.1f ms", time.strftime("%Y-%m-%dT%H:%M:%S"), client[0],
+                         client[1], scope.get("method"), path, status, items, 1000 * seconds)
 
 
 class Metrics:

@@ -39,6 +39,7 @@ from routetune.device import model_device, resolve
 from routetune.errors import RoutetuneError
 from routetune.model.inference import generate
 from routetune.runs import load_for_inference
+from routetune.serve.access import check_exposure, is_loopback  # noqa: F401  (is_loopback: this module's API)
 from routetune.serve.connections import ConnectionGuard
 from routetune.serve.limits import Auth, BodyReader, ConcurrencyLimit, Limits, StatusMetrics
 from routetune.serve.predictor import item_from_text, item_from_tokens, unicode_problem
@@ -271,28 +272,6 @@ def tune_process() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(-8, 2)  # M_ARENA_MAX
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:
-    """Refuse to serve a non-loopback interface without an API key, unless told to (then warn)."""
-    if is_loopback(host) or api_key:
-        return
-    if not allow_unauthenticated:
-        raise RoutetuneError(f"--host {host}: serving beyond this machine needs an API key (--api-key or "
-                             "ROUTETUNE_API_KEY); pass --allow-unauthenticated to serve it open anyway")
-    log.warning("serving on %s WITHOUT an API key: anyone who can reach this address can use the model "
-                "and its /docs and /metrics", host)
 
 
 def uvicorn_config(app: FastAPI, host: str, port: int, limits: Limits, drain_s: float = 30.0, **kw):

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from routetune.config.base import Strict
 from routetune.config.load import read_yaml_model
+from routetune.errors import ConfigError
 
 
 class Param(Strict):
@@ -106,5 +107,22 @@ class SweepConfig(Strict):
         return self.max_retention is not None or any(o.kind == "retention" for o in self.objectives)
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
-    return read_yaml_model(Path(path), SweepConfig)
+def load_sweep(path: str | Path, trials: int | None = None, sets: list[str] | None = None) -> SweepConfig:
+    """The sweep file, with the command line's `--trials N` (the budget) and `--set KEY=VALUE`
+    (added to the file's `set:`, the fixed overrides of every trial)."""
+    import yaml
+
+    cfg = read_yaml_model(Path(path), SweepConfig)
+    extra = {}
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {item}: expected KEY=VALUE (e.g. --set train.epochs=1)")
+        extra[key.strip()] = yaml.safe_load(value)
+    if trials is None and not extra:
+        return cfg
+    data = cfg.model_dump(mode="json")
+    data["set"] = {**data.get("set", {}), **extra}
+    if trials is not None:
+        data["trials"] = trials
+    return SweepConfig.model_validate(data)

@@ -123,12 +123,13 @@ class _BudgetLock:
             self.fh = None
 
 
-def optimize(sweep_path: str | Path, resume: bool = False) -> Study:
+def optimize(sweep_path: str | Path, resume: bool = False, trials: int | None = None,
+             sets: list[str] | None = None) -> Study:
     """Run trials until the study has `trials` finished ones (all workers) or `timeout` passes.
     Dead trials are failed once their heartbeat is stale and their settings queued again."""
     from optuna.storages import fail_stale_trials
 
-    st = open_study(sweep_path, resume)
+    st = open_study(sweep_path, resume, trials, sets)
     started, cfg = time.time(), st.cfg
     if resume:
         _requeue_interrupted(st.study)

@@ -92,6 +92,10 @@ def direction(st: Study, obj) -> str:
 def _check_space(st: Study) -> None:
     """Every dimension of the space at a value it can take gives a valid run config (fails in
     seconds, naming the key, instead of in the first trial)."""
+    try:
+        trial_config(st, {})  # the fixed overrides (`set:`, `--set`) alone
+    except ConfigError as exc:
+        raise ConfigError(f"{st.sweep_path}: set: {exc}") from None
     for key, p in st.cfg.space.items():
         if p.type == "simplex":
             sample = {f"{key}.{n}": 1 / len(p.keys) for n in p.keys}
@@ -126,15 +130,17 @@ def _check_dev_evaluation(st: Study) -> None:
                               "evaluate: set train.eval_each_epoch or train.eval_every_steps (in set:)")
 
 
-def open_study(sweep_path: str | Path, resume: bool) -> Study:
-    """Read the sweep, check it, create (or, with resume, join) its study."""
+def open_study(sweep_path: str | Path, resume: bool, trials: int | None = None, sets: list[str] | None = None
+               ) -> Study:
+    """Read the sweep (with the command line's `--trials` and `--set`), check it, create (or, with
+    resume, join) its study."""
     import optuna  # heavy: imported when a sweep runs
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: years old
 
     sweep_path = Path(sweep_path)
-    cfg = load_sweep(sweep_path)
+    cfg = load_sweep(sweep_path, trials, sets)
     name = cfg.name or sweep_path.stem
     folder = Path(cfg.output_dir).expanduser() / name
     st = Study(cfg, sweep_path, base_of(sweep_path, cfg)[0], folder, None)

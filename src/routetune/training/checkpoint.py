@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from routetune.errors import RoutetuneError, RunError
+from routetune.run_paths import replaced_hint
 from routetune.model.methods import METHODS
 
 log = logging.getLogger("routetune")
@@ -381,19 +382,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = meta["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-
-
-def replaced_hint(run_dir: Path) -> str:
-    """Where an interrupted --overwrite left the run it was replacing (``.replaced-NAME-PID-TIME``
-    beside the run folder), as a clause to add to a message; empty if there is none."""
-    run_dir = Path(run_dir)
-    parent = run_dir.parent if run_dir.parent.is_dir() else None
-    copies = sorted(parent.glob(f".replaced-{run_dir.name}-*")) if parent is not None else []
-    if not copies:
-        return ""
-    newest = copies[-1]
-    return (f"; an interrupted --overwrite left the earlier run of this name at {newest}: to get it back, "
-            f"move {run_dir} away and run `mv {newest} {run_dir}`")
 
 
 def run_checkpoint(run_dir: Path, which: str = "best") -> Path:

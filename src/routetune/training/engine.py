@@ -143,6 +143,10 @@ class Trainer:
                 self.log_train(done, step)
             epoch_end = any(d.epoch_ended and d.source == tc.primary for d in batches.last_draws)
             due_eval = bool((tc.eval_every_steps and done % tc.eval_every_steps == 0) or (tc.eval_each_epoch and epoch_end))
+            if setup.dev and not due_eval and done == setup.total_steps and self.stopper.best_step is None:
+                log.info("no dev evaluation in the run's %d steps (it ends before the first one was due): "
+                         "evaluating its last step", done)
+                due_eval = True
             if setup.dev and due_eval:
                 stopped = self.evaluate(done)
             if (setup.dev and due_eval) or stopped or done == setup.total_steps or self.save_due(done):

@@ -19,5 +19,13 @@ SKIPPED = "skipped"
 """A non-finite loss skipped an update: step, source, loss."""
 RESUME = "resume"
 """A resumed session starts: step, checkpoint."""
+FINAL = "final"
+"""The run's results, once summary.json is written: step (the last), test and dev (the end-of-run
+scores by source, as in summary.json), before_after (general-text retention, base -> fine-tuned)."""
 
-EVENTS = frozenset({START, TRAIN, EVAL, EARLY_STOP, ROUTE_UPDATE, SKIPPED, RESUME})
+EVENTS = frozenset({START, TRAIN, EVAL, EARLY_STOP, ROUTE_UPDATE, SKIPPED, RESUME, FINAL})
+
+COUNTS = frozenset({"support", "tokens", "examples", "blocks", "completion_tokens", "generated", "steps", "batches",
+                    "sentences", "words", "untokenizable_words", "n_truncated_words", "n_truncated_sentences",
+                    "truncated_words", "truncated_sentences", "truncated"})
+"""Fields of a score dict that count things rather than measure them (not metrics)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from routetune.config import Config, dump_config
 from routetune.errors import ConfigError
-from routetune.training.events import EARLY_STOP, EVAL, TRAIN
+from routetune.training.events import COUNTS, EARLY_STOP, EVAL, FINAL, TRAIN
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
 
@@ -56,6 +56,12 @@ def scalars(record: dict) -> dict[str, float]:
         out.update({f"dev/{k}": v for k, v in record["metrics"].items()})
     elif record["event"] == EARLY_STOP:
         out["dev/early_stop_best"] = record["best"]
+    elif record["event"] == FINAL:  # the numbers a user opens the tracker for: test and retention
+        for split in ("test", "dev"):
+            for source, scores in record.get(split, {}).items():
+                out.update({f"{split}/{source}/{k}": v for k, v in scores.items() if k not in COUNTS})
+        for name, change in record.get("before_after", {}).items():
+            out.update({f"retention/{name}/{k}": change[k] for k in ("before", "after", "ratio") if k in change})
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
 
@@ -81,8 +87,8 @@ def _flat(d: dict, prefix: str = "") -> dict[str, str]:
     for k, v in d.items():
         if isinstance(v, dict) and v:
             out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v)[:500]  # MLflow's limit on a parameter value
+        else:  # strings as they are (not JSON-quoted); anything else as JSON
+            out[f"{prefix}{k}"] = (v if isinstance(v, str) else json.dumps(v))[:500]  # MLflow's limit
     return out
 
 
@@ -107,8 +113,13 @@ def _save_run_id(run_dir: Path, tool: str, run_id: str) -> None:
 
 class MLflow(_Forwarder):
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
+        import logging
+
         import mlflow  # optional package: imported when asked for
 
+        if not logging.getLogger("routetune").isEnabledFor(logging.DEBUG):  # its INFO lines are not the run's
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         self.mlflow = mlflow
         # MLflow 3 keeps its file store for reading old runs only: the default is SQLite in the run folder
         mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
