@@ -16,8 +16,8 @@ from conftest import cli_env, make_config, run_cli
 @pytest.mark.parametrize("args, message", [
     (["trian"], "error: No such command 'trian'. Did you mean 'train'? (see: routetune --help)"),
     (["--bogus"], "error: No such option: --bogus (see: routetune --help)"),
-    (["eval"], "error: Missing argument 'run'. (see: routetune eval --help)"),
-    (["eval", "runs/x", "--split", "foo"], "error: Invalid value for --split: expected dev or test"),
+    (["eval"], "error: Missing argument 'RUN'. (see: routetune eval --help)"),
+    (["eval", "runs/x", "--split", "foo"], "error: Invalid value for --split: expected dev, validation or test"),
     (["predict", "runs/x", "--format", "xml"], "error: Invalid value for --format: expected auto, lines or jsonl"),
     (["serve", "runs/x", "--port", "many"], "error: Invalid value for '--port': Input should be a valid integer"),
     (["eval", "runs/x", "--precision", "fp8"], "error: --precision: expected one of auto, fp32, bf16, fp16"),
@@ -106,7 +106,7 @@ def test_unknown_checkpoint_lists_the_ones_there(tmp_path, tiny_model_dir, ner_f
         proc = run_cli("eval", str(run_dir), "--checkpoint", name, check=False)
         assert proc.returncode == 2
         line = proc.stderr.strip().splitlines()[-1]
-        assert f"no checkpoint named {name!r} (this run has: last, step-00000001, step-00000002)" in line
+        assert f"no checkpoint named {name!r} (this run has: last, best, step-00000001, step-00000002)" in line
 
 
 def test_unknown_model_fails_in_seconds_naming_the_aliases(monkeypatch):

@@ -124,16 +124,16 @@ def test_a_damaged_run_config_is_one_line(tmp_path, run, text):
         config_from_run(broken)
 
 
-def test_permission_errors_are_one_line(monkeypatch, capsys):
+def test_permission_errors_are_one_line(monkeypatch, capsys, tmp_path):
     import routetune.cli as cli
     import routetune.workflow as workflow
 
     def denied(*a, **k):
-        raise PermissionError(13, "Permission denied", "/runs/x/metrics.jsonl")
+        raise PermissionError(13, "Permission denied", f"{tmp_path}/metrics.jsonl")
 
     monkeypatch.setattr(workflow, "resume_run", denied)
-    monkeypatch.setattr("sys.argv", ["routetune", "resume", "/runs/x"])
+    monkeypatch.setattr("sys.argv", ["routetune", "resume", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: /runs/x/metrics.jsonl: Permission denied"
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}/metrics.jsonl: Permission denied"

@@ -193,16 +193,16 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 @app.command("eval")
 def eval_cmd(
     run: Path = typer.Argument(..., metavar="RUN", help="Run folder"),
-    split: str = typer.Option("test", "--split", help="dev or test"),
+    split: str = typer.Option("test", "--split", help="dev (also called validation) or test"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report"),
     device: Optional[str] = _device_option(),
     precision: Optional[str] = _precision_option(),
 ) -> None:
     """Evaluate a run's checkpoint on the dev or test sets of its sources."""
+    if split not in ("dev", "validation", "test"):
+        raise typer.BadParameter("expected dev, validation or test", param_hint="--split")
     check_run_folder(run)  # before anything heavy loads
-    if split not in ("dev", "test"):
-        raise typer.BadParameter("expected dev or test", param_hint="--split")
     from routetune.evaluate.tasks import format_scores
     from routetune.workflow import evaluate
 
@@ -228,9 +228,9 @@ def predict_cmd(
 ) -> None:
     """Predict (plain lines or JSONL in, JSONL out, one output line per input line; a JSONL "id" is kept): entity tags and spans, a label with probabilities, or - for a
     language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
-    check_run_folder(run)  # before anything heavy loads
     if fmt not in ("auto", "lines", "jsonl"):
         raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
+    check_run_folder(run)  # before anything heavy loads
     from routetune.cli_io import generate_file, read_items, write_jsonl
     from routetune.runs import load_for_inference
     from routetune.serve.predictor import Predictor, parse_line

@@ -133,14 +133,15 @@ def _check_line(path: Path, n: int, line: str, last: bool) -> dict | None:
     return event
 
 
-def truncate_log(path: Path, step: int, size: int | None = None) -> None:
+def truncate_log(path: Path, step: int, size: int | None = None, check_only: bool = False) -> None:
     """Drop events logged after `step` (they belong to the part of a run that a resume redoes).
 
     `size` is the file's length when the step's checkpoint was written (checkpoints record it):
     the file is cut back to exactly that, and a file shorter than that was cut or edited since and
     is refused, naming the line where it ends. Without a recorded size (older checkpoints), events
     after `step` are dropped, and a last line cut off by a kill mid-write with a warning. A bad line
-    elsewhere is an error naming file and line."""
+    elsewhere is an error naming file and line. `check_only`: refuse as above, change nothing (a
+    resume checks every log before it cuts any)."""
     if not path.is_file():
         if size:
             raise RunError(f"{path}: missing, though the step-{step} checkpoint was written after it held "
@@ -163,6 +164,8 @@ def truncate_log(path: Path, step: int, size: int | None = None) -> None:
         event = _check_line(path, n, line, last=size is None and n == len(lines))
         if event is not None and (size is not None or event.get("step", 0) <= step):
             kept.append(line)
+    if check_only:
+        return
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)

@@ -141,12 +141,7 @@ class Trainer:
                 self.metrics.write(events.ROUTE_UPDATE, **update)
             if done % tc.log_every == 0 or done == setup.total_steps:
                 self.log_train(done, step)
-            epoch_end = any(d.epoch_ended and d.source == tc.primary for d in batches.last_draws)
-            due_eval = bool((tc.eval_every_steps and done % tc.eval_every_steps == 0) or (tc.eval_each_epoch and epoch_end))
-            if setup.dev and not due_eval and done == setup.total_steps and self.stopper.best_step is None:
-                log.info("no dev evaluation in the run's %d steps (it ends before the first one was due): "
-                         "evaluating its last step", done)
-                due_eval = True
+            due_eval = self.eval_due(done)
             if setup.dev and due_eval:
                 stopped = self.evaluate(done)
             if (setup.dev and due_eval) or stopped or done == setup.total_steps or self.save_due(done):
@@ -167,6 +162,18 @@ class Trainer:
                          tokens=sum(s.tokens for s in self.stats.values()),
                          sources={n: {"batches": s.batches, "examples": s.examples, "tokens": s.tokens}
                                   for n, s in self.stats.items()})
+
+    def eval_due(self, done: int) -> bool:
+        """A dev evaluation after step `done`: every `eval_every_steps`, at the end of each pass over
+        the primary source, and at the last step of a run that has had none (it ends first)."""
+        tc, setup = self.setup.cfg.train, self.setup
+        epoch_end = any(d.epoch_ended and d.source == tc.primary for d in self.batches.last_draws)
+        due = bool((tc.eval_every_steps and done % tc.eval_every_steps == 0) or (tc.eval_each_epoch and epoch_end))
+        if setup.dev and not due and done == setup.total_steps and self.stopper.best_step is None:
+            log.info("no dev evaluation in the run's %d steps (it ends before the first one was due): "
+                     "evaluating its last step", done)
+            return True
+        return due
 
     def save_due(self, done: int) -> bool:
         """A step checkpoint after the first step (so a kill at any later moment can resume), every
@@ -393,7 +400,8 @@ class Trainer:
         step = int(state["step"])
         self.restore_rng(folder, state, step)
         if self.world.main:
-            for name in LOGS:
-                truncate_log(self.run_dir / name, step, state.get("logs", {}).get(name))
+            for check_only in (True, False):  # every log checked before any is cut
+                for name in LOGS:
+                    truncate_log(self.run_dir / name, step, state.get("logs", {}).get(name), check_only)
         self.metrics.write(events.RESUME, step=step, checkpoint=folder.name, processes=self.world.size)
         return step
