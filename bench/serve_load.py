@@ -20,6 +20,12 @@ take prediction slots (the server reads a body before a request takes a slot, an
 that has not arrived within `--body-timeout`). Also printed: `/healthz` latency, polled every
 100 ms during the load, and once while one maximal request (48 items of 20,000 characters, with
 `--truncate`) is being prepared.
+
+With `--idle-clients N --trickle-clients M` (routetune only), a connection flood runs through the
+whole load: N connections that send nothing and M that trickle header bytes without ever ending
+them, each re-opened whenever the server closes it. The ordinary clients' status codes and
+latencies say whether the flood starved them; the flood's own counts say how often the server
+closed its connections (header deadline `--header-timeout`, eviction past `--max-connections`).
 """
 
 from __future__ import annotations
@@ -111,6 +117,31 @@ async def stall(port: int, end: float, stats: dict) -> None:
             pass
 
 
+async def flood(port: int, end: float, stats: dict, trickle: bool) -> None:
+    """One connection of a flood, re-opened whenever the server closes it, until `end`: idle (sends
+    nothing) or trickling (a header byte every 0.2 s, never the end of the headers)."""
+    while time.perf_counter() < end:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            stats["opened"] = stats.get("opened", 0) + 1
+            if trickle:
+                writer.write(b"POST /v1/ner HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            while time.perf_counter() < end:
+                if trickle:
+                    writer.write(b"a")
+                    await writer.drain()
+                try:
+                    if await asyncio.wait_for(reader.read(1), 0.2) == b"":
+                        stats["closed by the server"] = stats.get("closed by the server", 0) + 1
+                        break
+                except asyncio.TimeoutError:
+                    continue
+            writer.close()
+        except OSError:
+            stats["refused"] = stats.get("refused", 0) + 1
+            await asyncio.sleep(0.05)
+
+
 async def poll_health(port: int, end: float, out: list) -> None:
     import httpx
 
@@ -144,7 +175,7 @@ async def health_during_big_request(port: int) -> dict:
 
 
 async def load(port: int, texts: list[str], clients: int, duration: float, expected: dict | None, seed: int = 0,
-               slow_clients: int = 0):
+               slow_clients: int = 0, idle_clients: int = 0, trickle_clients: int = 0):
     import httpx
 
     codes: dict[int, int] = {}
@@ -176,11 +207,15 @@ async def load(port: int, texts: list[str], clients: int, duration: float, expec
                 await asyncio.sleep(0.1)  # a client backs off on 503 (100 ms; the server suggests Retry-After: 1)
 
     stalls: dict = {}
+    floods: dict = {}
     health: list[float] = []
     async with httpx.AsyncClient(limits=limits) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(k, http) for k in range(clients)),
-                             *(stall(port, end, stalls) for _ in range(slow_clients)), poll_health(port, end, health))
+                             *(stall(port, end, stalls) for _ in range(slow_clients)),
+                             *(flood(port, end, floods, trickle=False) for _ in range(idle_clients)),
+                             *(flood(port, end, floods, trickle=True) for _ in range(trickle_clients)),
+                             poll_health(port, end, health))
         elapsed = time.perf_counter() - started
     health.sort()
     latencies.sort()
@@ -190,12 +225,12 @@ async def load(port: int, texts: list[str], clients: int, duration: float, expec
 
     return {"elapsed": elapsed, "codes": dict(sorted(codes.items())), "ok_per_s": codes.get(200, 0) / elapsed,
             "p50_ms": pct(0.5), "p99_ms": pct(0.99), "mismatches": len(mismatches), "mismatch_examples": mismatches[:3],
-            "slow_clients": stalls, "healthz_p50_ms": 1000 * health[len(health) // 2] if health else float("nan"),
+            "slow_clients": stalls, "flood": floods, "healthz_p50_ms": 1000 * health[len(health) // 2] if health else float("nan"),
             "healthz_max_ms": 1000 * health[-1] if health else float("nan")}
 
 
 def run_server(cmd: list[str], port: int, texts: list[str], clients: int, duration: float, expected, label: str,
-               slow_clients: int = 0):
+               slow_clients: int = 0, idle_clients: int = 0, trickle_clients: int = 0):
     # the server's log (one access line per request) goes to a file: a pipe nobody reads fills up
     # and blocks the server's event loop on its own logging
     log = tempfile.NamedTemporaryFile("w+", prefix=f"serve-{label}-", suffix=".log", delete=False)
@@ -204,7 +239,8 @@ def run_server(cmd: list[str], port: int, texts: list[str], clients: int, durati
         wait_ready(port, proc)
         asyncio.run(load(port, texts, clients, 10.0, None, seed=99))  # warm-up at full load, not timed
         before = rss_mb(proc.pid)
-        result = asyncio.run(load(port, texts, clients, duration, expected, slow_clients=slow_clients))
+        result = asyncio.run(load(port, texts, clients, duration, expected, slow_clients=slow_clients,
+                                  idle_clients=idle_clients, trickle_clients=trickle_clients))
         after = rss_mb(proc.pid)
         if expected is not None:
             result.update(asyncio.run(health_during_big_request(port)))
@@ -222,6 +258,8 @@ def run_server(cmd: list[str], port: int, texts: list[str], clients: int, durati
                                                      if expected is not None else ""), flush=True)
     print(f"{'':10s} /healthz during the load: p50 {result['healthz_p50_ms']:.1f} ms, max {result['healthz_max_ms']:.1f} ms"
           + (f"; slow clients {result['slow_clients']}" if slow_clients else "")
+          + (f"; flood ({idle_clients} idle + {trickle_clients} trickling) {result['flood']}"
+             if idle_clients or trickle_clients else "")
           + (f"; during one maximal request ({result['big_status']}): max {result['big_healthz_max_ms']:.1f} ms over "
              f"{result['big_healthz_polls']} polls" if "big_status" in result else ""), flush=True)
     return result
@@ -238,6 +276,10 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--slow-clients", type=int, default=0, help="stalled connections during routetune's load")
+    ap.add_argument("--idle-clients", type=int, default=0, help="connections that send nothing (routetune's load)")
+    ap.add_argument("--trickle-clients", type=int, default=0,
+                    help="connections that trickle header bytes, never finishing them (routetune's load)")
+    ap.add_argument("--header-timeout", type=float, default=5.0, help="routetune --header-timeout")
     args = ap.parse_args()
     clients = args.clients or 2 * args.cap
 
@@ -256,7 +298,9 @@ def main() -> None:
     cmd = [sys.executable, "-m", "routetune.cli", "serve", args.run, "--port", str(port), "--max-concurrency",
            str(args.cap), "--precision", args.precision, "--max-batch", str(args.max_batch),
            "--max-wait-ms", str(args.max_wait_ms), "--timeout", "30", "--truncate"]
-    run_server(cmd, port, texts, clients, args.duration, expected, "routetune", args.slow_clients)
+    cmd += ["--header-timeout", str(args.header_timeout)]
+    run_server(cmd, port, texts, clients, args.duration, expected, "routetune", args.slow_clients, args.idle_clients,
+               args.trickle_clients)
     if args.skip_naive:
         return
     from routetune.export import export

@@ -180,3 +180,16 @@ def test_reloaded_models_choose_attention_for_their_device_and_config(tmp_path, 
     assert RoutedModel.load(folder, "auto", "cpu").config._attn_implementation == "eager"
     assert RoutedModel.load(folder, "auto", "cuda").config._attn_implementation == "sdpa"
     assert RoutedModel.load(folder, "sdpa", "cpu").config._attn_implementation == "sdpa"
+
+
+def test_the_embedding_gradient_buffer_is_refused_with_data_parallel_training(tmp_path, tiny_model_dir, ner_files):
+    """It writes the embedding gradient outside DistributedDataParallel's reducer: refused before
+    anything is built, naming the key."""
+    from routetune.config import load_config
+    from routetune.errors import ConfigError
+    from routetune.training.distributed import World
+    from routetune.training.setup import prepare
+
+    cfg = load_config(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.embedding_grad_buffer": True}))
+    with pytest.raises(ConfigError, match="train.embedding_grad_buffer: not with data-parallel training"):
+        prepare(cfg, world=World(rank=0, size=2, local_rank=0, backend="gloo"))

@@ -159,6 +159,63 @@ def test_a_connection_flood_cannot_starve_ordinary_clients(loaded):
         assert server.post("/v1/ner", {"texts": ["John in Paris"]}).status_code == 200
 
 
+def test_a_reconnecting_flood_does_not_evict_ordinary_keep_alive_connections(loaded):
+    """A flood that opens new connections all the time keeps the server at its connection cap, so
+    every new one evicts another: the flood's own (never served) go first, not the ordinary
+    clients' keep-alive connections between their requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg, model, tok = loaded
+    app = create_app(model, tok, cfg, Limits(max_connections=64, header_timeout_s=5.0), "fp32")
+    with LiveServer(app) as server:
+        stop, flood = threading.Event(), []
+
+        def flooder():  # 20 new idle connections every 50 ms, for as long as the clients run
+            while not stop.is_set():
+                for _ in range(20):
+                    try:
+                        flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=1))
+                    except OSError:
+                        pass
+                time.sleep(0.05)
+
+        def ordinary(i):  # one keep-alive connection, several requests with pauses between them; a
+            # closed connection is an error here (http.client does not reconnect on its own)
+            import http.client
+
+            conn, codes = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10), []
+            try:
+                for j in range(5):
+                    body = json.dumps({"texts": [f"John in Paris {i} {j}"]})
+                    try:
+                        conn.request("POST", "/v1/ner", body, {"content-type": "application/json"})
+                        resp = conn.getresponse()
+                        resp.read()
+                        codes.append(resp.status)
+                    except (OSError, http.client.HTTPException):
+                        codes.append(-1)
+                        conn.close()
+                    time.sleep(0.3)
+            finally:
+                conn.close()
+            return codes
+
+        thread = threading.Thread(target=flooder, daemon=True)
+        thread.start()
+        time.sleep(0.5)  # the cap is reached
+        try:
+            with ThreadPoolExecutor(10) as pool:
+                codes = [c for cs in pool.map(ordinary, range(10)) for c in cs]
+        finally:
+            stop.set()
+            thread.join(5)
+            for s in flood:
+                s.close()
+        assert codes == [200] * 50
+        closed = _metric(server, "routetune_connections_closed_total")
+        assert closed.get('routetune_connections_closed_total{reason="evicted"}', 0) > 100  # the cap was under pressure
+
+
 def test_deeply_nested_json_is_a_422(loaded):
     body = "[" * 5000 + "]" * 5000
     r = client(loaded).post("/v1/ner", content=body, headers={"content-type": "application/json"})

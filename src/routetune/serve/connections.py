@@ -9,8 +9,12 @@ no setting for either, so routetune's own protocol class (a subclass of uvicorn'
 
 * a connection waiting for a request's headers (after connecting, or after its last response)
   for longer than ``header_timeout_s`` is closed;
-* past ``max_connections``, a new connection evicts the one that has waited longest for its
-  headers; only when every connection has a request in flight is the new one refused.
+* past ``max_connections``, a new connection evicts one that is waiting for headers: first one
+  that has never completed a request (a flood's connections never do), the longest waiting; only
+  if there is none, an idle keep-alive connection that has been served; only when every
+  connection has a request in flight is the new one refused. (Evicting the longest waiting alone
+  closed the ordinary clients' keep-alive connections under a flood that reconnects at once: its
+  own connections were always the youngest.)
 
 Requests in flight are never closed here: their bodies and answers have their own deadlines
 (serve/limits.py). Each close is counted in ``/metrics`` (``routetune_connections_closed_total``
@@ -64,7 +68,7 @@ class ConnectionGuard:
         class GuardedProtocol(base):
             def connection_made(self, transport) -> None:
                 super().connection_made(transport)
-                self.rt_waiting_since = time.monotonic()
+                self.rt_waiting_since, self.rt_served = time.monotonic(), 0
                 self.rt_timer = self.loop.call_later(guard.header_timeout_s, self.rt_check)
                 if guard.metrics is not None:
                     guard.metrics.connections.set(len(self.connections))
@@ -79,7 +83,7 @@ class ConnectionGuard:
 
             def on_response_complete(self) -> None:
                 super().on_response_complete()
-                self.rt_waiting_since = time.monotonic()
+                self.rt_waiting_since, self.rt_served = time.monotonic(), self.rt_served + 1
                 self.rt_timer.cancel()
                 self.rt_timer = self.loop.call_later(guard.header_timeout_s, self.rt_check)
 
@@ -99,10 +103,11 @@ class ConnectionGuard:
         return GuardedProtocol
 
     def admit(self, new) -> None:
-        """Over the cap: close the connection that has waited longest for its headers (not the new
-        one), or, if every other connection has a request in flight, the new one."""
+        """Over the cap: close a connection waiting for headers (not the new one), never served
+        before served, the longest waiting first; if every other connection has a request in
+        flight, the new one."""
         waiting = [c for c in new.connections if c is not new and c.rt_waiting() and not c.transport.is_closing()]
         if waiting:
-            min(waiting, key=lambda c: c.rt_waiting_since).rt_close("evicted")
+            min(waiting, key=lambda c: (c.rt_served > 0, c.rt_waiting_since)).rt_close("evicted")
         else:
             new.rt_close("refused")

@@ -34,8 +34,9 @@ class Limits:
     max_concurrency: int = 32
     """Prediction requests served at once, counted from when their body has arrived (more: 503)."""
     max_connections: int = 256
-    """Open connections: past this, a new connection closes the one that has waited longest for its
-    request headers (only if every connection has a request in flight is the new one refused)."""
+    """Open connections: past this, a new connection closes one waiting for its request headers (one
+    never served first, the longest waiting; only if every connection has a request in flight is
+    the new one refused)."""
     header_timeout_s: float = 5.0
     """Seconds a connection may wait for a request's headers (after connecting, or after its last
     response) before it is closed."""
