@@ -104,8 +104,8 @@ def train_cmd(
     if not retention:
         set_ = [*set_, "evals={}", "train.eval_before=false"]
     cfg = load_config(config, set_)  # a config mistake is reported before torch and transformers load (seconds)
-    if cfg.run.name is not None and not resume:  # so is a run folder that may not be used
-        check_new_run_folder(Path(cfg.run.output_dir) / cfg.run.name, overwrite)
+    if cfg.run.name is not None and not resume and "WORLD_SIZE" not in os.environ:  # so is a run folder that
+        check_new_run_folder(Path(cfg.run.output_dir) / cfg.run.name, overwrite)  # may not be used (once, not per rank)
     _launch_processes(nproc)
     from routetune.workflow import train
 
