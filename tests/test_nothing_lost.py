@@ -288,3 +288,25 @@ def test_training_with_a_key_signs_every_checkpoint(tmp_path, tiny_model_dir, ne
         assert (folder / ckpt.SIGNATURE).is_file()
     check_signed(run_dir, "best")
     check_signed(run_dir, "last")
+
+
+def test_a_killed_atomic_write_s_temporary_file_is_the_run_s_own(finished, tmp_path):
+    """A kill inside files.write_text_atomic leaves NAME.tmp: routetune's, so --overwrite may replace it."""
+    from routetune.runs import inventory
+
+    _, run_dir = _copy(finished, tmp_path)
+    (run_dir / "labels.json.tmp").write_text("{")
+    ours, foreign = inventory(run_dir)
+    assert run_dir / "labels.json.tmp" in ours and not foreign
+
+
+def test_removing_a_run_s_files_leaves_a_folder_someone_else_made(finished, tmp_path):
+    from routetune.runs import remove_own
+
+    _, run_dir = _copy(finished, tmp_path)
+    (run_dir / "checkpoints" / "mine").mkdir()  # empty, made by someone else after the check
+    (run_dir / "elsewhere").mkdir()
+    left = remove_own(run_dir)
+    assert left  # the empty folders are not the run's
+    assert (run_dir / "checkpoints" / "mine").is_dir() and (run_dir / "elsewhere").is_dir()
+    assert not [p for p in run_dir.rglob("*") if p.is_file()]  # every file of the run is gone

@@ -36,10 +36,12 @@ log = logging.getLogger("routetune")
 
 MARKER = ".routetune-run"
 LOCK = ".lock"
-# the files a run writes at the top level of its folder (trackers' notes and the log's rewrite included)
-RUN_FILES = {"config.yaml", "labels.json", "metrics.jsonl", "plan.jsonl", "train.log", "summary.json",
-             "before.json", "hardware.json", "mlflow.db", "mlflow.json", "wandb.json", "metrics.tmp", "plan.tmp",
-             "summary.json.tmp", LOCK, MARKER}
+# the files a run writes at the top level of its folder (trackers' notes included), and the temporary
+# file of each atomic write (files.write_text_atomic: NAME.tmp) a kill may leave; metrics.tmp and plan.tmp
+# are the log rewrites of older versions
+_WRITTEN = {"config.yaml", "labels.json", "metrics.jsonl", "plan.jsonl", "train.log", "summary.json",
+            "before.json", "hardware.json", "mlflow.db", "mlflow.json", "wandb.json", LOCK, MARKER}
+RUN_FILES = _WRITTEN | {f"{name}.tmp" for name in _WRITTEN} | {"metrics.tmp", "plan.tmp"}
 # what `routetune report RUN` writes into RUN/report/
 REPORT_FILES = re.compile(r"^(report\.(md|html)|(loss|dev|shares|retention|continual)\.png|"
                           r"(per_type|confusion)_.+\.png)$")
@@ -96,16 +98,17 @@ def inventory(path: Path) -> tuple[list[Path], list[Path]]:
 
 
 def remove_own(path: Path) -> list[Path]:
-    """Delete the files of `path` that a run writes, then the folders left empty; returns what is left
-    (files routetune did not write), which stays where it is."""
+    """Delete the files of `path` that a run writes, then the folders those files were in once they
+    are empty (no other folder: an empty one of someone else's stays); returns what is left (files
+    routetune did not write), which stays where it is."""
     ours, foreign = inventory(path)
+    held = set()
     for p in ours:
         p.unlink()
-    for d in sorted((d for d in path.rglob("*") if d.is_dir() and not d.is_symlink()), key=lambda d: -len(d.parts)):
-        if not any(d.iterdir()):
+        held.update(d for d in p.parents if d == path or path in d.parents)
+    for d in sorted(held, key=lambda d: -len(d.parts)):  # deepest first
+        if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
-    if not any(path.iterdir()):
-        path.rmdir()
     return foreign
 
 

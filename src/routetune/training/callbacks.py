@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from routetune.errors import ConfigError, RunError
+from routetune.files import write_text_atomic
 from routetune.training.events import EVENTS
 
 log = logging.getLogger("routetune")
@@ -164,8 +165,5 @@ def truncate_log(path: Path, step: int, size: int | None = None, check_only: boo
         event = _check_line(path, n, line, last=size is None and n == len(lines))
         if event is not None and (size is not None or event.get("step", 0) <= step):
             kept.append(line)
-    if check_only:
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    if not check_only:
+        write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -213,13 +213,11 @@ class Trainer:
                 loss = self.part_loss(part.source, tensors)
                 scaled = loss * (scale * share * self.world.size)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            piece_losses.append(loss.detach())
+            piece_losses.append((part, j, share, loss.detach()))
         # the step's one host synchronisation: every piece's loss comes back at once
-        values = torch.stack([loss.double() for loss in piece_losses]).cpu().tolist()
+        values = torch.stack([loss.double() for *_, loss in piece_losses]).cpu().tolist()
         loss_sums = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # + rank 0's "a save is due by time"
-        for (part, _, units), value in zip(pieces, values):
-            j = self.names.index(part.source)
-            share = units / totals[j, 1].item() if units else 0.0
+        for (part, j, share, _), value in zip(piece_losses, values):
             if not math.isfinite(value) and not part.stand_in:
                 self.bad_examples[part.source] = part.example_ids[:8]
             loss_sums[j] += share * value
