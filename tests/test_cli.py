@@ -98,6 +98,25 @@ def test_a_wrong_run_folder_is_reported_before_torch_and_transformers_load(tmp_p
     assert expected.get(case, "no such run folder") in line
 
 
+@pytest.mark.parametrize("key,value,expected", [
+    ("sources.ner.train", "nope.conll", "sources.ner.train: {tmp}/nope.conll: no such file, folder or matching glob"),
+    ("sources.ner.dev", "data/*.nope", "sources.ner.dev: {tmp}/data/*.nope: no such file, folder or matching glob"),
+    ("model.name", "minilm-l7", "unknown model 'minilm-l7': not an alias (minilm-l6, smollm2-135m)"),
+    ("model.name", "./no-model", "{tmp}/no-model: model folder not found"),
+    ("model.init_from", "{tmp}/runs/gone", "model.init_from: {tmp}/runs/gone: no such run folder"),
+])
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_a_missing_data_path_or_model_is_reported_before_torch_loads(tmp_path, tiny_model_dir, ner_files, key,
+                                                                     value, expected, command):
+    path = make_config(tmp_path, tiny_model_dir, ner_files)
+    value = value.format(tmp=tmp_path.resolve())
+    proc = _in_a_fresh_interpreter(command, str(path), "--set", f"{key}={value}")
+    assert proc.stdout.split()[:3] == ["2", "False", "False"], proc.stdout + proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith("error: ") and len(line.splitlines()) == 1, line
+    assert expected.format(tmp=tmp_path.resolve()) in line, line
+
+
 def test_unknown_checkpoint_lists_the_ones_there(tmp_path, tiny_model_dir, ner_files):
     from routetune.workflow import train
 
@@ -110,11 +129,12 @@ def test_unknown_checkpoint_lists_the_ones_there(tmp_path, tiny_model_dir, ner_f
 
 
 def test_unknown_model_fails_in_seconds_naming_the_aliases(monkeypatch):
+    from routetune import hub
     from routetune.errors import ModelError
     from routetune.model import load
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(load, "_hub_reachable", lambda timeout=3.0: False)  # as on an offline machine
+    monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: False)  # as on an offline machine
     t = time.perf_counter()
     with pytest.raises(ModelError, match=r"unknown model 'minilm-l12': not an alias \(minilm-l6, smollm2-135m\).*"
                                          r"cannot be reached"):
@@ -227,3 +247,13 @@ def test_train_prints_the_task_score_and_the_general_text_before_and_after(tmp_p
     line = next(x for x in out.splitlines() if "held/mlm_loss" in x)
     assert line.split()[1:4] == [f"{ba['before']:.4f}", "->", f"{ba['after']:.4f}"]
     assert line.endswith(f"({ba['ratio'] - 1:+.1%})")
+
+
+def test_third_party_info_lines_only_with_verbose(tmp_path, tiny_model_dir, ner_files, monkeypatch):
+    """MLflow's and alembic's INFO lines are not the run's: quiet by default, shown with --verbose."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 1, "train.report_to": "mlflow"})
+    plain = run_cli("train", path, "--no-test").stderr
+    assert "alembic" not in plain and "mlflow" not in plain.lower().replace("mlflow.db", ""), plain[-2000:]
+    loud = run_cli("--verbose", "train", path, "--no-test", "--overwrite").stderr
+    assert "alembic" in loud and "mlflow.store" in loud, loud[-2000:]

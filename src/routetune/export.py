@@ -19,7 +19,7 @@ import torch
 
 from routetune import objectives
 from routetune.errors import RunError
-from routetune.model.load import ALIASES
+from routetune.hub import ALIASES
 from routetune.runs import load_run
 from routetune.training.checkpoint import run_checkpoint
 

@@ -9,6 +9,10 @@ import sys
 
 
 _quiet = False
+_verbose = False
+
+# Libraries whose INFO lines are theirs, not the run's: quiet (WARNING) unless `routetune --verbose`.
+THIRD_PARTY = ("mlflow", "alembic", "urllib3", "httpx", "filelock", "fsspec", "datasets", "huggingface_hub")
 
 
 def set_quiet(flag: bool = True) -> None:
@@ -19,6 +23,17 @@ def set_quiet(flag: bool = True) -> None:
 
 def quiet() -> bool:
     return _quiet
+
+
+def verbose() -> bool:
+    return _verbose
+
+
+def quiet_third_party() -> None:
+    """Third-party loggers at WARNING, unless --verbose (then their INFO lines reach stderr). Called
+    again after a library that sets its own level on import (MLflow) is imported."""
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.INFO if _verbose else logging.WARNING)
 
 
 def bar(iterable, desc: str, total: int | None = None):
@@ -32,7 +47,10 @@ def bar(iterable, desc: str, total: int | None = None):
 
 def setup_logging(verbose: bool = False) -> None:
     """Give the `routetune` logger a stderr handler if it has none (a notebook's or an
-    application's own handler is kept), at INFO (DEBUG with `verbose`)."""
+    application's own handler is kept), at INFO. `verbose` (`routetune --verbose`): routetune's DEBUG
+    lines, and third-party libraries' INFO lines through a root handler."""
+    global _verbose
+    _verbose = verbose
     logger = logging.getLogger("routetune")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -40,6 +58,10 @@ def setup_logging(verbose: bool = False) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
+    quiet_third_party()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers', the Hub's and datasets' progress bars off ("Generating train split"): our own is enough
     if "datasets" in sys.modules:

