@@ -152,10 +152,11 @@ def reset_head(lm: nn.Module, seed: int) -> None:
 
 
 def fit_mlm_head(model, blocks: list[list[int]], tokenizer, steps: int, batch_size: int, lr: float, seed: int,
-                 precision: str) -> list[float]:
+                 precision: str, on_step=None) -> list[float]:
     """Train only the LM head (seeded init) on masked-LM over `blocks`; the backbone is frozen
     and in eval mode (no dropout), so both sides see the same deterministic features. Returns
-    the loss per step."""
+    the loss per step. `on_step(step, losses)` is called after each step (bench/retention_fit.py
+    scores the head along the way)."""
     lm = model.lm
     device = model_device(model)
     reset_head(lm, seed)
@@ -187,6 +188,8 @@ def fit_mlm_head(model, blocks: list[list[int]], tokenizer, steps: int, batch_si
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step + 1, losses)
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
