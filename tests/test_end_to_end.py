@@ -62,7 +62,7 @@ def test_train_eval_predict(trained):
 def test_predict_equals_evaluation_path(trained, tmp_path):
     from routetune.data.readers import read_conll
     from routetune.model.inference import tag_words
-    from routetune.workflow import load_run
+    from routetune.runs import load_run
 
     run_dir, _ = trained
     cfg, model, tok = load_run(run_dir)

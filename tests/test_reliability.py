@@ -130,7 +130,7 @@ def test_every_file_is_checked_truncation_and_bit_flips(tmp_path, tiny_model_dir
 
 
 def test_unmarked_checkpoint_is_never_used_and_damaged_newest_falls_back(tmp_path, tiny_model_dir, ner_files):
-    from routetune.workflow import load_run
+    from routetune.runs import load_run
 
     folder = _checkpoint(tmp_path, tiny_model_dir, ner_files)
     root = folder.parent

@@ -31,7 +31,7 @@ def ner_run(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def loaded(ner_run):
-    from routetune.workflow import load_run
+    from routetune.runs import load_run
 
     return load_run(ner_run)
 

@@ -20,7 +20,7 @@ from routetune.evaluate import retention
 from routetune.evaluate.tasks import score_sets
 from routetune.model.peft import parameter_groups
 from routetune.model.routed import RoutedModel
-from routetune.runs import Claim, RunLock, check_claimable, claim, load_for_inference, load_run  # noqa: F401  (load_run: API)
+from routetune.runs import Claim, RunLock, check_claimable, claim, load_for_inference
 from routetune.training import checkpoint as ckpt
 from routetune.training import distributed, events, tracking
 from routetune.training.engine import Trainer

@@ -61,10 +61,6 @@ class RoutedModel(nn.Module):
         return self.lm.base_model
 
     @property
-    def peft_method(self) -> str:
-        return self.method.name
-
-    @property
     def config(self):
         return self.lm.config
 
