@@ -61,7 +61,7 @@ def from_sweep(path: Path) -> tuple[Path, list[str]]:
     """A study's base config and its `set` overrides, so the reference trains and scores on exactly
     the data the study's trials and confirmation runs see."""
     from routetune.sweep.config import load_sweep
-    from routetune.sweep.study import base_of
+    from routetune.sweep.config import base_of
 
     return base_of(path, load_sweep(path))
 

@@ -15,7 +15,7 @@ from conftest import cli_env, make_config, run_cli
 
 @pytest.mark.parametrize("args, message", [
     (["trian"], "error: No such command 'trian'. Did you mean 'train'? (see: routetune --help)"),
-    (["--bogus"], "error: No such option: --bogus (see: routetune --help)"),
+    (["--bogus"], "error: No such option: --bogus"),
     (["eval"], "error: Missing argument 'RUN'. (see: routetune eval --help)"),
     (["eval", "runs/x", "--split", "foo"], "error: Invalid value for --split: expected dev, validation or test"),
     (["predict", "runs/x", "--format", "xml"], "error: Invalid value for --format: expected auto, lines or jsonl"),
@@ -257,3 +257,16 @@ def test_third_party_info_lines_only_with_verbose(tmp_path, tiny_model_dir, ner_
     assert "alembic" not in plain and "mlflow" not in plain.lower().replace("mlflow.db", ""), plain[-2000:]
     loud = run_cli("--verbose", "train", path, "--no-test", "--overwrite").stderr
     assert "alembic" in loud and "mlflow.store" in loud, loud[-2000:]
+
+
+def test_sweep_checks_its_base_config_before_torch_loads(tmp_path, tiny_model_dir, ner_files):
+    import yaml
+
+    make_config(tmp_path, tiny_model_dir, ner_files)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": "tiny.yaml", "name": "s", "objectives": [{"kind": "task"}],
+                                     "trials": 2, "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-3}}}))
+    proc = _in_a_fresh_interpreter("sweep", str(sweep), "--set", "sources.ner.train=nope.conll")
+    assert proc.stdout.split()[:3] == ["2", "False", "False"], proc.stdout + proc.stderr
+    assert proc.stderr.strip() == f"error: sources.ner.train: {tmp_path.resolve()}/nope.conll: no such file, folder " \
+                                  "or matching glob", proc.stderr

@@ -47,6 +47,12 @@ def sweep_cmd(
         typer.echo(f"mixing law over {law}: predicted {law}={p['x']:.4f} -> task {p['task']:.4f}, retention "
                    f"{p['retention']:+.4f}; measured task {m['task']:.4f}, retention {m['retention']:+.4f} ({m['run']})")
         return
+    from routetune.config import load_config
+    from routetune.data.paths import check_inputs
+    from routetune.sweep.config import base_of, load_sweep
+
+    base, sets = base_of(sweep, load_sweep(sweep, trials, set_))
+    check_inputs(load_config(base, sets))  # the base config, its data and model: before torch and optuna load
     from routetune.sweep.confirm import chosen_trials
     from routetune.sweep.run import optimize
 

@@ -3,6 +3,7 @@ budget and the storage. Validated like a run config (errors name the file, line 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,3 +127,14 @@ def load_sweep(path: str | Path, trials: int | None = None, sets: list[str] | No
     if trials is not None:
         data["trials"] = trials
     return SweepConfig.model_validate(data)
+
+
+def overrides(values: dict) -> list[str]:
+    """`--set` lines of a mapping of dotted keys to values."""
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def base_of(sweep_path: Path, cfg: SweepConfig) -> tuple[Path, list[str]]:
+    """The base config a sweep file names (relative to the sweep file) and its `set` overrides:
+    what every trial, confirmation run and reference run (bench/replay_reference.py) starts from."""
+    return (Path(sweep_path).parent / cfg.base).resolve(), overrides(cfg.set)

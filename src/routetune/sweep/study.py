@@ -27,7 +27,7 @@ from pathlib import Path
 from routetune import objectives as objective_table
 from routetune.config import Config, EvalTextConfig, load_config
 from routetune.errors import ConfigError, RunError
-from routetune.sweep.config import SweepConfig, load_sweep
+from routetune.sweep.config import SweepConfig, base_of, load_sweep, overrides
 from routetune.training.events import EVAL
 
 log = logging.getLogger("routetune")
@@ -47,18 +47,8 @@ class Study:
         return [direction(self, o) for o in self.cfg.objectives]
 
 
-def _overrides(values: dict) -> list[str]:
-    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
-
-
-def base_of(sweep_path: Path, cfg: SweepConfig) -> tuple[Path, list[str]]:
-    """The base config a sweep file names (relative to the sweep file) and its `set` overrides:
-    what every trial, confirmation run and reference run (bench/replay_reference.py) starts from."""
-    return (sweep_path.parent / cfg.base).resolve(), _overrides(cfg.set)
-
-
 def trial_config(st: Study, values: dict) -> Config:
-    return load_config(st.base_path, _overrides({**st.cfg.set, **values}))
+    return load_config(st.base_path, overrides({**st.cfg.set, **values}))
 
 
 def task_metric(st: Study, obj=None) -> str:
