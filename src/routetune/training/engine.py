@@ -92,9 +92,10 @@ class Trainer:
         self.bad_examples: dict[str, list] = {}
         self.save_by_time = False
         self.ddp = distributed.wrap(self.model, self.world)  # the model itself in one process
-        # fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not
-        self.scaler = torch.amp.GradScaler(self.hw.device.type) if self.hw.precision == "fp16" else None
-        self.clip_in_optimizer = tc.optimizer == "adamw" and tc.fused and self.scaler is None
+        # fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not: the
+        # disabled scaler passes every call through (scale returns the loss, step steps)
+        self.scaler = torch.amp.GradScaler(self.hw.device.type, enabled=self.hw.precision == "fp16")
+        self.clip_in_optimizer = tc.optimizer == "adamw" and tc.fused and not self.scaler.is_enabled()
         # bf16 copies of frozen Linear weights while training (see model/frozen_bf16.py), where the
         # method allows them (DoRA reads the base weight for its magnitude norm)
         self.frozen = FrozenBf16(self.model) if (self.hw.precision == "bf16" and tc.bf16_frozen_weights
@@ -212,7 +213,7 @@ class Trainer:
             with distributed.no_sync(self.ddp, last=i == len(pieces) - 1):
                 loss = self.part_loss(part.source, tensors)
                 scaled = loss * (scale * share * self.world.size)
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                self.scaler.scale(scaled).backward()
             piece_losses.append((part, j, share, loss.detach()))
         # the step's one host synchronisation: every piece's loss comes back at once
         values = torch.stack([loss.double() for *_, loss in piece_losses]).cpu().tolist()
@@ -253,16 +254,11 @@ class Trainer:
     def update(self, losses: dict[str, float], totals: torch.Tensor) -> None:
         """Clip, step the optimizer and the schedule, count the step's examples."""
         tc = self.setup.cfg.train
-        if self.scaler is not None:
-            if tc.max_grad_norm is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm)
-            self.scaler.step(self.optimizer)  # skipped by the scaler when a gradient overflowed
-            self.scaler.update()
-        else:
-            if tc.max_grad_norm is not None:
-                self.clip(tc.max_grad_norm)
-            self.optimizer.step()
+        if tc.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # fp16: the true gradients before their norm is taken
+            self.clip(tc.max_grad_norm)
+        self.scaler.step(self.optimizer)  # fp16: skipped when a gradient overflowed
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped_in_a_row = 0
@@ -356,7 +352,7 @@ class Trainer:
                 save_file(tensors, str(folder / ckpt.rng_file(rank)))
             rng_meta = rngs[0][1]
             state = {"step": step, "batches": self.batches.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                     "grad_scaler": self.scaler.state_dict() or None,
                      "early_stopping": self.stopper.state_dict(), "stats": {n: asdict(s) for n, s in self.stats.items()},
                      "train_seconds": self.train_seconds, "skipped_in_a_row": self.skipped_in_a_row, "rng": rng_meta,
                      "rng_ranks": [meta for _, meta in rngs[1:]], "logs": logs}
@@ -389,7 +385,7 @@ class Trainer:
         ckpt.load_optimizer(self.optimizer, folder)
         state = json.loads((folder / "trainer_state.json").read_text())
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("grad_scaler"):
+        if self.scaler.is_enabled() and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.batches.load_state_dict(state["batches"])
         self.stopper.load_state_dict(state["early_stopping"])
