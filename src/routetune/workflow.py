@@ -274,9 +274,9 @@ def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: flo
         "parameters": _parameter_summary(setup.model),
         "hardware": {**setup.hardware.describe(), **setup.world.describe()},
     }
-    dev_extra = {n: s for n, s in setup.extra.items() if cfg.evals[n].split == "dev"}
-    test_sets = {**setup.test, **{n: s for n, s in setup.extra.items() if n not in dev_extra}}
-    wanted = {k: sets for k, sets in (("test", test_sets if run_test else {}), ("dev", dev_extra)) if sets}
+    dev_evals = {n: s for n, s in setup.evals.items() if cfg.evals[n].split == "dev"}
+    test_sets = {**setup.test, **{n: s for n, s in setup.evals.items() if n not in dev_evals}}
+    wanted = {k: sets for k, sets in (("test", test_sets if run_test else {}), ("dev", dev_evals)) if sets}
     if wanted:
         if checkpoint == "best":
             ckpt.verify(best)

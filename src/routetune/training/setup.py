@@ -59,7 +59,7 @@ class Setup:
     dev: dict[str, EvalSet] = field(default_factory=dict)
     test: dict[str, EvalSet] = field(default_factory=dict)
     source_table: list[dict] = field(default_factory=list)
-    extra: dict[str, EvalSet] = field(default_factory=dict)  # the config's `evals`
+    evals: dict[str, EvalSet] = field(default_factory=dict)  # the config's `evals` (held-out text)
     world: World = ALONE  # this process's place among data-parallel processes (training/distributed.py)
 
     @property
@@ -69,7 +69,7 @@ class Setup:
     def before_sets(self) -> dict[str, EvalSet]:
         """Sets the untouched base model can be scored on: language-modelling test sets and `evals`."""
         return {**{n: s for n, s in self.test.items() if not objective_table.get(self.objectives[n]).supervised},
-                **self.extra}
+                **self.evals}
 
 
 def prepare(cfg: Config, device: str | None = None, precision: str | None = None, world: World = ALONE) -> Setup:
@@ -100,8 +100,8 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     decoder = is_decoder(load_config(model_path))
     objectives = {n: resolve_objective(sc.objective, decoder, n) for n, sc in cfg.sources.items()}
     sources, dev, test = build(cfg, tokenizer, objectives, earlier_labels, cfg.model.allow_new_labels)
-    extra, extra_objectives = build_evals(cfg, decoder)
-    objectives.update(extra_objectives)
+    evals, eval_objectives = build_evals(cfg, decoder)
+    objectives.update(eval_objectives)
     if not isinstance(sources[cfg.train.primary], MemorySource):
         raise ConfigError(f"sources.{cfg.train.primary}.text.stream: the primary source must be sized; set "
                           "stream: false (loads its blocks into memory) or choose another train.primary")
@@ -126,7 +126,7 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
                             world.size)
     per_epoch = math.ceil(len(sources[cfg.train.primary]) / cfg.train.batch_size)
     setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, hardware,
-                  dev, test, extra=extra, world=world)
+                  dev, test, evals=evals, world=world)
     describe(setup)
     return setup
 
