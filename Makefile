@@ -45,6 +45,10 @@ quickstart-check: quickstart
 wheel-check: $(STAMP)
 	PYTHON=$(PYTHON) bash scripts/check_wheel.sh
 
+# The linter (ruff, configured in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench scripts
+
 # What CI runs (.ci/run): all of the above.
 ci:
 	bash .ci/run

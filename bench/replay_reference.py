@@ -231,7 +231,7 @@ def main() -> None:
                         + f" ({r['seconds']:.0f} s)", flush=True)
                     a.out.parent.mkdir(parents=True, exist_ok=True)
                     a.out.write_text(json.dumps(table, indent=2) + "\n")
-    print(f"\n| variant, share | seeds | " + " | ".join(f"{n} test ppl after" for n in sets)
+    print("\n| variant, share | seeds | " + " | ".join(f"{n} test ppl after" for n in sets)
           + " |\n|---|---|" + "---|" * len(sets))
     for key, by_seed in table["runs"].items():
         cells = []

@@ -1,10 +1,7 @@
 """Exact resume after SIGKILL, atomic checkpoints, damage detection, non-finite loss policy."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,6 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from conftest import make_config

@@ -3,7 +3,6 @@ a finished run is not re-run; an export never touches its output before it is co
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -6,7 +6,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from routetune.data.sources import Encoded, MemorySource

@@ -26,7 +26,7 @@ from routetune.model.inference import generate
 from routetune.runs import load_for_inference
 from routetune.serve.predictor import Predictor, item_from_text, item_from_tokens
 from routetune.training import checkpoint as ckpt
-from routetune.workflow import SPLITS, evaluate, plain, run_dir_for, train_config
+from routetune.workflow import evaluate, plain, run_dir_for, train_config
 
 
 def _overrides(overrides: dict) -> list[str]:
