@@ -1,0 +1,5 @@
+"""python -m routetune.cli"""
+
+from routetune.cli import main
+
+main()
