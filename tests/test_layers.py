@@ -15,7 +15,7 @@ LAYERS = [  # bottom first
     ("evaluate",),
     ("training",),
     ("runs", "export", "workflow", "continual", "sweep"),
-    ("serve", "report", "report_study"),
+    ("serve", "reports"),
     ("cli", "api", "__main__", "config_docs"),
 ]
 

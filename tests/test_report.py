@@ -118,7 +118,7 @@ def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog)
     assert runs[1]["before"]["held"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     # the report's before/after row: the base model and the run's best checkpoint, scored directly
     from routetune.model.routed import RoutedModel
-    from routetune.report import write_report
+    from routetune.reports.run import write_report
 
     run_dir = tmp_path / "runs" / "b"
     from routetune.training.checkpoint import run_checkpoint
@@ -219,7 +219,7 @@ def test_compare_and_report_of_several_runs(tmp_path, tiny_model_dir, ner_files)
 def test_compare_names_runs_apart_lists_metrics_not_counts_and_differences(tmp_path, tiny_model_dir, ner_files):
     import shutil
 
-    from routetune.report import compare_table
+    from routetune.reports.run import compare_table
     from routetune.workflow import train
 
     run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}))

@@ -41,7 +41,7 @@ def _sweep(tmp_path, tiny_model_dir, ner_files, **extra):
 
 
 def _trials(study_dir):
-    from routetune.report_study import load_study
+    from routetune.reports.study import load_study
 
     return load_study(study_dir)[1].get_trials(deepcopy=False)
 
@@ -96,7 +96,8 @@ def test_the_report_draws_the_front_and_lists_the_trials(finished):
 
 
 def test_the_front_plot_has_one_legend_entry_per_kind_of_point(tmp_path, monkeypatch):
-    from routetune import report_study
+    from routetune.reports import render
+    from routetune.reports import study as report_study
 
     def trial(n, task, retention, feasible=True):
         return {"number": n, "state": "COMPLETE", "values": {"task": task, "retention": retention},
@@ -110,7 +111,7 @@ def test_the_front_plot_has_one_legend_entry_per_kind_of_point(tmp_path, monkeyp
         seen["colours"] = [tuple(c.get_facecolor()[0]) for c in ax.collections]
         return str(path)
 
-    monkeypatch.setattr(report_study, "_save", keep)
+    monkeypatch.setattr(render, "save", keep)
     data = {"objectives": ["task", "retention"], "directions": ["maximize", "minimize"], "pareto_front": [0, 1],
             "trials": [trial(0, 0.6, -0.1), trial(1, 0.5, -0.2), trial(2, 0.4, -0.05)]}
     report_study._plot_front(data, tmp_path)

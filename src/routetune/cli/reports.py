@@ -22,10 +22,10 @@ def report_cmd(
     """Write report.md and report.html with PNG plots: losses per source, realised vs target shares, dev metric with the early-stopping point, per-type F1 or confusion, before vs after, continual matrix; for a study folder the trials, the Pareto front, the importances."""
     for run in runs:
         check_run_folder(run)  # before anything heavy loads
-    from routetune.report import write_report
+    from routetune.reports.run import write_report
 
     if len(runs) == 1 and (runs[0] / "sweep.json").is_file():
-        from routetune.report_study import study_json, write_study_report
+        from routetune.reports.study import study_json, write_study_report
 
         if as_json:
             typer.echo(json.dumps(study_json(runs[0]), indent=2))
@@ -44,7 +44,7 @@ def compare_cmd(runs: list[Path] = typer.Argument(..., metavar="RUNS", help="Run
     """Print a Markdown table: test metrics and before/after of each run, side by side."""
     for run in runs:
         check_run_folder(run)  # before anything heavy loads
-    from routetune.report import compare_table
+    from routetune.reports.run import compare_table
 
     typer.echo(compare_table(runs))
 

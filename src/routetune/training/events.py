@@ -1,5 +1,5 @@
 """The events of a run's ``metrics.jsonl``: written by the trainer (training/engine.py), read by the
-report (report.py) and by tools. One JSON object per line with ``event``, ``time`` (seconds since
+report (reports/run.py) and by tools. One JSON object per line with ``event``, ``time`` (seconds since
 the session started) and the fields below."""
 
 from __future__ import annotations

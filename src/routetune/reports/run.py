@@ -7,12 +7,12 @@ report.md / report.html, which reference them by relative name.
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
 from routetune.errors import RunError
-from routetune.training.events import COUNTS as EVENT_COUNTS, EARLY_STOP, EVAL, TRAIN
+from routetune.reports import render
+from routetune.training.events import COUNTS, EARLY_STOP, EVAL, TRAIN
 
 
 # ------------------------------------------------------------------ reading a run
@@ -80,34 +80,8 @@ def test_rows(summary: dict) -> list[tuple[str, str, float]]:
 
 # ------------------------------------------------------------------ plots
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path.name
-
-
-def _finish(fig, ax, drawn: bool, path: Path, **labels) -> str | None:
-    """Label, legend and save a line plot; None (and no file) when nothing was drawn."""
-    if not drawn:
-        _plt().close(fig)
-        return None
-    ax.set(**labels)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
 def plot_losses(runs: list[dict], out: Path) -> str | None:
-    plt = _plt()
+    plt = render.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for run in runs:
@@ -115,7 +89,7 @@ def plot_losses(runs: list[dict], out: Path) -> str | None:
             label = name if len(runs) == 1 else f"{run['name']}: {name}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
             drawn = True
-    return _finish(fig, ax, drawn, out / "loss.png", xlabel="step", ylabel="training loss",
+    return render.finish(fig, ax, drawn, out / "loss.png", xlabel="step", ylabel="training loss",
                    title="Training loss per source")
 
 
@@ -123,7 +97,7 @@ def plot_shares(run: dict, out: Path) -> str | None:
     curves = share_curves(run["events"])
     if not curves:
         return None
-    plt = _plt()
+    plt = render.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, pts) in enumerate(curves.items()):
         color = f"C{i}"
@@ -131,11 +105,11 @@ def plot_shares(run: dict, out: Path) -> str | None:
         ax.plot([p[0] for p in pts], [p[2] for p in pts], color=color, linestyle="--", label=f"{name} target")
     ax.set(xlabel="step", ylabel="share of examples", title="Realised (cumulative) vs target shares", ylim=(0, 1))
     ax.legend(fontsize=8)
-    return _save(fig, out / "shares.png")
+    return render.save(fig, out / "shares.png")
 
 
 def plot_dev(runs: list[dict], out: Path) -> str | None:
-    plt = _plt()
+    plt = render.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for run in runs:
@@ -151,12 +125,12 @@ def plot_dev(runs: list[dict], out: Path) -> str | None:
             stop = early_stop(run["events"])
             if stop:
                 ax.axvline(stop["step"], color=line.get_color(), linestyle="--", alpha=0.7)
-    return _finish(fig, ax, drawn, out / "dev.png", xlabel="step", ylabel="dev metric",
+    return render.finish(fig, ax, drawn, out / "dev.png", xlabel="step", ylabel="dev metric",
                    title="Dev metric (dotted: best checkpoint, dashed: early stop)")
 
 
 def plot_test_details(run: dict, out: Path) -> list[str]:
-    plt = _plt()
+    plt = render.pyplot()
     files = []
     for source, scores in run["summary"].get("test", {}).items():
         if "per_type" in scores:
@@ -165,7 +139,7 @@ def plot_test_details(run: dict, out: Path) -> list[str]:
             ax.bar(types, [scores["per_type"][t]["f1"] for t in types])
             ax.set(ylabel="test F1", title=f"{source}: F1 per entity type", ylim=(0, 1))
             ax.tick_params(axis="x", rotation=30)
-            files.append(_save(fig, out / f"per_type_{source}.png"))
+            files.append(render.save(fig, out / f"per_type_{source}.png"))
         if "confusion" in scores:
             labels, matrix = scores["labels"], scores["confusion"]
             fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -175,7 +149,7 @@ def plot_test_details(run: dict, out: Path) -> list[str]:
             for i, row in enumerate(matrix):
                 for j, v in enumerate(row):
                     ax.text(j, i, str(v), ha="center", va="center")
-            files.append(_save(fig, out / f"confusion_{source}.png"))
+            files.append(render.save(fig, out / f"confusion_{source}.png"))
     return files
 
 
@@ -185,7 +159,7 @@ def plot_retention(runs: list[dict], out: Path) -> str | None:
         return None
     # the change against the base model, in %: bars of absolute values that start at 0 made a
     # -1.4% change look like two equal bars
-    plt = _plt()
+    plt = render.pyplot()
     keys = sorted({r[1] for r in rows})
     fig, ax = plt.subplots(figsize=(7, 4))
     width = min(0.3, 0.8 / len(runs))
@@ -208,11 +182,11 @@ def plot_retention(runs: list[dict], out: Path) -> str | None:
     ax.margins(y=0.3)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    return _save(fig, out / "retention.png")
+    return render.save(fig, out / "retention.png")
 
 
 def plot_continual(continual: dict, out: Path) -> str:
-    plt = _plt()
+    plt = render.pyplot()
     tasks, matrix = continual["tasks"], continual["R"]
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(tasks), 1.4 + 0.9 * len(tasks)))
     shown = [[float("nan") if v is None else v for v in row] for row in matrix]
@@ -222,23 +196,10 @@ def plot_continual(continual: dict, out: Path) -> str:
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             ax.text(j, i, "-" if v is None else f"{v:.3f}", ha="center", va="center", color="white")
-    return _save(fig, out / "continual.png")
+    return render.save(fig, out / "continual.png")
 
 
 # ------------------------------------------------------------------ text
-
-COUNTS = EVENT_COUNTS  # fields that count things (training/events.py), not metrics
-
-
-def _fmt(v, key: str | None = None) -> str:
-    if v is None:
-        return "-"
-    if key in COUNTS and isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer():
-        return f"{int(v):,}"  # a count, not a measurement
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
 
 def _seconds(v) -> str:
     return "-" if v is None else f"{v:,.1f}"
@@ -271,8 +232,8 @@ def _run_section(runs: list[dict]):
             continue
         best = s.get("best", {})
         params = s.get("parameters", {})
-        rows.append([run["name"], _fmt(s.get("steps"), "steps"), _fmt(best.get("metric")), _fmt(best.get("value")),
-                     _fmt(best.get("step"), "steps"), _seconds(s.get("train_seconds")), _seconds(s.get("tokens_per_s")),
+        rows.append([run["name"], render.fmt(s.get("steps"), "steps"), render.fmt(best.get("metric")), render.fmt(best.get("value")),
+                     render.fmt(best.get("step"), "steps"), _seconds(s.get("train_seconds")), _seconds(s.get("tokens_per_s")),
                      f"{params['trainable']:,} / {params['total']:,}" if params else "-"])
     return ("Run", header, rows, []) if rows else None
 
@@ -294,7 +255,7 @@ def _test_section(runs: list[dict], images: dict):
         return f"{int(d):+,}" if m in COUNTS and float(d).is_integer() else f"{d:+.4f}"
 
     return ("Test metrics", ["source", "metric", *[r["name"] for r in runs], *[f"{n} - {first}" for n in others]],
-            [[src, m, *[_fmt(values[r["name"]].get((src, m), "-"), m) for r in runs],
+            [[src, m, *[render.fmt(values[r["name"]].get((src, m), "-"), m) for r in runs],
               *[diff(src, m, name) for name in others]] for src, m in keys],
             images.get("test", []))
 
@@ -303,7 +264,7 @@ def _before_after_section(runs: list[dict], images: dict):
     rows = []
     for run in runs:
         for key, v in run["summary"].get("before_after", {}).items():
-            rows.append([run["name"], key, _fmt(v["before"]), _fmt(v["after"]), _fmt(v["ratio"]),
+            rows.append([run["name"], key, render.fmt(v["before"]), render.fmt(v["after"]), render.fmt(v["ratio"]),
                          f"{100 * (v['ratio'] - 1):+.2f}%"])
     if not rows:
         return None
@@ -320,10 +281,10 @@ def _sources_section(runs: list[dict], images: dict):
         for name, counts in run["summary"].get("sources", {}).items():
             last_share = shares.get(name, [(0, float("nan"), float("nan"))])[-1]
             last_loss = curves.get(name, [(0, None)])[-1][1]
-            rows.append([run["name"], name, _fmt(counts.get("batches"), "batches"),
-                         _fmt(counts.get("examples"), "examples"), _fmt(counts.get("tokens"), "tokens"),
-                         _fmt(last_share[1]), _fmt(last_share[2]),
-                         _fmt(last_loss) if last_loss is not None else "-"])
+            rows.append([run["name"], name, render.fmt(counts.get("batches"), "batches"),
+                         render.fmt(counts.get("examples"), "examples"), render.fmt(counts.get("tokens"), "tokens"),
+                         render.fmt(last_share[1]), render.fmt(last_share[2]),
+                         render.fmt(last_loss) if last_loss is not None else "-"])
     if not rows:
         return None
     return ("Sources during training", ["run", "source", "batches", "examples", "tokens", "realised share",
@@ -335,38 +296,13 @@ def _continual_sections(runs: list[dict], images: dict) -> list:
     for run in runs:
         c = run["continual"]
         if c:
-            rows = [[f"after {c['tasks'][i]}", *["-" if v is None else _fmt(v) for v in row]]
+            rows = [[f"after {c['tasks'][i]}", *["-" if v is None else render.fmt(v) for v in row]]
                     for i, row in enumerate(c["R"])]
-            rows += [["average (last row)", _fmt(c["average"])], ["backward transfer", _fmt(c["bwt"])],
-                     ["forward transfer", _fmt(c["fwt"]) if c.get("fwt") is not None else "-"]]
+            rows += [["average (last row)", render.fmt(c["average"])], ["backward transfer", render.fmt(c["bwt"])],
+                     ["forward transfer", render.fmt(c["fwt"]) if c.get("fwt") is not None else "-"]]
             out.append((f"Continual: {run['name']} ({c['metric_note']})", ["R[i][j]", *c["tasks"]], rows,
                         images.get("continual", [])))
     return out
-
-
-def render_md(title: str, parts) -> str:
-    lines = [f"# {title}", ""]
-    for heading, header, rows, imgs in parts:
-        lines += [f"## {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r + [""] * (len(header) - len(r))) + " |" for r in rows]
-        lines.append("")
-        lines += [f"![{img}]({img})" for img in imgs]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def render_html(title: str, parts) -> str:
-    e = html.escape
-    body = [f"<h1>{e(title)}</h1>"]
-    for heading, header, rows, imgs in parts:
-        body.append(f"<h2>{e(heading)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-        body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
-        body.append("</table>")
-        body += [f'<p><img src="{e(img)}" alt="{e(img)}"></p>' for img in imgs]
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{style}</style>"
-            f"</head><body>{''.join(body)}</body></html>\n")
 
 
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
@@ -394,8 +330,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     title = f"routetune report: {runs[0]['name']}" if len(runs) == 1 else \
         "routetune comparison: " + ", ".join(r["name"] for r in runs)
     parts = sections(runs, images)
-    (out / "report.md").write_text(render_md(title, parts), encoding="utf-8")
-    (out / "report.html").write_text(render_html(title, parts), encoding="utf-8")
+    (out / "report.md").write_text(render.markdown(title, parts), encoding="utf-8")
+    (out / "report.html").write_text(render.html_page(title, parts), encoding="utf-8")
     return out
 
 
@@ -404,4 +340,4 @@ def compare_table(run_dirs: list[Path]) -> str:
     runs = [read_run(Path(d)) for d in run_dirs]
     _label_runs(runs)
     parts = [p for p in sections(runs, {}) if p[0].startswith(("Test", "Before", "Run"))]
-    return render_md("comparison", parts)
+    return render.markdown("comparison", parts)

@@ -4,12 +4,16 @@ confirmation and mixing-law results when they exist; ``--json`` gives the same a
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from routetune.errors import RunError
-from routetune.report import _plt, _save, render_html, render_md
+from routetune.reports import render
 from routetune.sweep.study import MARK
+
+
+cell = functools.partial(render.fmt, spec=".4g")  # a study's numbers: four significant digits
 
 
 def load_study(folder: Path):
@@ -69,7 +73,7 @@ def _plot_front(data: dict, out: Path) -> str | None:
     done = [t for t in data["trials"] if t["state"] == "COMPLETE"]
     if not done:
         return None
-    plt = _plt()
+    plt = render.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(kinds) == 2:
         front = set(data["pareto_front"])
@@ -97,13 +101,13 @@ def _plot_front(data: dict, out: Path) -> str | None:
         ax.step(xs, best, "C3", where="post", label="best so far")
         ax.set(xlabel="trial", ylabel=f"dev {kind}", title="optimisation history")
     ax.legend(fontsize=8)
-    return _save(fig, out / "study_front.png")
+    return render.save(fig, out / "study_front.png")
 
 
 def _plot_importances(data: dict, out: Path) -> str | None:
     if not data["importances"]:
         return None
-    plt = _plt()
+    plt = render.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     names = sorted({p for imp in data["importances"].values() for p in imp})
     width = 0.8 / len(data["importances"])
@@ -113,11 +117,7 @@ def _plot_importances(data: dict, out: Path) -> str | None:
     ax.set_yticks([j + 0.4 - width / 2 for j in range(len(names))], names, fontsize=7)
     ax.set(xlabel="importance (fANOVA)", title="parameter importances")
     ax.legend(fontsize=8)
-    return _save(fig, out / "study_importances.png")
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return render.save(fig, out / "study_importances.png")
 
 
 def write_study_report(folder: Path, out: Path | None = None) -> Path:
@@ -126,9 +126,9 @@ def write_study_report(folder: Path, out: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     images = [i for i in (_plot_front(data, out), _plot_importances(data, out)) if i]
     kinds = data["objectives"]
-    rows = [[str(t["number"]), t["state"].lower(), *[_fmt(t["values"].get(k, "")) for k in kinds],
+    rows = [[str(t["number"]), t["state"].lower(), *[cell(t["values"].get(k, "")) for k in kinds],
              "yes" if t["number"] in data["pareto_front"] else "", "yes" if t["feasible"] else "no",
-             ", ".join(f"{k}={_fmt(v)}" for k, v in t["setting"].items())] for t in data["trials"]]
+             ", ".join(f"{k}={cell(v)}" for k, v in t["setting"].items())] for t in data["trials"]]
     complete = sum(t["state"] == "COMPLETE" for t in data["trials"])
     caveat = (f"; the importances come from {complete} finished trials, too few for fANOVA to rank parameters "
               "reliably (it needs tens)") if data["importances"] and complete < 10 else ""
@@ -136,7 +136,7 @@ def write_study_report(folder: Path, out: Path | None = None) -> Path:
     if "confirm" in data:
         c = data["confirm"]
         keys = list(dict.fromkeys(k for by in c["scores"].values() for k in by))
-        fmt = lambda s: _fmt(s["mean"]) + (f" ± {s['half']:.4f}" if s["half"] is not None else "")  # noqa: E731
+        fmt = lambda s: cell(s["mean"]) + (f" ± {s['half']:.4f}" if s["half"] is not None else "")  # noqa: E731
         parts.append((f"Confirmation on test, seeds {', '.join(map(str, c['seeds']))} (mean ± 95% interval)",
                       ["setting", *keys], [[label, *[fmt(by[k]) if k in by else "" for k in keys]]
                                            for label, by in c["scores"].items()], []))
@@ -150,11 +150,11 @@ def write_study_report(folder: Path, out: Path | None = None) -> Path:
             held += f"; the check run's other settings from trial {law['settings_from_trial']}"
         parts.append((f"Mixing law over {law['key']} (retention budget {law['budget']:+.4f}{held})",
                       ["", law["key"], "task", "retention"],
-                      [["predicted", _fmt(law["predicted"]["x"]), _fmt(law["predicted"]["task"]),
-                        _fmt(law["predicted"]["retention"])]]
-                      + ([["measured", _fmt(law["predicted"]["x"]), _fmt(law["measured"]["task"]),
-                           _fmt(law["measured"]["retention"])]] if "measured" in law else []), []))
+                      [["predicted", cell(law["predicted"]["x"]), cell(law["predicted"]["task"]),
+                        cell(law["predicted"]["retention"])]]
+                      + ([["measured", cell(law["predicted"]["x"]), cell(law["measured"]["task"]),
+                           cell(law["measured"]["retention"])]] if "measured" in law else []), []))
     title = f"routetune study: {folder.name}"
-    (out / "report.md").write_text(render_md(title, parts), encoding="utf-8")
-    (out / "report.html").write_text(render_html(title, parts), encoding="utf-8")
+    (out / "report.md").write_text(render.markdown(title, parts), encoding="utf-8")
+    (out / "report.html").write_text(render.html_page(title, parts), encoding="utf-8")
     return out
