@@ -37,7 +37,7 @@ Variants:
 
 Both sides are scored by routetune's own code (the Trainer's model through a small adapter): for
 NER, words tagged from the first sub-word's prediction (words cut off by max_length tagged O) and
-entity F1 by seqeval (routetune.evaluate.metrics); for polarity, the arg-max class. Each variant and seed trains in
+entity F1 by seqeval (routetune.evaluate.tagging); for polarity, the arg-max class. Each variant and seed trains in
 this process, one after the other. Printed and written to ``--out`` (JSON): per variant dev and
 test score per seed, mean ± 95% t-interval, and the paired difference (same seed) of each variant
 to ``routetune``. ``--append`` adds this invocation's seeds to the results already in ``--out``
@@ -103,7 +103,7 @@ def ner_task(tok, max_length: int) -> dict:
     from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
     from routetune.data.readers import read_conll
-    from routetune.evaluate.metrics import evaluate_tagging
+    from routetune.evaluate.tagging import evaluate_tagging
 
     split = {n: read_conll(DATA / "wnut17" / f) for n, f in
              [("train", "wnut17train.conll"), ("dev", "emerging.dev.conll"), ("test", "emerging.test.annotated")]}

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "src" / "routetune"
 
 LAYERS = [  # bottom first
-    ("__init__", "__version__", "errors", "files", "run_paths", "hub", "logs", "objectives", "config", "device"),
+    ("__init__", "__version__", "errors", "files", "seeds", "run_paths", "hub", "logs", "objectives", "config", "device"),
     ("data",),
     ("model",),
     ("evaluate",),

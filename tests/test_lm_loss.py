@@ -7,7 +7,7 @@ from routetune.config import FreezeConfig, PeftConfig
 from routetune.model import lm_loss
 from routetune.model.routed import build_model
 from routetune.model.lm_loss import linear_cross_entropy
-from routetune.model.peft import apply_peft
+from routetune.model.trainable import apply_method
 
 
 def _reference(hidden, weight, targets):
@@ -127,7 +127,7 @@ def test_causal_lm_loss_equals_transformers_loss(tiny_llama_dir, peft):
     for fused in (True, False):
         torch.manual_seed(0)  # peft draws lora_A from the global generator
         model = build_model(str(tiny_llama_dir), 0)
-        apply_peft(model, PeftConfig(**peft), FreezeConfig(), str(tiny_llama_dir))
+        apply_method(model, PeftConfig(**peft), FreezeConfig(), str(tiny_llama_dir))
         if peft["method"] == "lora":  # peft starts lora_B at zero; move it so every adapter tensor gets a gradient
             for name, p in model.named_parameters():
                 if "lora_B" in name:

@@ -157,7 +157,7 @@ def test_trainable_parameters_logged(tmp_path, tiny_llama_dir, caplog):
 
 
 def test_bottleneck_adapter_is_identity_at_start(tiny_model_dir):
-    from routetune.model.adapters import add_bottleneck_adapters
+    from routetune.model.methods.bottleneck.adapters import add_bottleneck_adapters
     from routetune.model.routed import build_model
 
     model = build_model(str(tiny_model_dir), 0).eval()

@@ -18,7 +18,7 @@ from routetune.files import write_text_atomic
 from routetune.data.build import build, resolve_objective
 from routetune.evaluate import retention
 from routetune.evaluate.tasks import score_sets
-from routetune.model.peft import parameter_groups
+from routetune.model.trainable import parameter_groups
 from routetune.model.routed import RoutedModel
 from routetune.runs import Claim, RunLock, check_claimable, claim, load_for_inference
 from routetune.training import checkpoint as ckpt

@@ -15,10 +15,11 @@ from routetune.data import hf_datasets
 from routetune.data.chat import read_instructions
 from routetune.data.readers import read_conll, read_examples, read_prompt_completions, resolve_text_files
 from routetune.data.sources import (ClassificationSource, LabelledSource, PromptSource, check_classes, check_tags,
-                                    class_list_from, derive_seed, label_list_from)
+                                    class_list_from, label_list_from)
 from routetune.data.text import TextBlocks, TextStream, text_parts
 from routetune import objectives
 from routetune.errors import ConfigError, DataError
+from routetune.seeds import derive_seed
 
 
 @dataclass

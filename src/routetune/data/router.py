@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from routetune.data.mixing import Schedule
-from routetune.data.sources import derive_seed
+from routetune.seeds import derive_seed
 
 _BLOCK = 4096  # uniforms generated per counter block
 

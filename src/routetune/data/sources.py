@@ -12,7 +12,6 @@ Every source keeps its position in a small ``state_dict()`` so a run resumes the
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,13 +19,8 @@ import torch
 
 from routetune.data.collate import IGNORE, encode_words, pad_batch
 from routetune.data.readers import Example, Sentence
+from routetune.seeds import derive_seed
 from routetune.errors import DataError
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass

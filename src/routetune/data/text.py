@@ -19,7 +19,8 @@ import torch
 
 from routetune.data.collate import mask_sequence, pad_batch
 from routetune.data.readers import text_range
-from routetune.data.sources import Draw, Encoded, MemorySource, derive_seed, special_affixes
+from routetune.data.sources import Draw, Encoded, MemorySource, special_affixes
+from routetune.seeds import derive_seed
 from routetune.errors import DataError
 
 _CHUNK_CHARS = 1 << 16  # tokenise ~64 KB at a time

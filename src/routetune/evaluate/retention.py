@@ -32,7 +32,8 @@ from routetune.model import init
 from routetune.config import config_from_run
 from routetune.data.collate import mask_sequence, pad_batch
 from routetune.data.readers import resolve_text_files
-from routetune.data.sources import derive_seed, special_affixes
+from routetune.data.sources import special_affixes
+from routetune.seeds import derive_seed
 from routetune.data.text import iter_blocks, text_parts
 from routetune.device import autocast, model_device
 from routetune.errors import ConfigError

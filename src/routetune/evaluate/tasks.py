@@ -29,7 +29,7 @@ from routetune import objectives
 from routetune.data.build import EvalSet
 from routetune.data.sources import encode_prompt, special_affixes
 from routetune.data.text import iter_blocks
-from routetune.evaluate.metrics import evaluate_tagging, format_report
+from routetune.evaluate.tagging import evaluate_tagging, format_report
 from routetune.model.inference import classify, generate, lm_loss
 
 def metric_names(evalset: EvalSet, objective: str, source_cfg=None) -> tuple[str, ...]:

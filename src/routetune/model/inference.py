@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from routetune.data.collate import IGNORE, encode_words, mask_sequence, pad_batch
-from routetune.data.sources import derive_seed, encode_prompt, encode_texts
+from routetune.data.sources import encode_prompt, encode_texts
+from routetune.seeds import derive_seed
 from routetune.device import autocast, model_device
 from routetune.errors import RunError
 from routetune.logs import bar

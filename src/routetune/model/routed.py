@@ -30,7 +30,7 @@ from routetune.model.lm_loss import SCORED_INDEX, linear_cross_entropy, pick_sco
 from routetune.model.load import is_decoder, lm_head_is_tied, load_lm
 from routetune.model.attention import NAME as ATTENTION_NAME
 from routetune.model.methods.base import NOTE, Method, check_base
-from routetune.model.prompts import build_prompt_module, prefix_cache, virtual_tokens
+from routetune.model.methods.prompts.modules import build_prompt_module, prefix_cache, virtual_tokens
 
 log = logging.getLogger("routetune")
 
@@ -91,7 +91,7 @@ class RoutedModel(nn.Module):
 
     def lm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict, int]:
         """Keyword arguments for the backbone / LM, and how many leading output positions are
-        virtual tokens (prompt tuning) to drop. See model/prompts.py."""
+        virtual tokens (prompt tuning) to drop. See model/methods/prompts/modules.py."""
         if self.prompt is None:
             return {"input_ids": input_ids, "attention_mask": self.backbone_mask(attention_mask)}, 0
         b, n = input_ids.shape[0], self.n_virtual
@@ -222,7 +222,7 @@ class RoutedModel(nn.Module):
         (folder / "heads.json").write_text(json.dumps(specs, indent=2) + "\n")
 
     def attach_prompt(self, pconfig, generator: torch.Generator | None = None) -> None:
-        """Add peft's prompt / prefix module for `pconfig` (see model/prompts.py)."""
+        """Add peft's prompt / prefix module for `pconfig` (see model/methods/prompts/modules.py)."""
         self.prompt = build_prompt_module(pconfig, self.lm.get_input_embeddings(),
                                           generator or torch.Generator().manual_seed(0))
         self.n_virtual = pconfig.num_virtual_tokens

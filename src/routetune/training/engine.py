@@ -24,7 +24,7 @@ from routetune.logs import quiet
 from routetune.evaluate.tasks import score_sets
 from routetune.model.frozen_bf16 import FrozenBf16
 from routetune.training import checkpoint as ckpt
-from routetune.data.sources import derive_seed
+from routetune.seeds import derive_seed
 from routetune.training import distributed, events
 from routetune.training.callbacks import EarlyStopping, MetricsLog, SourceStats, truncate_log
 from routetune.training.faults import maybe_kill

@@ -25,7 +25,8 @@ from routetune.data.build import (
     source_sizes,
 )
 from routetune.data.plan import RoutedBatches, plan_run
-from routetune.data.sources import LabelledSource, MemorySource, derive_seed
+from routetune.data.sources import LabelledSource, MemorySource
+from routetune.seeds import derive_seed
 from routetune.data.text import TextStream
 from routetune.device import Hardware, resolve
 from routetune.errors import ConfigError
@@ -36,7 +37,7 @@ from routetune.model.fast_dropout import use_fast_dropout
 from routetune.model.routed import RoutedModel, build_model
 from routetune.model.load import is_decoder, load_config, load_tokenizer, resolve_model
 from routetune.model import methods
-from routetune.model.peft import apply_peft
+from routetune.model.trainable import apply_method
 from routetune.training.checkpoint import run_checkpoint
 from routetune.training.distributed import ALONE, World
 from routetune.training.tracking import check_available as check_trackers
@@ -152,7 +153,7 @@ def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, 
                 model.add_head(name, spec["kind"], spec["labels"], 0,
                                **{k: spec[k] for k in ("pooling", "threshold") if k in spec})
         model.load_heads_from(earlier, list(earlier_specs))
-    apply_peft(model, cfg.peft, cfg.freeze, model_path)
+    apply_method(model, cfg.peft, cfg.freeze, model_path)
     model.to(hardware.device)
     if earlier is not None:
         for name in model.heads:

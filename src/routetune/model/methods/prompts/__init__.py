@@ -1,5 +1,5 @@
 """`prompt_tuning` and `prefix_tuning`: peft's virtual-token modules, wired into routetune's
-shared backbone by model/prompts.py; the whole backbone is frozen. Checkpoints are peft's format.
+shared backbone by modules.py beside this file; the whole backbone is frozen. Checkpoints are peft's format.
 Virtual tokens cannot be merged into weights; prefix tuning cannot generate (its virtual
 keys/values would have to be threaded through transformers' generation cache)."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from routetune.model.methods.base import PeftFormat
-from routetune.model.prompts import peft_prompt_config
+from routetune.model.methods.prompts.modules import peft_prompt_config
 
 
 class VirtualTokens(PeftFormat):

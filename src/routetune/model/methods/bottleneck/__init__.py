@@ -1,9 +1,9 @@
-"""`adapter`: routetune's bottleneck adapters (model/adapters.py) after the attention and/or
+"""`adapter`: routetune's bottleneck adapters (adapters.py beside this file) after the attention and/or
 feed-forward output projections. They are non-linear, so they cannot be merged into plain
 weights; checkpoints hold the adapter tensors (and the LM head's own) plus a note naming the base."""
 
 from routetune.errors import ConfigError
-from routetune.model.adapters import add_bottleneck_adapters
+from routetune.model.methods.bottleneck.adapters import add_bottleneck_adapters
 from routetune.model.methods.base import TrainedTensors, is_adapter_param
 
 

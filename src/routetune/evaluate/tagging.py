@@ -1,4 +1,4 @@
-"""Task metrics. Entity-level scores come from seqeval, computed on words."""
+"""Entity tagging scores: seqeval's entity-level precision, recall and F1, computed on words."""
 
 from __future__ import annotations
 

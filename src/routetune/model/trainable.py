@@ -1,4 +1,4 @@
-"""Which parameters train: one function, :func:`apply_peft`, for every method and freeze strategy.
+"""Which parameters train: one function, :func:`apply_method`, for every method and freeze strategy.
 
 The method (model/methods/) decides for backbone parameters; ``none`` (full fine-tuning) leaves
 it to ``freeze``: frozen embeddings, only the top k layers, or only the heads. Task heads always
@@ -43,7 +43,7 @@ def embedding_params(lm: nn.Module) -> set[int]:
     return ids
 
 
-def apply_peft(model, pcfg, fcfg, base_path: str) -> None:
+def apply_method(model, pcfg, fcfg, base_path: str) -> None:
     """Put the configured method into the model and set requires_grad on every parameter."""
     method = methods.get(pcfg.method)
     method.apply(model, pcfg, base_path)
