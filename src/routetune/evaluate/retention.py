@@ -38,6 +38,7 @@ from routetune.data.text import iter_blocks, text_parts
 from routetune.device import autocast, model_device
 from routetune.errors import ConfigError
 from routetune.evaluate.tasks import score_sets, text_scores
+from routetune.files import write_text_atomic
 from routetune.hub import cache_dir
 from routetune.logs import bar
 from routetune.model.load import load_lm, resolve_model
@@ -103,9 +104,7 @@ def cached(key: str) -> dict | None:
 def store(key: str, scores: dict) -> None:
     folder = before_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{key}.tmp"
-    tmp.write_text(json.dumps(scores))
-    tmp.replace(folder / f"{key}.json")
+    write_text_atomic(folder / f"{key}.json", json.dumps(scores))
 
 
 # ------------------------------------------------------------------ fitting an MLM head
@@ -133,17 +132,10 @@ def reset_head(lm: nn.Module, seed: int) -> None:
     weights, zero biases, unit LayerNorm)."""
     gen = torch.Generator().manual_seed(seed)
     std = getattr(lm.config, "initializer_range", 0.02)
-    embed = {id(p) for p in lm.get_input_embeddings().parameters()}
+    embed = frozenset(id(p) for p in lm.get_input_embeddings().parameters())
     with torch.no_grad():
         for module in mlm_head_modules(lm):
-            for sub in module.modules():
-                if isinstance(sub, nn.Linear) and id(sub.weight) not in embed:
-                    init.normal_(sub.weight, std, gen)
-                    if sub.bias is not None:
-                        sub.bias.zero_()
-                elif isinstance(sub, nn.LayerNorm):
-                    sub.weight.fill_(1.0)
-                    sub.bias.zero_()
+            init.bert_style_(module, std, gen, skip=embed)
             for name, p in module.named_parameters(recurse=False):
                 if name == "bias":
                     p.zero_()

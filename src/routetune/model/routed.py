@@ -74,13 +74,7 @@ class RoutedModel(nn.Module):
         if kind in ("sequence-classification", "binary-classification"):
             options.setdefault("pooling", "last" if self.is_decoder else "cls")
         head = HEADS[kind](cfg.hidden_size, labels, head_dropout(cfg), **options)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for module in head.modules():
-                if isinstance(module, nn.Linear):
-                    init.normal_(module.weight, getattr(cfg, "initializer_range", 0.02), gen)
-                    if module.bias is not None:
-                        module.bias.zero_()
+        init.bert_style_(head, getattr(cfg, "initializer_range", 0.02), torch.Generator().manual_seed(seed))
         if getattr(head, "pooling", None) == "cls" and pooler_from:
             copy_pooler(head, pooler_from)
         self.heads[name] = head
