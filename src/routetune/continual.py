@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from routetune import objectives
 from routetune.config import load_config
 from routetune.errors import ConfigError, RunError
+from routetune.files import write_text_atomic
 from routetune.training import distributed
 from routetune.workflow import evaluate, train
 
@@ -153,9 +154,7 @@ def run_continual(path: Path, overwrite: bool = False) -> dict:
         result["baselines"] = baselines
         result["fwt"] = sum(R[j][j] - baselines[j] for j in range(1, T)) / (T - 1)
     if world.main:
-        tmp = base / "continual.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(base / "continual.json")
+        write_text_atomic(base / "continual.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from routetune.errors import RunError
+from routetune.files import write_text_atomic
 from routetune.sweep.study import Study, open_study, task_metric, trial_config
 from routetune.workflow import resume_run, train_config
 
@@ -96,7 +97,7 @@ def confirm(sweep_path: str | Path, k: int) -> dict:
               "scores": {label: {key: {"values": v, **interval(v)} for key, v in by.items()}
                          for label, by in results.items()},
               "paired": _paired(results, [n for n in settings if not n.startswith("trial-")])}
-    (st.folder / "confirm.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(st.folder / "confirm.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from routetune.errors import ConfigError, RunError
+from routetune.files import write_text_atomic
 from routetune.sweep.study import Study, open_study, retention_change, retention_set, scores, trial_config
 from routetune.sweep.confirm import run_or_continue, task_place
 
@@ -147,5 +148,5 @@ def law(sweep_path: str | Path, key: str, budget: float, where: dict | None = No
                           "retention": measured[kinds.index("retention")] if "retention" in kinds
                           else retention_change(summary, retention_set(st)), "run": str(run_dir)}
     result["setting"] = setting
-    (st.folder / "law.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(st.folder / "law.json", json.dumps(result, indent=2) + "\n")
     return result

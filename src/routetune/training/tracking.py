@@ -30,6 +30,7 @@ from pathlib import Path
 from routetune import logs
 from routetune.config import Config, dump_config
 from routetune.errors import ConfigError
+from routetune.files import write_text_atomic
 from routetune.training.events import COUNTS, EARLY_STOP, EVAL, FINAL, TRAIN
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
@@ -109,7 +110,7 @@ def _saved_run_id(run_dir: Path, tool: str, resume_step: int | None) -> str | No
 
 
 def _save_run_id(run_dir: Path, tool: str, run_id: str) -> None:
-    (run_dir / f"{tool}.json").write_text(json.dumps({"run_id": run_id}) + "\n")
+    write_text_atomic(run_dir / f"{tool}.json", json.dumps({"run_id": run_id}) + "\n")
 
 
 class MLflow(_Forwarder):
