@@ -114,7 +114,8 @@ def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]
            order: list[list[int]] | None = None, config: Path = CONFIG, data_seed: int | None = None) -> dict:
     """The Trainer's run. `start` (LoRA tensors by routetune's parameter names) replaces peft's
     initialisation and `order` (blocks, in training order) the mixed, shuffled training set: with
-    both, the Trainer trains from routetune's start on routetune's blocks (bench/lm_same_start.py),
+    both, the Trainer trains from routetune's start on routetune's blocks (the one-time diagnosis
+    bench/lm_same_start.py of commit 1aab64a),
     and the result gains "losses", the loss of every step. `data_seed`: the Trainer's own knob that
     seeds its sampler apart from `seed` (by default both come from the seed, so the block order and
     the LoRA initialisation are drawn from the same random stream)."""
