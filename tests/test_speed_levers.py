@@ -141,7 +141,7 @@ def test_bf16_frozen_weights_say_where_they_are_skipped(tmp_path, tiny_llama_dir
 
 def test_sgd_optimizer(tmp_path, tiny_llama_dir):
     from routetune.config import load_config
-    from routetune.training.engine import build_optimizer
+    from routetune.training.optimizer import build_optimizer
     from routetune.training.setup import prepare
 
     cfg = load_config(_lora_config(tmp_path, tiny_llama_dir), ["train.optimizer=sgd", "train.momentum=0.9"])

@@ -75,8 +75,14 @@ def train(config_path: str | Path, overrides: list[str] | None = None, overwrite
     With `resume`, continue the run folder this config names from its newest complete checkpoint
     (the config must equal the one saved in the run folder)."""
     config_path = Path(config_path)
-    cfg = load_config(config_path, overrides)
-    run_dir = run_dir_for(cfg, config_path.stem)
+    return train_loaded(load_config(config_path, overrides), config_path.stem, overwrite, run_test, resume)
+
+
+def train_loaded(cfg: Config, stem: str, overwrite: bool = False, run_test: bool = True,
+                 resume: bool = False) -> tuple[Path, dict]:
+    """:func:`train` of a config already loaded (the command line loads it once and checks it, its
+    data paths and its model before torch loads); `stem` names a run without run.name."""
+    run_dir = run_dir_for(cfg, stem)
     if not resume:
         return train_config(cfg, run_dir, overwrite, run_test)
     if cfg.run.name is None:
@@ -103,14 +109,14 @@ def train_config(cfg: Config, run_dir: Path, overwrite: bool = False, run_test: 
         setup = prepare(cfg, world=world)  # reads and checks all data, loads the model: fails before the folder is touched
     if not world.main:  # rank 0 claims and writes the run folder
         world.barrier()
-        return _fit_and_report(setup, run_dir, run_test, resume_from=None)
+        return _run(setup, run_dir, run_test, resume_from=None)
     claimed = claim(run_dir, overwrite)
     try:
         with RunLock(run_dir):
             write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
             write_text_atomic(run_dir / "labels.json", json.dumps(setup.labels, indent=2) + "\n")
             world.barrier()
-            return _fit_and_report(setup, run_dir, run_test, resume_from=None, claimed=claimed, held=held.records,
+            return _run(setup, run_dir, run_test, resume_from=None, claimed=claimed, held=held.records,
                                    callbacks=callbacks)
     except BaseException:
         claimed.rollback()  # a no-op once the new run has its first checkpoint
@@ -145,7 +151,7 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
         with _HeldLogs() as held:
             setup = prepare(cfg, device, precision, world=world)
         _check_labels(run_dir, setup.labels)
-        return _fit_and_report(setup, run_dir, run_test, resume_from=Path(folder), held=held.records,
+        return _run(setup, run_dir, run_test, resume_from=Path(folder), held=held.records,
                                callbacks=callbacks)
 
 
@@ -198,65 +204,85 @@ def _config_diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _fit(setup: Setup) -> dict | None:
-    """The masked-LM head-fit recipe of this run's retention sets (evaluate/retention.py)."""
-    return retention.fit_recipe(setup.cfg, setup.before_sets(), setup.objectives)
+class _RunLog:
+    """train.log for the run (rank 0): the set-up lines held from before the folder existed, every
+    line while the run goes, and a RoutetuneError that ends it (the CLI prints it as its last line)."""
+
+    def __init__(self, run_dir: Path, held: list | None, main: bool):
+        self.handler = _add_file_log(run_dir / "train.log", held) if main else None
+
+    def __enter__(self) -> _RunLog:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if self.handler is None:
+            return
+        if isinstance(exc, RoutetuneError):
+            self.handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (exc,), None))
+        logging.getLogger("routetune").removeHandler(self.handler)
+        self.handler.close()
 
 
-def _fit_and_report(setup: Setup, run_dir: Path, run_test: bool, resume_from: Path | None,
-                    claimed: Claim | None = None, held: list | None = None,
-                    callbacks: list | None = None) -> tuple[Path, dict]:
-    """Train (restored from `resume_from`, or after scoring the base model), then test and write
-    summary.json. With several processes, every rank trains; rank 0 alone logs to the run folder,
-    scores and writes, and the others wait for it at the end."""
+def _run(setup: Setup, run_dir: Path, run_test: bool, resume_from: Path | None, claimed: Claim | None = None,
+         held: list | None = None, callbacks: list | None = None) -> tuple[Path, dict]:
+    """One run, top to bottom: the log and hardware.json; the trainer, restored from `resume_from`
+    or after the base model is scored (before.json); the trackers; training; the best checkpoint
+    scored on the test sets and the retention text (summary.json); the results to the trackers.
+    Every rank trains; rank 0 alone logs to the run folder, scores and writes, and the others wait
+    for it at the end."""
     started, cfg, world = time.time(), setup.cfg, setup.world
-    handler = _add_file_log(run_dir / "train.log", held) if world.main else None
+    # the recipe of the MLM head fitted on both sides for masked-LM retention (rank 0 scores)
+    fit = retention.fit_recipe(cfg, setup.before_sets(), setup.objectives) if world.main else None
     trackers: list = []
-    try:
-        log.info("run folder %s", run_dir)
-        log.info("device %s, precision %s (%s)%s", setup.hardware.device, setup.hardware.precision,
-                 setup.hardware.reason, f"; {world.size} processes ({world.backend})" if world.distributed else "")
-        if world.main:
-            _write_hardware(run_dir, setup, resumed=resume_from is not None)
-        trainer = Trainer(setup, run_dir, listeners=list(callbacks or []))
-        if claimed is not None:  # the replaced run folder goes once this one can be resumed
-            trainer.after_checkpoint.append(lambda step: claimed.commit())
-        step = None
-        if resume_from is not None:
-            step = trainer.restore(resume_from)
-            log.info("resumed from %s at step %d of %d", resume_from.name, step, setup.total_steps)
-        elif world.main and cfg.train.eval_before and setup.before_sets():
-            t0 = time.time()
-            before = retention.score_before(setup.model, setup.model_path, setup.before_sets(), setup.objectives,
-                                            setup.tokenizer, cfg, setup.hardware, _fit(setup))
-            if time.time() - t0 > 1:  # not from the cache
-                log.info("scoring the base model on the general text took %.0f s (cached for later runs of this "
-                         "model and text; `train --no-retention` skips it)", time.time() - t0)
-            write_text_atomic(run_dir / "before.json", json.dumps(before, indent=2) + "\n")
-        if world.main:
-            trackers = tracking.open_trackers(cfg, run_dir, step)
-            trainer.metrics.listeners += trackers
-        world.barrier()
-        result = trainer.run()
-        summary = _summarize(setup, run_dir, result, run_test, started) if world.main else {}
-        if world.main:  # the results reach the trackers and callbacks too
-            trainer.metrics.write(events.FINAL, step=summary["steps"], test=summary.get("test", {}),
-                                  dev=summary.get("dev", {}), before_after=summary.get("before_after", {}))
-        world.barrier()  # the others leave once rank 0 has written the summary
-        return run_dir, world.broadcast(summary)
-    except RoutetuneError as exc:  # the CLI prints it as its last line; train.log keeps it too
-        if handler is not None:
-            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (exc,), None))
-        raise
-    finally:
-        for tracker in trackers:
-            tracker.close()
-        if handler is not None:
-            logging.getLogger("routetune").removeHandler(handler)
-            handler.close()
+    with _RunLog(run_dir, held, world.main):
+        try:
+            _log_start(setup, run_dir, resumed=resume_from is not None)
+            trainer = Trainer(setup, run_dir, listeners=list(callbacks or []))
+            if claimed is not None:  # the replaced run folder goes once this one can be resumed
+                trainer.after_checkpoint.append(lambda step: claimed.commit())
+            step = None
+            if resume_from is not None:
+                step = trainer.restore(resume_from)
+                log.info("resumed from %s at step %d of %d", resume_from.name, step, setup.total_steps)
+            elif world.main and cfg.train.eval_before and setup.before_sets():
+                _score_before(setup, run_dir, fit)
+            if world.main:
+                trackers = tracking.open_trackers(cfg, run_dir, step)
+                trainer.metrics.listeners += trackers
+            world.barrier()
+            result = trainer.run()
+            summary = _summarize(setup, run_dir, result, run_test, started, fit) if world.main else {}
+            if world.main:  # the results reach the trackers and callbacks too
+                trainer.metrics.write(events.FINAL, step=summary["steps"], test=summary.get("test", {}),
+                                      dev=summary.get("dev", {}), before_after=summary.get("before_after", {}))
+            world.barrier()  # the others leave once rank 0 has written the summary
+            return run_dir, world.broadcast(summary)
+        finally:
+            for tracker in trackers:
+                tracker.close()
 
 
-def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: float) -> dict:
+def _log_start(setup: Setup, run_dir: Path, resumed: bool) -> None:
+    world, hw = setup.world, setup.hardware
+    log.info("run folder %s", run_dir)
+    log.info("device %s, precision %s (%s)%s", hw.device, hw.precision, hw.reason,
+             f"; {world.size} processes ({world.backend})" if world.distributed else "")
+    if world.main:
+        _write_hardware(run_dir, setup, resumed)
+
+
+def _score_before(setup: Setup, run_dir: Path, fit: dict | None) -> None:
+    """The base model's scores on the retention text (from the cache when it has them): before.json."""
+    t0 = time.time()
+    before = retention.score_before(setup.model, setup.model_path, setup.before_sets(), setup.objectives,
+                                    setup.tokenizer, setup.cfg, setup.hardware, fit)
+    if time.time() - t0 > 1:  # not from the cache
+        log.info("scoring the base model on the general text took %.0f s (cached for later runs of this "
+                 "model and text; `train --no-retention` skips it)", time.time() - t0)
+    write_text_atomic(run_dir / "before.json", json.dumps(before, indent=2) + "\n")
+
+
+def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: float, fit: dict | None) -> dict:
     """summary.json: the run, its best checkpoint's test scores, base vs fine-tuned."""
     cfg = setup.cfg
     best = run_dir / "checkpoints" / "best"
@@ -278,11 +304,11 @@ def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: flo
     test_sets = {**setup.test, **{n: s for n, s in setup.evals.items() if n not in dev_evals}}
     wanted = {k: sets for k, sets in (("test", test_sets if run_test else {}), ("dev", dev_evals)) if sets}
     if wanted:
+        model = setup.model  # the last step's weights, unless the best checkpoint is another
         if checkpoint == "best":
             ckpt.verify(best)
-            setup.model = RoutedModel.load(best, cfg.model.attention, setup.hardware.device.type).to(
-                setup.hardware.device)
-        scores = _score_final(setup, {n: s for sets in wanted.values() for n, s in sets.items()}, summary)
+            model = RoutedModel.load(best, cfg.model.attention, setup.hardware.device.type).to(setup.hardware.device)
+        scores = _score_final(setup, model, {n: s for sets in wanted.values() for n, s in sets.items()}, summary, fit)
         for key, sets in wanted.items():  # dev `evals` sets are scored with or without --test
             summary[key] = {n: scores[n] for n in sets if n in scores}
     before_path = run_dir / "before.json"
@@ -295,16 +321,15 @@ def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: flo
     return summary
 
 
-def _score_final(setup: Setup, sets: dict, summary: dict) -> dict:
-    """The trained model's scores on `sets`; masked-LM retention sets through an MLM head fitted
-    once, the same way as for the base model."""
+def _score_final(setup: Setup, model, sets: dict, summary: dict, fit: dict | None) -> dict:
+    """`model`'s scores on `sets`; masked-LM retention sets through an MLM head fitted with `fit`,
+    the recipe the base model's head was fitted with."""
     cfg = setup.cfg
-    _, scores = score_sets(setup.model, sets, setup.objectives, setup.tokenizer, cfg, setup.hardware.precision)
-    fit = _fit(setup)
+    _, scores = score_sets(model, sets, setup.objectives, setup.tokenizer, cfg, setup.hardware.precision)
     lm_sets = {n: s for n, s in setup.before_sets().items() if n in sets}
     if fit is not None and lm_sets:
         t0 = time.time()
-        scores.update(retention.score_with_fitted_head(setup.model, fit, lm_sets, setup.objectives,
+        scores.update(retention.score_with_fitted_head(model, fit, lm_sets, setup.objectives,
                                                        setup.tokenizer, cfg, setup.hardware.precision))
         summary["retention_note"] = retention.fit_note(fit)
         log.info("general-text retention: the masked-LM head fit and scoring of the fine-tuned model took %.0f s "

@@ -40,9 +40,9 @@ def train_cmd(
     if cfg.run.name is not None and not resume and "WORLD_SIZE" not in os.environ:  # so is a run folder that
         check_new_run_folder(Path(cfg.run.output_dir) / cfg.run.name, overwrite)  # may not be used (once, not per rank)
     _launch_processes(nproc)
-    from routetune.workflow import train
+    from routetune.workflow import train_loaded
 
-    run_dir, summary = train(config, set_, overwrite=overwrite, run_test=test, resume=resume)
+    run_dir, summary = train_loaded(cfg, config.stem, overwrite=overwrite, run_test=test, resume=resume)
     _print_summary(run_dir, summary)
 
 

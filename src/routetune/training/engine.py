@@ -1,6 +1,7 @@
 """The training loop. ``Trainer.run`` reads top to bottom: draw a routed batch, compute each
-source's loss, step, log, evaluate, checkpoint, maybe stop. Everything the loop carries from one
-step to the next lives in state that is checkpointed, so a resumed run continues exactly."""
+source's loss, step, log, evaluate, checkpoint, maybe stop; ``begin`` and ``end`` hold what comes
+before the first step and after the last. Everything the loop carries from one step to the next
+lives in state that is checkpointed, so a resumed run continues exactly."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from routetune.seeds import derive_seed
 from routetune.training import distributed, events
 from routetune.training.callbacks import EarlyStopping, MetricsLog, SourceStats, truncate_log
 from routetune.training.faults import maybe_kill
+from routetune.training.optimizer import build_optimizer
 from routetune.training.setup import Setup
 from routetune.training.weighting import micro_batches
 
@@ -48,18 +50,6 @@ class FitResult:
     train_seconds: float
     tokens: int
     sources: dict = field(default_factory=dict)
-
-
-def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)  # biases and LayerNorm weights: no decay
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if tc.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum)
-    return torch.optim.AdamW(groups, lr=tc.lr, fused=tc.fused or None)
 
 
 class Trainer:
@@ -90,7 +80,7 @@ class Trainer:
         self.world = setup.world
         self.names = list(self.batches.router.names)
         self.bad_examples: dict[str, list] = {}
-        self.save_by_time = False
+        self.time_checkpoint = False  # rank 0's clock says a checkpoint is due (shared with the step's losses)
         self.ddp = distributed.wrap(self.model, self.world)  # the model itself in one process
         # fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not: the
         # disabled scaler passes every call through (scale returns the loss, step steps)
@@ -106,59 +96,80 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> FitResult:
+        """The loop: each step the router's batch, its forward, backward and update, then the
+        training log, a dev evaluation and a checkpoint where they are due."""
+        setup, batches = self.setup, self.batches
+        bar = self.begin()
+        stopped = False
+        for step in range(batches.step, setup.total_steps):
+            if batches.finished:
+                log.info("routing: stop policy %s ended the run after step %d", setup.cfg.routing.on_exhausted, step)
+                break
+            t0 = time.perf_counter()
+            parts = batches.next()
+            self.log_plan(step)
+            losses = self.train_step(step, parts)
+            self.train_seconds += time.perf_counter() - t0
+            done = step + 1
+            self.after_step(bar, step, losses)
+            evaluated = bool(setup.dev) and self.eval_due(done)
+            if evaluated:
+                stopped = self.evaluate(done)
+            if evaluated or stopped or done == setup.total_steps or self.checkpoint_due(done):
+                self.save(done)
+            maybe_kill("after_step", done)
+            if stopped:
+                break
+        return self.end(bar, stopped)
+
+    def begin(self):
+        """Before the first step of this session: the start event, the progress bar, bf16 weight
+        copies, the plan log, each rank's dropout stream; returns the bar."""
         setup, tc = self.setup, self.setup.cfg.train
-        batches, model = self.batches, self.model
-        start = batches.step
+        start = self.batches.step
         if start == 0:
             self.metrics.write(events.START, total_steps=setup.total_steps, sources=setup.source_table,
-                               labels=setup.labels, routing=batches.router.state_dict())
+                               labels=setup.labels, routing=self.batches.router.state_dict())
         bar = tqdm(total=setup.total_steps, initial=start, disable=not tc.progress or quiet(), desc="train",
                    dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
-        stopped = False
         if self.frozen is not None:
             self.frozen.cast()
         if tc.log_plan and self.world.main:
             self.plan_log = (self.run_dir / "plan.jsonl").open("a", encoding="utf-8")
         if start == 0 and self.world.rank > 0:  # each rank its own dropout stream (rank 0 keeps the seed's)
             torch.manual_seed(derive_seed(setup.cfg.train.seed, "rank", self.world.rank))
-        model.train()
-        for step in range(start, setup.total_steps):
-            if batches.finished:
-                log.info("routing: stop policy %s ended the run after step %d", setup.cfg.routing.on_exhausted, step)
-                break
-            t0 = time.perf_counter()
-            parts = batches.next()
-            if self.plan_log:  # the global draws: the same on any number of processes
-                for d in batches.last_draws:
-                    self.plan_log.write(json.dumps({"step": step + 1, "source": d.source, "ids": d.ids}) + "\n")
-                self.plan_log.flush()
-            part_losses = self.train_step(step, parts)
-            self.train_seconds += time.perf_counter() - t0
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix({n: f"{s.ema:.3f}" for n, s in self.stats.items() if s.ema is not None}, refresh=False)
-            update = batches.router.observe(step, part_losses)
-            if update is not None:
-                self.metrics.write(events.ROUTE_UPDATE, **update)
-            if done % tc.log_every == 0 or done == setup.total_steps:
-                self.log_train(done, step)
-            due_eval = self.eval_due(done)
-            if setup.dev and due_eval:
-                stopped = self.evaluate(done)
-            if (setup.dev and due_eval) or stopped or done == setup.total_steps or self.save_due(done):
-                self.save(done)
-            maybe_kill("after_step", done)
-            if stopped:
-                break
+        self.model.train()
+        return bar
+
+    def log_plan(self, step: int) -> None:
+        if self.plan_log:  # the global draws: the same on any number of processes
+            for d in self.batches.last_draws:
+                self.plan_log.write(json.dumps({"step": step + 1, "source": d.source, "ids": d.ids}) + "\n")
+            self.plan_log.flush()
+
+    def after_step(self, bar, step: int, losses: dict) -> None:
+        """The progress bar, the router's feedback (adaptive routing) and the training log."""
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix({n: f"{s.ema:.3f}" for n, s in self.stats.items() if s.ema is not None}, refresh=False)
+        update = self.batches.router.observe(step, losses)
+        if update is not None:
+            self.metrics.write(events.ROUTE_UPDATE, **update)
+        if done % self.setup.cfg.train.log_every == 0 or done == self.setup.total_steps:
+            self.log_train(done, step)
+
+    def end(self, bar, stopped: bool) -> FitResult:
+        """After the last step: a checkpoint of it if none was written, the run's result."""
         bar.close()
         if self.frozen is not None:
             self.frozen.restore()
+        step = self.batches.step
         saved = ckpt.step_checkpoints(self.ckpt_dir) if self.world.main else None
-        if self.world.broadcast(not saved or saved[-1][0] != batches.step):
-            self.save(batches.step)  # a stop policy ended the run between checkpoints
+        if self.world.broadcast(not saved or saved[-1][0] != step):
+            self.save(step)  # a stop policy ended the run between checkpoints
         if self.plan_log:
             self.plan_log.close()
-        return FitResult(steps=batches.step, best_step=self.stopper.best_step, best_metric=self.stopper.best,
+        return FitResult(steps=step, best_step=self.stopper.best_step, best_metric=self.stopper.best,
                          stopped_early=stopped, train_seconds=self.train_seconds,
                          tokens=sum(s.tokens for s in self.stats.values()),
                          sources={n: {"batches": s.batches, "examples": s.examples, "tokens": s.tokens}
@@ -176,14 +187,15 @@ class Trainer:
             return True
         return due
 
-    def save_due(self, done: int) -> bool:
+    def checkpoint_due(self, done: int) -> bool:
         """A step checkpoint after the first step (so a kill at any later moment can resume), every
         `save_every_steps`, and when `save_every_minutes` have passed since the last one (by rank
         0's clock, which reaches every rank with the step's losses)."""
         tc = self.setup.cfg.train
-        return done == 1 or bool(tc.save_every_steps and done % tc.save_every_steps == 0) or self.save_by_time
+        return done == 1 or bool(tc.save_every_steps and done % tc.save_every_steps == 0) or self.time_checkpoint
 
-    def time_due(self) -> bool:
+    def time_checkpoint_due(self) -> bool:
+        """Rank 0's clock: `save_every_minutes` have passed since the last checkpoint."""
         minutes = self.setup.cfg.train.save_every_minutes
         return bool(minutes and time.monotonic() - self.last_save >= 60 * minutes)
 
@@ -222,9 +234,9 @@ class Trainer:
             if not math.isfinite(value) and not part.stand_in:
                 self.bad_examples[part.source] = part.example_ids[:8]
             loss_sums[j] += share * value
-        loss_sums[-1] = float(self.world.main and self.time_due())
+        loss_sums[-1] = float(self.world.main and self.time_checkpoint_due())
         losses = self.world.sum(loss_sums)  # every rank: the global losses, and rank 0's clock
-        self.save_by_time = bool(losses[-1] > 0)
+        self.time_checkpoint = bool(losses[-1] > 0)
         values = {n: float(losses[j]) for j, n in enumerate(self.names) if totals[j, 0] > 0 and totals[j, 1] > 0}
         bad = next((n for n, v in values.items() if not math.isfinite(v)), None)
         if bad is not None:

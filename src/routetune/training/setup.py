@@ -45,8 +45,11 @@ from routetune.training.tracking import check_available as check_trackers
 log = logging.getLogger("routetune")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setup:
+    """Everything a run needs, built and checked by :func:`prepare` and not changed after (the
+    model's weights and the batches' position change as it trains; which objects they are does not)."""
+
     cfg: Config
     model_path: str
     tokenizer: object
@@ -128,8 +131,7 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     per_epoch = math.ceil(len(sources[cfg.train.primary]) / cfg.train.batch_size)
     setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, hardware,
                   dev, test, evals=evals, world=world)
-    describe(setup)
-    return setup
+    return dataclasses.replace(setup, source_table=describe(setup))
 
 
 def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, hardware: Hardware,
@@ -260,7 +262,6 @@ def describe(setup: Setup) -> list[dict]:
                      "expected_examples": examples, "expected_passes": passes})
     log.info("%d steps of batch %d (%g epochs of %s%s)", total, cfg.train.batch_size, cfg.train.epochs,
              cfg.train.primary, f", max_steps {cfg.train.max_steps}" if cfg.train.max_steps else "")
-    setup.source_table = rows
     return rows
 
 
