@@ -23,7 +23,7 @@ quickstart: $(STAMP)
 
 # Two workers (pytest-xdist), each test file on one of them, one thread each: the suite is mostly
 # tiny models and command-line child processes (forked from one that has torch imported:
-# tests/forkserver.py), so two files at a time use both cores of a small machine.
+# tests/support/forkserver.py), so two files at a time use both cores of a small machine.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile

@@ -53,8 +53,8 @@ section() {  # section NAME LIMIT_S COMMAND...: run it, keep its log, record PAS
 }
 check() { section "$1" "$2" $PY bench/gpu_check.py "$1" "$OUT" $MODELS "$DATA" "$CHECK_DEVICE"; }
 
-section tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_host_syncs.py \
-  tests/test_device.py tests/test_distributed.py -k "cuda or placement or sync or backend"
+section tests 150 $PY -m pytest -q -p no:cacheprovider tests/model/test_placement.py tests/training/test_host_syncs.py \
+  tests/test_device.py tests/training/test_distributed.py -k "cuda or placement or sync or backend"
 check quickstart 90
 check syncs 60
 check fp16 40

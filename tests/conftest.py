@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-weight BERT (2 layers, hidden 32) with a character-level
+"""Fixtures: a tiny random-weight BERT (2 layers, hidden 32) with a character-level
 WordPiece vocabulary, built in the test session; small CoNLL and text files."""
 
 from __future__ import annotations
@@ -7,19 +7,18 @@ import logging
 import os
 import string
 import tempfile
-import textwrap
 from pathlib import Path
 
-import forkserver
 import pytest
 import torch
+
+from support import CUDA, POLARITY, WORDS, write_task_and_general
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="routetune-tests-trackio-"))  # not the user's
 
 
-CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -29,32 +28,13 @@ def device(request) -> str:
     return request.param
 
 
-def cli_env(fault: str | None = None, **extra: str) -> dict:
-    """The environment of a command-line child in the tests: this process's, a fixed hash seed,
-    and a fault point (training/faults.py) only where one is asked for."""
-    env = {**os.environ, "PYTHONHASHSEED": "0", **extra}
-    env.pop("ROUTETUNE_FAULT", None)
-    if fault:
-        env["ROUTETUNE_FAULT"] = fault
-    return env
-
-
-def run_cli(*args, fault=None, check=True, env_extra=None):
-    """`python -m routetune.cli ARGS` in a child process (optionally killed at a fault point),
-    forked from one that has the heavy modules imported (forkserver.py)."""
-    proc = forkserver.run("routetune.cli", [str(a) for a in args], cli_env(fault, **(env_extra or {})), timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _private_before_cache(tmp_path_factory):
     """Base-model scores of test runs go to a temporary cache, not the user's."""
     os.environ["ROUTETUNE_BEFORE_CACHE"] = str(tmp_path_factory.mktemp("before-cache"))
     yield
 
-WORDS = ["the", "a", "in", "and", "of", "to", "paris", "apple", "store", "opened", "london", "john"]
+
 
 
 @pytest.fixture(scope="session")
@@ -109,103 +89,15 @@ def tiny_tokenizer(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir))
 
 
-NER_TRAIN = """\
--DOCSTART- O
-
-John\tB-person
-opened\tO
-a\tO
-store\tO
-in\tO
-Paris\tB-location
-.\tO
-
-Apple\tB-corporation
-opened\tO
-in\tO
-London\tB-location
-
-the\tO
-store\tO
-of\tO
-John\tB-person
-Smith\tI-person
-"""
-
-
-def write_ner(folder: Path, n_repeat: int = 8) -> dict[str, Path]:
-    """Small train/dev/test CoNLL files (train repeated so a few epochs have some batches)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, repeat in (("train", n_repeat), ("dev", 2), ("test", 2)):
-        p = folder / f"{split}.conll"
-        body = NER_TRAIN.replace("-DOCSTART- O\n\n", "")
-        p.write_text("-DOCSTART- O\n\n" + "\n".join([body] * repeat), encoding="utf-8")
-        paths[split] = p
-    return paths
-
-
-GENERAL = textwrap.dedent("""\
-    The river runs slowly through the old town and the bridges cast long shadows.
-    Bread needs flour, water, salt and yeast, and time to rise in a cool kitchen.
-    Libraries are busy places where people read, learn and meet each other.
-    """) * 20
-
-
-def write_task_and_general(root: Path) -> dict[str, Path]:
-    """The small NER files plus a general text, under `root` (for module-scoped fixtures too)."""
-    paths = write_ner(root / "ner")
-    general = root / "general.txt"
-    general.write_text(GENERAL, encoding="utf-8")
-    paths["general"] = general
-    return paths
-
-
 @pytest.fixture
 def ner_files(tmp_path) -> dict[str, Path]:
     return write_task_and_general(tmp_path)
-
-
-def make_config(tmp_path: Path, model_dir: Path, files: dict, **overrides) -> Path:
-    """Write a tiny-run YAML config and return its path."""
-    import yaml
-
-    cfg = {
-        "model": {"name": str(model_dir), "max_length": 32},
-        "sources": {
-            "ner": {"objective": "token-classification", "train": str(files["train"]),
-                    "dev": str(files["dev"]), "test": str(files["test"])},
-            "general": {"objective": "masked-lm", "train": str(files["general"])},
-        },
-        "routing": {"weights": {"ner": 0.75, "general": 0.25}, "seed": 3},
-        "train": {"precision": "fp32", "device": "cpu", "epochs": 2, "batch_size": 4, "lr": 1e-3, "seed": 1, "progress": False,
-                  "early_stopping": {"metric": "ner/f1", "patience": 5}},
-        "run": {"name": "tiny", "output_dir": str(tmp_path / "runs")},
-    }
-    for key, value in overrides.items():
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(autouse=True)
 def _quiet_logs():
     logging.getLogger("routetune").setLevel(logging.WARNING)
     yield
-
-
-POLARITY = {
-    "pos": ["a great film and a joy", "the best store in london", "john is great", "a joy to watch",
-            "the film is a joy and great"],
-    "neg": ["a dull film", "the worst store of paris", "john is dull and slow", "a slow and dull film",
-            "the worst of the worst"],
-}
 
 
 @pytest.fixture

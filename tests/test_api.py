@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import make_config
+from support import make_config
 
 
 def test_the_python_api_from_a_fresh_interpreter(tmp_path, tiny_model_dir, ner_files):
@@ -176,7 +176,7 @@ def test_a_missing_tracker_package_is_refused_before_training(tracked_run, monke
 
 
 def test_a_resumed_run_continues_its_tracking(tracked_run):
-    from conftest import run_cli
+    from support import run_cli
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tracked_run.parent / "runs" / "tiny"

@@ -8,7 +8,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import make_config
+from support import make_config
 from routetune.cli import app
 from routetune.continual import format_matrix, run_continual, score
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CUDA, make_config, run_cli
+from support import CUDA, make_config, run_cli
 from routetune import device as dev
 from routetune.config import load_config
 from routetune.errors import ConfigError

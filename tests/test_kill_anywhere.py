@@ -13,11 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import forkserver
+from support import forkserver
 import pytest
 from safetensors.torch import load_file
 
-from conftest import cli_env, make_config, run_cli
+from support import cli_env, make_config, run_cli
 from routetune.training import checkpoint as ckpt
 
 STEPS = 10
@@ -82,8 +82,8 @@ def _launch(args: list[str], run_dir: Path, delay: float | None) -> tuple[int, f
 def run_with_random_kills(cfg: Path, run_dir: Path, seed: int, train_s: float, kills: int = 2) -> list:
     """Kill the first process and the resumes at seeded random moments of their training, then let
     the run finish. A first kill that lands before the first checkpoint (nothing to resume) or after
-    the end (this run trained faster than the reference) is tried again, later or earlier, so that
-    the run is always resumed at least once."""
+    the end (this run trained faster than the reference, or the kill came after summary.json was
+    written) is tried again, later or earlier, so that the run is always resumed at least once."""
     rng = random.Random(seed)
     # within the first 60% of the reference's training time: a kill after the end proves nothing
     delay = rng.uniform(0, 0.6 * train_s)
@@ -92,9 +92,10 @@ def run_with_random_kills(cfg: Path, run_dir: Path, seed: int, train_s: float, k
         if run_dir.exists():  # (with --overwrite, _launch would wait for the new plan to outgrow the old one)
             shutil.rmtree(run_dir)
         codes.append(_launch(["train", str(cfg), "--no-test"], run_dir, delay)[0])
-        if codes[-1] != 0 and ckpt.step_checkpoints(run_dir / "checkpoints"):
+        finished = codes[-1] == 0 or (run_dir / "summary.json").is_file()  # a kill after the summary is the end
+        if not finished and ckpt.step_checkpoints(run_dir / "checkpoints"):
             break  # killed mid-run, with a checkpoint to resume from
-        delay = delay / 3 if codes[-1] == 0 else min(2 * delay + 0.05 * train_s, 0.6 * train_s)
+        delay = delay / 3 if finished else min(2 * delay + 0.05 * train_s, 0.6 * train_s)
     for _ in range(kills - 1):
         if (run_dir / "summary.json").is_file() or not ckpt.step_checkpoints(run_dir / "checkpoints"):
             break
@@ -111,7 +112,7 @@ def resumes(run_dir: Path) -> int:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
-    from conftest import write_task_and_general
+    from support import write_task_and_general
 
     root = tmp_path_factory.mktemp("kill-ref")
     files = write_task_and_general(root)
@@ -149,7 +150,7 @@ def test_kill_inside_a_checkpoint_write_resumes_with_every_state_equal(tmp_path,
 @pytest.mark.slow
 def test_random_sigkills_on_the_real_minilm(tmp_path):
     """The same on the real minilm-l6 (22.7M parameters, a 90 MB checkpoint per step)."""
-    from conftest import GENERAL, write_ner
+    from support import GENERAL, write_ner
 
     files = write_ner(tmp_path / "ner")
     (tmp_path / "general.txt").write_text(GENERAL)

@@ -10,14 +10,14 @@ import shutil
 
 import pytest
 
-from conftest import make_config, run_cli
+from support import make_config, run_cli
 from routetune.training import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir):
     """A tiny finished run with a step checkpoint every step (copied by each test that changes it)."""
-    from conftest import write_task_and_general
+    from support import write_task_and_general
     from routetune.workflow import train
 
     tmp = tmp_path_factory.mktemp("lost")

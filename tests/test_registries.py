@@ -28,7 +28,7 @@ class NormsOnly(TrainedTensors):
 @pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
 def test_a_new_method_is_one_object_and_one_registry_row(tmp_path, tiny_model_dir, tiny_llama_dir, decoder,
                                                          monkeypatch):
-    from test_peft import check_method_contract
+    from support.methods import check_method_contract
 
     monkeypatch.setitem(methods.METHODS, NormsOnly.name, NormsOnly())  # the registry line
     check_method_contract(tmp_path, tiny_llama_dir if decoder else tiny_model_dir, decoder,
@@ -36,7 +36,7 @@ def test_a_new_method_is_one_object_and_one_registry_row(tmp_path, tiny_model_di
 
 
 def test_an_unknown_method_names_the_key_and_the_choices(tmp_path, tiny_model_dir):
-    from test_peft import _config
+    from support.methods import _config
 
     from routetune.errors import ConfigError
     from routetune.workflow import train

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_config, run_cli
+from support import make_config, run_cli
 from routetune.training import checkpoint as ckpt
 
 STEPS = 20
@@ -36,7 +36,7 @@ def _final(run_dir: Path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
-    from conftest import write_task_and_general
+    from support import write_task_and_general
 
     root = tmp_path_factory.mktemp("reference")
     files = write_task_and_general(root)
@@ -181,7 +181,7 @@ def test_non_finite_loss_policy(tmp_path, tiny_model_dir, ner_files, monkeypatch
 def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method):
     import yaml
 
-    from conftest import GENERAL
+    from support import GENERAL
 
     text = tmp_path / "t.txt"
     text.write_text(GENERAL)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import make_config, run_cli
+from support import make_config, run_cli
 from routetune.config import load_config
 from routetune.errors import ConfigError, RunError
 from routetune.runs import MARKER, RunLock, claim

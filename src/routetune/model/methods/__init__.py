@@ -18,7 +18,7 @@ method object, never its name.
 =================  ======================  =================================================
 
 Adding a method: a module here with a ``Method`` subclass, one line in :data:`METHODS`, one
-row in the contract table of ``tests/test_peft.py``.
+row in the contract table of ``tests/model/test_methods.py``.
 """
 
 from __future__ import annotations

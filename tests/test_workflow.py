@@ -2,11 +2,11 @@
 
 import json
 
-import forkserver
+from support import forkserver
 import pytest
 from typer.testing import CliRunner
 
-from conftest import cli_env, make_config, run_cli
+from support import cli_env, make_config, run_cli
 from routetune.cli import app
 from routetune.errors import ConfigError, DataError, ModelError, RunError
 from routetune.workflow import evaluate, train

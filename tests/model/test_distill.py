@@ -18,7 +18,7 @@ from routetune.workflow import train
 
 def _config(tmp_path, model_dir, peft, distill=1.0, cls_extra=None):
     """test_peft's two-source config (classification + general text), fp32, general distilled."""
-    from test_peft import _config as peft_config
+    from support.methods import _config as peft_config
 
     path = peft_config(tmp_path, model_dir, None, peft, {}, precision="fp32")
     cfg = yaml.safe_load(path.read_text())

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_config
+from support import make_config
 from routetune.config import load_config
 from routetune.errors import DataError, RunError
 from routetune.training.checkpoint import run_checkpoint

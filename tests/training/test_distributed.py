@@ -5,10 +5,10 @@ resumes exactly on 2 processes and with the same remaining plan on 1."""
 import json
 import string
 
-import forkserver
+from support import forkserver
 import pytest
 import torch
-from conftest import CUDA, WORDS, cli_env, make_config, write_task_and_general
+from support import CUDA, WORDS, cli_env, make_config, write_task_and_general
 from safetensors.torch import load_file
 
 from routetune.training import checkpoint as ckpt
@@ -131,7 +131,7 @@ def test_killed_on_two_resumes_exactly_on_two_and_with_the_same_plan_on_one(sett
 
 
 def test_a_rank_without_examples_gets_a_zero_weight_stand_in(tiny_tokenizer, tmp_path):
-    from test_router import _batches
+    from support.routing import _batches
 
     text = tmp_path / "t.txt"
     text.write_text("the apple store opened in paris . " * 50)

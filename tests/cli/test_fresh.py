@@ -1,7 +1,7 @@
 """Every subcommand once, successfully, in a fresh interpreter, as a user runs it.
 
 The rest of the suite forks command-line children from a process that has torch, transformers,
-peft and sklearn imported (tests/forkserver.py): fast, but a state no user has (code that checks
+peft and sklearn imported (tests/support/forkserver.py): fast, but a state no user has (code that checks
 `sys.modules`, or reads an environment variable at import, takes other branches there). These
 tests start `python -m routetune` anew for each command, with only the environment a user has.
 Marked `fresh`: `make test-fresh` (and CI) run them; `make test` leaves them out for speed.
@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import make_config
+from support import make_config
 
 pytestmark = pytest.mark.fresh
 
@@ -36,7 +36,7 @@ def fresh(*args, cwd=None, input_text: str | None = None, timeout: int = 300) ->
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir):
-    from conftest import write_task_and_general
+    from support import write_task_and_general
 
     tmp = tmp_path_factory.mktemp("fresh")
     files = write_task_and_general(tmp)

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 
-import forkserver
+from support import forkserver
 import pytest
 import yaml
 
-from conftest import cli_env, make_config, run_cli
+from support import cli_env, make_config, run_cli
 
 optuna = pytest.importorskip("optuna")
 
@@ -48,7 +48,7 @@ def _trials(study_dir):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir):
-    from conftest import write_task_and_general
+    from support import write_task_and_general
     from routetune.sweep.run import optimize
 
     tmp = tmp_path_factory.mktemp("sweep")
@@ -439,7 +439,7 @@ def test_ctrl_c_or_sigterm_stops_the_study_and_resume_continues_the_stopped_tria
 
 
 def test_a_retention_budget_marks_trials_infeasible_and_the_best_feasible_one_is_chosen(tmp_path, tiny_model_dir):
-    from conftest import write_task_and_general
+    from support import write_task_and_general
     from routetune.sweep.confirm import chosen_trials
     from routetune.sweep.run import optimize
     from routetune.sweep.study import retention_change

@@ -9,18 +9,18 @@ import subprocess
 import threading
 import time
 
-import forkserver
+from support import forkserver
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import make_config
+from support import make_config
 from routetune.serve.predictor import Predictor, item_from_text, item_from_tokens
 from routetune.serve.server import Limits, create_app
 
 
 @pytest.fixture(scope="module")
 def ner_run(tmp_path_factory, tiny_model_dir):
-    from conftest import write_task_and_general
+    from support import write_task_and_general
     from routetune.workflow import train
 
     tmp = tmp_path_factory.mktemp("serve")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_config
+from support import make_config
 from routetune.config import parse_config
 from routetune.data.plan import plan_run
 from routetune.errors import ConfigError

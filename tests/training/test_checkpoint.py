@@ -9,14 +9,14 @@ import shutil
 
 import pytest
 
-from conftest import make_config, run_cli
+from support import make_config, run_cli
 from routetune.errors import ConfigError, ModelError, RunError
 from routetune.training import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
-    from conftest import write_task_and_general
+    from support import write_task_and_general
     from routetune.workflow import train
 
     root = tmp_path_factory.mktemp("integrity")
@@ -55,7 +55,7 @@ def test_an_unlisted_file_is_refused(tmp_path, run):
 def test_an_adapter_refuses_a_changed_base(tmp_path, tiny_llama_dir):
     import yaml
 
-    from conftest import GENERAL
+    from support import GENERAL
     from routetune.model.routed import RoutedModel
     from routetune.workflow import train
 

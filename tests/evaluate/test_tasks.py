@@ -7,7 +7,7 @@ import torch
 from transformers import (BertForSequenceClassification, LlamaForCausalLM, LlamaForSequenceClassification,
                           LlamaForTokenClassification)
 
-from conftest import make_config
+from support import make_config
 from routetune.data.readers import read_examples
 from routetune.data.sources import encode_prompt
 from routetune.errors import ConfigError, DataError

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import make_config
+from support import make_config
 from routetune.model.methods import METHODS
 
 META = torch.device("meta")
@@ -89,7 +89,7 @@ def _train_one_step_of_each_source(setup):
 def _peft_config(tmp_path, model_dir, peft, distill=None):
     import yaml
 
-    from test_peft import _config
+    from support.methods import _config
 
     path = _config(tmp_path, model_dir, None, peft, {})
     if distill:

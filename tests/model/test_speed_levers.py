@@ -98,7 +98,7 @@ def test_attention_choice():
 
 
 def _lora_config(tmp_path, model_dir, **train):
-    from test_peft import _config
+    from support.methods import _config
 
     return _config(tmp_path, model_dir, True, {"method": "lora", "r": 4}, {}, precision="bf16", max_steps=4, **train)
 
@@ -124,7 +124,7 @@ def test_levers_keep_training_equivalent_and_checkpoints_fp32(tmp_path, tiny_lla
 
 
 def test_bf16_frozen_weights_say_where_they_are_skipped(tmp_path, tiny_llama_dir, caplog):
-    from test_peft import _config
+    from support.methods import _config
 
     from routetune.workflow import train
 

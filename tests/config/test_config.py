@@ -1,6 +1,7 @@
-from pathlib import Path
 
 import pytest
+
+from support import REPO
 import yaml
 
 from routetune.config import apply_override, load_config
@@ -110,11 +111,11 @@ def test_missing_config_file(tmp_path):
 def test_configuration_docs_are_current():
     from routetune.config_docs import render
 
-    doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    doc = REPO / "docs" / "configuration.md"
     assert doc.read_text() == render(), "regenerate: python -m routetune.config_docs > docs/configuration.md"
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_example_config_is_valid(path):
     """The shipped examples parse and validate (their data paths are not opened here)."""

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_config
+from support import make_config
 from routetune.errors import DataError, RoutetuneError
 from routetune.serve.limits import Limits
 from routetune.serve.predictor import parse_line
@@ -25,7 +25,7 @@ from routetune.serve.server import Batcher, check_exposure, create_app
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, tiny_model_dir):
-    from conftest import write_task_and_general
+    from support import write_task_and_general
     from routetune.runs import load_run
     from routetune.workflow import train
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_config
+from support import make_config
 
 READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
          torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.nonzero, torch.nonzero,
@@ -72,7 +72,7 @@ def _count(monkeypatch, config_path) -> list[list[str]]:
 def _peft_config(tmp_path, model_dir, peft, distill=None):
     import yaml
 
-    from test_peft import _config
+    from support.methods import _config
 
     path = _config(tmp_path, model_dir, None, peft, {}, max_steps=4, fused=True, max_grad_norm=1.0)
     cfg = yaml.safe_load(path.read_text())

@@ -7,10 +7,10 @@ import subprocess
 import sys
 import time
 
-import forkserver
+from support import forkserver
 import pytest
 
-from conftest import cli_env, make_config, run_cli
+from support import cli_env, make_config, run_cli
 
 
 @pytest.mark.parametrize("args, message", [
@@ -235,7 +235,7 @@ def test_evaluation_shows_progress_on_a_terminal_and_not_with_quiet(tmp_path, ti
 def test_train_prints_the_task_score_and_the_general_text_before_and_after(tmp_path, tiny_model_dir, ner_files):
     import json
 
-    from conftest import make_config
+    from support import make_config
 
     held = tmp_path / "held.txt"
     held.write_text("the store in paris opened a river of bread and salt . " * 30)

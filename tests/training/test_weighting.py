@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_config
+from support import make_config
 from routetune.config import load_config
 
 
@@ -51,7 +51,7 @@ def test_grad_accum_equals_one_batch_encoder(tmp_path, tiny_model_dir, ner_files
 def test_grad_accum_equals_one_batch_causal_lm_and_classification(tmp_path, tiny_llama_dir, class_files):
     import yaml
 
-    from conftest import GENERAL
+    from support import GENERAL
 
     text = tmp_path / "t.txt"
     text.write_text(GENERAL)

@@ -6,11 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routetune.data.mixing import Schedule
-from routetune.data.plan import RoutedBatches
-from routetune.data.readers import Sentence
 from routetune.data.router import AdaptiveRouter, IIDRouter, InterleavedRouter
-from routetune.data.sources import LabelledSource
 from routetune.data.text import TextStream, text_parts
+from support.routing import _batches, _labelled
 
 weights_st = st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=6).filter(lambda w: sum(w) > 1e-3)
 
@@ -78,29 +76,11 @@ def test_same_seed_same_plan_other_seed_other_plan(w, seed):
     assert a == b and a != c
 
 
-def _labelled(tokenizer, name="ner", n=23):
-    sents = [Sentence(["the", "store"] * (i % 3 + 1), ["O", "O"] * (i % 3 + 1), i) for i in range(n)]
-    return LabelledSource(name, sents, ["O"], tokenizer, 32, seed=5)
-
-
 @pytest.fixture
 def text_file(tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("".join(f"the river {i} runs slowly through the old town\n" for i in range(300)))
     return p
-
-
-def _batches(tokenizer, text_file, strategy="iid", granularity="batch", rank=0, world=1, on_exhausted="restart"):
-    sources = {"ner": _labelled(tokenizer), "aux": _labelled(tokenizer, "aux", 11),
-               "general": TextStream("general", text_parts([text_file]), tokenizer, 16, seed=9, shuffle_buffer=8)}
-    p = probs([0.5, 0.2, 0.3])
-    names = list(sources)
-    r = {"iid": IIDRouter, "interleaved": InterleavedRouter}.get(strategy)
-    if r is None:
-        r = AdaptiveRouter(names, Schedule("constant", p), 11, 100, eta=1.0, floor=0.05, smoothing=0.5, update_every=2)
-    else:
-        r = r(names, Schedule("constant", p), 11, 100)
-    return RoutedBatches(r, sources, 6, granularity, on_exhausted, rank, world)
 
 
 def _trace(parts):

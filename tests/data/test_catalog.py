@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from support import REPO
+
+from support import run_cli
 from routetune.data import catalog
 from routetune.data.catalog import CATALOG, DataSet, fetch, tree_digest
 from routetune.errors import DataError, RoutetuneError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = REPO.parent / "shared" / "data"
 
 
 def _files_set(tmp_path: Path, corrupt: bool = False) -> DataSet:

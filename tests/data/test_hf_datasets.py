@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run_cli
+from support import run_cli
 from safetensors.torch import load_file
 
 datasets = pytest.importorskip("datasets")
