@@ -136,7 +136,9 @@ def fp16(out, models, data, device):
     if device != "cuda":
         print("skipped: fp16 with a gradient scaler is a GPU setting")
         return
-    cli("train", write(out, "fp16", ner(out, models, data, device, "fp16", max_steps=10, precision="fp16")), "--no-test")
+    cli(
+        "train", write(out, "fp16", ner(out, models, data, device, "fp16", max_steps=10, precision="fp16")), "--no-test"
+    )
     state = json.loads(next((out / "runs" / "fp16" / "checkpoints").glob("step-00000010/trainer_state.json"))
                        .read_text())
     scale = state["grad_scaler"]["scale"]
@@ -258,7 +260,9 @@ def resume_cpu(out, models, data, device):
     cli("resume", out / "runs" / "gpu-kill", "--device", "cpu", "--precision", "fp32", "--no-test")
     a, b = ((out / "runs" / r / "plan.jsonl").read_text() for r in ("gpu-whole", "gpu-kill"))
     assert a == b, "the resumed run's plan differs"
-    print("plan identical;", [h["device"] for h in json.loads((out / "runs" / "gpu-kill" / "hardware.json").read_text())])
+    print(
+        "plan identical;", [h["device"] for h in json.loads((out / "runs" / "gpu-kill" / "hardware.json").read_text())]
+    )
 
 
 if __name__ == "__main__":

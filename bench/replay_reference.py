@@ -161,7 +161,11 @@ def run_hf(seed: int, share: float, steps: int, precision: str, extra: list[str]
     class Reference(Trainer):
         def _get_train_sampler(self, *args, **kwargs):
             # routetune's order instead of the Trainer's shuffle
-            return SequentialSampler(self.train_dataset) if order is not None else super()._get_train_sampler(*args, **kwargs)
+            return (
+                SequentialSampler(self.train_dataset)
+                if order is not None
+                else super()._get_train_sampler(*args, **kwargs)
+            )
 
         def compute_loss(self, *args, **kwargs):
             loss = super().compute_loss(*args, **kwargs)

@@ -201,7 +201,11 @@ async def load(port: int, texts: list[str], clients: int, duration: float, expec
                 if expected is not None:
                     got = r.json()["results"][0]
                     want = expected[text]
-                    if (got["entities"], got["tags"], got["tokens"]) != (want["entities"], want["tags"], want["tokens"]):
+                    if (got["entities"], got["tags"], got["tokens"]) != (
+                        want["entities"],
+                        want["tags"],
+                        want["tokens"],
+                    ):
                         mismatches.append(text)
             elif code == 503:
                 await asyncio.sleep(0.1)  # a client backs off on 503 (100 ms; the server suggests Retry-After: 1)
@@ -223,10 +227,19 @@ async def load(port: int, texts: list[str], clients: int, duration: float, expec
     def pct(p):
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
 
-    return {"elapsed": elapsed, "codes": dict(sorted(codes.items())), "ok_per_s": codes.get(200, 0) / elapsed,
-            "p50_ms": pct(0.5), "p99_ms": pct(0.99), "mismatches": len(mismatches), "mismatch_examples": mismatches[:3],
-            "slow_clients": stalls, "flood": floods, "healthz_p50_ms": 1000 * health[len(health) // 2] if health else float("nan"),
-            "healthz_max_ms": 1000 * health[-1] if health else float("nan")}
+    return {
+        "elapsed": elapsed,
+        "codes": dict(sorted(codes.items())),
+        "ok_per_s": codes.get(200, 0) / elapsed,
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+        "mismatches": len(mismatches),
+        "mismatch_examples": mismatches[:3],
+        "slow_clients": stalls,
+        "flood": floods,
+        "healthz_p50_ms": 1000 * health[len(health) // 2] if health else float("nan"),
+        "healthz_max_ms": 1000 * health[-1] if health else float("nan"),
+    }
 
 
 def run_server(cmd: list[str], port: int, texts: list[str], clients: int, duration: float, expected, label: str,
@@ -252,16 +265,31 @@ def run_server(cmd: list[str], port: int, texts: list[str], clients: int, durati
             proc.kill()
     result.update(rss_before_mb=before, rss_after_mb=after, rss_growth=after / before - 1)
     five = sum(n for c, n in result["codes"].items() if c >= 500 and c != 503)
-    print(f"{label:10s} {result['ok_per_s']:7.1f} answers/s  p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  "
-          f"codes {result['codes']}  5xx other than 503: {five}  RSS {before:.0f} -> {after:.0f} MB "
-          f"({100 * result['rss_growth']:+.1f}%)" + (f"  answers != offline: {result['mismatches']}"
-                                                     if expected is not None else ""), flush=True)
-    print(f"{'':10s} /healthz during the load: p50 {result['healthz_p50_ms']:.1f} ms, max {result['healthz_max_ms']:.1f} ms"
-          + (f"; slow clients {result['slow_clients']}" if slow_clients else "")
-          + (f"; flood ({idle_clients} idle + {trickle_clients} trickling) {result['flood']}"
-             if idle_clients or trickle_clients else "")
-          + (f"; during one maximal request ({result['big_status']}): max {result['big_healthz_max_ms']:.1f} ms over "
-             f"{result['big_healthz_polls']} polls" if "big_status" in result else ""), flush=True)
+    print(
+        f"{label:10s} {result['ok_per_s']:7.1f} answers/s  p50 {result['p50_ms']:7.1f} ms  "
+        f"p99 {result['p99_ms']:7.1f} ms  "
+        f"codes {result['codes']}  5xx other than 503: {five}  RSS {before:.0f} -> {after:.0f} MB "
+        f"({100 * result['rss_growth']:+.1f}%)"
+        + (f"  answers != offline: {result['mismatches']}" if expected is not None else ""),
+        flush=True,
+    )
+    print(
+        f"{'':10s} /healthz during the load: p50 {result['healthz_p50_ms']:.1f} ms, "
+        f"max {result['healthz_max_ms']:.1f} ms"
+        + (f"; slow clients {result['slow_clients']}" if slow_clients else "")
+        + (
+            f"; flood ({idle_clients} idle + {trickle_clients} trickling) {result['flood']}"
+            if idle_clients or trickle_clients
+            else ""
+        )
+        + (
+            f"; during one maximal request ({result['big_status']}): max {result['big_healthz_max_ms']:.1f} ms over "
+            f"{result['big_healthz_polls']} polls"
+            if "big_status" in result
+            else ""
+        ),
+        flush=True,
+    )
     return result
 
 

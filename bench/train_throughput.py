@@ -32,7 +32,8 @@ of the child, and achieved training FLOP/s as a share of the matmul peak (in the
 machine's speed moves by 2-3x between minutes, so one measurement is not enough). Training FLOPs
 are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward+backward
 of a padding-free batch of the work's mean length gives FLOPs per token, which is multiplied by
-the tokens/s. The ratio routetune/HF is printed against the reference's best setting. For routetune, one more step after the timed ones is profiled: the share of the step
+the tokens/s. The ratio routetune/HF is printed against the reference's best setting. For
+routetune, one more step after the timed ones is profiled: the share of the step
 its matrix multiplications take and the rate they run at, as a share of the peak (what a step of
 matmuls alone would reach; see matmul_profile).
 """

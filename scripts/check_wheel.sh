@@ -29,7 +29,7 @@ PY
 $RT --version
 cp -r "$REPO/examples" "$TMP/examples"
 $RT validate "$TMP/examples/quickstart.yaml"
-"$TMP/venv/bin/python" -m routetune.config_docs > "$TMP/configuration.md"
+"$TMP/venv/bin/python" -m routetune.config.docs > "$TMP/configuration.md"
 diff -q "$TMP/configuration.md" "$REPO/docs/configuration.md"
 echo "== a tiny run with the installed wheel"
 "$TMP/venv/bin/python" - <<'PY'

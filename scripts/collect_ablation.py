@@ -15,8 +15,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         ner, clm = r["ner"]["routetune"]["tokens_per_s"], r["clm"]["routetune"]["tokens_per_s"]
-        rel = (f"{ner / base['ner']['routetune']['tokens_per_s']:.2f}x", f"{clm / base['clm']['routetune']['tokens_per_s']:.2f}x") \
-            if base else ("-", "-")
+        rel = (
+            (
+                f"{ner / base['ner']['routetune']['tokens_per_s']:.2f}x",
+                f"{clm / base['clm']['routetune']['tokens_per_s']:.2f}x",
+            )
+            if base
+            else ("-", "-")
+        )
         print(f"| {name} | `{' '.join(r['overrides']) or '-'}` | {ner:.0f} | {rel[0]} | {clm:.0f} | {rel[1]} |")
 
 

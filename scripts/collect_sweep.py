@@ -31,8 +31,15 @@ def describe(cfg: dict) -> str:
 
 
 def main(names: list[str]) -> None:
-    runs = [ROOT / "runs" / n for n in names] if names else \
-        sorted((ROOT / "runs").glob("shakespeare-smollm2-*")) + sorted((ROOT / "runs").glob("sweep-*"), key=lambda p: (p / "config.yaml").stat().st_mtime if (p / "config.yaml").exists() else 0)
+    runs = (
+        [ROOT / "runs" / n for n in names]
+        if names
+        else sorted((ROOT / "runs").glob("shakespeare-smollm2-*"))
+        + sorted(
+            (ROOT / "runs").glob("sweep-*"),
+            key=lambda p: (p / "config.yaml").stat().st_mtime if (p / "config.yaml").exists() else 0,
+        )
+    )
     # HF reference (issue #9): 25% replay domain 57.96 -> 37.80 (ratio 0.6522), general +1.8%;
     # sweep goal: domain <= 37.5 (ratio 0.6470 of the same base) and general under +1.0%.
     print("| run | routing | domain ppl before -> after (ratio) | general (WikiText-2) ppl before -> after | "

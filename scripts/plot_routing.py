@@ -56,7 +56,9 @@ def plot_schedule() -> None:
         sch = Schedule(kind, np.array([0.5, 0.5]), np.array([0.9, 0.1]))
         _, picks = realised(InterleavedRouter(NAMES, sch, 0, steps), steps)
         windowed = np.convolve(picks == 1, np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(window // 2, steps - window // 2 + 1), windowed, label=f"{kind}: realised ({window}-step window)")
+        ax.plot(
+            np.arange(window // 2, steps - window // 2 + 1), windowed, label=f"{kind}: realised ({window}-step window)"
+        )
         ax.plot([sch.at(s / steps)[1] for s in range(steps)], "k--" if kind == "linear" else "k:", lw=1,
                 label=f"{kind}: target")
     ax.set(title="schedule: general 0.5 -> 0.1 (interleaved)", xlabel="step", ylabel="share of 'general'")

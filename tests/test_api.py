@@ -216,7 +216,9 @@ def test_wandb_receives_the_metrics_and_a_resume_continues_its_run(tmp_path, tin
     fake.init = lambda **kw: calls["init"].append(kw) or FakeRun()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
-    path = make_config(tmp_path, tiny_model_dir, ner_files, **{"train.report_to": ["wandb"], "train.eval_every_steps": 4})
+    path = make_config(
+        tmp_path, tiny_model_dir, ner_files, **{"train.report_to": ["wandb"], "train.eval_every_steps": 4}
+    )
     run_dir, _ = train(path)
     (init,) = calls["init"]
     assert init["project"] == "routetune" and init["name"] == run_dir.name and init["dir"] == str(run_dir)

@@ -95,7 +95,9 @@ def test_bad_precision_names_the_key():
 
 def test_config_refuses_an_unknown_device_with_its_line(tmp_path, tiny_model_dir, ner_files):
     path = make_config(tmp_path, tiny_model_dir, ner_files, **{"train.device": "gpu"})
-    with pytest.raises(ConfigError, match=r"tiny\.yaml:\d+: train\.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
+    with pytest.raises(
+        ConfigError, match=r"tiny\.yaml:\d+: train\.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"
+    ):
         load_config(path)
     assert load_config(make_config(tmp_path, tiny_model_dir, ner_files)).train.precision == "fp32"  # the test default
 
@@ -248,7 +250,11 @@ def test_learning_rate_schedules(tmp_path, tiny_model_dir, ner_files, schedule):
         seen.append(trainer.scheduler.get_last_lr()[0])
         trainer.optimizer.step()
         trainer.scheduler.step()
-    after = {"linear": lambda p: 1 - p, "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)), "constant": lambda p: 1.0}
+    after = {
+        "linear": lambda p: 1 - p,
+        "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)),
+        "constant": lambda p: 1.0,
+    }
     expected = [1e-3 * (s / 2 if s < 2 else after[schedule]((s - 2) / 8)) for s in range(10)]
     assert seen == pytest.approx(expected, rel=1e-6)
 

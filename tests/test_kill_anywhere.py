@@ -26,10 +26,23 @@ TIMING = ("train_seconds",)  # wall-clock, the one field that may differ
 
 
 def _config(root: Path, model_dir, files, name: str, **extra) -> Path:
-    return make_config(root / name, model_dir, files, **{
-        "train.max_steps": STEPS, "train.save_every_steps": 1, "train.keep_last": 3, "train.batch_size": 3,
-        "train.lr": 5e-3, "train.eval_each_epoch": False, "run.name": "run", "run.output_dir": str(root / name / "runs"),
-        "routing.weights": {"ner": 0.6, "general": 0.4}, **extra})
+    return make_config(
+        root / name,
+        model_dir,
+        files,
+        **{
+            "train.max_steps": STEPS,
+            "train.save_every_steps": 1,
+            "train.keep_last": 3,
+            "train.batch_size": 3,
+            "train.lr": 5e-3,
+            "train.eval_each_epoch": False,
+            "run.name": "run",
+            "run.output_dir": str(root / name / "runs"),
+            "routing.weights": {"ner": 0.6, "general": 0.4},
+            **extra,
+        },
+    )
 
 
 def final_state(run_dir: Path) -> dict:

@@ -187,11 +187,21 @@ def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method):
     text.write_text(GENERAL)
     runs = {}
     for name, fault in (("ref", None), ("killed", "after_step:5")):
-        cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 24},
-               "sources": {"lm": {"objective": "causal-lm", "train": str(text), "text": {"stream": False}}},
-               "peft": {"method": method, "r": 2, "adapter_size": 4},
-               "train": {"precision": "fp32", "device": "cpu", "max_steps": 8, "batch_size": 3, "lr": 1e-2, "progress": False, "save_every_steps": 4},
-               "run": {"name": "run", "output_dir": str(tmp_path / name)}}
+        cfg = {
+            "model": {"name": str(tiny_llama_dir), "max_length": 24},
+            "sources": {"lm": {"objective": "causal-lm", "train": str(text), "text": {"stream": False}}},
+            "peft": {"method": method, "r": 2, "adapter_size": 4},
+            "train": {
+                "precision": "fp32",
+                "device": "cpu",
+                "max_steps": 8,
+                "batch_size": 3,
+                "lr": 1e-2,
+                "progress": False,
+                "save_every_steps": 4,
+            },
+            "run": {"name": "run", "output_dir": str(tmp_path / name)},
+        }
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         proc = _cli("train", str(path), fault=fault, check=fault is None)

@@ -29,7 +29,9 @@ def test_overwrite_refuses_a_folder_routetune_did_not_write(tmp_path, tiny_model
     (mine / "sub").mkdir(parents=True)
     (mine / "important.txt").write_text("keep me")
     (mine / "sub" / "notes.md").write_text("and me")
-    path = make_config(tmp_path, tiny_model_dir, ner_files, **{"run.name": "mine", "run.output_dir": str(tmp_path / "runs")})
+    path = make_config(
+        tmp_path, tiny_model_dir, ner_files, **{"run.name": "mine", "run.output_dir": str(tmp_path / "runs")}
+    )
     proc = run_cli("train", str(path), "--overwrite", check=False)
     assert proc.returncode == 2
     assert "replaces only a run folder routetune wrote" in proc.stderr and "nothing was deleted" in proc.stderr

@@ -5,10 +5,10 @@ import os
 # Transparent huge pages for PyTorch's large CPU buffers (torch's own switch: c10's CPU allocator
 # madvises MADV_HUGEPAGE on allocations of 2 MB and more when THP_MEM_ALLOC_ENABLE is set). A
 # training step frees and re-allocates its big buffers (gradients, logits, activations); with 4 KB
-# pages every step page-faults them in again (~12,900 faults per WNUT-17 step on minilm-l6, most
-# of them its 47 MB word-embedding gradient; ~1,460 with huge pages: bench/thp_ab.py). Torch reads
+# pages every step page-faults them in again (the word-embedding gradient most of all). Torch reads
 # the variable once per process, so it is set on import, before routetune imports torch; a value
-# the user set (e.g. THP_MEM_ALLOC_ENABLE=0) is kept. Measured in docs/benchmarks.md (speed levers).
+# the user set (e.g. THP_MEM_ALLOC_ENABLE=0) is kept. Measured in docs/benchmarks.md (speed levers,
+# `bench/ab.py --lever huge-pages`).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from routetune.errors import ConfigError, DataError, RoutetuneError, RunError  # noqa: E402

@@ -70,7 +70,9 @@ def _replaceable(out: Path) -> bool:
     return EXPORT_MARKER in names or (bool(names) and names <= {"lm", "adapter", "heads"})
 
 
-def export(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = False, overwrite: bool = False) -> list[str]:
+def export(
+    run_dir: Path, out: Path, checkpoint: str = "best", merge: bool = False, overwrite: bool = False
+) -> list[str]:
     """Write the export into a temporary folder beside `out`, then put it in place. Nothing at
     `out` is touched until the run has loaded and the export is complete; --overwrite replaces
     only an earlier export (never other files), and the old one is removed after the swap."""

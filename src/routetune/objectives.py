@@ -61,7 +61,8 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("causal-lm", {"text": "text", "jsonl": "prompts", "chat": "prompts", "alpaca": "prompts",
                              "dataset": "prompts", "dataset-text": "text"}, ("perplexity",), lm_loss="causal-lm",
                    backbone="decoder", generation_metrics=("exact_match", "token_f1")),
-    Objective("masked-lm", {"text": "text", "dataset-text": "text"}, ("mlm_loss",), lm_loss="masked-lm", backbone="encoder"),
+    Objective("masked-lm", {"text": "text", "dataset-text": "text"}, ("mlm_loss",), lm_loss="masked-lm",
+              backbone="encoder"),
     Objective("language-modeling", {"text": "text", "dataset-text": "text"}, ("perplexity",), backbone="follow"),
 )}
 """The objectives a source (or an `evals` set, for the LM ones) can name."""

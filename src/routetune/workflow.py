@@ -106,7 +106,8 @@ def train_config(cfg: Config, run_dir: Path, overwrite: bool = False, run_test: 
     if world.main:
         check_claimable(run_dir, overwrite)  # refuse before any heavy work
     with _HeldLogs() as held:
-        setup = prepare(cfg, world=world)  # reads and checks all data, loads the model: fails before the folder is touched
+        # reads and checks all data, loads the model: fails before the folder is touched
+        setup = prepare(cfg, world=world)
     if not world.main:  # rank 0 claims and writes the run folder
         world.barrier()
         return _run(setup, run_dir, run_test, resume_from=None)

@@ -168,7 +168,9 @@ def test_predict_keeps_lines_and_ids(tmp_path, tiny_model_dir, ner_files):
 
     run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 2}))
     src = tmp_path / "in.jsonl"
-    src.write_text('{"id": "a-1", "text": "John in Paris"}\n\nApple in London\n{"id": 7, "tokens": ["John", "Smith"]}\n')
+    src.write_text(
+        '{"id": "a-1", "text": "John in Paris"}\n\nApple in London\n{"id": 7, "tokens": ["John", "Smith"]}\n'
+    )
     out = [json.loads(x) for x in run_cli("predict", str(run_dir), str(src)).stdout.splitlines()]
     assert len(out) == 4  # one answer per input line, the blank one included
     assert out[0]["id"] == "a-1" and out[0]["tokens"] == ["John", "in", "Paris"]

@@ -106,7 +106,9 @@ def test_decoder_train_and_generate(tmp_path, tiny_llama_dir):
 def test_continual_sweep_data_and_version(tmp_path, tiny_model_dir, ner_files):
     tasks = []
     for name in ("ner", "ner2"):  # two tasks, each with a source of its own
-        cfg = yaml.safe_load(make_config(tmp_path / name, tiny_model_dir, ner_files, **{"train.max_steps": 3}).read_text())
+        cfg = yaml.safe_load(
+            make_config(tmp_path / name, tiny_model_dir, ner_files, **{"train.max_steps": 3}).read_text()
+        )
         cfg["sources"] = {name: cfg["sources"]["ner"], "general": cfg["sources"]["general"]}
         cfg["routing"]["weights"] = {name: 0.75, "general": 0.25}
         cfg["train"]["early_stopping"]["metric"] = f"{name}/f1"

@@ -109,10 +109,10 @@ def test_missing_config_file(tmp_path):
 
 
 def test_configuration_docs_are_current():
-    from routetune.config_docs import render
+    from routetune.config.docs import render
 
     doc = REPO / "docs" / "configuration.md"
-    assert doc.read_text() == render(), "regenerate: python -m routetune.config_docs > docs/configuration.md"
+    assert doc.read_text() == render(), "regenerate: python -m routetune.config.docs > docs/configuration.md"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")),

@@ -29,13 +29,22 @@ pieces = st.sampled_from([b"John", b"B-PER", b"I-LOC", b"O", b"X-Y", b"B-", b"\t
                           b"*** END OF", b"\x00", b"#", b"a" * 300])
 files = st.one_of(st.binary(max_size=400), st.lists(pieces, max_size=60).map(b"".join))
 
-json_lines = st.lists(st.one_of(
-    st.fixed_dictionaries({}, optional={"text": st.one_of(st.text(max_size=20), st.integers(), st.none(), st.lists(st.integers())),
-                                        "label": st.one_of(st.sampled_from(["a", "b", ""]), st.integers(), st.floats(), st.booleans()),
-                                        "prompt": st.one_of(st.text(max_size=10), st.integers()),
-                                        "completion": st.one_of(st.text(max_size=10), st.none())}),
-    st.integers(), st.text(max_size=5)), max_size=8).map(
-    lambda rows: "\n".join(__import__("json").dumps(r) for r in rows).encode())
+json_lines = st.lists(
+    st.one_of(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "text": st.one_of(st.text(max_size=20), st.integers(), st.none(), st.lists(st.integers())),
+                "label": st.one_of(st.sampled_from(["a", "b", ""]), st.integers(), st.floats(), st.booleans()),
+                "prompt": st.one_of(st.text(max_size=10), st.integers()),
+                "completion": st.one_of(st.text(max_size=10), st.none()),
+            },
+        ),
+        st.integers(),
+        st.text(max_size=5),
+    ),
+    max_size=8,
+).map(lambda rows: "\n".join(__import__("json").dumps(r) for r in rows).encode())
 csv_lines = st.lists(st.lists(st.sampled_from(["text", "label", "a", "b", '"', '"x,y"', "", " ", "\t"]), max_size=4),
                      max_size=6).map(lambda rows: "\n".join(",".join(r) for r in rows).encode())
 
@@ -123,13 +132,21 @@ def predict_case(line, fmt):
 CASES = {
     "conll": (conll_case, (files, st.sampled_from(["iob1", "iob2"]), st.integers(-3, 3), st.integers(-3, 3))),
     "text": (text_case, (files, st.booleans())),
-    "classification": (examples_case, (st.one_of(files, json_lines, csv_lines), st.sampled_from(["csv", "tsv", "jsonl"]))),
+    "classification": (
+        examples_case,
+        (st.one_of(files, json_lines, csv_lines), st.sampled_from(["csv", "tsv", "jsonl"])),
+    ),
     "class-folders": (folder_case, (st.lists(st.tuples(st.sampled_from(["pos", "neg", "x"]), files), max_size=4),)),
     "prompt-completion": (prompts_case, (st.one_of(files, json_lines),)),
     "config-text": (config_case, (yaml_texts,)),
     "config-tree": (tree_case, (trees, st.text(max_size=30))),
-    "predict-line": (predict_case, (st.one_of(st.text(max_size=200), trees.map(lambda t: yaml.safe_dump(t))),
-                                    st.sampled_from(["auto", "lines", "jsonl"]))),
+    "predict-line": (
+        predict_case,
+        (
+            st.one_of(st.text(max_size=200), trees.map(lambda t: yaml.safe_dump(t))),
+            st.sampled_from(["auto", "lines", "jsonl"]),
+        ),
+    ),
 }
 
 

@@ -31,11 +31,23 @@ def _ner_dataset(ner_files, folder):
 
 
 def _config(tmp_path, model_dir, source, general=None, **train):
-    cfg = {"model": {"name": str(model_dir), "max_length": 32},
-           "sources": {"task": source, **({"general": {"objective": "masked-lm", "train": str(general)}} if general else {})},
-           "train": {"precision": "fp32", "device": "cpu", "epochs": 1, "batch_size": 4, "progress": False,
-                     "log_plan": True, **train},
-           "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}
+    cfg = {
+        "model": {"name": str(model_dir), "max_length": 32},
+        "sources": {
+            "task": source,
+            **({"general": {"objective": "masked-lm", "train": str(general)}} if general else {}),
+        },
+        "train": {
+            "precision": "fp32",
+            "device": "cpu",
+            "epochs": 1,
+            "batch_size": 4,
+            "progress": False,
+            "log_plan": True,
+            **train,
+        },
+        "run": {"name": "r", "output_dir": str(tmp_path / "runs")},
+    }
     if general:
         cfg["routing"] = {"weights": {"task": 0.75, "general": 0.25}}
     path = tmp_path / "c.yaml"
@@ -95,7 +107,9 @@ def test_dataset_mistakes_name_the_dataset_split_and_column(tmp_path, tiny_model
     with pytest.raises(DataError, match=r"ds\[train\]: no column 'tokens' \(columns: words, ner_tags\); map it"):
         train(_config(tmp_path, tiny_model_dir, base))
     base["dataset"].update(columns={"tokens": "words", "tags": "ner_tags"}, dev="dev")
-    with pytest.raises(ConfigError, match=r"sources.task.dataset: .* has no split 'dev' \(splits: train, validation, test\)"):
+    with pytest.raises(
+        ConfigError, match=r"sources.task.dataset: .* has no split 'dev' \(splits: train, validation, test\)"
+    ):
         train(_config(tmp_path, tiny_model_dir, base))
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
         train(_config(tmp_path, tiny_model_dir, {"objective": "token-classification",
@@ -110,7 +124,9 @@ def test_general_text_from_a_dataset_column_trains_like_the_same_text_file(tmp_p
                                                                            monkeypatch):
     monkeypatch.setenv("ROUTETUNE_CACHE", str(tmp_path / "cache"))
     rows = [line for line in ner_files["general"].read_text().splitlines() if line.strip()]
-    datasets.Dataset.from_dict({"content": rows, "id": list(range(len(rows)))}).to_parquet(str(tmp_path / "wiki.parquet"))
+    datasets.Dataset.from_dict({"content": rows, "id": list(range(len(rows)))}).to_parquet(
+        str(tmp_path / "wiki.parquet")
+    )
     task = {"objective": "token-classification", "train": str(ner_files["train"]), "dev": str(ner_files["dev"]),
             "test": str(ner_files["test"])}
     path = _config(tmp_path, tiny_model_dir, task, ner_files["general"], max_steps=6)

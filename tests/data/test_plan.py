@@ -13,11 +13,16 @@ from routetune.workflow import train
 
 
 def cfg(routing=None, train_cfg=None):
-    raw = {"model": {"name": "x"},
-           "sources": {"task": {"objective": "token-classification", "train": "t.conll"},
-                       "aux": {"objective": "token-classification", "train": "a.conll"},
-                       "general": {"objective": "masked-lm", "train": "g.txt"}},
-           "routing": routing or {}, "train": {"precision": "fp32", "device": "cpu", "batch_size": 10, "epochs": 2, **(train_cfg or {})}}
+    raw = {
+        "model": {"name": "x"},
+        "sources": {
+            "task": {"objective": "token-classification", "train": "t.conll"},
+            "aux": {"objective": "token-classification", "train": "a.conll"},
+            "general": {"objective": "masked-lm", "train": "g.txt"},
+        },
+        "routing": routing or {},
+        "train": {"precision": "fp32", "device": "cpu", "batch_size": 10, "epochs": 2, **(train_cfg or {})},
+    }
     return parse_config(raw)
 
 
@@ -53,18 +58,35 @@ def test_counts_define_mixture_epochs():
         plan_run(cfg({"counts": {"task": {"repeat": 1}, "aux": {"repeat": 1}, "general": {"repeat": 1}}}), SIZES)
 
 
-@pytest.mark.parametrize("routing, message", [
-    ({"weights": {"task": 1, "aux": 1, "general": 1}, "temperature": 2.0}, "exactly one of weights, temperature or counts"),
-    ({"weights": {"task": 1, "aux": 1}}, "routing.weights: missing source 'general'"),
-    ({"counts": {"task": {"repeat": 1, "choose": 3}, "aux": {"choose": 1}, "general": {"choose": 1}}},
-     "routing.counts.task: give exactly one of repeat or choose"),
-    ({"schedule": {"kind": "linear"}}, "routing.schedule.end: required"),
-    ({"schedule": {"kind": "stages", "stages": [{"until": 0.5, "weights": {"task": 1, "aux": 0, "general": 1}}]}},
-     "last stage must end at until: 1.0"),
-    ({"strategy": "adaptive", "schedule": {"kind": "linear", "end": {"task": 1, "aux": 1, "general": 0}}},
-     "adaptive strategy sets its own weights"),
-    ({"loss_weights": {"nope": 1}}, "routing.loss_weights.nope: no source named"),
-])
+@pytest.mark.parametrize(
+    "routing, message",
+    [
+        (
+            {"weights": {"task": 1, "aux": 1, "general": 1}, "temperature": 2.0},
+            "exactly one of weights, temperature or counts",
+        ),
+        ({"weights": {"task": 1, "aux": 1}}, "routing.weights: missing source 'general'"),
+        (
+            {"counts": {"task": {"repeat": 1, "choose": 3}, "aux": {"choose": 1}, "general": {"choose": 1}}},
+            "routing.counts.task: give exactly one of repeat or choose",
+        ),
+        ({"schedule": {"kind": "linear"}}, "routing.schedule.end: required"),
+        (
+            {
+                "schedule": {
+                    "kind": "stages",
+                    "stages": [{"until": 0.5, "weights": {"task": 1, "aux": 0, "general": 1}}],
+                }
+            },
+            "last stage must end at until: 1.0",
+        ),
+        (
+            {"strategy": "adaptive", "schedule": {"kind": "linear", "end": {"task": 1, "aux": 1, "general": 0}}},
+            "adaptive strategy sets its own weights",
+        ),
+        ({"loss_weights": {"nope": 1}}, "routing.loss_weights.nope: no source named"),
+    ],
+)
 def test_conflicts_refused(routing, message):
     with pytest.raises(ConfigError, match=message):
         cfg(routing)

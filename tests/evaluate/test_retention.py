@@ -41,7 +41,10 @@ def _direct_mlm_retention(model_dir, run_dir, general, cfg_path):
     content = cfg.model.max_length - len(prefix) - len(suffix)
 
     def blocks(path, n=None):
-        out = [prefix + b + suffix for b in iter_blocks(text_parts(resolve_text_files(str(path), "*.txt")), tok, content, False)]
+        out = [
+            prefix + b + suffix
+            for b in iter_blocks(text_parts(resolve_text_files(str(path), "*.txt")), tok, content, False)
+        ]
         return out[:n]
 
     fit_blocks = blocks(general, cfg.retention.fit_blocks)
@@ -84,12 +87,20 @@ def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog)
     text.write_text(GENERAL)
     held = tmp_path / "held.txt"
     held.write_text("the store in paris opened a river of bread and salt . " * 30)
-    cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 16},
-           "sources": {"domain": {"objective": "causal-lm", "train": str(text), "text": {"stream": False},
-                                  "holdout": {"test": 0.2}}},
-           "train": {"precision": "fp32", "device": "cpu", "max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False},
-           "evals": {"held": {"path": str(held)}},
-           "run": {"output_dir": str(tmp_path / "runs")}}
+    cfg = {
+        "model": {"name": str(tiny_llama_dir), "max_length": 16},
+        "sources": {
+            "domain": {
+                "objective": "causal-lm",
+                "train": str(text),
+                "text": {"stream": False},
+                "holdout": {"test": 0.2},
+            }
+        },
+        "train": {"precision": "fp32", "device": "cpu", "max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False},
+        "evals": {"held": {"path": str(held)}},
+        "run": {"output_dir": str(tmp_path / "runs")},
+    }
     import yaml
 
     runs = []

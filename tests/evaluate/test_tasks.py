@@ -115,11 +115,18 @@ def test_prompt_completion_masks_the_prompt(tiny_llama_dir):
 def _cls_config(tmp_path, model_dir, class_files, objective="sequence-classification", **extra):
     import yaml
 
-    cfg = {"model": {"name": str(model_dir), "max_length": 32},
-           "sources": {"polarity": {"objective": objective, "train": str(class_files["jsonl"]),
-                                    "holdout": {"dev": 0.2, "test": 0.2, "seed": 1}}},
-           "train": {"precision": "fp32", "device": "cpu", "epochs": 25, "batch_size": 4, "lr": 3e-3, "progress": False},
-           "run": {"name": "cls", "output_dir": str(tmp_path / "runs")}}
+    cfg = {
+        "model": {"name": str(model_dir), "max_length": 32},
+        "sources": {
+            "polarity": {
+                "objective": objective,
+                "train": str(class_files["jsonl"]),
+                "holdout": {"dev": 0.2, "test": 0.2, "seed": 1},
+            }
+        },
+        "train": {"precision": "fp32", "device": "cpu", "epochs": 25, "batch_size": 4, "lr": 3e-3, "progress": False},
+        "run": {"name": "cls", "output_dir": str(tmp_path / "runs")},
+    }
     for key, value in extra.items():
         node = cfg
         *parents, last = key.split(".")
@@ -182,16 +189,38 @@ def test_decoder_causal_lm_text_and_prompts(tmp_path, tiny_llama_dir, ner_files)
     prompts = tmp_path / "qa.jsonl"
     rows = [{"prompt": f"where is {w} ?", "completion": "in paris"} for w in ["john", "apple", "the store"]] * 6
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 32},
-           "sources": {"domain": {"objective": "causal-lm", "train": str(ner_files["general"]),
-                                  "text": {"stream": False}, "holdout": {"test": 0.1}},
-                       "qa": {"objective": "causal-lm", "format": "jsonl", "train": str(prompts),
-                              "test": str(prompts), "max_new_tokens": 4, "eval_generate": 5},
-                       "general": {"objective": "language-modeling", "train": str(ner_files["general"])}},
-           "routing": {"weights": {"domain": 0.5, "qa": 0.3, "general": 0.2}},
-           "train": {"precision": "fp32", "device": "cpu", "max_steps": 30, "batch_size": 4, "lr": 3e-3, "progress": False, "eval_each_epoch": False},
-           "evals": {"heldout": {"path": str(ner_files["general"]), "max_blocks": 4}},
-           "run": {"name": "lm", "output_dir": str(tmp_path / "runs")}}
+    cfg = {
+        "model": {"name": str(tiny_llama_dir), "max_length": 32},
+        "sources": {
+            "domain": {
+                "objective": "causal-lm",
+                "train": str(ner_files["general"]),
+                "text": {"stream": False},
+                "holdout": {"test": 0.1},
+            },
+            "qa": {
+                "objective": "causal-lm",
+                "format": "jsonl",
+                "train": str(prompts),
+                "test": str(prompts),
+                "max_new_tokens": 4,
+                "eval_generate": 5,
+            },
+            "general": {"objective": "language-modeling", "train": str(ner_files["general"])},
+        },
+        "routing": {"weights": {"domain": 0.5, "qa": 0.3, "general": 0.2}},
+        "train": {
+            "precision": "fp32",
+            "device": "cpu",
+            "max_steps": 30,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "progress": False,
+            "eval_each_epoch": False,
+        },
+        "evals": {"heldout": {"path": str(ner_files["general"]), "max_blocks": 4}},
+        "run": {"name": "lm", "output_dir": str(tmp_path / "runs")},
+    }
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_dir, summary = train(path)

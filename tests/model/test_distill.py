@@ -38,7 +38,9 @@ CASES = [  # (decoder, peft): the teacher is the model with adapters/prompt off,
 ]
 
 
-@pytest.mark.parametrize("decoder, peft", CASES, ids=[f"{'decoder' if d else 'encoder'}-{p['method']}" for d, p in CASES])
+@pytest.mark.parametrize(
+    "decoder, peft", CASES, ids=[f"{'decoder' if d else 'encoder'}-{p['method']}" for d, p in CASES]
+)
 def test_distill_loss_matches_direct_computation(tmp_path, tiny_model_dir, tiny_llama_dir, decoder, peft):
     model_dir = tiny_llama_dir if decoder else tiny_model_dir
     model = prepare(load_config(_config(tmp_path, model_dir, peft))).model

@@ -15,7 +15,15 @@ from routetune.workflow import train
 
 
 @pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
-@pytest.mark.parametrize("peft, freeze, kind", METHODS, ids=[f"{p['method']}{'-' + '-'.join(p.get('adapter_placement', [])) if 'adapter_placement' in p else ''}-{'-'.join(f) or 'all'}" for p, f, _ in METHODS])
+@pytest.mark.parametrize(
+    "peft, freeze, kind",
+    METHODS,
+    ids=[
+        f"{p['method']}{'-' + '-'.join(p['adapter_placement']) if 'adapter_placement' in p else ''}"
+        f"-{'-'.join(f) or 'all'}"
+        for p, f, _ in METHODS
+    ],
+)
 def test_method_contract(tmp_path, tiny_model_dir, tiny_llama_dir, decoder, peft, freeze, kind):
     check_method_contract(tmp_path, tiny_llama_dir if decoder else tiny_model_dir, decoder, peft, freeze, kind)
 
@@ -115,7 +123,9 @@ def test_prompt_tuning_generates_and_prefix_tuning_refuses(tmp_path, tiny_llama_
     tok = load_tokenizer(str(tiny_llama_dir))
     for method in ("prompt_tuning", "prefix_tuning"):
         (tmp_path / method).mkdir()
-        run_dir, _ = train(_config(tmp_path / method, tiny_llama_dir, True, {"method": method, "num_virtual_tokens": 3}, {}))
+        run_dir, _ = train(
+            _config(tmp_path / method, tiny_llama_dir, True, {"method": method, "num_virtual_tokens": 3}, {})
+        )
         model = RoutedModel.load(run_checkpoint(run_dir, "last"))
         if method == "prefix_tuning":
             with pytest.raises(RunError, match="prefix tuning"):

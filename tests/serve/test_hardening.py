@@ -322,7 +322,11 @@ def test_lone_surrogates_are_422(loaded, body):
 
 def test_nan_in_a_mistyped_field_is_a_422_that_encodes(loaded):
     with client(loaded) as c:
-        for raw in ('{"texts": NaN}', '{"texts": ["a"], "head": Infinity}', '{"prompts": ["a"], "max_new_tokens": NaN}'):
+        for raw in (
+            '{"texts": NaN}',
+            '{"texts": ["a"], "head": Infinity}',
+            '{"prompts": ["a"], "max_new_tokens": NaN}',
+        ):
             path = "/v1/generate" if "prompts" in raw else "/v1/ner"
             r = c.post(path, content=raw, headers={"content-type": "application/json"})
             assert r.status_code == 422, (raw, r.status_code, r.text)
@@ -371,9 +375,11 @@ def test_access_log_line(loaded, caplog):
 
 # ------------------------------------------------------------------ fuzzing
 
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
-                     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
-                     max_leaves=20)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=20,
+)
 _bodies = st.one_of(
     _json,
     st.fixed_dictionaries({"texts": st.lists(st.text(max_size=60), max_size=5)}),

@@ -142,8 +142,10 @@ def test_concurrency_cap_and_timeout(loaded):
         with TestClient(app) as c:
             slow.set()
             codes = []
-            threads = [threading.Thread(target=lambda: codes.append(c.post("/v1/ner", json={"texts": ["x"]}).status_code))
-                       for _ in range(3)]
+            threads = [
+                threading.Thread(target=lambda: codes.append(c.post("/v1/ner", json={"texts": ["x"]}).status_code))
+                for _ in range(3)
+            ]
             for t in threads:
                 t.start()
                 time.sleep(0.05)

@@ -39,14 +39,28 @@ def _config(tmp_path, model_dir, decoder, peft, freeze, **train):
     cls = tmp_path / "cls.jsonl"
     cls.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
                            for t, y in [("a great film", "pos"), ("the worst store", "neg")] * 8))
-    cfg = {"model": {"name": str(model_dir), "max_length": 24},
-           "sources": {"cls": {"objective": "sequence-classification", "train": str(cls)},
-                       "general": {"objective": "language-modeling", "train": str(text)}},
-           "routing": {"strategy": "interleaved", "weights": {"cls": 0.5, "general": 0.5}},
-           "train": {"precision": "fp32", "device": "cpu", "max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False, "seed": 3,
-                     "weight_decay": 0.0, **train},
-           "peft": peft, "freeze": freeze,
-           "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}
+    cfg = {
+        "model": {"name": str(model_dir), "max_length": 24},
+        "sources": {
+            "cls": {"objective": "sequence-classification", "train": str(cls)},
+            "general": {"objective": "language-modeling", "train": str(text)},
+        },
+        "routing": {"strategy": "interleaved", "weights": {"cls": 0.5, "general": 0.5}},
+        "train": {
+            "precision": "fp32",
+            "device": "cpu",
+            "max_steps": 3,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "progress": False,
+            "seed": 3,
+            "weight_decay": 0.0,
+            **train,
+        },
+        "peft": peft,
+        "freeze": freeze,
+        "run": {"name": "r", "output_dir": str(tmp_path / "runs")},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -67,13 +67,25 @@ def make_config(tmp_path: Path, model_dir: Path, files: dict, **overrides) -> Pa
     cfg = {
         "model": {"name": str(model_dir), "max_length": 32},
         "sources": {
-            "ner": {"objective": "token-classification", "train": str(files["train"]),
-                    "dev": str(files["dev"]), "test": str(files["test"])},
+            "ner": {
+                "objective": "token-classification",
+                "train": str(files["train"]),
+                "dev": str(files["dev"]),
+                "test": str(files["test"]),
+            },
             "general": {"objective": "masked-lm", "train": str(files["general"])},
         },
         "routing": {"weights": {"ner": 0.75, "general": 0.25}, "seed": 3},
-        "train": {"precision": "fp32", "device": "cpu", "epochs": 2, "batch_size": 4, "lr": 1e-3, "seed": 1, "progress": False,
-                  "early_stopping": {"metric": "ner/f1", "patience": 5}},
+        "train": {
+            "precision": "fp32",
+            "device": "cpu",
+            "epochs": 2,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "seed": 1,
+            "progress": False,
+            "early_stopping": {"metric": "ner/f1", "patience": 5},
+        },
         "run": {"name": "tiny", "output_dir": str(tmp_path / "runs")},
     }
     for key, value in overrides.items():

@@ -208,8 +208,11 @@ def test_the_mixing_law_can_hold_a_categorical_choice_fixed():
             study.add_trial(optuna.trial.create_trial(values=[0.5 - 0.1 * x, k * np.exp(t * x) - 0.1],
                                                       user_attrs={"setting": setting},
                                                       params={}, distributions={}))
-    st = SimpleNamespace(study=study, directions=["maximize", "minimize"],
-                         cfg=SimpleNamespace(objectives=[SimpleNamespace(kind="task"), SimpleNamespace(kind="retention")]))
+    st = SimpleNamespace(
+        study=study,
+        directions=["maximize", "minimize"],
+        cfg=SimpleNamespace(objectives=[SimpleNamespace(kind="task"), SimpleNamespace(kind="retention")]),
+    )
     where = parse_where(["sources.general.distill=1.0"])
     assert where == {"sources.general.distill": 1.0}
     fit = fit_law(st, "routing.weights.general", 0.1, where)
@@ -252,9 +255,14 @@ def test_confirm_points_spreads_the_chosen_settings_along_the_front():
     for t in study.get_trials():
         swapped.add_trial(optuna.trial.create_trial(values=t.values[::-1], user_attrs={"setting": {}}, params={},
                                                     distributions={}))
-    st = SimpleNamespace(study=swapped, directions=["minimize", "maximize"], folder="study",
-                         cfg=SimpleNamespace(objectives=[SimpleNamespace(kind="retention"), SimpleNamespace(kind="task")],
-                                             confirm_points=1))
+    st = SimpleNamespace(
+        study=swapped,
+        directions=["minimize", "maximize"],
+        folder="study",
+        cfg=SimpleNamespace(
+            objectives=[SimpleNamespace(kind="retention"), SimpleNamespace(kind="task")], confirm_points=1
+        ),
+    )
     assert [t.number for t in chosen_trials(st)] == [5]
 
 
@@ -335,7 +343,9 @@ def test_sweep_file_mistakes_are_one_line(tmp_path, tiny_model_dir, ner_files):
     path.write_text(yaml.safe_dump(bad))
     proc = run_cli("sweep", str(path), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert proc.stderr.startswith(f"error: {path}:") and "space.train.lr.high: expected a value above low" in proc.stderr
+    assert (
+        proc.stderr.startswith(f"error: {path}:") and "space.train.lr.high: expected a value above low" in proc.stderr
+    )
     bad["space"]["train.lr"] = {"type": "float", "low": 1e-4, "high": 1e-3}
     bad["pruner"] = "median"
     path.write_text(yaml.safe_dump(bad))
@@ -467,8 +477,9 @@ def test_trials_and_set_on_the_command_line(tmp_path, tiny_model_dir, ner_files)
     are recorded with the study, a resume with other ones is refused, a bad key is one line."""
     path = _sweep(tmp_path, tiny_model_dir, ner_files, trials=20)
     bad = run_cli("sweep", str(path), "--set", "train.max_stepz=3", check=False)
-    assert bad.returncode == 2 and bad.stderr.strip() == ("error: --set train.max_stepz=3: train.max_stepz: unknown key "
-                                                          "under train"), bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: --set train.max_stepz=3: train.max_stepz: unknown key under train"
+    ), bad.stderr
     run_cli("sweep", str(path), "--trials", "2", "--set", "train.max_steps=3")
     folder = tmp_path / "studies" / "mix"
     trials = _trials(folder)

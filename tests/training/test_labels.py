@@ -46,7 +46,9 @@ def test_init_from_copies_backbone_and_heads(tmp_path, tiny_model_dir, ner_files
 def test_new_labels_refused_then_allowed_keeping_old_rows(tmp_path, tiny_model_dir, ner_files, earlier):
     _add_label(ner_files["train"])
     path = make_config(tmp_path / "c", tiny_model_dir, ner_files, **{"model.init_from": str(earlier)})
-    with pytest.raises(DataError, match=r"train.conll: labels \['B-product', 'I-product'\] are not in .*--allow-new-labels"):
+    with pytest.raises(
+        DataError, match=r"train.conll: labels \['B-product', 'I-product'\] are not in .*--allow-new-labels"
+    ):
         prepare(load_config(path))
     setup = prepare(load_config(path, ["model.allow_new_labels=true"]))
     head = setup.model.heads["ner"]

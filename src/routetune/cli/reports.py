@@ -15,11 +15,17 @@ from routetune.run_paths import check_run_folder
 
 @app.command("report")
 def report_cmd(
-    runs: list[Path] = typer.Argument(..., metavar="RUNS", help="One run folder, or several to compare, or a study folder"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/report; required for several runs)"),
+    runs: list[Path] = typer.Argument(
+        ..., metavar="RUNS", help="One run folder, or several to compare, or a study folder"
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Output folder (default: RUN/report; required for several runs)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="A study: print its trials, front and importances as JSON"),
 ) -> None:
-    """Write report.md and report.html with PNG plots: losses per source, realised vs target shares, dev metric with the early-stopping point, per-type F1 or confusion, before vs after, continual matrix; for a study folder the trials, the Pareto front, the importances."""
+    """Write report.md and report.html with PNG plots: losses per source, realised vs target shares, dev metric with the
+    early-stopping point, per-type F1 or confusion, before vs after, continual matrix; for a study folder the trials,
+    the Pareto front, the importances."""
     for run in runs:
         check_run_folder(run)  # before anything heavy loads
     from routetune.reports.run import write_report

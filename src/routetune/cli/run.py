@@ -20,13 +20,19 @@ def train_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=3e-5 (repeatable)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder of the same name"),
     test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the test sets at the end"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run folder named by run.name from its newest checkpoint"),
-    allow_new_labels: bool = typer.Option(False, "--allow-new-labels",
-                                          help="With model.init_from: add labels the earlier heads lack"),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run folder named by run.name from its newest checkpoint"
+    ),
+    allow_new_labels: bool = typer.Option(
+        False, "--allow-new-labels", help="With model.init_from: add labels the earlier heads lack"
+    ),
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
-    retention: bool = typer.Option(True, "--retention/--no-retention",
-                                   help="Score general text before and after training (the config's `evals`); "
-                                        "--no-retention skips it, with its masked-LM head fits (a quick check)"),
+    retention: bool = typer.Option(
+        True,
+        "--retention/--no-retention",
+        help="Score general text before and after training (the config's `evals`); "
+        "--no-retention skips it, with its masked-LM head fits (a quick check)",
+    ),
 ) -> None:
     """Train a config into a new run folder (or continue one with --resume)."""
     from routetune.config import load_config
@@ -130,7 +136,8 @@ def continual_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing stage run folders"),
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
-    """Train tasks one after another on one backbone (each from the previous stage, optional replay); print and write the matrix R[i][j], average score, backward and forward transfer."""
+    """Train tasks one after another on one backbone (each from the previous stage, optional replay); print and write
+    the matrix R[i][j], average score, backward and forward transfer."""
     _launch_processes(nproc)
     from routetune.continual import format_matrix, run_continual
 

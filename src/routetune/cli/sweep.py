@@ -12,7 +12,8 @@ from routetune.errors import RunError
 
 
 def sweep_cmd(
-    sweep: Path = typer.Argument(..., metavar="SWEEP", help="Sweep file: base config, search space, objectives, budget (docs/sweep.md)"),
+    sweep: Path = typer.Argument(..., metavar="SWEEP", help="Sweep file: base config, search space, objectives, "
+                                 "budget (docs/sweep.md)"),
     resume: bool = typer.Option(False, "--resume", help="Continue the study after a stop, or join it as a second "
                                 "worker (same storage)"),
     confirm: Optional[int] = typer.Option(None, "--confirm", metavar="K", help="Train the chosen settings, the base "
@@ -45,7 +46,8 @@ def sweep_cmd(
         r = run_law(sweep, law, budget, parse_where(where or []))
         p, m = r["predicted"], r["measured"]
         typer.echo(f"mixing law over {law}: predicted {law}={p['x']:.4f} -> task {p['task']:.4f}, retention "
-                   f"{p['retention']:+.4f}; measured task {m['task']:.4f}, retention {m['retention']:+.4f} ({m['run']})")
+                   f"{p['retention']:+.4f}; measured task {m['task']:.4f}, retention {m['retention']:+.4f} "
+                   f"({m['run']})")
         return
     from routetune.config import load_config
     from routetune.data.paths import check_inputs

@@ -51,8 +51,9 @@ def predict_cmd(
     device: Optional[str] = _device_option(),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Generation: tokens per prompt"),
 ) -> None:
-    """Predict (plain lines or JSONL in, JSONL out, one output line per input line; a JSONL "id" is kept): entity tags and spans, a label with probabilities, or - for a
-    language-model run on a decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
+    """Predict (plain lines or JSONL in, JSONL out, one output line per input line; a JSONL "id" is
+    kept): entity tags and spans, a label with probabilities, or - for a language-model run on a
+    decoder - greedy generations of prompts. Batched and length-sorted, like evaluation."""
     if fmt not in ("auto", "lines", "jsonl"):
         raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
     check_run_folder(run)  # before anything heavy loads
@@ -76,7 +77,9 @@ def predict_cmd(
 @app.command("generate")
 def generate_cmd(
     run: Path = typer.Argument(..., metavar="RUN", help="Run folder (decoder backbone)"),
-    input_file: Optional[Path] = typer.Argument(None, metavar="INPUT_FILE", help="Prompts: plain lines or JSONL {\"prompt\": ...}; default: stdin"),
+    input_file: Optional[Path] = typer.Argument(
+        None, metavar="INPUT_FILE", help='Prompts: plain lines or JSONL {"prompt": ...}; default: stdin'
+    ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate per prompt"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL here instead of stdout"),
@@ -102,7 +105,8 @@ def export_cmd(
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder"),
 ) -> None:
-    """Export standard Hugging Face / PEFT folders: the LM, the adapter, and each task head as a transformers task model."""
+    """Export standard Hugging Face / PEFT folders: the LM, the adapter, and each task head as a transformers task
+    model."""
     check_run_folder(run)  # before anything heavy loads
     from routetune.export import export
 

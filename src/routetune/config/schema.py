@@ -1,7 +1,7 @@
 """The run config: one pydantic model per section, with cross-checks between sections.
 
 The models are the single source of truth for keys, types, defaults and the documentation of
-each key (attribute docstrings, rendered into docs/configuration.md by config_docs.py).
+each key (attribute docstrings, rendered into docs/configuration.md by config/docs.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from routetune import objectives
 from routetune.config.base import Strict
+from routetune.config.routing import RoutingConfig, check_routing
 from routetune.config.sources import EvalTextConfig, SourceConfig
 from routetune.errors import ConfigError
 
@@ -36,7 +37,8 @@ def check_precision(precision: str, key: str) -> str:
 
 class RunConfig(Strict):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
-    """Run folder name under `output_dir`: one folder name (letters, digits, `.`, `_`, `-`, not starting with `.`; no `/`). Default: `<config file stem>-<YYYYmmdd-HHMMSS>`."""
+    """Run folder name under `output_dir`: one folder name (letters, digits, `.`, `_`, `-`, not starting with `.`; no
+    `/`). Default: `<config file stem>-<YYYYmmdd-HHMMSS>`."""
     output_dir: str = "runs"
     """Folder that holds run folders (relative to the working directory); set it to write runs elsewhere."""
 
@@ -47,73 +49,20 @@ class ModelConfig(Strict):
     max_length: int = Field(128, ge=8)
     """Maximum tokens per example, special tokens included. Longer sentences are truncated (and counted)."""
     init_from: str | None = None
-    """An earlier run folder (relative to the working directory): start from its best checkpoint, i.e. its backbone, LM head, and the task heads of sources with the same name."""
+    """An earlier run folder (relative to the working directory): start from its best checkpoint, i.e. its backbone, LM
+    head, and the task heads of sources with the same name."""
     attention: Literal["auto", "eager", "sdpa"] = "auto"
-    """Attention kernel. `auto`: eager (matmul) attention for decoders on CPU, where PyTorch's flash-attention backward is slow at short lengths; SDPA otherwise. Same results either way."""
+    """Attention kernel. `auto`: eager (matmul) attention for decoders on CPU, where PyTorch's flash-attention backward
+    is slow at short lengths; SDPA otherwise. Same results either way."""
     allow_new_labels: bool = False
-    """With `init_from`: when a source's training data has labels its earlier head lacks, append them (old classes keep their weights exactly) instead of refusing."""
-
-
-class StageConfig(Strict):
-    until: float = Field(gt=0, le=1)
-    """End of this stage as a fraction of the run (the last stage should end at 1)."""
-    weights: dict[str, float]
-    """Weights (normalised) during this stage."""
-
-
-class ScheduleConfig(Strict):
-    kind: Literal["constant", "linear", "cosine", "stages"] = "constant"
-    """How weights move over the run: from the start weights to `end` (linear or cosine), or piecewise `stages`."""
-    end: dict[str, float] | None = None
-    """Weights at the end of the run (linear, cosine)."""
-    stages: list[StageConfig] | None = None
-    """Piecewise-constant weights (stages)."""
-
-
-class CountConfig(Strict):
-    repeat: float | None = Field(None, ge=0)
-    """Examples per epoch = repeat x source size."""
-    choose: int | None = Field(None, ge=0)
-    """Examples per epoch, absolute."""
-
-
-class AdaptiveConfig(Strict):
-    eta: float = Field(0.5, gt=0)
-    """Step size of the exponential-weights update."""
-    floor: float = Field(0.05, ge=0, lt=1)
-    """Minimum probability of every source with a positive start weight (exploration)."""
-    smoothing: float = Field(0.9, ge=0, lt=1)
-    """Exponential moving average factor of each source's reward (its training loss)."""
-    update_every: int = Field(10, ge=1)
-    """Steps between weight updates (each update is logged to metrics.jsonl)."""
-
-
-class RoutingConfig(Strict):
-    strategy: Literal["iid", "interleaved", "adaptive"] = "iid"
-    """`iid`: independent draws; `interleaved`: low-discrepancy (each source within 1 of its target share at every prefix, for constant weights); `adaptive`: Exp3-style online mixing from per-source training losses."""
-    weights: dict[str, float] | None = None
-    """Probabilities per source (normalised). Give this, `temperature` or `counts`; default: equal weights."""
-    temperature: float | None = Field(None, gt=0)
-    """p_i proportional to size_i^(1/T): T=1 proportional to size, large T towards uniform."""
-    counts: dict[str, CountConfig] | None = None
-    """Absolute examples per epoch of the mixture for each source (`repeat` or `choose`)."""
-    schedule: ScheduleConfig | None = None
-    """Weights as a function of training progress (iid and interleaved)."""
-    adaptive: AdaptiveConfig = AdaptiveConfig()
-    """Options of the adaptive strategy."""
-    granularity: Literal["batch", "example"] = "batch"
-    """`batch`: each batch from one source; `example`: a batch mixes sources, each part with its own loss."""
-    loss_weights: dict[str, float] = Field(default_factory=dict)
-    """Per-source multiplier of the loss (default 1). With granularity `example` the batch loss is the sum over sources of loss_weight x share-of-batch x loss."""
-    on_exhausted: Literal["restart", "stop_first", "stop_all"] = "restart"
-    """When a sized source finishes a pass: `restart` it with a new shuffle; `stop_first`: end the run; `stop_all`: stop drawing it, end the run when all sized sources are done."""
-    seed: int = 0
-    """Seed of the routing plan (source choices and per-epoch shuffles)."""
+    """With `init_from`: when a source's training data has labels its earlier head lacks, append them (old classes keep
+    their weights exactly) instead of refusing."""
 
 
 class EarlyStoppingConfig(Strict):
     metric: str | None = None
-    """Dev metric `<source>/<name>`, e.g. `wnut17/f1`. Default: the primary source's main metric (f1, accuracy or perplexity)."""
+    """Dev metric `<source>/<name>`, e.g. `wnut17/f1`. Default: the primary source's main metric (f1, accuracy or
+    perplexity)."""
     mode: Literal["max", "min"] | None = None
     """Whether larger or smaller values of `metric` are better. Default: min for perplexity and losses, else max."""
     patience: int | None = Field(None, ge=1)
@@ -130,23 +79,39 @@ class TrainConfig(Strict):
     batch_size: int = Field(16, ge=1)
     """Examples per optimizer step (each batch from one source, or mixed with granularity `example`)."""
     grad_accum: int = Field(1, ge=1)
-    """Split each step's batch into this many micro-batches, run one after another with their gradients added up (less memory; the same update: each micro-batch's loss is weighted by its share of the batch's scored tokens or examples)."""
+    """Split each step's batch into this many micro-batches, run one after another with their gradients added up (less
+    memory; the same update: each micro-batch's loss is weighted by its share of the batch's scored tokens or examples).
+    """
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """`adamw` (torch AdamW, fused kernel) or `sgd` (with `momentum`)."""
     momentum: float = Field(0.0, ge=0, lt=1)
     """SGD momentum (ignored by AdamW)."""
     fused: bool = True
-    """Use PyTorch's fused AdamW kernel (one pass over all parameters; measured ~1.4x faster steps for full fine-tuning of minilm-l6). false: the per-tensor loop."""
+    """Use PyTorch's fused AdamW kernel (one pass over all parameters; faster steps, measured in docs/benchmarks.md).
+    false: the per-tensor loop."""
     group_by_length: bool = False
-    """Serve sized sources in a length-grouped order (mega-batches of 50 batches sorted by length, batches shuffled): less padding, so faster steps (WNUT-17 NER on a 2-core CPU 1.2-1.5x), same examples per epoch. Off by default: in the quality-parity runs (docs/results.md) it lowered WNUT-17 dev F1 on most paired seeds, as the Trainer's own group_by_length did on all five, while test F1 stayed within noise; the random order is the safe default."""
+    """Serve sized sources in a length-grouped order (mega-batches of 50 batches sorted by length, batches shuffled):
+    less padding, so faster steps (docs/benchmarks.md), same examples per epoch. Off by default: it can lower the dev
+    score (docs/results.md, quality parity), so the random order is the safe default."""
     bf16_frozen_weights: bool = True
-    """When training in bf16: hold frozen Linear weights (e.g. the base model under LoRA) as bf16 copies while training, instead of autocast re-casting them at every call. Same matmul operands; fp32 originals are what checkpoints save."""
+    """When training in bf16: hold frozen Linear weights (e.g. the base model under LoRA) as bf16 copies while training,
+    instead of autocast re-casting them at every call. Same matmul operands; fp32 originals are what checkpoints save.
+    """
     fast_dropout: bool = True
-    """Dropout masks from 16-bit slices of 64-bit random words (keep probability quantised to 1/65536) instead of torch's per-element Bernoulli draws, which are slow on CPU; also for attention-probability dropout of SDPA models (a registered attention function, model/attention.py). false: torch's dropout."""
+    """Dropout masks from 16-bit slices of 64-bit random words (keep probability quantised to 1/65536) instead of
+    torch's per-element Bernoulli draws, which are slow on CPU; also for attention-probability dropout of SDPA models (a
+    registered attention function, model/attention.py). false: torch's dropout."""
     fused_lm_loss: bool = True
-    """Causal-LM loss computed chunk by chunk from the hidden states (model/lm_loss.py) instead of transformers' full fp32 vocabulary logits: same loss and gradients up to rounding, less memory, faster on CPU. Used for decoders whose logits are the plain LM head of the last hidden state (Llama, Mistral, Qwen2/3, GPT-2, GPT-NeoX, Phi-3, SmolLM3, OLMo-2, StarCoder2, StableLM); others keep transformers' loss."""
+    """Causal-LM loss computed chunk by chunk from the hidden states (model/lm_loss.py) instead of transformers' full
+    fp32 vocabulary logits: same loss and gradients up to rounding, less memory, faster on CPU. Used for decoders whose
+    logits are the plain LM head of the last hidden state (Llama, Mistral, Qwen2/3, GPT-2, GPT-NeoX, Phi-3, SmolLM3,
+    OLMo-2, StarCoder2, StableLM); others keep transformers' loss."""
     embedding_grad_buffer: bool = False
-    """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by default: it removes the per-step zero-fill (~10 ms) but did not make whole WNUT-17 steps faster in interleaved runs (docs/benchmarks.md). Not with data-parallel training (the gradient is written outside DistributedDataParallel's reducer; refused there)."""
+    """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh
+    vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by
+    default: it removes the per-step zero-fill (~10 ms) but did not make whole WNUT-17 steps faster in interleaved runs
+    (docs/benchmarks.md). Not with data-parallel training (the gradient is written outside DistributedDataParallel's
+    reducer; refused there)."""
     lr: float = Field(5e-5, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(0.01, ge=0)
@@ -154,21 +119,33 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """Share of steps with a linear warm-up from 0 to `lr`, before the `schedule`."""
     gradient_checkpointing: bool = False
-    """Recompute the backbone's activations in the backward pass instead of keeping them (transformers' gradient checkpointing, non-reentrant): less memory for longer sequences or larger batches, about a third more compute. Same gradients."""
+    """Recompute the backbone's activations in the backward pass instead of keeping them (transformers' gradient
+    checkpointing, non-reentrant): less memory for longer sequences or larger batches, about a third more compute. Same
+    gradients."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """Learning rate after the warm-up: `linear` decay to 0, `cosine` decay to 0 (half a cosine), or `constant` (transformers' schedules of the same names)."""
+    """Learning rate after the warm-up: `linear` decay to 0, `cosine` decay to 0 (half a cosine), or `constant`
+    (transformers' schedules of the same names)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping norm; null disables clipping."""
     device: str = Field("auto", pattern=rf"^({DEVICES})$")
-    """`auto` (a CUDA GPU when PyTorch sees one, else the CPU), `cpu`, `cuda` or `cuda:N`. Model, heads, batches and optimizer state live there; checkpoints are device-independent (a run trained on a GPU resumes, evaluates and serves on a CPU)."""
+    """`auto` (a CUDA GPU when PyTorch sees one, else the CPU), `cpu`, `cuda` or `cuda:N`. Model, heads, batches and
+    optimizer state live there; checkpoints are device-independent (a run trained on a GPU resumes, evaluates and serves
+    on a CPU)."""
     precision: Precision = "auto"
-    """`auto`: bf16 autocast on GPUs that support it, fp16 with a gradient scaler on older GPUs, bf16 on CPUs with native bf16 (AMX or AVX512-BF16), fp32 on other CPUs (where bf16 is emulated and several times slower). The choice and its reason are logged and written to the run's hardware.json. bf16/fp16 autocast keeps the weights in fp32."""
+    """`auto`: bf16 autocast on GPUs that support it, fp16 with a gradient scaler on older GPUs, bf16 on CPUs with
+    native bf16 (AMX or AVX512-BF16), fp32 on other CPUs (where bf16 is emulated and several times slower). The choice
+    and its reason are logged and written to the run's hardware.json. bf16/fp16 autocast keeps the weights in fp32."""
     seed: int = 42
     """Seed for head initialisation, dropout and masking."""
     deterministic: bool = False
-    """Deterministic kernels (torch's `use_deterministic_algorithms`, cuDNN's deterministic mode, `CUBLAS_WORKSPACE_CONFIG`). On a GPU a resumed run then ends bitwise equal to an uninterrupted one; without it the plan and all state resume exactly, and the weights to rounding (SDPA and some backward kernels sum in no fixed order). Slower on a GPU; a kernel without a deterministic version stops the run with torch's error naming it. CPU training is deterministic either way."""
+    """Deterministic kernels (torch's `use_deterministic_algorithms`, cuDNN's deterministic mode,
+    `CUBLAS_WORKSPACE_CONFIG`). On a GPU a resumed run then ends bitwise equal to an uninterrupted one; without it the
+    plan and all state resume exactly, and the weights to rounding (SDPA and some backward kernels sum in no fixed
+    order). Slower on a GPU; a kernel without a deterministic version stops the run with torch's error naming it. CPU
+    training is deterministic either way."""
     primary: str | None = None
-    """Source whose passes count as epochs and whose metric selects `best`. Default: the first labelled source, else the first source."""
+    """Source whose passes count as epochs and whose metric selects `best`. Default: the first labelled source, else the
+    first source."""
     eval_every_steps: int | None = Field(None, ge=1)
     """Evaluate on dev every N steps (in addition to `eval_each_epoch`)."""
     eval_each_epoch: bool = True
@@ -178,17 +155,21 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     """Steps between `train` events in metrics.jsonl."""
     eval_before: bool = True
-    """Score the language-modelling test sets and `evals` with the untouched base model before training (summary.json `before`)."""
+    """Score the language-modelling test sets and `evals` with the untouched base model before training (summary.json
+    `before`)."""
     log_plan: bool = True
     """Write plan.jsonl: the source and example ids of every step (an audit trail of the routing)."""
     save_every_steps: int | None = Field(None, ge=1)
-    """Write a full resumable checkpoint every N steps (one is always written after the first step, at each dev evaluation and at the end)."""
+    """Write a full resumable checkpoint every N steps (one is always written after the first step, at each dev
+    evaluation and at the end)."""
     save_every_minutes: float | None = Field(10.0, gt=0)
-    """Also write one when this many minutes have passed since the last (bounds the work a kill can cost); null: by steps only."""
+    """Also write one when this many minutes have passed since the last (bounds the work a kill can cost); null: by
+    steps only."""
     keep_last: int = Field(2, ge=1)
     """Step checkpoints kept (the newest N); `best` is kept besides them."""
     nonfinite: Literal["abort", "skip"] = "abort"
-    """On a NaN/inf loss: `abort` (stop, naming step and source; no checkpoint after the bad step) or `skip` the update."""
+    """On a NaN/inf loss: `abort` (stop, naming step and source; no checkpoint after the bad step) or `skip` the update.
+    """
     max_skipped: int = Field(10, ge=1)
     """With nonfinite=skip: abort after this many consecutive skipped steps."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
@@ -205,12 +186,18 @@ class TrainConfig(Strict):
         return [value] if isinstance(value, str) else value
 
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(default_factory=list)
-    """Experiment trackers (a list, or one name; `none`: no tracker) that receive the run's metrics as they are logged: `tensorboard` (event files in RUN/tensorboard), `mlflow` (MLFLOW_TRACKING_URI, else SQLite in RUN/mlflow.db), `trackio` (local, $TRACKIO_DIR) and `wandb` (Weights & Biases, $WANDB_PROJECT). The first three come with `pip install 'routetune[tracking]'`, W&B with `pip install wandb`."""
+    """Experiment trackers (a list, or one name; `none`: no tracker) that receive the run's metrics as they are logged:
+    `tensorboard` (event files in RUN/tensorboard), `mlflow` (MLFLOW_TRACKING_URI, else SQLite in RUN/mlflow.db),
+    `trackio` (local, $TRACKIO_DIR) and `wandb` (Weights & Biases, $WANDB_PROJECT). The first three come with `pip
+    install 'routetune[tracking]'`, W&B with `pip install wandb`."""
 
 
 class PeftConfig(Strict):
     method: str = Field("none", json_schema_extra={"registry": "methods"})
-    """Parameter-efficient method: `lora`, `dora` (weight-decomposed LoRA), `ia3`, `prompt_tuning` (trained virtual-token embeddings before the input) and `prefix_tuning` (trained virtual keys/values in every layer) come from the peft library; `adapter` is routetune's bottleneck adapter; `bitfit` trains only bias terms; `none` is full fine-tuning (see `freeze`)."""
+    """Parameter-efficient method: `lora`, `dora` (weight-decomposed LoRA), `ia3`, `prompt_tuning` (trained
+    virtual-token embeddings before the input) and `prefix_tuning` (trained virtual keys/values in every layer) come
+    from the peft library; `adapter` is routetune's bottleneck adapter; `bitfit` trains only bias terms; `none` is full
+    fine-tuning (see `freeze`)."""
     r: int = Field(8, ge=1)
     """LoRA / DoRA rank."""
     alpha: float = Field(16, gt=0)
@@ -220,13 +207,16 @@ class PeftConfig(Strict):
     num_virtual_tokens: int = Field(20, ge=1)
     """Virtual tokens of `prompt_tuning` / `prefix_tuning`."""
     seed: int = 0
-    """Seed of the virtual-token initialisation (prompt tuning starts from the embeddings of random vocabulary tokens)."""
+    """Seed of the virtual-token initialisation (prompt tuning starts from the embeddings of random vocabulary tokens).
+    """
     adapter_size: int = Field(64, ge=1)
     """Bottleneck width of `adapter`."""
     adapter_placement: list[Literal["attention", "ffn"]] = Field(default_factory=lambda: ["attention", "ffn"])
-    """Where `adapter` goes: after the attention and feed-forward output projections (Houlsby) or `[ffn]` only (Pfeiffer)."""
+    """Where `adapter` goes: after the attention and feed-forward output projections (Houlsby) or `[ffn]` only
+    (Pfeiffer)."""
     target_modules: list[str] | None = None
-    """Module names (suffixes) that get adapters. Default: the attention projections (Llama: q,k,v,o_proj; BERT: query, key, value, attention.output.dense); IA3 adds the feed-forward layer."""
+    """Module names (suffixes) that get adapters. Default: the attention projections (Llama: q,k,v,o_proj; BERT: query,
+    key, value, attention.output.dense); IA3 adds the feed-forward layer."""
 
 
 class FreezeConfig(Strict):
@@ -240,13 +230,17 @@ class FreezeConfig(Strict):
 
 class RetentionConfig(Strict):
     cache_before: bool = True
-    """Reuse base-model scores from `~/.cache/routetune/before` when the model files, the evaluation text and every scoring setting are the same (a sweep scores its base once)."""
+    """Reuse base-model scores from `~/.cache/routetune/before` when the model files, the evaluation text and every
+    scoring setting are the same (a sweep scores its base once)."""
     fit_head: Literal["auto", "always", "never"] = "auto"
-    """Fit a masked-LM head before scoring masked-LM retention. `auto`: when the base checkpoint is an encoder without MLM-head weights (its head would be random). The same seeded recipe runs on the base and the fine-tuned backbone (backbone frozen)."""
+    """Fit a masked-LM head before scoring masked-LM retention. `auto`: when the base checkpoint is an encoder without
+    MLM-head weights (its head would be random). The same seeded recipe runs on the base and the fine-tuned backbone
+    (backbone frozen)."""
     fit_text: str | None = None
     """Text the head is fitted on (file, folder or glob). Default: the training text of the first masked-LM source."""
     fit_strip_gutenberg: bool = False
-    """Drop Project Gutenberg headers from `fit_text` (a source's own setting is used when the text comes from a source)."""
+    """Drop Project Gutenberg headers from `fit_text` (a source's own setting is used when the text comes from a
+    source)."""
     fit_steps: int = Field(200, ge=1)
     """Optimizer steps of the head fit."""
     fit_batch_size: int = Field(16, ge=1)
@@ -275,7 +269,8 @@ class Config(Strict):
     freeze: FreezeConfig = FreezeConfig()
     """Freezing strategies for full fine-tuning (peft.method none)."""
     evals: dict[str, EvalTextConfig] = Field(default_factory=dict)
-    """Extra held-out text, never trained on, scored with the base model before training and with the fine-tuned model after (e.g. general text, to see what was kept)."""
+    """Extra held-out text, never trained on, scored with the base model before training and with the fine-tuned model
+    after (e.g. general text, to see what was kept)."""
     retention: RetentionConfig = RetentionConfig()
     """How base and fine-tuned models are compared on held-out text."""
 
@@ -283,7 +278,7 @@ class Config(Strict):
     def _cross_checks(self) -> Config:
         _check_source_names(self)
         _check_freeze(self)
-        _check_routing(self.routing, list(self.sources), self.sources)
+        check_routing(self.routing, list(self.sources), self.sources)
         _check_primary(self)
         return self
 
@@ -309,57 +304,6 @@ def _check_freeze(cfg: Config) -> None:
         raise ValueError("freeze: give head_only or top_k_layers, not both")
 
 
-def _check_routing(r: RoutingConfig, names: list[str], sources: dict) -> None:
-    given = [k for k in ("weights", "temperature", "counts") if getattr(r, k) is not None]
-    if len(given) > 1:
-        raise ValueError(f"routing: give exactly one of weights, temperature or counts (got {' and '.join(given)})")
-    if r.weights is None and not given:
-        object.__setattr__(r, "weights", {n: 1.0 for n in names})
-    if r.weights is not None:
-        _check_weights("routing.weights", r.weights, names)
-    if r.counts is not None:
-        _check_names("routing.counts", r.counts, names)
-        for name, c in r.counts.items():
-            if (c.repeat is None) == (c.choose is None):
-                raise ValueError(f"routing.counts.{name}: give exactly one of repeat or choose")
-        if sum((c.repeat or 0) + (c.choose or 0) for c in r.counts.values()) <= 0:
-            raise ValueError("routing.counts: all counts are zero")
-    _check_names("routing.loss_weights", r.loss_weights, names, complete=False)
-    for name, w in r.loss_weights.items():
-        if not (0 <= w < float("inf")):
-            raise ValueError(f"routing.loss_weights.{name}: expected a finite number >= 0, got {w}")
-    distilled = [n for n, src in sources.items() if src.distill > 0]
-    if r.strategy == "adaptive" and distilled:
-        raise ValueError(f"sources.{distilled[0]}.distill: the adaptive strategy rewards a source by its loss "
-                         "relative to its first value, and a distilled loss starts at 0 (the model is its own "
-                         "teacher); use iid or interleaved routing with distillation")
-    if r.schedule is not None and r.schedule.kind != "constant":
-        _check_schedule(r, names)
-
-
-def _check_schedule(r: RoutingConfig, names: list[str]) -> None:
-    if r.counts is not None:
-        raise ValueError("routing.schedule: schedules move weights; they cannot be combined with routing.counts")
-    if r.strategy == "adaptive":
-        raise ValueError("routing.schedule: the adaptive strategy sets its own weights; remove the schedule")
-    sch = r.schedule
-    if sch.kind in ("linear", "cosine"):
-        if sch.end is None:
-            raise ValueError(f"routing.schedule.end: required for kind {sch.kind}")
-        _check_weights("routing.schedule.end", sch.end, names)
-    if sch.kind == "stages":
-        if not sch.stages:
-            raise ValueError("routing.schedule.stages: required for kind stages")
-        prev = 0.0
-        for i, st in enumerate(sch.stages):
-            if st.until <= prev:
-                raise ValueError(f"routing.schedule.stages.{i}.until: stages must end in increasing order")
-            prev = st.until
-            _check_weights(f"routing.schedule.stages.{i}.weights", st.weights, names)
-        if prev < 1.0:
-            raise ValueError("routing.schedule.stages: the last stage must end at until: 1.0")
-
-
 def _check_primary(cfg: Config) -> None:
     """The primary source (epochs count its batches) and the default early-stopping metric:
     the primary's headline metric (objectives.py)."""
@@ -379,25 +323,6 @@ def _check_primary(cfg: Config) -> None:
         object.__setattr__(es, "metric", f"{primary}/{objectives.get(cfg.sources[primary].objective).headline}")
     if es.mode is None:
         object.__setattr__(es, "mode", "min" if objectives.lower_is_better(es.metric) else "max")
-
-
-def _check_names(key: str, mapping: dict, names: list[str], complete: bool = True) -> None:
-    for name in mapping:
-        if name not in names:
-            raise ValueError(f"{key}.{name}: no source named {name!r} (sources: {', '.join(names)})")
-    if complete:
-        for name in names:
-            if name not in mapping:
-                raise ValueError(f"{key}: missing source {name!r} (give every source a value, 0 to leave it out)")
-
-
-def _check_weights(key: str, weights: dict, names: list[str]) -> None:
-    _check_names(key, weights, names)
-    for name, w in weights.items():
-        if not (w >= 0 and w != float("inf")):
-            raise ValueError(f"{key}.{name}: expected a finite number >= 0, got {w}")
-    if sum(weights.values()) <= 0:
-        raise ValueError(f"{key}: all weights are zero; at least one source must have weight > 0")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ class TextFormat(Strict):
     shuffle_buffer: int = Field(1024, ge=1)
     """Blocks held in the seeded shuffle buffer of the streaming reader (1 = file order)."""
     stream: bool = True
-    """Read lazily (a corpus larger than memory works; size unknown). false: load all blocks into memory as a sized source with an exact per-epoch shuffle (needed for the primary source)."""
+    """Read lazily (a corpus larger than memory works; size unknown). false: load all blocks into memory as a sized
+    source with an exact per-epoch shuffle (needed for the primary source)."""
 
 
 class FieldsConfig(Strict):
@@ -55,7 +56,8 @@ class HoldoutConfig(Strict):
 
 class DatasetConfig(Strict):
     path: str
-    """A Hugging Face dataset: a folder written by `save_to_disk`, a parquet / arrow / json(l) / csv file or glob (relative to the config file), or a hub id (when the hub is reachable)."""
+    """A Hugging Face dataset: a folder written by `save_to_disk`, a parquet / arrow / json(l) / csv file or glob
+    (relative to the config file), or a hub id (when the hub is reachable)."""
     name: str | None = None
     """The dataset's configuration, for hub datasets that have several."""
     train: str = "train"
@@ -65,22 +67,32 @@ class DatasetConfig(Strict):
     test: str | None = None
     """Split evaluated at the end (e.g. `test`)."""
     columns: dict[str, str] = Field(default_factory=dict)
-    """The dataset's column for each field, where it is named otherwise: `tokens` and `tags` (token classification; ClassLabel tags give their names), `text` and `label` (classification), `prompt` and `completion` (causal-LM pairs), `messages` (chat rows), `text` (language modelling); e.g. `{tags: ner_tags}`."""
+    """The dataset's column for each field, where it is named otherwise: `tokens` and `tags` (token classification;
+    ClassLabel tags give their names), `text` and `label` (classification), `prompt` and `completion` (causal-LM pairs),
+    `messages` (chat rows), `text` (language modelling); e.g. `{tags: ner_tags}`."""
 
 
 class SourceConfig(Strict):
     objective: str = Field(json_schema_extra={"choices": objectives.names()})
-    """How a batch of this source becomes a loss. `language-modeling` follows the backbone: causal-LM for a decoder, masked-LM for an encoder."""
+    """How a batch of this source becomes a loss. `language-modeling` follows the backbone: causal-LM for a decoder,
+    masked-LM for an encoder."""
     train: str | None = None
     """Training data: a file, or for text also a folder or a glob (or give `dataset`)."""
     dataset: DatasetConfig | None = None
-    """Read through Hugging Face `datasets` instead of files. Labelled sources, prompt/completion pairs and instruction rows (`messages`, or `instruction`/`input`/`output`) are read by format `dataset`; a text column for language modelling by `dataset-text` (chosen when `columns` maps `text`, or for masked-LM sources)."""
+    """Read through Hugging Face `datasets` instead of files. Labelled sources, prompt/completion pairs and instruction
+    rows (`messages`, or `instruction`/`input`/`output`) are read by format `dataset`; a text column for language
+    modelling by `dataset-text` (chosen when `columns` maps `text`, or for masked-LM sources)."""
     dev: str | None = None
     """Development data (evaluated during training)."""
     test: str | None = None
     """Test data (evaluated at the end and by `routetune eval --split test`)."""
     format: str | None = Field(None, json_schema_extra={"choices": objectives.formats()})
-    """Reader. Default: conll (token-classification), jsonl (classification; causal-lm prompt/completion pairs need it too), text (language modelling). Causal-LM instruction data: `chat` (jsonl `{"messages": [{"role", "content"}, ...]}`, or ShareGPT's `{"conversations": [{"from", "value"}, ...]}`, rendered with the tokenizer's chat template; the loss is on every assistant reply) or `alpaca` (jsonl `{"instruction", "input", "output"}`). `folders`: one sub-folder per class, one file per example; `lines-per-class`: one file per class named by its suffix (e.g. `rt-polarity.pos`), one example per line."""
+    """Reader. Default: conll (token-classification), jsonl (classification; causal-lm prompt/completion pairs need it
+    too), text (language modelling). Causal-LM instruction data: `chat` (jsonl `{"messages": [{"role", "content"},
+    ...]}`, or ShareGPT's `{"conversations": [{"from", "value"}, ...]}`, rendered with the tokenizer's chat template;
+    the loss is on every assistant reply) or `alpaca` (jsonl `{"instruction", "input", "output"}`). `folders`: one
+    sub-folder per class, one file per example; `lines-per-class`: one file per class named by its suffix (e.g.
+    `rt-polarity.pos`), one example per line."""
     fields: FieldsConfig = FieldsConfig()
     """Column / field names of csv, tsv and jsonl files."""
     holdout: HoldoutConfig | None = None
@@ -100,7 +112,12 @@ class SourceConfig(Strict):
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     """Share of tokens selected for masked-LM prediction (80% [MASK], 10% random, 10% kept)."""
     distill: float = Field(0.0, ge=0.0, le=1.0)
-    """Language-modelling sources: share of this source's loss that is self-distillation, the KL divergence from the predictions of the frozen starting model (the teacher: the same model with its LoRA/DoRA/IA3 adapters or virtual tokens switched off, or for other methods a frozen copy of the backbone taken before the first step) to the trained model's, on the same tokens; the rest (1 - distill) is the usual LM loss on the text. Holds the model's general predictions in place instead of pulling them towards this text's style. Costs one extra forward without gradients on this source's examples."""
+    """Language-modelling sources: share of this source's loss that is self-distillation, the KL divergence from the
+    predictions of the frozen starting model (the teacher: the same model with its LoRA/DoRA/IA3 adapters or virtual
+    tokens switched off, or for other methods a frozen copy of the backbone taken before the first step) to the trained
+    model's, on the same tokens; the rest (1 - distill) is the usual LM loss on the text. Holds the model's general
+    predictions in place instead of pulling them towards this text's style. Costs one extra forward without gradients on
+    this source's examples."""
 
     _objective = field_validator("objective")(lambda v: one_of(v, objectives.names()))
 
@@ -158,4 +175,6 @@ class EvalTextConfig(Strict):
     max_blocks: int | None = Field(None, ge=1)
     """Score only the first N blocks of `max_length` tokens (bounds the cost on a large corpus)."""
     split: Literal["test", "dev"] = "test"
-    """`test`: scored with the test sets (`--test`, `routetune eval`). `dev`: scored after training on the best checkpoint whether or not the test sets are, for choosing settings on held-out data (`routetune sweep` retention); both are scored with the base model before training."""
+    """`test`: scored with the test sets (`--test`, `routetune eval`). `dev`: scored after training on the best
+    checkpoint whether or not the test sets are, for choosing settings on held-out data (`routetune sweep` retention);
+    both are scored with the base model before training."""

@@ -74,8 +74,16 @@ def build(cfg, tokenizer, objectives_of: dict[str, str], earlier_labels: dict | 
     for name, sc in cfg.sources.items():
         objective = objectives_of[name]
         kind = objectives.get(objective).formats[sc.format]
-        ctx = _Context(name, sc, objective, tokenizer, cfg.model.max_length, derive_seed(cfg.routing.seed, "source", name),
-                       earlier_labels.get(name), allow_new_labels)
+        ctx = _Context(
+            name,
+            sc,
+            objective,
+            tokenizer,
+            cfg.model.max_length,
+            derive_seed(cfg.routing.seed, "source", name),
+            earlier_labels.get(name),
+            allow_new_labels,
+        )
         sources[name], dev_set, test_set = BUILDERS[kind](ctx)
         if dev_set is not None:
             dev[name] = dev_set

@@ -40,7 +40,9 @@ def load_splits(dc, key: str) -> dict:
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
         return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    files = sorted(globlib.glob(str(path))) if any(c in dc.path for c in "*?[") else ([str(path)] if path.is_file() else [])
+    files = (
+        sorted(globlib.glob(str(path))) if any(c in dc.path for c in "*?[") else ([str(path)] if path.is_file() else [])
+    )
     if files:
         builder = FILE_BUILDERS.get(Path(files[0]).suffix)
         if builder is None:

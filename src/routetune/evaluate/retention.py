@@ -75,7 +75,9 @@ def before_key(model_path: str, name: str, objective: str, evalset, cfg, fit: di
     if evalset.kind == "text":
         items = [(str(p), a, b) for p, a, b in evalset.items]
     else:  # the examples themselves (a set may come from a dataset rather than a file)
-        items = hashlib.sha256(repr([(e.text, e.completion) + ((e.trained,) if e.trained else ()) for e in evalset.items]).encode()).hexdigest()
+        items = hashlib.sha256(
+            repr([(e.text, e.completion) + ((e.trained,) if e.trained else ()) for e in evalset.items]).encode()
+        ).hexdigest()
     text_files = [Path(p) for p, _, _ in evalset.items] if evalset.kind == "text" else [Path(evalset.origin)]
     payload = {
         "model": model_digest(model_path), "objective": objective, "kind": evalset.kind, "items": items,
@@ -238,8 +240,16 @@ def fit_recipe(cfg, sets: dict, objectives_of: dict) -> dict | None:
     if text is None:
         raise ConfigError("retention.fit_text: masked-LM retention needs text to fit the MLM head on "
                           "(no masked-LM source to take it from)")
-    return {"base": base, "text": text, "strip_gutenberg": strip, "steps": rc.fit_steps, "batch_size": rc.fit_batch_size,
-            "lr": rc.fit_lr, "blocks": rc.fit_blocks, "seed": rc.seed}
+    return {
+        "base": base,
+        "text": text,
+        "strip_gutenberg": strip,
+        "steps": rc.fit_steps,
+        "batch_size": rc.fit_batch_size,
+        "lr": rc.fit_lr,
+        "blocks": rc.fit_blocks,
+        "seed": rc.seed,
+    }
 
 
 def fit_note(fit: dict) -> str:

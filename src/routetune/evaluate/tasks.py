@@ -7,7 +7,7 @@ Which metrics a set has is its objective's (objectives.py); how a set is scored 
 |---|---|
 | tags (token classification) | entity precision / recall / f1 (seqeval, on words), per type |
 | classes (sequence / binary classification) | accuracy, macro_f1, per-class report, confusion matrix (scikit-learn) |
-| prompts (causal-LM prompt/completion) | perplexity of the completions; exact_match and token_f1 of greedy generations |
+| prompts (causal-LM prompt/completion) | perplexity of the completions; exact_match, token_f1 of greedy generations |
 | text (language modelling) | perplexity (causal-LM) or mlm_loss (masked-LM, fixed masks) |
 """
 
@@ -55,7 +55,9 @@ def score_sets(model, sets: dict, objectives_of: dict, tokenizer, cfg, precision
     for name, evalset in sets.items():
         scores = evaluate_set(model, name, objectives_of[name], evalset, tokenizer, cfg, precision)
         full[name] = scores
-        flat.update({f"{name}/{m}": scores[m] for m in metric_names(evalset, objectives_of[name], cfg.sources.get(name))})
+        flat.update(
+            {f"{name}/{m}": scores[m] for m in metric_names(evalset, objectives_of[name], cfg.sources.get(name))}
+        )
     return flat, full
 
 
@@ -129,10 +131,14 @@ def prompt_scores(model, tokenizer, examples, max_length, tc, sc, precision: str
         subset = examples[: sc.eval_generate]
         outputs = generate(model, tokenizer, [e.text for e in subset], sc.max_new_tokens, max_length,
                            tc.eval_batch_size, precision)
-        out["exact_match"] = sum(_normalise(o) == _normalise(e.completion) for o, e in zip(outputs, subset)) / len(subset)
+        out["exact_match"] = sum(_normalise(o) == _normalise(e.completion) for o, e in zip(outputs, subset)) / len(
+            subset
+        )
         out["token_f1"] = sum(token_f1(o, e.completion) for o, e in zip(outputs, subset)) / len(subset)
         out["generated"] = len(subset)
-        out["samples"] = [{"prompt": e.text, "reference": e.completion, "output": o} for e, o in zip(subset[:3], outputs)]
+        out["samples"] = [
+            {"prompt": e.text, "reference": e.completion, "output": o} for e, o in zip(subset[:3], outputs)
+        ]
     return out
 
 
@@ -169,4 +175,6 @@ def format_scores(name: str, split: str, scores: dict) -> str:
         return "\n".join(lines)
     keys = [k for k in ("perplexity", "loss", "mlm_loss", "exact_match", "token_f1") if k in scores]
     counts = ", ".join(f"{k} {scores[k]}" for k in ("tokens", "blocks", "examples", "generated") if k in scores)
-    return f"{name} ({split}): " + "   ".join(f"{k} {scores[k]:.4f}" for k in keys) + (f"   ({counts})" if counts else "")
+    return (
+        f"{name} ({split}): " + "   ".join(f"{k} {scores[k]:.4f}" for k in keys) + (f"   ({counts})" if counts else "")
+    )

@@ -40,7 +40,9 @@ class Teacher:
             if precision == "bf16":
                 FrozenBf16(lm).cast()
             self.lm, self.layers = lm, []
-            self.how = f"a frozen copy of the starting model ({sum(p.numel() for p in model.lm.parameters()):,} parameters)"
+            self.how = (
+                f"a frozen copy of the starting model ({sum(p.numel() for p in model.lm.parameters()):,} parameters)"
+            )
 
     @contextlib.contextmanager
     def _starting_model(self):

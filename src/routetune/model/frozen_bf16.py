@@ -2,10 +2,10 @@
 
 Autocast casts a weight to bf16 on every forward, but caches that cast only for leaf tensors
 that require grad; frozen weights (a LoRA or IA3 base model, frozen layers) are cast again at
-every call. For smollm2-135m with LoRA that copy traffic was ~15% of a step on the 2-core
-machine (docs/benchmarks.md). Casting them once gives the matmuls exactly the bf16 operands
-autocast would have produced, so results do not change. The fp32 originals are kept and put
-back for every checkpoint write and at the end of training, so saved weights stay exact.
+every call, a copy traffic measured in docs/benchmarks.md (speed levers). Casting them once gives
+the matmuls exactly the bf16 operands autocast would have produced, so results do not change. The
+fp32 originals are kept and put back for every checkpoint write and at the end of training, so
+saved weights stay exact.
 """
 
 from __future__ import annotations

@@ -157,7 +157,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     `targets`: (n,) class ids (no ignored rows: select the scored rows first). Under CPU/CUDA
     autocast the matmuls run in the autocast dtype, as `nn.Linear` would."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not match")
+        raise ValueError(
+            f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not match"
+        )
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0  # nothing scored: a zero loss that keeps the graph
     device = hidden.device.type

@@ -146,7 +146,9 @@ def base_digest(path: str) -> str | None:
     folder = Path(path)
     if not folder.is_dir():
         return None
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json")
+    )
     key = (str(folder.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
     if key not in _DIGESTS:  # hashed once per process (a few hundred MB take about a second)
         h = hashlib.sha256()

@@ -87,7 +87,9 @@ def parameter_groups(model) -> dict[str, tuple[int, int]]:
     embeddings = embedding_params(lm)
     prefix = lm.base_model_prefix + "."
     seen = set()
-    named = [(f"lm.{n}", p) for n, p in lm.named_parameters()] + [(f"heads.{n}", p) for n, p in model.heads.named_parameters()]
+    named = [(f"lm.{n}", p) for n, p in lm.named_parameters()] + [
+        (f"heads.{n}", p) for n, p in model.heads.named_parameters()
+    ]
     if model.prompt is not None:
         named += [(f"prompt.{n}", p) for n, p in model.prompt.named_parameters()]
     for name, p in named:

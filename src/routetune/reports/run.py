@@ -232,9 +232,18 @@ def _run_section(runs: list[dict]):
             continue
         best = s.get("best", {})
         params = s.get("parameters", {})
-        rows.append([run["name"], render.fmt(s.get("steps"), "steps"), render.fmt(best.get("metric")), render.fmt(best.get("value")),
-                     render.fmt(best.get("step"), "steps"), _seconds(s.get("train_seconds")), _seconds(s.get("tokens_per_s")),
-                     f"{params['trainable']:,} / {params['total']:,}" if params else "-"])
+        rows.append(
+            [
+                run["name"],
+                render.fmt(s.get("steps"), "steps"),
+                render.fmt(best.get("metric")),
+                render.fmt(best.get("value")),
+                render.fmt(best.get("step"), "steps"),
+                _seconds(s.get("train_seconds")),
+                _seconds(s.get("tokens_per_s")),
+                f"{params['trainable']:,} / {params['total']:,}" if params else "-",
+            ]
+        )
     return ("Run", header, rows, []) if rows else None
 
 

@@ -111,7 +111,9 @@ class Service:
         self.max_tokens = min(limits.max_tokens or cfg.model.max_length, cfg.model.max_length)
         self.heads = {name: head.kind for name, head in model.heads.items()}
         self.token_heads = [n for n, k in self.heads.items() if k == "token-classification"]
-        self.class_heads = [n for n, k in self.heads.items() if k in ("sequence-classification", "binary-classification")]
+        self.class_heads = [
+            n for n, k in self.heads.items() if k in ("sequence-classification", "binary-classification")
+        ]
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routetune-model")
         self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="routetune-prepare")
         self.metrics = Metrics(["/v1/ner", "/v1/classify", "/v1/generate", "/healthz", "/metrics"])

@@ -18,7 +18,9 @@ class Param(Strict):
     """One dimension of the search space, at a dotted config key."""
 
     type: Literal["float", "int", "categorical", "simplex"]
-    """`float` / `int` between `low` and `high` (`log: true` samples on a log scale, `step` on a grid); `categorical` one of `choices`; `simplex`: weights over `keys` under the dotted key that sum to 1 (e.g. `routing.weights` over the sources), drawn as normalised exponentials so every mixture is equally likely."""
+    """`float` / `int` between `low` and `high` (`log: true` samples on a log scale, `step` on a grid); `categorical`
+    one of `choices`; `simplex`: weights over `keys` under the dotted key that sum to 1 (e.g. `routing.weights` over the
+    sources), drawn as normalised exponentials so every mixture is equally likely."""
     low: float | None = None
     high: float | None = None
     log: bool = False
@@ -27,7 +29,8 @@ class Param(Strict):
     keys: list[str] | None = None
     """simplex: the names the weights go to (`routing.weights.<name>`)."""
     when: dict[str, Any] = Field(default_factory=dict)
-    """Conditional dimension: sampled only in trials where these other keys of the space took these values (e.g. `{peft.method: lora}`); otherwise the base config's value stays."""
+    """Conditional dimension: sampled only in trials where these other keys of the space took these values (e.g.
+    `{peft.method: lora}`); otherwise the base config's value stays."""
 
     @model_validator(mode="after")
     def _check(self) -> Param:
@@ -47,9 +50,12 @@ class Param(Strict):
 
 class Objective(Strict):
     kind: Literal["task", "retention"]
-    """`task`: a dev metric of the trained run at its best checkpoint (maximised, or minimised for losses and perplexity); `retention`: the relative change of an `evals` set with `split: dev` (general text) from the base model to the trained one (minimised; +0.05 = 5% higher loss)."""
+    """`task`: a dev metric of the trained run at its best checkpoint (maximised, or minimised for losses and
+    perplexity); `retention`: the relative change of an `evals` set with `split: dev` (general text) from the base model
+    to the trained one (minimised; +0.05 = 5% higher loss)."""
     metric: str | None = None
-    """task: `SOURCE/METRIC` (default: the base config's `train.early_stopping.metric`); retention: the name of the dev `evals` set (default: the only one)."""
+    """task: `SOURCE/METRIC` (default: the base config's `train.early_stopping.metric`); retention: the name of the dev
+    `evals` set (default: the only one)."""
 
 
 class SweepConfig(Strict):
@@ -62,31 +68,38 @@ class SweepConfig(Strict):
     output_dir: str = "runs"
     """Where the study folder goes (relative to the working directory, like `run.output_dir`)."""
     storage: str | None = None
-    """optuna storage URL; default SQLite in the study folder (`sqlite:///STUDY/study.db`). Give a PostgreSQL/MySQL URL to share one study between machines."""
+    """optuna storage URL; default SQLite in the study folder (`sqlite:///STUDY/study.db`). Give a PostgreSQL/MySQL URL
+    to share one study between machines."""
     objectives: list[Objective] = Field(default_factory=lambda: [Objective(kind="task")], min_length=1, max_length=2)
     """One objective (single-objective study) or `task` and `retention` (multi-objective: the Pareto front)."""
     max_retention: float | None = None
-    """Constraint: trials whose retention change exceeds this (e.g. 0.02) are infeasible; the best trial is chosen among the others. Needs a dev `evals` set."""
+    """Constraint: trials whose retention change exceeds this (e.g. 0.02) are infeasible; the best trial is chosen among
+    the others. Needs a dev `evals` set."""
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     """optuna sampler (TPE handles several objectives too; `nsga2` the genetic NSGA-II)."""
     pruner: Literal["none", "median", "asha"] = "none"
-    """Stop unpromising trials early on their intermediate dev scores (single-objective studies only): `median` or `asha` (successive halving)."""
+    """Stop unpromising trials early on their intermediate dev scores (single-objective studies only): `median` or
+    `asha` (successive halving)."""
     trials: int = Field(20, ge=1)
     """Trials to complete (all workers together; pruned trials count)."""
     timeout: float | None = Field(None, gt=0)
     """Wall-clock budget of this process in seconds: no trial starts after it."""
     repeats: int = Field(1, ge=1)
-    """Seeds per setting: each trial trains `repeats` runs (train.seed and routing.seed + 0, 1, ...) and scores their mean."""
+    """Seeds per setting: each trial trains `repeats` runs (train.seed and routing.seed + 0, 1, ...) and scores their
+    mean."""
     seed: int = 0
     """Seed of the sampler."""
     heartbeat: int = Field(60, ge=1)
-    """Seconds between a running trial's heartbeats; a trial silent for twice as long (its process was killed) is marked failed and its setting tried again."""
+    """Seconds between a running trial's heartbeats; a trial silent for twice as long (its process was killed) is marked
+    failed and its setting tried again."""
     space: dict[str, Param] = Field(min_length=1)
     """The search space: dotted config key -> dimension."""
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    """Named override sets confirmed next to the chosen settings with the same seeds (e.g. `{plain: {routing.weights.general: 0}}`)."""
+    """Named override sets confirmed next to the chosen settings with the same seeds (e.g. `{plain:
+    {routing.weights.general: 0}}`)."""
     confirm_points: int = Field(4, ge=1)
-    """Multi-objective studies: how many points of the feasible Pareto front `--confirm` trains (spread along it, both ends first; 1: the end best on the task). Each point costs K runs; may change after the search."""
+    """Multi-objective studies: how many points of the feasible Pareto front `--confirm` trains (spread along it, both
+    ends first; 1: the end best on the task). Each point costs K runs; may change after the search."""
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:

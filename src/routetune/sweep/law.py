@@ -110,8 +110,15 @@ def fit_law(st: Study, key: str, budget: float, where: dict | None = None) -> di
                        f"[{x.min():.4g}, {x.max():.4g}] (least change {ret_of.min():+.4f})")
     sign = task_place(st)[1]
     i = int(np.argmax(np.where(ok, sign * task_of, -np.inf)))
-    return {"key": key, "budget": budget, "where": where, "points": points, "task_fit": task_fit, "retention_fit": ret_fit,
-            "predicted": {"x": float(grid[i]), "task": float(task_of[i]), "retention": float(ret_of[i])}}
+    return {
+        "key": key,
+        "budget": budget,
+        "where": where,
+        "points": points,
+        "task_fit": task_fit,
+        "retention_fit": ret_fit,
+        "predicted": {"x": float(grid[i]), "task": float(task_of[i]), "retention": float(ret_of[i])},
+    }
 
 
 def _setting_at(st: Study, key: str, x: float, where: dict) -> tuple[dict, int]:

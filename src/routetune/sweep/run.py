@@ -79,7 +79,9 @@ def objective(st: Study):
             change = sum(changes) / len(changes)
             trial.set_user_attr("retention", change)
             trial.set_user_attr("constraint", [change - st.cfg.max_retention])
-        log.info("trial %d: %s", trial.number, ", ".join(f"{o.kind} {v:.4f}" for o, v in zip(st.cfg.objectives, values)))
+        log.info(
+            "trial %d: %s", trial.number, ", ".join(f"{o.kind} {v:.4f}" for o, v in zip(st.cfg.objectives, values))
+        )
         return values[0] if len(values) == 1 else tuple(values)
     return run
 

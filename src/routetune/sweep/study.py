@@ -164,7 +164,8 @@ def open_study(sweep_path: str | Path, resume: bool, trials: int | None = None, 
 
 # What a resumed study may change: the budget, the workers' settings, what --confirm adds
 # (baselines, and general texts scored on test only, which no trial reads).
-_FREE = ("trials", "timeout", "heartbeat", "storage", "seed", "baselines", "confirm_points", "base")  # base: as resolved, below
+# base: as resolved, below
+_FREE = ("trials", "timeout", "heartbeat", "storage", "seed", "baselines", "confirm_points", "base")
 
 
 def _trial_view(config: dict) -> dict:
@@ -183,9 +184,12 @@ def _check_unchanged(st: Study, recorded: dict) -> None:
     if recorded.get("base", str(st.base_path)) != str(st.base_path):
         changed.insert(0, "base")
     if changed:
-        raise ConfigError(f"{st.sweep_path}: {', '.join(changed)} differ{'s' if len(changed) == 1 else ''} from the study's ({st.folder / MARK}), which "
-                          "its finished trials ran with; change only trials, timeout, baselines or test-split evals "
-                          "of a running study, or start a new one (another name)")
+        raise ConfigError(
+            f"{st.sweep_path}: {', '.join(changed)} differ{'s' if len(changed) == 1 else ''} from the study's "
+            f"({st.folder / MARK}), which "
+            "its finished trials ran with; change only trials, timeout, baselines or test-split evals "
+            "of a running study, or start a new one (another name)"
+        )
 
 
 def _constraints(trial) -> list[float]:

@@ -161,8 +161,8 @@ def _mark_complete(folder: Path) -> None:
     _fsync_dir(folder.parent)
 
 
-# The files a checkpoint of each format (model/methods/base.py) cannot be without: a manifest that lists fewer (one rewritten
-# after a file was removed) is refused, whatever its digests say.
+# The files a checkpoint of each format (model/methods/base.py) cannot be without: a manifest that
+# lists fewer (one rewritten after a file was removed) is refused, whatever its digests say.
 REQUIRED = {
     "full": {"config.json", "heads.json"},  # + model.safetensors (or its sharded index)
     "adapter": {"adapter_config.json", "adapter_model.safetensors", "lm_trainable.safetensors", "routetune.json",

@@ -60,7 +60,8 @@ class Trainer:
         self.objectives = {n: s.objective for n, s in setup.sources.items()}
         self.optimizer = build_optimizer(self.model, tc)
         name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[tc.schedule]
-        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=round(tc.warmup_ratio * setup.total_steps),
+        warmup = round(tc.warmup_ratio * setup.total_steps)
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=setup.total_steps)
         es = tc.early_stopping
         self.stopper = EarlyStopping(es.metric, es.mode, es.patience, es.min_delta)
@@ -364,9 +365,9 @@ class Trainer:
                 save_file(tensors, str(folder / ckpt.rng_file(rank)))
             rng_meta = rngs[0][1]
             state = {"step": step, "batches": self.batches.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "grad_scaler": self.scaler.state_dict() or None,
-                     "early_stopping": self.stopper.state_dict(), "stats": {n: asdict(s) for n, s in self.stats.items()},
-                     "train_seconds": self.train_seconds, "skipped_in_a_row": self.skipped_in_a_row, "rng": rng_meta,
+                     "grad_scaler": self.scaler.state_dict() or None, "early_stopping": self.stopper.state_dict(),
+                     "stats": {n: asdict(s) for n, s in self.stats.items()}, "train_seconds": self.train_seconds,
+                     "skipped_in_a_row": self.skipped_in_a_row, "rng": rng_meta,
                      "rng_ranks": [meta for _, meta in rngs[1:]], "logs": logs}
             (folder / "trainer_state.json").write_text(json.dumps(state))
 

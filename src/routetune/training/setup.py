@@ -86,8 +86,11 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
         raise ConfigError("train.embedding_grad_buffer: not with data-parallel training (it writes the embedding "
                           "gradient outside DistributedDataParallel's reducer, so the ranks would not average it); "
                           "set it to false")
-    hardware = resolve(device or cfg.train.device, precision or cfg.train.precision,
-                       names=("--device" if device else "train.device", "--precision" if precision else "train.precision"))
+    hardware = resolve(
+        device or cfg.train.device,
+        precision or cfg.train.precision,
+        names=("--device" if device else "train.device", "--precision" if precision else "train.precision"),
+    )
     if world.distributed and hardware.cuda:  # one GPU per process: torchrun's LOCAL_RANK
         hardware = dataclasses.replace(hardware, device=torch.device("cuda", world.local_rank))
     if cfg.train.deterministic:

@@ -120,7 +120,9 @@ class MLflow(_Forwarder):
         logs.quiet_third_party()  # MLflow sets its own level on import; its INFO lines are not the run's
         self.mlflow = mlflow
         # MLflow 3 keeps its file store for reading old runs only: the default is SQLite in the run folder
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+        mlflow.set_tracking_uri(
+            os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        )
         mlflow.set_experiment("routetune")
         run_id = _saved_run_id(run_dir, "mlflow", resume_step)
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)

@@ -1,6 +1,6 @@
 """Render docs/configuration.md from the config schema (the single source of truth).
 
-    python -m routetune.config_docs > docs/configuration.md
+    python -m routetune.config.docs > docs/configuration.md
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
         args = typing.get_args(ann)
         optional = [a for a in args if a is not type(None)] if type(None) in args else []
         if len(optional) == 1 and isinstance(optional[0], type) and issubclass(optional[0], BaseModel):
-            rows.append((key, "mapping or null", "`null`", " ".join((field.description or "").split())))  # an optional section
+            # an optional section
+            rows.append((key, "mapping or null", "`null`", " ".join((field.description or "").split())))
             rows += _rows(optional[0], key + ".")
             continue
         if nested is None and len(args) == 2 and args[0] is str and isinstance(args[1], type) \
@@ -88,7 +89,7 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `src/routetune/config/` by `python -m routetune.config_docs`; a test keeps",
+        "Generated from `src/routetune/config/` by `python -m routetune.config.docs`; a test keeps",
         "this file in step with the schema. Unknown keys and wrong types are refused with the dotted",
         "key and the line of the YAML file. Any key can be overridden with `--set key.path=value`",
         "(the value is parsed as YAML). Strings may use `${VAR}` or `${VAR:-default}`; relative data",
