@@ -243,3 +243,34 @@ def test_the_final_event_gives_trackers_test_scores_and_retention():
                                "retention/general-heldout/mlm_loss/before": 6.8,
                                "retention/general-heldout/mlm_loss/after": 6.7,
                                "retention/general-heldout/mlm_loss/ratio": 0.985}
+
+
+def test_the_command_line_goes_through_the_api_s_run(tmp_path, tiny_model_dir, ner_files, monkeypatch, capsys):
+    """`routetune eval` and `predict` use routetune.load(RUN) and its Run, as a notebook does: their
+    outputs are the Run's, and the command calls the Run's predictor."""
+    from support import run_cli
+
+    import routetune
+    from routetune import api
+    from routetune.cli import main
+    from routetune.workflow import train
+
+    run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 3}))
+    run = routetune.load(run_dir)
+    cli = json.loads(run_cli("eval", run_dir, "--split", "dev", "--json").stdout)["scores"]
+    assert cli == json.loads(json.dumps(run.evaluate("dev")))
+    text = "john opened a store in paris"
+    (tmp_path / "in.txt").write_text(text + "\n")
+    line = json.loads(run_cli("predict", run_dir, tmp_path / "in.txt").stdout.splitlines()[0])
+    assert line == json.loads(json.dumps(run.predict(text)))
+
+    calls = []
+    real = api.Run.predictor
+    monkeypatch.setattr(api.Run, "predictor", lambda self, source=None: calls.append(source) or real(self, source))
+    monkeypatch.setattr("sys.argv", ["routetune", "predict", str(run_dir), str(tmp_path / "in.txt")])
+    try:
+        main()
+    except SystemExit as stop:  # typer may end a successful command this way too
+        assert stop.code in (0, None)
+    assert calls == ["ner"]
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == line

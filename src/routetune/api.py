@@ -77,6 +77,22 @@ class Run:
     def config(self) -> Config:
         return self._load()[0]
 
+    @property
+    def model(self):
+        """The run's RoutedModel (backbone, LM head, task heads), loaded for inference."""
+        return self._load()[1]
+
+    @property
+    def tokenizer(self):
+        return self._load()[2]
+
+    def predictor(self, source: str | None = None) -> Predictor:
+        """The batched, length-sorted predictor of one head (default: the primary source's), as
+        `predict`, `routetune predict` and `routetune serve` use it."""
+        cfg, model, tokenizer, hw = self._load()
+        return Predictor(model, tokenizer, source or cfg.train.primary, cfg.model.max_length,
+                         cfg.train.eval_batch_size, hw.precision)
+
     def _load(self):
         if self._loaded is None:
             self._loaded = load_for_inference(self.dir, self.checkpoint, self.device, self.precision)
@@ -99,10 +115,7 @@ class Run:
         for i, x in enumerate(batch):
             if not (isinstance(x, str) or (isinstance(x, list) and all(isinstance(w, str) for w in x))):
                 raise RoutetuneError(f"predict: item {i} is a {type(x).__name__}; expected a text or a list of words")
-        cfg, model, tokenizer, hw = self._load()
-        predictor = Predictor(model, tokenizer, source or cfg.train.primary, cfg.model.max_length,
-                              cfg.train.eval_batch_size, hw.precision)
-        out = plain(predictor.predict([item_from_tokens(x) if isinstance(x, list) else item_from_text(x)
+        out = plain(self.predictor(source).predict([item_from_tokens(x) if isinstance(x, list) else item_from_text(x)
                                        for x in batch]))
         return out[0] if single else out
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 from routetune.errors import RoutetuneError
-from routetune.model.inference import generate
 from routetune.serve.predictor import unicode_problem
 
 
@@ -31,10 +30,10 @@ def parse_prompt(line: str, where: str, n: int):
     return text
 
 
-def generate_file(cfg, model, tokenizer, input_file, max_new_tokens, output, precision) -> None:
+def generate_file(run, input_file, max_new_tokens, output) -> None:
+    """The prompts of `input_file` (or stdin) through `run.generate` (a routetune.Run), as JSONL."""
     prompts = [p for p in read_items(input_file, parse_prompt) if p is not None]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens, cfg.model.max_length + max_new_tokens,
-                       cfg.train.eval_batch_size, precision)
+    outputs = run.generate(prompts, max_new_tokens)
     write_jsonl(output, ({"prompt": p, "completion": o} for p, o in zip(prompts, outputs)))
 
 

@@ -28,10 +28,10 @@ def eval_cmd(
     if split not in ("dev", "validation", "test"):
         raise typer.BadParameter("expected dev, validation or test", param_hint="--split")
     check_run_folder(run)  # before anything heavy loads
+    from routetune.api import load
     from routetune.evaluate.tasks import format_scores
-    from routetune.workflow import evaluate
 
-    scores = evaluate(run, split, checkpoint, device=device, precision=precision)
+    scores = load(run, checkpoint, device, precision).evaluate(split)  # the Python API's path
     if as_json:
         typer.echo(json.dumps({"run": str(run), "split": split, "checkpoint": checkpoint, "scores": scores}))
         return
@@ -57,17 +57,17 @@ def predict_cmd(
     if fmt not in ("auto", "lines", "jsonl"):
         raise typer.BadParameter("expected auto, lines or jsonl", param_hint="--format")
     check_run_folder(run)  # before anything heavy loads
+    from routetune.api import load
     from routetune.cli.lines import generate_file, read_items, write_jsonl
-    from routetune.runs import load_for_inference
-    from routetune.serve.predictor import Predictor, parse_line
+    from routetune.serve.predictor import parse_line
 
-    cfg, model, tokenizer, hw = load_for_inference(run, checkpoint, device, precision)
-    precision = hw.precision
+    loaded = load(run, checkpoint, device, precision)  # the Python API's Run: one path for both
+    cfg, model = loaded.config, loaded.model
     head = source or cfg.train.primary
     if head not in model.heads and model.is_decoder and (source is None or source in cfg.sources):
-        generate_file(cfg, model, tokenizer, input_file, max_new_tokens, output, precision)
+        generate_file(loaded, input_file, max_new_tokens, output)
         return
-    predictor = Predictor(model, tokenizer, head, cfg.model.max_length, cfg.train.eval_batch_size, precision)
+    predictor = loaded.predictor(head)
     items = read_items(input_file, lambda line, where, n: parse_line(line, fmt, where, n))
     results = iter(predictor.predict([it for it in items if it is not None]))
     # one output line per input line, blank ones included, so outputs join back to inputs by line
@@ -88,13 +88,13 @@ def generate_cmd(
 ) -> None:
     """Greedy generation for new prompts with a fine-tuned decoder; writes JSONL {prompt, completion}."""
     check_run_folder(run)  # before anything heavy loads
+    from routetune.api import load
     from routetune.cli.lines import generate_file
-    from routetune.runs import load_for_inference
 
-    cfg, model, tokenizer, hw = load_for_inference(run, checkpoint, device, precision)
-    if not model.is_decoder:
+    loaded = load(run, checkpoint, device, precision)  # the Python API's Run: one path for both
+    if not loaded.model.is_decoder:
         raise RoutetuneError(f"{run}: generate needs a decoder backbone; this run's is an encoder")
-    generate_file(cfg, model, tokenizer, input_file, max_new_tokens, output, hw.precision)
+    generate_file(loaded, input_file, max_new_tokens, output)
 
 
 @app.command("export")
