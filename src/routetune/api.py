@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from routetune.config import Config, config_from_dict, load_config
+from routetune.config import Config, config_from_dict, config_from_run, load_config
 from routetune.errors import RoutetuneError, RunError
 from routetune.export import export as export_run
 from routetune.logs import setup_logging
 from routetune.model.inference import generate
+from routetune.run_paths import check_run_folder
 from routetune.runs import load_for_inference
 from routetune.serve.predictor import Predictor, item_from_text, item_from_tokens
 from routetune.training import checkpoint as ckpt
@@ -54,6 +55,7 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str | None = Non
     RunError names what is missing); the model is loaded when first used."""
     setup_logging()
     run_dir = Path(run_dir)
+    config_from_run(check_run_folder(run_dir))  # a run folder with a readable config.yaml
     ckpt.run_checkpoint(run_dir, checkpoint)  # exists and verifies, or one clear error now
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}

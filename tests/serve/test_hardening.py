@@ -4,7 +4,6 @@ it, and no input (lone surrogates, NaN, huge tokens, random JSON) gets a 5xx."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import socket
@@ -20,7 +19,7 @@ from support import make_config
 from routetune.errors import DataError, RoutetuneError
 from routetune.serve.limits import Limits
 from routetune.serve.predictor import parse_line
-from routetune.serve.server import Batcher, check_exposure, create_app
+from routetune.serve.server import check_exposure, create_app
 
 
 @pytest.fixture(scope="module")
@@ -290,24 +289,6 @@ def test_characters_are_capped_before_tokenising(loaded):
         assert r.status_code == 200 and r.json()["results"][0]["truncated"] is True
         r = c.post("/v1/ner", json={"tokens": [["y" * 900_000, "John"]]})
         assert r.status_code == 200 and r.json()["results"][0]["tokens"] == ["y" * 50]
-
-
-def test_micro_batches_stay_within_the_token_budget():
-    calls = []
-
-    async def scenario():
-        from concurrent.futures import ThreadPoolExecutor
-
-        b = Batcher(lambda items: (calls.append(len(items)), items)[1], max_batch=100, max_wait_ms=50,
-                    executor=ThreadPoolExecutor(1), observe=lambda n: None, max_tokens=100)
-        b.start()
-        results = await asyncio.gather(*(b.submit([i] * 2, tokens=60) for i in range(4)))
-        await b.stop()
-        return results
-
-    results = asyncio.run(scenario())
-    assert results == [[i, i] for i in range(4)]
-    assert calls == [2, 2, 2, 2]  # 60 + 60 tokens would pass 100: each request gets its own call
 
 
 @pytest.mark.parametrize("body", [
