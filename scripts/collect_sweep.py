@@ -40,7 +40,7 @@ def main(names: list[str]) -> None:
             key=lambda p: (p / "config.yaml").stat().st_mtime if (p / "config.yaml").exists() else 0,
         )
     )
-    # HF reference (issue #9): 25% replay domain 57.96 -> 37.80 (ratio 0.6522), general +1.8%;
+    # HF reference (docs/results.md, Tiny Shakespeare): 25% replay domain 57.96 -> 37.80 (ratio 0.6522), general +1.8%;
     # sweep goal: domain <= 37.5 (ratio 0.6470 of the same base) and general under +1.0%.
     print("| run | routing | domain ppl before -> after (ratio) | general (WikiText-2) ppl before -> after | "
           "general change | at least the HF 25% bar | sweep goal |")

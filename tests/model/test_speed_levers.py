@@ -1,4 +1,4 @@
-"""The speed levers of issue #8 keep the semantics they claim."""
+"""The speed levers (docs/benchmarks.md) keep the semantics they claim."""
 
 import json
 import logging

@@ -2,8 +2,8 @@
 
 An encoder trained with attention dropout (BERT's `attention_probs_dropout_prob`, 0.1 for
 minilm-l6) asks PyTorch's SDPA for ``dropout_p > 0``. On CPU that rules out the fused kernel, and
-the math path draws one Bernoulli sample per attention weight from the generator: ~5% of a
-minilm-l6 NER step on the 2-core machine (docs/benchmarks.md). This attention function computes
+the math path draws one Bernoulli sample per attention weight from the generator, a visible
+share of a minilm-l6 NER step on a 2-core CPU (measured in docs/benchmarks.md). This attention function computes
 the same thing (softmax(QK^T * scale + mask), dropout, times V) with the 16-bit-uniform dropout
 when training with dropout, and hands everything else (evaluation, dropout 0, grouped-query
 attention, position biases) to transformers' own SDPA function unchanged.

@@ -1,8 +1,8 @@
 """Dropout with a cheaper random source, for training on CPU.
 
-torch's CPU dropout draws one Bernoulli sample per element from the generator; on the 2-core
-AMX machine that took ~5-9 ms for one 8 x 128 x 576 activation, which made the LoRA dropout
-alone ~17% of a smollm2-135m step (docs/benchmarks.md). Here one 64-bit draw from the same
+torch's CPU dropout draws one Bernoulli sample per element from the generator, which made the
+LoRA dropout alone a large share of a smollm2-135m step on a 2-core CPU (measured in
+docs/benchmarks.md). Here one 64-bit draw from the same
 seeded torch generator yields four 16-bit uniforms, so the keep probability is quantised to
 1/65536 (p = 0.05 becomes 3277/65536 = 0.050003); the inverted scaling 1/(1-p) is the same as
 torch's. Seeded and resumable like torch's dropout (it uses torch's default generator, whose

@@ -99,10 +99,9 @@ def load_tokenizer(path: str):
 def pick_attention(choice: str, decoder: bool, device_type: str | None = None) -> str:
     """`auto`: eager attention for decoders on CPU, SDPA otherwise.
 
-    Measured on the 2-core AMX machine (docs/benchmarks.md): for smollm2-135m at 8 x 128
-    tokens, PyTorch's CPU flash-attention backward takes ~28 ms per layer call, which made one
-    LoRA step 1.5x slower than the plain matmul (eager) attention; for minilm-l6 (encoder, no
-    causal mask) SDPA was as fast or faster. Both compute the same attention.
+    On CPU, PyTorch's flash-attention backward made a smollm2-135m LoRA step slower than the
+    plain matmul (eager) attention, while for minilm-l6 (encoder, no causal mask) SDPA was as
+    fast or faster (measured in docs/benchmarks.md). Both compute the same attention.
     """
     if choice != "auto":
         return choice

@@ -267,7 +267,7 @@ class _Trim:
 def tune_process() -> None:
     """Process settings for serving (called by `routetune serve`, not by create_app): glibc is
     limited to two malloc arenas, so the worker and event-loop threads do not each grow a heap
-    (with the heap trimmed after batches, RSS stayed within +2.5% over a minute of overload;
+    (with the heap trimmed after batches, RSS stays flat under overload: measured in
     docs/serving.md)."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
