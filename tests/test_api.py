@@ -253,6 +253,7 @@ def test_the_command_line_goes_through_the_api_s_run(tmp_path, tiny_model_dir, n
     import routetune
     from routetune import api
     from routetune.cli import main
+    from routetune.training import checkpoint as ckpt
     from routetune.workflow import train
 
     run_dir, _ = train(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.max_steps": 3}))
@@ -264,13 +265,18 @@ def test_the_command_line_goes_through_the_api_s_run(tmp_path, tiny_model_dir, n
     line = json.loads(run_cli("predict", run_dir, tmp_path / "in.txt").stdout.splitlines()[0])
     assert line == json.loads(json.dumps(run.predict(text)))
 
-    calls = []
+    calls, verified = [], []
     real = api.Run.predictor
     monkeypatch.setattr(api.Run, "predictor", lambda self, source=None: calls.append(source) or real(self, source))
+    real_verify = ckpt.verify
+    monkeypatch.setattr(ckpt, "verify", lambda folder: verified.append(folder) or real_verify(folder))
     monkeypatch.setattr("sys.argv", ["routetune", "predict", str(run_dir), str(tmp_path / "in.txt")])
     try:
         main()
     except SystemExit as stop:  # typer may end a successful command this way too
         assert stop.code in (0, None)
     assert calls == ["ner"]
+    assert len(verified) == 1  # the checkpoint's files are hashed once, by routetune.load
     assert json.loads(capsys.readouterr().out.splitlines()[0]) == line
+    verified.clear()
+    assert run.evaluate("dev") == routetune.load(run_dir).evaluate("dev") and len(verified) == 1

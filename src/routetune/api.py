@@ -56,19 +56,20 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str | None = Non
     setup_logging()
     run_dir = Path(run_dir)
     config_from_run(check_run_folder(run_dir))  # a run folder with a readable config.yaml
-    ckpt.run_checkpoint(run_dir, checkpoint)  # exists and verifies, or one clear error now
+    folder = ckpt.run_checkpoint(run_dir, checkpoint)  # exists and verifies, or one clear error now
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    return Run(run_dir, summary, checkpoint, device, precision)
+    return Run(run_dir, summary, checkpoint, device, precision, verified=folder)
 
 
 class Run:
     """A run folder: its summary, and its model for evaluation, prediction, generation, export."""
 
     def __init__(self, run_dir: Path, summary: dict, checkpoint: str = "best", device: str | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, verified: Path | None = None):
         self.dir, self.summary = Path(run_dir), summary
         self.checkpoint, self.device, self.precision = checkpoint, device, precision
+        self._verified = verified  # the checkpoint folder load() verified: not hashed again when loaded
         self._loaded = None
 
     def __repr__(self) -> str:
@@ -97,13 +98,14 @@ class Run:
 
     def _load(self):
         if self._loaded is None:
-            self._loaded = load_for_inference(self.dir, self.checkpoint, self.device, self.precision)
+            self._loaded = load_for_inference(self.dir, self.checkpoint, self.device, self.precision,
+                                              self._verified)
         return self._loaded
 
     def evaluate(self, split: str = "test", sources: list[str] | None = None) -> dict:
         """Scores of the run's checkpoint on its sources' `dev` (also called `validation`) or `test`
         sets, as plain Python numbers."""
-        return plain(evaluate(self.dir, split, self.checkpoint, sources, self.device, self.precision))
+        return plain(evaluate(self.dir, split, self.checkpoint, sources, loaded=self._load))
 
     def predict(self, items: str | list[str] | list[list[str]], source: str | None = None) -> dict | list[dict]:
         """Tags and entity spans (token heads) or a label with probabilities (classification

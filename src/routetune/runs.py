@@ -221,21 +221,23 @@ class RunLock:
         self.release()
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best", device_type: str = "cpu"):
+def load_run(run_dir: str | Path, checkpoint: str = "best", device_type: str = "cpu", verified: Path | None = None):
     """(config, model, tokenizer) of a run, from a verified checkpoint; the model is on the CPU,
-    its attention implementation the run's `model.attention` for `device_type`."""
+    its attention implementation the run's `model.attention` for `device_type`. `verified`: the
+    checkpoint folder when the caller has just verified it (routetune.load), so its files are not
+    hashed twice."""
     run_dir = check_run_folder(run_dir)
     cfg = config_from_run(run_dir)
-    folder = ckpt.run_checkpoint(run_dir, checkpoint)
+    folder = verified or ckpt.run_checkpoint(run_dir, checkpoint)
     return cfg, RoutedModel.load(folder, cfg.model.attention, device_type), load_tokenizer(str(folder))
 
 
 def load_for_inference(run_dir: str | Path, checkpoint: str = "best", device: str | None = None,
-                       precision: str | None = None) -> tuple:
+                       precision: str | None = None, verified: Path | None = None) -> tuple:
     """(config, model, tokenizer, hardware) of a run, ready to evaluate, predict or serve on this
     machine: device and precision chosen here (`--device` / `--precision`, default auto), checked
     before the run is loaded, the model moved there and prepared for inference."""
     hw: Hardware = inference_hardware(device, precision)
-    cfg, model, tokenizer = load_run(run_dir, checkpoint, hw.device.type)
+    cfg, model, tokenizer = load_run(run_dir, checkpoint, hw.device.type, verified)
     for_inference(model, hw.precision, hw.device)
     return cfg, model, tokenizer, hw

@@ -353,14 +353,15 @@ def plain(value):
 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
              sources: list[str] | None = None, device: str | None = None, precision: str | None = None,
-             cfg: Config | None = None) -> dict:
+             cfg: Config | None = None, loaded=None) -> dict:
     """Score a run's checkpoint on the dev or test sets of its sources (files or holdout). `cfg`
     gives the sources to score instead of the run's own config (a continual stage scores each
-    earlier task as its own config defines it). `split`: dev (or validation) or test."""
+    earlier task as its own config defines it). `split`: dev (or validation) or test. `loaded`:
+    a function giving the run as load_for_inference does (a routetune.Run's, loaded once)."""
     if split not in SPLITS:
         raise RunError(f"split: expected dev, validation or test, got {split!r}")
     split = SPLITS[split]
-    run_cfg, model, tokenizer, hw = load_for_inference(run_dir, checkpoint, device, precision)
+    run_cfg, model, tokenizer, hw = loaded() if loaded else load_for_inference(run_dir, checkpoint, device, precision)
     cfg = cfg or run_cfg
     missing = [n for n in sources or [] if n not in cfg.sources]
     if missing:

@@ -2,14 +2,10 @@
 fitted MLM head, the cache of base-model scores; every number checked against a direct computation."""
 
 import math
-from html.parser import HTMLParser
 
 import pytest
-from typer.testing import CliRunner
 
 from support import make_config
-
-runner = CliRunner()
 
 
 @pytest.fixture
@@ -151,17 +147,6 @@ def test_cache_key_follows_data_content_not_file_times(tmp_path):
     assert _files_digest([f], content=True) == key
     f.write_text("other held-out text")  # same size, other bytes
     assert _files_digest([f], content=True) != key
-
-
-class _Refs(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.refs = []
-
-    def handle_starttag(self, tag, attrs):
-        for k, v in attrs:
-            if k in ("src", "href"):
-                self.refs.append(v)
 
 
 def test_a_run_trains_the_same_whether_base_scores_are_cached_or_not(tmp_path, headless_bert, ner_files, monkeypatch):
