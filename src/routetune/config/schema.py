@@ -106,6 +106,12 @@ class TrainConfig(Strict):
     fp32 vocabulary logits: same loss and gradients up to rounding, less memory, faster on CPU. Used for decoders whose
     logits are the plain LM head of the last hidden state (Llama, Mistral, Qwen2/3, GPT-2, GPT-NeoX, Phi-3, SmolLM3,
     OLMo-2, StarCoder2, StableLM); others keep transformers' loss."""
+    padding_free: bool = True
+    """Run the backbone on each batch's real tokens only: the examples packed into one row with their own position ids,
+    attention kept within each example (model/packing.py). Same losses and logits as the padded batch up to rounding,
+    faster wherever a batch holds examples of different lengths. Model types it has been checked for: BERT, Llama,
+    Mistral, Qwen2/3; other models, prompt and prefix tuning, and self-distillation's teacher pass train padded (said
+    once in the log). false: padded batches."""
     embedding_grad_buffer: bool = False
     """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh
     vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by

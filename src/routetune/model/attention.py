@@ -58,14 +58,12 @@ def sdpa_fast_dropout(module: nn.Module, query, key, value, attention_mask, drop
 def use_fast_attention_dropout(lm: nn.Module) -> bool:
     """Switch an SDPA model that trains with attention dropout to :func:`sdpa_fast_dropout`.
     Returns whether it switched (not for eager attention or attention dropout 0)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from routetune.model import packing
 
     config = lm.config
     p = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
     if config._attn_implementation != "sdpa" or not p:
         return False
-    AttentionInterface.register(NAME, sdpa_fast_dropout)
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks SDPA gets
+    packing.register()  # sdpa_fast_dropout, inside the padding-free wrapper (a no-op without a layout)
     lm.set_attn_implementation(NAME)
     return True

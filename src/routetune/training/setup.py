@@ -31,6 +31,7 @@ from routetune.data.text import TextStream
 from routetune.device import Hardware, resolve
 from routetune.errors import ConfigError
 from routetune.evaluate.tasks import metric_names
+from routetune.model import packing
 from routetune.model.attention import use_fast_attention_dropout
 from routetune.model.embedding_grad import use_embedding_grad_buffer
 from routetune.model.fast_dropout import use_fast_dropout
@@ -190,6 +191,8 @@ def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hard
         use_fast_dropout(model)
         use_fast_attention_dropout(model.lm)
     model.fused_lm_loss = cfg.train.fused_lm_loss
+    if cfg.train.padding_free:
+        _padding_free(model)
     if cfg.train.gradient_checkpointing:
         if not model.lm.supports_gradient_checkpointing:
             raise ConfigError(f"train.gradient_checkpointing: {type(model.lm).__name__} does not support it")
@@ -202,6 +205,16 @@ def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hard
             model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.embedding_grad_buffer:
         use_embedding_grad_buffer(model.lm)
+
+
+def _padding_free(model: RoutedModel) -> None:
+    """`train.padding_free`: the packed layout where the model allows it, else one log line."""
+    reason = packing.why_not(model)
+    if reason is not None:
+        log.info("train.padding_free: padded batches (%s)", reason)
+        return
+    packing.use_packed_attention(model.lm)
+    model.padding_free = True
 
 
 def _deterministic_kernels() -> None:

@@ -9,6 +9,7 @@ import math
 import torch
 
 from routetune.model.lm_loss import SCORED_INDEX, scored_positions
+from routetune.model.packing import PACKED_INDEX, packed_index
 
 
 def scored_units(objective: str, tensors: dict) -> torch.Tensor:
@@ -26,7 +27,8 @@ def micro_batches(tensors: dict, objective: str, k: int):
     """The batch in `k` slices of consecutive examples, each cut to its own longest row, with
     the slice's scored units; slices with none are skipped. Called on the CPU copy of a batch
     (the counts and cuts read tensor values: on a GPU each would stall the queue); an LM
-    objective's slice also gets the positions its loss scores (model/lm_loss.py)."""
+    objective's slice also gets the positions its loss scores (model/lm_loss.py), and every slice
+    where its real tokens are, for padding-free training (model/packing.py)."""
     units = scored_units(objective, tensors)
     n = tensors["input_ids"].shape[0]
     size = math.ceil(n / k)
@@ -40,4 +42,5 @@ def micro_batches(tensors: dict, objective: str, k: int):
         index = scored_positions(objective, piece["labels"]) if piece["labels"].dim() == 2 else None
         if index is not None:
             piece[SCORED_INDEX] = index
+        piece[PACKED_INDEX] = packed_index(piece["attention_mask"])
         yield piece, u
