@@ -182,5 +182,7 @@ def to_device(tensors: dict, device: torch.device) -> dict:
     if device.type == "cpu":
         return tensors
     if device.type != "cuda":
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in tensors.items()}
+        return {k: v.to(device) if torch.is_tensor(v) or hasattr(v, "to") else v for k, v in tensors.items()}
+    # other values with a `to` (a padding-free layout, model/packing.py) move themselves
+    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v)
+            else v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in tensors.items()}

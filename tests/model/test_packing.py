@@ -14,7 +14,8 @@ import yaml
 
 from routetune.config import load_config
 from routetune.model.lm_loss import SCORED_INDEX, scored_positions
-from routetune.model.packing import PACKED_INDEX, Layout
+from routetune.model import packing
+from routetune.model.packing import PACKED, Layout, attention_groups
 from routetune.training.setup import prepare
 from routetune.training.weighting import micro_batches
 from support.sample_files import GENERAL, write_ner
@@ -79,7 +80,7 @@ def _batches(setup):
     for _ in range(40):
         for part in setup.batches.next():
             if part.source not in out and not part.stand_in:
-                (piece, _), = micro_batches(part.tensors, setup.sources[part.source].objective, 1)
+                (piece, _), = micro_batches(part.tensors, setup.sources[part.source].objective, 1, True)
                 out[part.source] = piece
                 name_of[id(piece)] = setup.sources[part.source].objective
     for piece in out.values():
@@ -89,7 +90,7 @@ def _batches(setup):
             for row in range(1, mask.shape[0]):
                 cut = slice(width - 3 * row, None)
                 mask[row, cut], piece["labels"][row, cut] = 0, -100
-            piece[PACKED_INDEX] = mask.flatten().nonzero().squeeze(1)
+            piece[PACKED] = Layout.of(mask)
             piece[SCORED_INDEX] = scored_positions(name_of[id(piece)], piece["labels"])
         assert mask.sum(1).unique().numel() > 1
     assert set(out) == set(setup.sources)
@@ -101,11 +102,11 @@ def _outputs(model, name, objective, batch):
     the batch loss and the trainable parameters' gradients."""
     model.zero_grad(set_to_none=True)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    index = batch.get(PACKED_INDEX)
+    layout = batch.get(PACKED)
     if name in model.heads:
-        logits = model.heads[name](model.hidden_states(ids, mask, index), mask)
+        logits = model.heads[name](model.hidden_states(ids, mask, layout), mask)
     else:
-        logits = model.lm_logits(ids, mask, index)
+        logits = model.lm_logits(ids, mask, layout)
     if logits.dim() == 3:  # per token: real positions only (padding rows are not outputs)
         if objective == "causal-lm":
             logits, labels, mask = logits[:, :-1], labels[:, 1:], mask[:, 1:]
@@ -125,7 +126,8 @@ def _outputs(model, name, objective, batch):
 @pytest.mark.parametrize("peft", [{"method": "none"}, {"method": "lora", "r": 4}], ids=["full", "lora"])
 @pytest.mark.parametrize("backbone", ["encoder", "decoder"])
 def test_padding_free_batches_give_the_padded_batch_s_outputs(tmp_path, tiny_model_dir, chat_llama, backbone,
-                                                              peft):
+                                                              peft, monkeypatch):
+    monkeypatch.setattr(packing, "GROUP_COST", 0)  # attention in as many groups as there are widths (up to 4)
     decoder = backbone == "decoder"
     model_dir = chat_llama if decoder else tiny_model_dir
     padded = prepare(load_config(_config(tmp_path, model_dir, decoder, peft, False)))
@@ -139,6 +141,7 @@ def test_padding_free_batches_give_the_padded_batch_s_outputs(tmp_path, tiny_mod
         model.eval()  # no dropout: the two layouts compute the same function
     for name, batch in _batches(padded).items():
         src = padded.sources[name]
+        assert len(batch[PACKED].groups) > 1  # attention in groups of different widths
         a = _outputs(padded.model, name, src.objective, batch)
         b = _outputs(packed.model, name, src.objective, batch)
         for what, x, y in zip(("logits", "per-example losses", "loss"), a, b):
@@ -149,32 +152,44 @@ def test_padding_free_batches_give_the_padded_batch_s_outputs(tmp_path, tiny_mod
                                        msg=lambda m: f"{name} gradient of {key}: {m}")
 
 
-def test_no_example_attends_to_another(tiny_model_dir):
+@pytest.mark.parametrize("group_cost", [packing.GROUP_COST, 0])
+def test_no_example_attends_to_another(tiny_model_dir, monkeypatch, group_cost):
     """Each example's hidden states are those of the example alone (the packed row holds the
-    others), and padding comes back as zeros."""
-    from routetune.model import packing
+    others), and padding comes back as zeros; attention in one group or several."""
     from routetune.model.routed import build_model
 
+    monkeypatch.setattr(packing, "GROUP_COST", group_cost)
     model = build_model(str(tiny_model_dir), seed=0, attention="sdpa")
     model.eval()
     packing.use_packed_attention(model.lm)
     model.padding_free = True
-    ids = torch.tensor([[2, 10, 11, 12, 3, 0, 0], [2, 20, 21, 22, 23, 24, 3]])
+    ids = torch.tensor([[2, 10, 11, 12, 3, 0, 0], [2, 20, 21, 22, 23, 24, 3], [2, 30, 3, 0, 0, 0, 0]])
     mask = (ids != 0).long()
+    assert len(Layout.of(mask).groups) == (1 if group_cost else 3)
     together = model.hidden_states(ids, mask)
-    alone = model.hidden_states(ids[:1, :5], mask[:1, :5])
-    torch.testing.assert_close(together[0, :5], alone[0], rtol=1e-5, atol=1e-6)
-    assert together[0, 5:].abs().sum() == 0
+    for row, n in enumerate(mask.sum(1).tolist()):
+        alone = model.hidden_states(ids[row:row + 1, :n], mask[row:row + 1, :n])
+        torch.testing.assert_close(together[row, :n], alone[0], rtol=1e-5, atol=1e-6)
+        assert together[row, n:].abs().sum() == 0
 
 
 def test_layout_round_trips_and_restarts_positions():
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]])  # right and left padding
-    layout = Layout(mask)
+    layout = Layout.of(mask)
     assert layout.positions.tolist() == [[0, 1, 2, 0, 1, 2, 0]]
     x = torch.arange(12.0).view(3, 4)
     packed = layout.pack(x)
     assert packed.tolist() == [[0.0, 1.0, 2.0, 5.0, 6.0, 7.0, 8.0]]
     assert torch.equal(layout.unpack(packed), x * mask)
+
+
+def test_attention_groups_cut_where_widths_differ(monkeypatch):
+    assert attention_groups([5, 5, 5]) == [[0, 1, 2]]
+    # 8 examples of 60 tokens and 8 of 10: one group computes 16 x 60^2 scores, two 8 x 60^2 + 8 x 10^2
+    assert attention_groups([60, 10] * 8) == [[0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15]]
+    assert attention_groups([12, 10, 11]) == [[0, 2, 1]]  # a second group would save less than it costs
+    monkeypatch.setattr(packing, "GROUP_COST", 0)
+    assert len(attention_groups(list(range(1, 30)))) == packing.MAX_GROUPS
 
 
 def test_models_and_methods_that_cannot_pack_train_padded_and_say_so(tmp_path, tiny_model_dir, caplog):

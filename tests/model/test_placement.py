@@ -74,7 +74,7 @@ def _train_one_step_of_each_source(setup):
                     continue
                 seen.add(part.source)
                 objective = setup.sources[part.source].objective
-                for tensors, _ in micro_batches(part.tensors, objective, 2):
+                for tensors, _ in micro_batches(part.tensors, objective, 2, model.padding_free):
                     distill = setup.cfg.sources[part.source].distill or None
                     loss = model(part.source, objective, to_device(tensors, META), distill)
                     assert loss.device == META and loss.dim() == 0

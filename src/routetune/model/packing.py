@@ -39,24 +39,106 @@ log = logging.getLogger("routetune")
 PACKABLE_TYPES = frozenset({"bert", "llama", "mistral", "qwen2", "qwen3"})
 EAGER_NAME = "routetune_eager"
 LAYOUT = "routetune_layout"  # keyword argument carried by transformers from the model's forward to attention
-PACKED_INDEX = "packed_index"  # batch key: flat (row * width + position) index of each real token
+PACKED = "packed_layout"  # batch key: the batch's Layout, made on the CPU copy (training/weighting.py)
 # set while a packed forward builds its masks: the mask functions then return None (the attention
 # function makes the padded batch's own mask), and transformers' check whether the all-ones mask
 # has padding, a host read on a GPU, is never made
 _PACKED: ContextVar[bool] = ContextVar("routetune_packed", default=False)
+# attention groups: at most this many per batch, and a new group only where it saves at least
+# this many attention scores per head (the price of another round of attention kernels)
+MAX_GROUPS = 4
+GROUP_COST = 2048
+
+
+def attention_groups(lengths: list[int]) -> list[list[int]]:
+    """The examples (row numbers) of each attention group: the batch sorted by length and cut
+    where that least wastes, so attention runs on a few [examples x width x width] blocks of
+    similar widths instead of one of the longest example's width. Minimises the attention
+    scores computed (examples x width^2 per group) plus GROUP_COST per group, by dynamic
+    programming over the sorted lengths (a batch has tens of examples)."""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    n = len(order)
+    inf = float("inf")
+    # best[g][i]: cost of the first i sorted examples in g groups; a group's width is its first (longest)
+    best = [[inf] * (n + 1) for _ in range(MAX_GROUPS + 1)]
+    cut = [[0] * (n + 1) for _ in range(MAX_GROUPS + 1)]
+    best[0][0] = 0.0
+    for g in range(1, MAX_GROUPS + 1):
+        for i in range(1, n + 1):
+            for j in range(i):  # the group holds sorted examples j .. i-1
+                cost = best[g - 1][j] + (i - j) * lengths[order[j]] ** 2 + GROUP_COST
+                if cost < best[g][i]:
+                    best[g][i], cut[g][i] = cost, j
+    g = min(range(1, MAX_GROUPS + 1), key=lambda k: best[k][n])
+    groups, i = [], n
+    while g:
+        j = cut[g][i]
+        groups.append(order[j:i])
+        i, g = j, g - 1
+    return groups[::-1]
+
+
+class Group:
+    """One attention group: `gather` picks its examples' tokens from the packed row into an
+    [examples x width] grid (padding slots read token 0, masked), `keys` marks the real slots,
+    `valid` lists the real slots in the grid's flat order."""
+
+    def __init__(self, gather: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor):
+        self.gather, self.keys, self.valid = gather, keys, valid
+        self.rows, self.width = keys.shape
+
+    def to(self, device, non_blocking: bool = False) -> Group:
+        return Group(*(t.to(device, non_blocking=non_blocking) for t in (self.gather, self.keys, self.valid)))
+
+    def mask(self, causal: bool) -> torch.Tensor:
+        """Boolean (True: may attend): [examples, 1, 1, width] keys, and for a decoder causal too."""
+        keys = self.keys[:, None, None, :]
+        if not causal:
+            return keys
+        tri = torch.ones(self.width, self.width, dtype=torch.bool, device=keys.device).tril()
+        return tri[None, None] & keys
 
 
 class Layout:
-    """Where a padded batch's real tokens are: `index` into the flattened [rows x width]
-    positions, in order, and each token's position id within its example. Built from the
-    attention mask (any padding side); `index` may come precomputed with the batch (on the CPU,
-    :func:`packed_index`), because working it out on a GPU would make the host wait."""
+    """Where a padded batch's real tokens are, and how attention sees them. `index`: each real
+    token's flat (row x width + position) place in the padded batch, in order (the packed row);
+    `positions`: its position id within its example; `groups`: the attention groups
+    (:func:`attention_groups`) and `restore`, which puts their outputs back in packed order.
+    Made on the CPU from the attention mask (any padding side), because working it out reads
+    tensor values: on a GPU the batch carries it, made on its CPU copy, and :meth:`to` moves it."""
 
-    def __init__(self, attention_mask: torch.Tensor, index: torch.Tensor | None = None):
-        self.mask = attention_mask.bool()
-        self.rows, self.width = attention_mask.shape
-        self.index = packed_index(attention_mask) if index is None else index
-        self.positions = (attention_mask.long().cumsum(1) - 1).flatten().index_select(0, self.index)[None]
+    def __init__(self, rows: int, width: int, index, positions, groups: list[Group], restore):
+        self.rows, self.width, self.index, self.positions = rows, width, index, positions
+        self.groups, self.restore = groups, restore
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> Layout:
+        mask = attention_mask.detach().to("cpu", torch.bool)
+        rows, width = mask.shape
+        lengths = mask.sum(1).tolist()
+        index = mask.flatten().nonzero().squeeze(1)
+        positions = (mask.long().cumsum(1) - 1).flatten().index_select(0, index)[None]
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        groups, dest = [], []
+        for members in attention_groups(lengths):
+            w = max(1, max(lengths[r] for r in members))
+            slot = torch.arange(w)
+            keys = torch.stack([slot < lengths[r] for r in members])
+            gather = torch.stack([torch.where(slot < lengths[r], slot + offsets[r], 0) for r in members])
+            valid = keys.flatten().nonzero().squeeze(1)
+            groups.append(Group(gather.flatten(), keys, valid))
+            dest.append(gather.flatten().index_select(0, valid))
+        restore = torch.argsort(torch.cat(dest))
+        return cls(rows, width, index, positions, groups, restore).to(attention_mask.device)
+
+    def to(self, device, non_blocking: bool = False) -> Layout:
+        if torch.device(device) == self.index.device:
+            return self
+        move = (lambda t: t.to(device, non_blocking=non_blocking))
+        return Layout(self.rows, self.width, move(self.index), move(self.positions),
+                      [g.to(device, non_blocking) for g in self.groups], move(self.restore))
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, width, ...] -> [1, tokens, ...]"""
@@ -68,26 +150,18 @@ class Layout:
         out = flat.new_zeros((self.rows * self.width, *flat.shape[1:])).index_copy(0, self.index, flat)
         return out.view(self.rows, self.width, *flat.shape[1:])
 
-    def heads_to_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention's [1, heads, tokens, d] -> the padded batch's [rows, heads, width, d]."""
-        return self.unpack(x.transpose(1, 2)).transpose(1, 2)
-
-    def rows_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """An attention output [rows, width, heads, d] -> [1, tokens, heads, d]."""
-        return self.pack(x)
-
-    def attention_mask(self, causal: bool) -> torch.Tensor:
-        """Boolean mask (True: may attend) of the padded batch: [rows, 1, 1, width] (keys), and
-        for a decoder causal too: [rows, 1, width, width]."""
-        keys = self.mask[:, None, None, :]
-        if not causal:
-            return keys
-        tri = torch.ones(self.width, self.width, dtype=torch.bool, device=self.mask.device).tril()
-        return tri[None, None] & keys
-
-
-def packed_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    return attention_mask.flatten().nonzero().squeeze(1)
+    def attend(self, attention, query, key, value, causal: bool) -> torch.Tensor:
+        """`attention(q, k, v, mask)` (padded-batch tensors [examples, heads, width, d] and a
+        boolean mask -> [examples, width, heads, d]) run group by group on the packed
+        [1, heads, tokens, d] query, key and value; returns [1, tokens, heads, d]."""
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, d]
+        outs = []
+        for g in self.groups:
+            grid = [t.index_select(0, g.gather).view(g.rows, g.width, *t.shape[1:]).transpose(1, 2)
+                    for t in (q, k, v)]
+            out = attention(*grid, g.mask(causal))
+            outs.append(out.reshape(g.rows * g.width, *out.shape[2:]).index_select(0, g.valid))
+        return torch.cat(outs).index_select(0, self.restore)[None]
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -121,11 +195,10 @@ def _packed(inner):
         if layout is None:
             return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                          is_causal=is_causal, **kwargs)
-        causal = getattr(module, "is_causal", False)
-        q, k, v = (layout.heads_to_rows(t) for t in (query, key, value))
-        out, _ = inner(module, q, k, v, layout.attention_mask(causal), dropout=dropout, scaling=scaling,
-                       is_causal=False, **kwargs)
-        return layout.rows_to_tokens(out), None
+        def attention(q, k, v, mask):
+            return inner(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs)[0]
+
+        return layout.attend(attention, query, key, value, getattr(module, "is_causal", False)), None
     return attend
 
 

@@ -31,7 +31,7 @@ from routetune.model.load import is_decoder, lm_head_is_tied, load_lm
 from routetune.model.attention import NAME as ATTENTION_NAME
 from routetune.model.methods.base import NOTE, Method, check_base
 from routetune.model.methods.prompts.modules import build_prompt_module, prefix_cache, virtual_tokens
-from routetune.model.packing import PACKED_INDEX, Layout, run_packed
+from routetune.model.packing import PACKED, Layout, run_packed
 
 log = logging.getLogger("routetune")
 
@@ -119,24 +119,27 @@ class RoutedModel(nn.Module):
         causal = torch.ones(q, k, dtype=torch.bool, device=attention_mask.device).tril(k - q)
         return causal[None, None] & keys
 
-    def _layout(self, attention_mask: torch.Tensor, index: torch.Tensor | None) -> Layout | None:
-        """The padding-free layout of a batch when the model trains padding-free (model/packing.py)."""
-        return Layout(attention_mask, index) if self.padding_free else None
+    def _layout(self, attention_mask: torch.Tensor, layout: Layout | None) -> Layout | None:
+        """The padding-free layout of a batch when the model runs padding-free (model/packing.py):
+        the one the batch brought, or made now (a host read of the mask)."""
+        if not self.padding_free:
+            return None
+        return layout if layout is not None else Layout.of(attention_mask)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      index: torch.Tensor | None = None) -> torch.Tensor:
+                      layout: Layout | None = None) -> torch.Tensor:
         """The backbone's last hidden states, [rows, width, hidden] (zeros at padding when
-        padding-free); `index`: the batch's precomputed packed index (model/packing.py)."""
-        layout = self._layout(attention_mask, index)
+        padding-free); `layout`: the batch's own, made on its CPU copy (model/packing.py)."""
+        layout = self._layout(attention_mask, layout)
         if layout is not None:
             return layout.unpack(run_packed(self.backbone, layout, input_ids).last_hidden_state)
         inputs, drop = self.lm_inputs(input_ids, attention_mask)
         return self.backbone(**inputs).last_hidden_state[:, drop:]
 
     def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  index: torch.Tensor | None = None) -> torch.Tensor:
+                  layout: Layout | None = None) -> torch.Tensor:
         """LM-head logits, one row per input position."""
-        layout = self._layout(attention_mask, index)
+        layout = self._layout(attention_mask, layout)
         if layout is not None:
             return layout.unpack(run_packed(self.lm, layout, input_ids).logits)
         inputs, drop = self.lm_inputs(input_ids, attention_mask)
@@ -152,7 +155,7 @@ class RoutedModel(nn.Module):
             return self.lm(**inputs, labels=labels).loss
         # transformers' loss (shift, mean over scored tokens) without the full fp32 logits
         if self.padding_free:
-            hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get(PACKED_INDEX))[:, :-1]
+            hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get(PACKED))[:, :-1]
         else:
             hidden = self.backbone(**inputs).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
@@ -188,7 +191,7 @@ class RoutedModel(nn.Module):
         """Source `name`'s loss on `batch`: its task head's, or the LM loss its objective names."""
         spec = objectives.get(objective)
         if spec.head is not None:
-            hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get(PACKED_INDEX))
+            hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get(PACKED))
             return self.heads[name].loss(self.heads[name](hidden, batch["attention_mask"]), batch["labels"])
         return self.masked_lm_loss(batch) if spec.lm_loss == "masked-lm" else self.causal_lm_loss(batch)
 
@@ -199,10 +202,10 @@ class RoutedModel(nn.Module):
         head = getattr(self.lm, "cls", None)
         labels = batch["labels"]
         if head is None:
-            logits = self.lm_logits(batch["input_ids"], batch["attention_mask"], batch.get(PACKED_INDEX))
+            logits = self.lm_logits(batch["input_ids"], batch["attention_mask"], batch.get(PACKED))
             return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         selected, index = labels != -100, batch.get(SCORED_INDEX)
-        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get(PACKED_INDEX))
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get(PACKED))
         return nn.functional.cross_entropy(head(pick_scored(hidden, selected, index)).float(),
                                            pick_scored(labels, selected, index))
 

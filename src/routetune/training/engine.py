@@ -212,7 +212,8 @@ class Trainer:
         k = self.setup.cfg.train.grad_accum
         # slices and counts are made on the CPU copies; only the pieces move to the device
         pieces = [(part, to_device(tensors, self.hw.device), units) for part in parts if not part.stand_in
-                  for tensors, units in micro_batches(part.tensors, self.objectives[part.source], k)]
+                  for tensors, units in micro_batches(part.tensors, self.objectives[part.source], k,
+                                                         self.setup.model.padding_free)]
         totals = self.global_counts(parts, pieces)
         if not pieces:  # nothing scored on this rank: a zero-weight pass keeps the ranks in step
             pieces = [(parts[0], to_device(parts[0].tensors, self.hw.device), 0.0)]

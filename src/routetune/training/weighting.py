@@ -9,7 +9,7 @@ import math
 import torch
 
 from routetune.model.lm_loss import SCORED_INDEX, scored_positions
-from routetune.model.packing import PACKED_INDEX, packed_index
+from routetune.model.packing import PACKED, Layout
 
 
 def scored_units(objective: str, tensors: dict) -> torch.Tensor:
@@ -23,12 +23,12 @@ def scored_units(objective: str, tensors: dict) -> torch.Tensor:
     return (labels != -100).sum(1).float()
 
 
-def micro_batches(tensors: dict, objective: str, k: int):
+def micro_batches(tensors: dict, objective: str, k: int, padding_free: bool = False):
     """The batch in `k` slices of consecutive examples, each cut to its own longest row, with
     the slice's scored units; slices with none are skipped. Called on the CPU copy of a batch
     (the counts and cuts read tensor values: on a GPU each would stall the queue); an LM
-    objective's slice also gets the positions its loss scores (model/lm_loss.py), and every slice
-    where its real tokens are, for padding-free training (model/packing.py)."""
+    objective's slice also gets the positions its loss scores (model/lm_loss.py), and with
+    `padding_free` every slice its packed layout (model/packing.py)."""
     units = scored_units(objective, tensors)
     n = tensors["input_ids"].shape[0]
     size = math.ceil(n / k)
@@ -42,5 +42,6 @@ def micro_batches(tensors: dict, objective: str, k: int):
         index = scored_positions(objective, piece["labels"]) if piece["labels"].dim() == 2 else None
         if index is not None:
             piece[SCORED_INDEX] = index
-        piece[PACKED_INDEX] = packed_index(piece["attention_mask"])
+        if padding_free:
+            piece[PACKED] = Layout.of(piece["attention_mask"])
         yield piece, u
