@@ -136,9 +136,10 @@ class Layout:
     def to(self, device, non_blocking: bool = False) -> Layout:
         if torch.device(device) == self.index.device:
             return self
-        move = (lambda t: t.to(device, non_blocking=non_blocking))
-        return Layout(self.rows, self.width, move(self.index), move(self.positions),
-                      [g.to(device, non_blocking) for g in self.groups], move(self.restore))
+        index, positions, restore = (t.to(device, non_blocking=non_blocking)
+                                     for t in (self.index, self.positions, self.restore))
+        return Layout(self.rows, self.width, index, positions, [g.to(device, non_blocking) for g in self.groups],
+                      restore)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, width, ...] -> [1, tokens, ...]"""
