@@ -1,6 +1,6 @@
 """Prediction throughput: routetune's Predictor vs a transformers pipeline, same model and inputs.
 
-    .venv/bin/python bench/predict_throughput.py --run runs/wnut17-fast
+    .venv/bin/python bench/predict_throughput.py --run runs/wnut17-128
 
 The run's best checkpoint is exported to a plain transformers token-classification folder
 (`routetune export`), which the pipeline loads; routetune loads the run itself. Inputs: the
@@ -9,15 +9,20 @@ routetune's Predictor (length-sorted batches of 64) and
 `pipeline("token-classification", aggregation_strategy="first")` called with the list and
 batch_size 64 (its documented batching), once in the given order and once fed the texts sorted
 by length (results put back in order), as a competent user batching a pipeline would; both in
-fp32 and bf16. Each configuration runs `--repeats` times after one warm-up pass; the best time is
+fp32 and bf16. Like for like: the pipeline truncates at the run's `model.max_length`, as
+routetune does (its tokenizer's `model_max_length` set to it; otherwise it reads up to 512
+tokens). Each configuration gets one warm-up pass, then `--rounds` rounds run every
+configuration once in turn (so slow drifts of the machine hit all of them); the median time is
 reported, as sentences/s, and routetune's ratio to the pipeline's best setting in the same
-precision. Entity agreement with the pipeline (same spans and types) is printed as a sanity check.
+precision (the median of the per-round ratios). Entity agreement with the pipeline (same spans
+and types) is printed as a sanity check.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -29,14 +34,10 @@ DATA = Path(os.environ.get("ROUTETUNE_DATA", ROOT.parent / "shared" / "data"))
 os.environ.setdefault("ROUTETUNE_DATA", str(DATA))  # the examples read their data from there
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    out = fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+def timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
 
 
 def sorted_call(pipe, texts: list[str]) -> list:
@@ -53,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/wnut17-fast")
     ap.add_argument("--head", default="wnut17")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None, help="use the first N test sentences")
     args = ap.parse_args()
 
@@ -70,27 +71,36 @@ def main() -> None:
     texts = [" ".join(s.tokens) for s in sents]
     cfg, model, tokenizer = load_run(Path(args.run), "best")
     items = [item_from_text(t) for t in texts]
-    results = {}
+    calls = {}
     for precision in ("fp32", "bf16"):  # fp32 first: for_inference(bf16) holds bf16 weight copies
         pred = Predictor(for_inference(model, precision), tokenizer, args.head, cfg.model.max_length, 64, precision)
-        results[f"routetune {precision}"] = best_time(lambda p=pred: p.predict(items), args.repeats)
-    with tempfile.TemporaryDirectory() as tmp:
-        export(Path(args.run), Path(tmp) / "hf", "best")
-        folder = Path(tmp) / "hf" / "heads" / args.head
-        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            pipe = pipeline("token-classification", model=str(folder), aggregation_strategy="first",
-                            device=-1, dtype=dtype)
-            results[f"pipeline {precision}"] = best_time(lambda p=pipe: p(texts, batch_size=64), args.repeats)
-            results[f"pipeline {precision} sorted"] = best_time(lambda p=pipe: sorted_call(p, texts), args.repeats)
-    print(f"{len(texts)} sentences, {torch.get_num_threads()} threads, best of {args.repeats}")
-    for name, (seconds, _) in results.items():
-        print(f"{name:24s} {seconds:7.2f} s  {len(texts) / seconds:8.1f} sentences/s")
+        calls[f"routetune {precision}"] = lambda p=pred: p.predict(items)
+    tmp = tempfile.TemporaryDirectory()
+    export(Path(args.run), Path(tmp.name) / "hf", "best")
+    folder = Path(tmp.name) / "hf" / "heads" / args.head
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        pipe = pipeline("token-classification", model=str(folder), aggregation_strategy="first",
+                        device=-1, dtype=dtype)
+        pipe.tokenizer.model_max_length = cfg.model.max_length  # the same truncation as routetune's
+        calls[f"pipeline {precision}"] = lambda p=pipe: p(texts, batch_size=64)
+        calls[f"pipeline {precision} sorted"] = lambda p=pipe: sorted_call(p, texts)
+    outputs = {name: fn() for name, fn in calls.items()}  # warm-up
+    times = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, fn in calls.items():
+            times[name].append(timed(fn)[0])
+    tmp.cleanup()
+    print(f"{len(texts)} sentences, {torch.get_num_threads()} threads, truncation at {cfg.model.max_length} tokens "
+          f"on both sides, median of {args.rounds} rounds")
+    for name, ts in times.items():
+        print(f"{name:24s} {statistics.median(ts):7.2f} s  {len(texts) / statistics.median(ts):8.1f} sentences/s  "
+              f"(rounds: {', '.join(f'{t:.2f}' for t in ts)} s)")
     for precision in ("fp32", "bf16"):
-        ref = min((results[k][0], k) for k in results if k.startswith(f"pipeline {precision}"))
-        print(f"routetune {precision} vs the pipeline's best in {precision} ({ref[1]}): "
-              f"{ref[0] / results[f'routetune {precision}'][0]:.2f}x")
-    ours = results["routetune fp32"][1]
-    theirs = results["pipeline fp32"][1]
+        ref = min((statistics.median(times[k]), k) for k in times if k.startswith(f"pipeline {precision}"))
+        mine = times[f"routetune {precision}"]
+        ratio = statistics.median(theirs / ours for theirs, ours in zip(times[ref[1]], mine))
+        print(f"routetune {precision} vs the pipeline's best in {precision} ({ref[1]}): {ratio:.2f}x")
+    ours, theirs = outputs["routetune fp32"], outputs["pipeline fp32"]
     same = sum({(e["type"], e["start"], e["end"]) for e in o["entities"]}
                == {(e["entity_group"], e["start"], e["end"]) for e in t} for o, t in zip(ours, theirs))
     print(f"sentences with identical entity spans and types (routetune fp32 vs pipeline fp32): "

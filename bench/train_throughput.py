@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py                  # both works, default step counts
     .venv/bin/python bench/train_throughput.py --work ner --ner-steps 100
+    .venv/bin/python bench/train_throughput.py --work ner cls --repeat 3 --json runs/t.json   # medians of 3
     .venv/bin/python bench/train_throughput.py --set train.fused=false   # ablate a routetune lever
     THP_MEM_ALLOC_ENABLE=0 .venv/bin/python bench/train_throughput.py --only routetune  # no huge pages
 
@@ -11,10 +12,15 @@ and the two never share the cores):
 * ner: minilm-l6 token classification on WNUT-17 train, batch 16, max_length 128, AdamW lr 5e-5.
   HF: AutoModelForTokenClassification + DataCollatorForTokenClassification + Trainer, twice: the
   default (random) sampler and `train_sampling_strategy="group_by_length"`. routetune:
-  examples/wnut17-minilm.yaml with general routing at 0, also twice: its default (random order)
-  and `train.group_by_length=true`. Ratios: routetune's default against the faster Trainer
-  setting, and each order against the Trainer's same order (the pairs whose quality matches:
-  grouping lowers dev F1 on both sides, docs/results.md).
+  examples/wnut17-minilm.yaml with general routing at 0: its default (random order, padding-free),
+  `train.group_by_length=true`, and its random order with padded batches
+  (`train.padding_free=false`, to show what padding-free batches bring). Ratios: routetune's
+  default against the faster Trainer setting, and each order against the Trainer's same order
+  (the pairs whose quality matches: grouping lowers dev F1 on both sides, docs/results.md).
+* cls: minilm-l6 sequence classification on sentence polarity (routetune's 80% training split),
+  batch 32, max_length 64, AdamW lr 5e-5. HF: AutoModelForSequenceClassification +
+  DataCollatorWithPadding + Trainer, random and `group_by_length`; routetune:
+  examples/polarity-minilm.yaml with general routing at 0, random and grouped.
 * clm: smollm2-135m, LoRA r=8 alpha 16 dropout 0.05 on q,k,v,o, causal-LM on 128-token blocks of
   Tiny Shakespeare, batch 8, lr 2e-4. HF: get_peft_model + Trainer. routetune:
   examples/shakespeare-smollm2.yaml with general routing at 0.
@@ -179,6 +185,43 @@ def hf_ner(steps: int, skip: int, precision: str, sampling: str) -> dict:
     return {**timer.result(), "flops_per_token": flops_per_token(model, probe, probe["input_ids"].numel())}
 
 
+def hf_cls(steps: int, skip: int, precision: str, sampling: str) -> dict:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    from routetune.config.load import load_config
+    from routetune.data.build import _split
+    from routetune.data.readers import read_examples
+    from routetune.model.load import pick_attention, resolve_model
+
+    path = resolve_model("minilm-l6")
+    sc = load_config(ROOT / "examples" / "polarity-minilm.yaml").sources["polarity"]
+    train, _, _ = _split(read_examples(sc.train, sc.format), sc, "polarity")  # routetune's own training split
+    labels = sorted({e.label for e in train})
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = []
+    for e in train:
+        enc = tok(e.text, truncation=True, max_length=64)
+        rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                     "labels": labels.index(e.label)})
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), attn_implementation=pick_attention("auto", False, "cpu"))
+    collate = DataCollatorWithPadding(tok)
+    timer = Timer(skip)
+
+    def counting_collate(features):
+        batch = collate(features)
+        timer.pending = int(batch["attention_mask"].sum())
+        return batch
+
+    hf_train(model, rows, timer, lambda: timer.pending, 32, 5e-5, 0.01, steps, counting_collate, precision, sampling)
+    mean = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
+    probe = collate(rows[:32])
+    probe = {k: (v[:, :mean].contiguous() if v.dim() == 2 else v) for k, v in probe.items()}
+    probe["attention_mask"] = torch.ones_like(probe["input_ids"])
+    return {**timer.result(), "flops_per_token": flops_per_token(model, probe, probe["input_ids"].numel())}
+
+
 def shakespeare_blocks(tok, n_blocks: int | None = None) -> list[list[int]]:
     text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     text = text[: int(len(text) * 0.9)]  # the example holds out the last 10% as test
@@ -216,7 +259,7 @@ def hf_clm(steps: int, skip: int, precision: str) -> dict:
 def routetune_run(work: str, steps: int, skip: int, overrides: list[str]) -> dict:
     from _runs import prepare_example, run_steps
 
-    example = "wnut17-minilm.yaml" if work == "ner" else "shakespeare-smollm2.yaml"
+    example = EXAMPLES[work]
     # one step more than timed: the last one is profiled (see matmul_profile), not timed
     setup = prepare_example(example, steps + 1, overrides)
     timer = Timer(skip)
@@ -243,6 +286,7 @@ def routetune_run(work: str, steps: int, skip: int, overrides: list[str]) -> dic
     return {**timer.result(), "flops_per_token": flops, **profiled}
 
 
+EXAMPLES = {"ner": "wnut17-minilm.yaml", "cls": "polarity-minilm.yaml", "clm": "shakespeare-smollm2.yaml"}
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm")
 
 
@@ -296,7 +340,10 @@ def child(kind: str, work: str, steps: int, skip: int, overrides: list[str], pre
         kind, precision = kind.removesuffix("-fp32"), "fp32"
     if kind.startswith("hf"):
         sampling = "group_by_length" if kind == "hf-grouped" else "random"
-        result = hf_ner(steps, skip, precision, sampling) if work == "ner" else hf_clm(steps, skip, precision)
+        if work == "clm":
+            result = hf_clm(steps, skip, precision)
+        else:
+            result = (hf_ner if work == "ner" else hf_cls)(steps, skip, precision, sampling)
     else:
         result = routetune_run(work, steps, skip, [f"train.precision={precision}", *overrides])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -308,7 +355,8 @@ def child(kind: str, work: str, steps: int, skip: int, overrides: list[str], pre
 # adds (the Trainer's children read their settings from their own name)
 KINDS = {"hf": ("hf", []), "hf-grouped": ("hf-grouped", []), "hf-fp32": ("hf-fp32", []),
          "hf-grouped-fp32": ("hf-grouped-fp32", []), "routetune": ("routetune", []),
-         "routetune-grouped": ("routetune", ["train.group_by_length=true"])}
+         "routetune-grouped": ("routetune", ["train.group_by_length=true"]),
+         "routetune-padded": ("routetune", ["train.padding_free=false"])}
 
 
 def run_child(kind: str, work: str, steps: int, skip: int, overrides: list[str], precision: str) -> dict:
@@ -328,8 +376,9 @@ def run_child(kind: str, work: str, steps: int, skip: int, overrides: list[str],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", choices=["ner", "clm", "all"], default="all")
+    ap.add_argument("--work", nargs="+", choices=["ner", "cls", "clm", "all"], default=["all"])
     ap.add_argument("--ner-steps", type=int, default=80)
+    ap.add_argument("--cls-steps", type=int, default=60)
     ap.add_argument("--clm-steps", type=int, default=20)
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps not timed")
     ap.add_argument("--set", action="append", default=[], help="routetune config override (ablation)")
@@ -345,7 +394,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.work, args.steps, args.skip, args.set, args.precision)
+        child(args.child, args.work[0], args.steps, args.skip, args.set, args.precision)
         return
     import torch
 
@@ -357,21 +406,22 @@ def main() -> None:
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}; {why}; both sides train in {args.precision}")
     peak = matmul_peak(args.precision)
     print(f"{args.precision} matmul peak at the start ({torch.get_num_threads()} threads): {peak:.0f} GFLOP/s")
-    works = ["ner", "clm"] if args.work == "all" else [args.work]
+    works = ["ner", "cls", "clm"] if "all" in args.work else args.work
     results = {"overrides": args.set, "precision": args.precision, "cpu": why,
                "capability": torch.backends.cpu.get_cpu_capability()}
     peaks = [peak]
     for work in works:
-        steps = args.ner_steps if work == "ner" else args.clm_steps
+        steps = {"ner": args.ner_steps, "cls": args.cls_steps, "clm": args.clm_steps}[work]
         rounds = []
         for k in range(args.repeat):  # HF and routetune alternate, so slow drifts of the machine hit both
             row = {}
-            kinds = ["hf", "hf-grouped"] if work == "ner" else ["hf"]
+            sized = work in ("ner", "cls")  # examples of different lengths (the causal-LM blocks all have one)
+            kinds = ["hf", "hf-grouped"] if sized else ["hf"]
             if args.hf_fp32 and args.precision == "bf16":
                 kinds += [k + "-fp32" for k in kinds]
             kinds.append("routetune")
-            if work == "ner":  # length grouping is off by default; its speed is measured next to it
-                kinds.append("routetune-grouped")
+            if sized:  # length grouping is off by default, padding-free on: each measured next to it
+                kinds += ["routetune-grouped", "routetune-padded"]
             for kind in kinds:
                 if args.only and not kind.startswith(args.only):
                     continue
@@ -390,21 +440,27 @@ def main() -> None:
                 row["ratio"] = row["routetune"]["tokens_per_s"] / hf_best[0]
                 row["hf_best"] = hf_best[1]
                 print(f"{work:4s} ratio routetune/HF best ({hf_best[1]}): {row['ratio']:.2f}", flush=True)
-            for mine, theirs in (("routetune", "hf"), ("routetune-grouped", "hf-grouped")):
-                if mine in row and theirs in row:  # the same order on both sides (the same quality)
+            # the same order on both sides, routetune's default against the Trainer's grouped order,
+            # and routetune's default against its own padded batches
+            for mine, theirs in (("routetune", "hf"), ("routetune-grouped", "hf-grouped"), ("routetune", "hf-grouped"),
+                                 ("routetune", "routetune-padded")):
+                if mine in row and theirs in row:
                     row[f"ratio_{mine}_{theirs}"] = row[mine]["tokens_per_s"] / row[theirs]["tokens_per_s"]
                     print(f"{work:4s} ratio {mine}/{theirs}: {row[f'ratio_{mine}_{theirs}']:.2f}", flush=True)
             rounds.append(row)
         results[work] = rounds[0] if args.repeat == 1 else {"rounds": rounds}
         if args.repeat > 1:
             summary = {kind: statistics.median(r[kind]["tokens_per_s"] for r in rounds) for kind in rounds[0]
-                       if kind not in ("ratio", "hf_best") and not kind.startswith("ratio_")}
-            if "ratio" in rounds[0]:
-                summary["ratio"] = statistics.median(r["ratio"] for r in rounds)
+                       if isinstance(rounds[0][kind], dict)}
+            # ratios: the median of the per-round (paired) ratios
+            summary.update({k: statistics.median(r[k] for r in rounds) for k in rounds[0] if k.startswith("ratio")})
             results[work]["median"] = summary
-            print(f"{work:4s} median of {args.repeat} rounds: "
-                  + "  ".join(f"{k} {v:.2f}" if k == "ratio" else f"{k} {v:.0f} tokens/s" for k, v in summary.items()),
-                  flush=True)
+            rss = {kind: statistics.median(r[kind]["peak_rss_mb"] for r in rounds) for kind in rounds[0]
+                   if isinstance(rounds[0][kind], dict)}
+            results[work]["median_peak_rss_mb"] = rss
+            print(f"{work:4s} median peak RSS: " + "  ".join(f"{k} {v:.0f} MB" for k, v in rss.items()), flush=True)
+            shown = (f"{k} {v:.2f}" if k.startswith("ratio") else f"{k} {v:.0f} tokens/s" for k, v in summary.items())
+            print(f"{work:4s} median of {args.repeat} rounds: " + "  ".join(shown), flush=True)
     # The peak is the best bf16 matmul rate the machine showed anywhere in this invocation (at the
     # start and after every child): its speed moves by 2-3x between minutes on this shared host,
     # and a peak taken once, in a slow minute, would flatter every share below.

@@ -201,6 +201,44 @@ def test_models_and_methods_that_cannot_pack_train_padded_and_say_so(tmp_path, t
     assert lines == ["train.padding_free: padded batches (prompt_tuning adds virtual tokens to every example)"]
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("model_type", sorted(packing.PACKABLE_TYPES))
+def test_every_packable_model_type_gives_the_padded_hidden_states(model_type, attention, monkeypatch):
+    """Each model type routetune packs, as a tiny random model: the same hidden states at every
+    real position as the padded batch (attention in several groups). Right padding, as routetune
+    pads: with left padding a padded call counts the padding in its position ids, packing does not."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from routetune.model.routed import RoutedModel
+
+    monkeypatch.setattr(packing, "GROUP_COST", 0)
+    size = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    if model_type != "bert":
+        size.update(num_key_value_heads=2, head_dim=8, sliding_window=None)
+    cfg = AutoConfig.for_model(model_type, **size, attn_implementation=attention)
+    torch.manual_seed(0)
+    lm = (AutoModelForMaskedLM if model_type == "bert" else AutoModelForCausalLM).from_config(cfg)
+    model = RoutedModel(lm).eval()
+    assert packing.why_not(model) is None
+    ids = torch.randint(4, 60, (4, 9))
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 6 + [0] * 3, [1] * 2 + [0] * 7])
+    padded = model.hidden_states(ids, mask)
+    packing.use_packed_attention(model.lm)
+    model.padding_free = True
+    packed = model.hidden_states(ids, mask)
+    torch.testing.assert_close(packed[mask.bool()], padded[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
+def test_sliding_window_models_train_padded():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from routetune.model.routed import RoutedModel
+
+    lm = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=1, intermediate_size=32, sliding_window=8))
+    assert packing.why_not(RoutedModel(lm)) == "sliding-window attention"
+
+
 def test_an_unchecked_model_type_trains_padded(tmp_path):
     from transformers import GPT2Config
 

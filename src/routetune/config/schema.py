@@ -108,10 +108,10 @@ class TrainConfig(Strict):
     OLMo-2, StarCoder2, StableLM); others keep transformers' loss."""
     padding_free: bool = True
     """Run the backbone on each batch's real tokens only: the examples packed into one row with their own position ids,
-    attention kept within each example (model/packing.py). Same losses and logits as the padded batch up to rounding,
-    faster wherever a batch holds examples of different lengths. Model types it has been checked for: BERT, Llama,
-    Mistral, Qwen2/3; other models, prompt and prefix tuning, and self-distillation's teacher pass train padded (said
-    once in the log). false: padded batches."""
+    attention kept within each example, in groups of similar lengths (model/packing.py). Same losses and logits as the
+    padded batch up to rounding, faster wherever a batch holds examples of different lengths. Model types it has been
+    checked for: BERT, Llama, Mistral (without a sliding window), Qwen2/3; other models and prompt or prefix tuning
+    train padded (said once in the log), as do sources trained by self-distillation. false: padded batches."""
     embedding_grad_buffer: bool = False
     """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh
     vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by

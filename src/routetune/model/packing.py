@@ -216,6 +216,9 @@ def why_not(model) -> str | None:
         return f"model type {cfg.model_type!r} is not one routetune has checked ({', '.join(sorted(PACKABLE_TYPES))})"
     if cfg._attn_implementation not in ("sdpa", "eager", SDPA_NAME, EAGER_NAME):
         return f"attention {cfg._attn_implementation!r}"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()) or (
+            getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)):
+        return "sliding-window attention"  # the groups' masks are full (causal) attention
     return None
 
 
