@@ -15,6 +15,7 @@ import yaml
 from routetune.config import load_config
 from routetune.model.lm_loss import SCORED_INDEX, scored_positions
 from routetune.model import packing
+from routetune.model.attention import use_packed_attention
 from routetune.model.packing import PACKED, Layout, attention_groups
 from routetune.training.setup import prepare
 from routetune.training.weighting import micro_batches
@@ -161,7 +162,7 @@ def test_no_example_attends_to_another(tiny_model_dir, monkeypatch, group_cost):
     monkeypatch.setattr(packing, "GROUP_COST", group_cost)
     model = build_model(str(tiny_model_dir), seed=0, attention="sdpa")
     model.eval()
-    packing.use_packed_attention(model.lm)
+    use_packed_attention(model.lm)
     model.padding_free = True
     ids = torch.tensor([[2, 10, 11, 12, 3, 0, 0], [2, 20, 21, 22, 23, 24, 3], [2, 30, 3, 0, 0, 0, 0]])
     mask = (ids != 0).long()
@@ -223,7 +224,7 @@ def test_every_packable_model_type_gives_the_padded_hidden_states(model_type, at
     ids = torch.randint(4, 60, (4, 9))
     mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 6 + [0] * 3, [1] * 2 + [0] * 7])
     padded = model.hidden_states(ids, mask)
-    packing.use_packed_attention(model.lm)
+    use_packed_attention(model.lm)
     model.padding_free = True
     packed = model.hidden_states(ids, mask)
     torch.testing.assert_close(packed[mask.bool()], padded[mask.bool()], rtol=1e-4, atol=1e-5)

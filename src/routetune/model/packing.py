@@ -5,18 +5,19 @@ attention is token by token: the projections, feed-forward layers, layer norms a
 a padded batch spend their time on padding too (in a randomly ordered WNUT-17 batch of 16 about
 half its positions). Here the backbone runs on the batch's real tokens packed into one row
 (`[1, tokens]`), each example with its own position ids (restarting at 0), and attention is
-the only step that sees the examples apart: a registered attention function
-(:func:`packed_attention`) lays the packed queries, keys and values out as the padded batch,
-runs the model's own attention kernel there with the batch's padding (and, for a decoder,
-causal) mask, and packs the result again. So no example attends to another, every example's
-attention is the kernel and mask of the unpacked batch, and everything else computes on the
-real tokens only. The backbone's output is scattered back into the padded layout (zeros at
+the only step that sees the examples apart: a registered attention function (:func:`packed`
+around the model's kernel, registered by model/attention.py) gathers the packed queries, keys
+and values into a few groups of examples of similar lengths (:func:`attention_groups`), each
+padded to its own longest example, runs the model's own attention kernel on each group with
+its padding (and, for a decoder, causal) mask, and packs the results again. So no example
+attends to another, every example's attention is the kernel and mask it would get in a padded
+batch, and everything else computes on the real tokens only. The backbone's output is scattered back into the padded layout (zeros at
 padding), so task heads, LM losses and metrics see the batch exactly as before: only how the
 batch is laid out inside the backbone changes, never which examples a step trains on.
 
 Transformers' own padding-free path (`DataCollatorWithFlattening`) keeps examples apart only
 through position ids, which flash-attention kernels honour and the CPU's SDPA and eager kernels
-do not (an encoder like BERT would attend across examples); hence this function, registered
+do not (an encoder like BERT would attend across examples); hence this wrapper, registered
 with transformers' ``AttentionInterface`` under names of its own, so only models that opt in use
 it. The model types below are those whose position ids are plain 0..n-1 and whose attention is
 called through that interface with the keyword arguments of the model's forward; tests check
@@ -25,18 +26,15 @@ each against the unpacked batch (tests/model/test_packing.py).
 
 from __future__ import annotations
 
-import inspect
-import logging
 from contextvars import ContextVar
 
 import torch
 from torch import nn
 
-from routetune.model.attention import NAME as SDPA_NAME, sdpa_fast_dropout
-
-log = logging.getLogger("routetune")
-
 PACKABLE_TYPES = frozenset({"bert", "llama", "mistral", "qwen2", "qwen3"})
+# routetune's attention implementations (registered by model/attention.py): SDPA (with the fast
+# attention dropout) and the model's own eager attention, each inside the padding-free wrapper
+SDPA_NAME = "routetune_sdpa"
 EAGER_NAME = "routetune_eager"
 LAYOUT = "routetune_layout"  # keyword argument carried by transformers from the model's forward to attention
 PACKED = "packed_layout"  # batch key: the batch's Layout, made on the CPU copy (training/weighting.py)
@@ -165,31 +163,9 @@ class Layout:
         return torch.cat(outs).index_select(0, self.restore)[None]
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask as eager attention adds it: 0 where allowed, the dtype's minimum elsewhere."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
-def _model_eager(module: nn.Module):
-    """The eager attention function of the module's own modeling file (transformers defines one
-    per model; it is not in the AttentionInterface)."""
-    return inspect.getmodule(type(module)).eager_attention_forward
-
-
-def _eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """The model's eager attention, given the masks SDPA's mask function makes (boolean or None;
-    None: no padding, so only the causal part is left)."""
-    if attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", False)):
-        q, k = query.shape[2], key.shape[2]
-        if q > 1:
-            attention_mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)[None, None]
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = _additive(attention_mask, query.dtype)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return _model_eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
-
-def _packed(inner):
+def packed(inner):
+    """An attention function (transformers' AttentionInterface signature) that runs `inner` on
+    each attention group when a packed forward passes its layout, and is `inner` otherwise."""
     def attend(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
                **kwargs):
         layout = kwargs.pop(LAYOUT, None)
@@ -201,10 +177,6 @@ def _packed(inner):
 
         return layout.attend(attention, query, key, value, getattr(module, "is_causal", False)), None
     return attend
-
-
-packed_attention = _packed(sdpa_fast_dropout)
-packed_eager_attention = _packed(_eager)
 
 
 def why_not(model) -> str | None:
@@ -222,30 +194,12 @@ def why_not(model) -> str | None:
     return None
 
 
-def _mask(*args, **kwargs):
-    """SDPA's masks (boolean; _eager makes them additive), none while a packed forward runs."""
-    from transformers.masking_utils import sdpa_mask
-
-    return None if _PACKED.get() else sdpa_mask(*args, **kwargs)
-
-
-def register() -> None:
-    """Register routetune's attention functions with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(SDPA_NAME, packed_attention)
-    AttentionInterface.register(EAGER_NAME, packed_eager_attention)
-    AttentionMaskInterface.register(SDPA_NAME, _mask)
-    AttentionMaskInterface.register(EAGER_NAME, _mask)
-
-
-def use_packed_attention(lm: nn.Module) -> None:
-    """Route the LM's attention through :func:`packed_attention` (SDPA models) or
-    :func:`packed_eager_attention` (eager ones); without a layout they compute what they did."""
-    register()
-    current = lm.config._attn_implementation
-    lm.set_attn_implementation(EAGER_NAME if current in ("eager", EAGER_NAME) else SDPA_NAME)
+def masks(inner):
+    """A mask function that is `inner` (transformers' mask function of the implementation) except
+    while a packed forward runs, when it makes none."""
+    def make(*args, **kwargs):
+        return None if _PACKED.get() else inner(*args, **kwargs)
+    return make
 
 
 def run_packed(module: nn.Module, layout: Layout, input_ids: torch.Tensor):

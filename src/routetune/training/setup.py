@@ -32,7 +32,7 @@ from routetune.device import Hardware, resolve
 from routetune.errors import ConfigError
 from routetune.evaluate.tasks import metric_names
 from routetune.model import packing
-from routetune.model.attention import use_fast_attention_dropout
+from routetune.model.attention import use_fast_attention_dropout, use_packed_attention
 from routetune.model.embedding_grad import use_embedding_grad_buffer
 from routetune.model.fast_dropout import use_fast_dropout
 from routetune.model.routed import RoutedModel, build_model
@@ -213,7 +213,7 @@ def _padding_free(model: RoutedModel) -> None:
     if reason is not None:
         log.info("train.padding_free: padded batches (%s)", reason)
         return
-    packing.use_packed_attention(model.lm)
+    use_packed_attention(model.lm)
     model.padding_free = True
 
 
