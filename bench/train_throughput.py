@@ -305,8 +305,11 @@ def matmul_profile(train_step, step: int, parts) -> dict:
         t = time.perf_counter()
         train_step(step, parts)
         wall = time.perf_counter() - t
-    mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
-    return {"profiled_step_s": wall, "matmul_s": mm, "matmul_gflops": counter.get_total_flops() / mm / 1e9}
+    events = prof.key_averages()
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]  # where the rest of the step goes
+    return {"profiled_step_s": wall, "matmul_s": mm, "matmul_gflops": counter.get_total_flops() / mm / 1e9,
+            "top_ops_s": {e.key: round(e.self_cpu_time_total / 1e6, 4) for e in top}}
 
 
 def _routetune_flops(trainer, part, objective: str) -> float:
