@@ -1,25 +1,26 @@
 """Padding-free batches: the real tokens of a padded batch in one row, no compute on padding.
 
 A batch of examples of different lengths is padded to its longest row, and every layer but
-attention is token by token: the projections, feed-forward layers, layer norms and dropout of
-a padded batch spend their time on padding too (in a randomly ordered WNUT-17 batch of 16 about
+attention is token by token: the projections, feed-forward layers, layer norms and dropout of a
+padded batch spend their time on padding too (in a randomly ordered WNUT-17 batch of 16 about
 half its positions). Here the backbone runs on the batch's real tokens packed into one row
-(`[1, tokens]`), each example with its own position ids (restarting at 0), and attention is
-the only step that sees the examples apart: a registered attention function (:func:`packed`
-around the model's kernel, registered by model/attention.py) gathers the packed queries, keys
-and values into a few groups of examples of similar lengths (:func:`attention_groups`), each
-padded to its own longest example, runs the model's own attention kernel on each group with
-its padding (and, for a decoder, causal) mask, and packs the results again. So no example
-attends to another, every example's attention is the kernel and mask it would get in a padded
-batch, and everything else computes on the real tokens only. The backbone's output is scattered back into the padded layout (zeros at
-padding), so task heads, LM losses and metrics see the batch exactly as before: only how the
-batch is laid out inside the backbone changes, never which examples a step trains on.
+(`[1, tokens]`), each example with its own position ids (restarting at 0), and attention is the only
+step that sees the examples apart: a registered attention function (:func:`packed` around the
+model's kernel, registered by model/attention.py) gathers the packed queries, keys and values
+into a few groups of examples of similar lengths (:func:`attention_groups`), each padded to its
+own longest example, runs the model's own attention kernel on each group with its padding (and,
+for a decoder, causal) mask, and packs the results again. So no example attends to another,
+every example's attention is the kernel and mask it would get in a padded batch, and everything
+else computes on the real tokens only. The backbone's output is scattered back into the padded
+layout (zeros at padding), so task heads, LM losses and metrics see the batch exactly as before:
+only how the batch is laid out inside the backbone changes, never which examples a step trains
+on.
 
 Transformers' own padding-free path (`DataCollatorWithFlattening`) keeps examples apart only
 through position ids, which flash-attention kernels honour and the CPU's SDPA and eager kernels
-do not (an encoder like BERT would attend across examples); hence this wrapper, registered
-with transformers' ``AttentionInterface`` under names of its own, so only models that opt in use
-it. The model types below are those whose position ids are plain 0..n-1 and whose attention is
+do not (an encoder like BERT would attend across examples); hence this wrapper, registered with
+transformers' ``AttentionInterface`` under names of its own, so only models that opt in use it.
+The model types below are those whose position ids are plain 0..n-1 and whose attention is
 called through that interface with the keyword arguments of the model's forward; tests check
 each against the unpacked batch (tests/model/test_packing.py).
 """
