@@ -16,7 +16,7 @@ from routetune.config import load_config
 from routetune.model.lm_loss import SCORED_INDEX, scored_positions
 from routetune.model import packing
 from routetune.model.attention import use_packed_attention
-from routetune.model.packing import PACKED, Layout, attention_groups
+from routetune.model.packing import PACKED, Layout
 from routetune.training.setup import prepare
 from routetune.training.weighting import micro_batches
 from support.sample_files import GENERAL, write_ner
@@ -127,8 +127,7 @@ def _outputs(model, name, objective, batch):
 @pytest.mark.parametrize("peft", [{"method": "none"}, {"method": "lora", "r": 4}], ids=["full", "lora"])
 @pytest.mark.parametrize("backbone", ["encoder", "decoder"])
 def test_padding_free_batches_give_the_padded_batch_s_outputs(tmp_path, tiny_model_dir, chat_llama, backbone,
-                                                              peft, monkeypatch):
-    monkeypatch.setattr(packing, "GROUP_COST", 0)  # attention in as many groups as there are widths (up to 4)
+                                                              peft):
     decoder = backbone == "decoder"
     model_dir = chat_llama if decoder else tiny_model_dir
     padded = prepare(load_config(_config(tmp_path, model_dir, decoder, peft, False)))
@@ -142,7 +141,6 @@ def test_padding_free_batches_give_the_padded_batch_s_outputs(tmp_path, tiny_mod
         model.eval()  # no dropout: the two layouts compute the same function
     for name, batch in _batches(padded).items():
         src = padded.sources[name]
-        assert len(batch[PACKED].groups) > 1  # attention in groups of different widths
         a = _outputs(padded.model, name, src.objective, batch)
         b = _outputs(packed.model, name, src.objective, batch)
         for what, x, y in zip(("logits", "per-example losses", "loss"), a, b):
@@ -153,20 +151,17 @@ def test_padding_free_batches_give_the_padded_batch_s_outputs(tmp_path, tiny_mod
                                        msg=lambda m: f"{name} gradient of {key}: {m}")
 
 
-@pytest.mark.parametrize("group_cost", [packing.GROUP_COST, 0])
-def test_no_example_attends_to_another(tiny_model_dir, monkeypatch, group_cost):
+def test_no_example_attends_to_another(tiny_model_dir):
     """Each example's hidden states are those of the example alone (the packed row holds the
-    others), and padding comes back as zeros; attention in one group or several."""
+    others), and padding comes back as zeros."""
     from routetune.model.routed import build_model
 
-    monkeypatch.setattr(packing, "GROUP_COST", group_cost)
     model = build_model(str(tiny_model_dir), seed=0, attention="sdpa")
     model.eval()
     use_packed_attention(model.lm)
     model.padding_free = True
     ids = torch.tensor([[2, 10, 11, 12, 3, 0, 0], [2, 20, 21, 22, 23, 24, 3], [2, 30, 3, 0, 0, 0, 0]])
     mask = (ids != 0).long()
-    assert len(Layout.of(mask).groups) == (1 if group_cost else 3)
     together = model.hidden_states(ids, mask)
     for row, n in enumerate(mask.sum(1).tolist()):
         alone = model.hidden_states(ids[row:row + 1, :n], mask[row:row + 1, :n])
@@ -184,15 +179,6 @@ def test_layout_round_trips_and_restarts_positions():
     assert torch.equal(layout.unpack(packed), x * mask)
 
 
-def test_attention_groups_cut_where_widths_differ(monkeypatch):
-    assert attention_groups([5, 5, 5]) == [[0, 1, 2]]
-    # 8 examples of 60 tokens and 8 of 10: one group computes 16 x 60^2 scores, two 8 x 60^2 + 8 x 10^2
-    assert attention_groups([60, 10] * 8) == [[0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15]]
-    assert attention_groups([12, 10, 11]) == [[0, 2, 1]]  # a second group would save less than it costs
-    monkeypatch.setattr(packing, "GROUP_COST", 0)
-    assert len(attention_groups(list(range(1, 30)))) == packing.MAX_GROUPS
-
-
 def test_models_and_methods_that_cannot_pack_train_padded_and_say_so(tmp_path, tiny_model_dir, caplog):
     path = _config(tmp_path, tiny_model_dir, False, {"method": "prompt_tuning", "num_virtual_tokens": 3}, True)
     caplog.set_level(logging.INFO, logger="routetune")
@@ -204,15 +190,14 @@ def test_models_and_methods_that_cannot_pack_train_padded_and_say_so(tmp_path, t
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("model_type", sorted(packing.PACKABLE_TYPES))
-def test_every_packable_model_type_gives_the_padded_hidden_states(model_type, attention, monkeypatch):
+def test_every_packable_model_type_gives_the_padded_hidden_states(model_type, attention):
     """Each model type routetune packs, as a tiny random model: the same hidden states at every
-    real position as the padded batch (attention in several groups). Right padding, as routetune
+    real position as the padded batch. Right padding, as routetune
     pads: with left padding a padded call counts the padding in its position ids, packing does not."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from routetune.model.routed import RoutedModel
 
-    monkeypatch.setattr(packing, "GROUP_COST", 0)
     size = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
     if model_type != "bert":
         size.update(num_key_value_heads=2, head_dim=8, sliding_window=None)

@@ -6,10 +6,9 @@ padded batch spend their time on padding too (in a randomly ordered WNUT-17 batc
 half its positions). Here the backbone runs on the batch's real tokens packed into one row
 (`[1, tokens]`), each example with its own position ids (restarting at 0), and attention is the only
 step that sees the examples apart: a registered attention function (:func:`packed` around the
-model's kernel, registered by model/attention.py) gathers the packed queries, keys and values
-into a few groups of examples of similar lengths (:func:`attention_groups`), each padded to its
-own longest example, runs the model's own attention kernel on each group with its padding (and,
-for a decoder, causal) mask, and packs the results again. So no example attends to another,
+model's kernel, registered by model/attention.py) lays the packed queries, keys and values out
+as the padded batch, runs the model's own attention kernel there with the batch's padding (and,
+for a decoder, causal) mask, and packs the result again. So no example attends to another,
 every example's attention is the kernel and mask it would get in a padded batch, and everything
 else computes on the real tokens only. The backbone's output is scattered back into the padded
 layout (zeros at padding), so task heads, LM losses and metrics see the batch exactly as before:
@@ -43,102 +42,33 @@ PACKED = "packed_layout"  # batch key: the batch's Layout, made on the CPU copy 
 # function makes the padded batch's own mask), and transformers' check whether the all-ones mask
 # has padding, a host read on a GPU, is never made
 _PACKED: ContextVar[bool] = ContextVar("routetune_packed", default=False)
-# attention groups: at most this many per batch, and a new group only where it saves at least
-# this many attention scores per head (the price of another round of attention kernels)
-MAX_GROUPS = 4
-GROUP_COST = 2048
-
-
-def attention_groups(lengths: list[int]) -> list[list[int]]:
-    """The examples (row numbers) of each attention group: the batch sorted by length and cut
-    where that least wastes, so attention runs on a few [examples x width x width] blocks of
-    similar widths instead of one of the longest example's width. Minimises the attention
-    scores computed (examples x width^2 per group) plus GROUP_COST per group, by dynamic
-    programming over the sorted lengths (a batch has tens of examples)."""
-    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
-    n = len(order)
-    inf = float("inf")
-    # best[g][i]: cost of the first i sorted examples in g groups; a group's width is its first (longest)
-    best = [[inf] * (n + 1) for _ in range(MAX_GROUPS + 1)]
-    cut = [[0] * (n + 1) for _ in range(MAX_GROUPS + 1)]
-    best[0][0] = 0.0
-    for g in range(1, MAX_GROUPS + 1):
-        for i in range(1, n + 1):
-            for j in range(i):  # the group holds sorted examples j .. i-1
-                cost = best[g - 1][j] + (i - j) * lengths[order[j]] ** 2 + GROUP_COST
-                if cost < best[g][i]:
-                    best[g][i], cut[g][i] = cost, j
-    g = min(range(1, MAX_GROUPS + 1), key=lambda k: best[k][n])
-    groups, i = [], n
-    while g:
-        j = cut[g][i]
-        groups.append(order[j:i])
-        i, g = j, g - 1
-    return groups[::-1]
-
-
-class Group:
-    """One attention group: `gather` picks its examples' tokens from the packed row into an
-    [examples x width] grid (padding slots read token 0, masked), `keys` marks the real slots,
-    `valid` lists the real slots in the grid's flat order."""
-
-    def __init__(self, gather: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor):
-        self.gather, self.keys, self.valid = gather, keys, valid
-        self.rows, self.width = keys.shape
-
-    def to(self, device, non_blocking: bool = False) -> Group:
-        return Group(*(t.to(device, non_blocking=non_blocking) for t in (self.gather, self.keys, self.valid)))
-
-    def mask(self, causal: bool) -> torch.Tensor:
-        """Boolean (True: may attend): [examples, 1, 1, width] keys, and for a decoder causal too."""
-        keys = self.keys[:, None, None, :]
-        if not causal:
-            return keys
-        tri = torch.ones(self.width, self.width, dtype=torch.bool, device=keys.device).tril()
-        return tri[None, None] & keys
-
-
 class Layout:
-    """Where a padded batch's real tokens are, and how attention sees them. `index`: each real
-    token's flat (row x width + position) place in the padded batch, in order (the packed row);
-    `positions`: its position id within its example; `groups`: the attention groups
-    (:func:`attention_groups`) and `restore`, which puts their outputs back in packed order.
-    Made on the CPU from the attention mask (any padding side), because working it out reads
-    tensor values: on a GPU the batch carries it, made on its CPU copy, and :meth:`to` moves it."""
+    """Where a padded batch's real tokens are: `index`, each real token's flat (row x width +
+    position) place in the padded batch, in order (the packed row); `positions`, its position id
+    within its example; `keys`, the padding mask as attention takes it. Made on the CPU from the
+    attention mask (any padding side), because finding the real tokens reads tensor values: on a
+    GPU the batch carries its layout, made on its CPU copy, and :meth:`to` moves it.
 
-    def __init__(self, rows: int, width: int, index, positions, groups: list[Group], restore):
-        self.rows, self.width, self.index, self.positions = rows, width, index, positions
-        self.groups, self.restore = groups, restore
+    Attention runs on the padded batch's full width. Cutting the batch into groups of similar
+    lengths, each padded to its own width, was tried: on WNUT-17 NER steps (batch 16, random
+    order) it was no faster, as attention is a small part of a short-sequence step, and its
+    varied shapes raised the peak RSS by ~280 MB."""
+
+    def __init__(self, rows: int, width: int, index: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor):
+        self.rows, self.width, self.index, self.positions, self.keys = rows, width, index, positions, keys
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor) -> Layout:
         mask = attention_mask.detach().to("cpu", torch.bool)
-        rows, width = mask.shape
-        lengths = mask.sum(1).tolist()
         index = mask.flatten().nonzero().squeeze(1)
         positions = (mask.long().cumsum(1) - 1).flatten().index_select(0, index)[None]
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
-        groups, dest = [], []
-        for members in attention_groups(lengths):
-            w = max(1, max(lengths[r] for r in members))
-            slot = torch.arange(w)
-            keys = torch.stack([slot < lengths[r] for r in members])
-            gather = torch.stack([torch.where(slot < lengths[r], slot + offsets[r], 0) for r in members])
-            valid = keys.flatten().nonzero().squeeze(1)
-            groups.append(Group(gather.flatten(), keys, valid))
-            dest.append(gather.flatten().index_select(0, valid))
-        restore = torch.argsort(torch.cat(dest))
-        return cls(rows, width, index, positions, groups, restore).to(attention_mask.device)
+        return cls(*mask.shape, index, positions, mask).to(attention_mask.device)
 
     def to(self, device, non_blocking: bool = False) -> Layout:
         if torch.device(device) == self.index.device:
             return self
-        index, positions, restore = (t.to(device, non_blocking=non_blocking)
-                                     for t in (self.index, self.positions, self.restore))
-        return Layout(self.rows, self.width, index, positions, [g.to(device, non_blocking) for g in self.groups],
-                      restore)
+        moved = (t.to(device, non_blocking=non_blocking) for t in (self.index, self.positions, self.keys))
+        return Layout(self.rows, self.width, *moved)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, width, ...] -> [1, tokens, ...]"""
@@ -150,23 +80,25 @@ class Layout:
         out = flat.new_zeros((self.rows * self.width, *flat.shape[1:])).index_copy(0, self.index, flat)
         return out.view(self.rows, self.width, *flat.shape[1:])
 
+    def mask(self, causal: bool) -> torch.Tensor:
+        """Boolean (True: may attend): [rows, 1, 1, width] keys, and for a decoder causal too."""
+        keys = self.keys[:, None, None, :]
+        if not causal:
+            return keys
+        tri = torch.ones(self.width, self.width, dtype=torch.bool, device=keys.device).tril()
+        return tri[None, None] & keys
+
     def attend(self, attention, query, key, value, causal: bool) -> torch.Tensor:
-        """`attention(q, k, v, mask)` (padded-batch tensors [examples, heads, width, d] and a
-        boolean mask -> [examples, width, heads, d]) run group by group on the packed
-        [1, heads, tokens, d] query, key and value; returns [1, tokens, heads, d]."""
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, d]
-        outs = []
-        for g in self.groups:
-            grid = [t.index_select(0, g.gather).view(g.rows, g.width, *t.shape[1:]).transpose(1, 2)
-                    for t in (q, k, v)]
-            out = attention(*grid, g.mask(causal))
-            outs.append(out.reshape(g.rows * g.width, *out.shape[2:]).index_select(0, g.valid))
-        return torch.cat(outs).index_select(0, self.restore)[None]
+        """`attention(q, k, v, mask)` (padded-batch tensors [rows, heads, width, d] and a boolean
+        mask -> [rows, width, heads, d]) on the packed [1, heads, tokens, d] query, key and value;
+        returns [1, tokens, heads, d]."""
+        q, k, v = (self.unpack(t.transpose(1, 2)).transpose(1, 2) for t in (query, key, value))
+        return self.pack(attention(q, k, v, self.mask(causal)))
 
 
 def packed(inner):
     """An attention function (transformers' AttentionInterface signature) that runs `inner` on
-    each attention group when a packed forward passes its layout, and is `inner` otherwise."""
+    the padded layout when a packed forward passes its layout, and is `inner` otherwise."""
     def attend(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
                **kwargs):
         layout = kwargs.pop(LAYOUT, None)
@@ -191,7 +123,7 @@ def why_not(model) -> str | None:
         return f"attention {cfg._attn_implementation!r}"
     if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()) or (
             getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)):
-        return "sliding-window attention"  # the groups' masks are full (causal) attention
+        return "sliding-window attention"  # the layout's masks are full (causal) attention
     return None
 
 
