@@ -108,7 +108,7 @@ class TrainConfig(Strict):
     OLMo-2, StarCoder2, StableLM); others keep transformers' loss."""
     padding_free: bool = True
     """Run the backbone on each batch's real tokens only: the examples packed into one row with their own position ids,
-    attention kept within each example, in groups of similar lengths (model/packing.py). Same losses and logits as the
+    attention kept within each example (model/packing.py). Same losses and logits as the
     padded batch up to rounding, faster wherever a batch holds examples of different lengths. Model types it has been
     checked for: BERT, Llama, Mistral (without a sliding window), Qwen2/3; other models and prompt or prefix tuning
     train padded (said once in the log), as do sources trained by self-distillation. false: padded batches."""
