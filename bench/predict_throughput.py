@@ -72,7 +72,9 @@ def main() -> None:
     cfg, model, tokenizer = load_run(Path(args.run), "best")
     items = [item_from_text(t) for t in texts]
     calls = {}
-    for precision in ("fp32", "bf16"):  # fp32 first: for_inference(bf16) holds bf16 weight copies
+    for precision in ("fp32", "bf16"):  # a model each: for_inference(bf16) holds bf16 weight copies
+        if precision == "bf16":
+            cfg, model, tokenizer = load_run(Path(args.run), "best")
         pred = Predictor(for_inference(model, precision), tokenizer, args.head, cfg.model.max_length, 64, precision)
         calls[f"routetune {precision}"] = lambda p=pred: p.predict(items)
     tmp = tempfile.TemporaryDirectory()
