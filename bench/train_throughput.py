@@ -143,8 +143,30 @@ def hf_train(model, rows, timer: Timer, tokens_of_step, batch_size: int, lr: flo
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[StepTimer()]).train()
 
 
-def hf_ner(steps: int, skip: int, precision: str, sampling: str) -> dict:
+def hf_padded_rows(model, rows, collate, batch_size: int, steps: int, skip: int, precision: str,
+                   sampling: str) -> dict:
+    """The Trainer on rows of different lengths, its collator padding each batch (lr 5e-5, weight
+    decay 0.01), counting each step's non-padding tokens; FLOPs per token on a padding-free probe
+    batch of the rows' mean length."""
     import torch
+
+    timer = Timer(skip)
+
+    def counting_collate(features):
+        batch = collate(features)
+        timer.pending = int(batch["attention_mask"].sum())
+        return batch
+
+    hf_train(model, rows, timer, lambda: timer.pending, batch_size, 5e-5, 0.01, steps, counting_collate, precision,
+             sampling)
+    mean = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
+    probe = collate(rows[:batch_size])
+    probe = {k: (v[:, :mean].contiguous() if v.dim() == 2 else v) for k, v in probe.items()}
+    probe["attention_mask"] = torch.ones_like(probe["input_ids"])
+    return {**timer.result(), "flops_per_token": flops_per_token(model, probe, probe["input_ids"].numel())}
+
+
+def hf_ner(steps: int, skip: int, precision: str, sampling: str) -> dict:
     from transformers import (
         AutoModelForTokenClassification,
         AutoTokenizer,
@@ -169,24 +191,10 @@ def hf_ner(steps: int, skip: int, precision: str, sampling: str) -> dict:
     # the attention kernel routetune's `auto` picks for this work (SDPA for an encoder)
     model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(labels),
                                                             attn_implementation=pick_attention("auto", False, "cpu"))
-    collate = DataCollatorForTokenClassification(tok)
-    timer = Timer(skip)
-
-    def counting_collate(features):
-        batch = collate(features)
-        timer.pending = int(batch["attention_mask"].sum())
-        return batch
-
-    hf_train(model, rows, timer, lambda: timer.pending, 16, 5e-5, 0.01, steps, counting_collate, precision, sampling)
-    mean = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
-    probe = collate(rows[:16])
-    probe = {k: v[:, :mean].contiguous() for k, v in probe.items()}
-    probe["attention_mask"] = torch.ones_like(probe["input_ids"])
-    return {**timer.result(), "flops_per_token": flops_per_token(model, probe, probe["input_ids"].numel())}
+    return hf_padded_rows(model, rows, DataCollatorForTokenClassification(tok), 16, steps, skip, precision, sampling)
 
 
 def hf_cls(steps: int, skip: int, precision: str, sampling: str) -> dict:
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     from routetune.config.load import load_config
@@ -206,20 +214,7 @@ def hf_cls(steps: int, skip: int, precision: str, sampling: str) -> dict:
                      "labels": labels.index(e.label)})
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(labels), attn_implementation=pick_attention("auto", False, "cpu"))
-    collate = DataCollatorWithPadding(tok)
-    timer = Timer(skip)
-
-    def counting_collate(features):
-        batch = collate(features)
-        timer.pending = int(batch["attention_mask"].sum())
-        return batch
-
-    hf_train(model, rows, timer, lambda: timer.pending, 32, 5e-5, 0.01, steps, counting_collate, precision, sampling)
-    mean = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
-    probe = collate(rows[:32])
-    probe = {k: (v[:, :mean].contiguous() if v.dim() == 2 else v) for k, v in probe.items()}
-    probe["attention_mask"] = torch.ones_like(probe["input_ids"])
-    return {**timer.result(), "flops_per_token": flops_per_token(model, probe, probe["input_ids"].numel())}
+    return hf_padded_rows(model, rows, DataCollatorWithPadding(tok), 32, steps, skip, precision, sampling)
 
 
 def shakespeare_blocks(tok, n_blocks: int | None = None) -> list[list[int]]:
