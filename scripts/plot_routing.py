@@ -1,10 +1,13 @@
-"""Plots for docs/routing.md: realised vs target shares of each routing strategy.
+"""Plots for docs/routing.md: realised vs target shares of each routing strategy, and the
+retention budget's control traces from the study's record (docs/records/budget_study.json:
+real runs, made by bench/budget_study.py).
 
     .venv/bin/python scripts/plot_routing.py      # writes docs/img/routing-*.png
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -96,9 +99,36 @@ def plot_adaptive() -> None:
     fig.savefig(OUT / "routing-adaptive.png", dpi=100)
 
 
+def plot_budget() -> None:
+    """Every confirmation seed's share and measured change (dev sample) against the step, per budget."""
+    record = ROOT / "docs" / "records" / "budget_study.json"
+    if not record.is_file():
+        return
+    runs = json.loads(record.read_text())["runs"]
+    budgets = sorted({float(k.split(":")[1]) for k in runs if k.startswith("budget:")})
+    fig, axes = plt.subplots(2, len(budgets), figsize=(5 * len(budgets), 5), sharex=True, squeeze=False)
+    for j, b in enumerate(budgets):
+        for key, r in runs.items():
+            kind, value, seed = key.split(":")
+            if kind != "budget" or float(value) != b or seed == "0":
+                continue
+            steps = [e["step"] for e in r["trace"]]
+            axes[0, j].step(steps, [e["share"] for e in r["trace"]], where="post", alpha=0.8, label=f"seed {seed}")
+            axes[1, j].plot(steps, [100 * e["change"] for e in r["trace"]], marker=".", alpha=0.8)
+        axes[1, j].axhline(100 * b, color="C3", linestyle="--", label="budget")
+        axes[0, j].set(title=f"budget {100 * b:+.0f}% perplexity", ylabel="general share")
+        axes[1, j].set(xlabel="step", ylabel="measured change (%)")
+        axes[0, j].legend(fontsize=7)
+        axes[1, j].legend(fontsize=7)
+    fig.suptitle("routing.budget on Tiny Shakespeare (smollm2-135m, LoRA): 5 seeds per budget", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(OUT / "routing-budget.png", dpi=100)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     plot_static()
     plot_schedule()
     plot_adaptive()
+    plot_budget()
     print("wrote", ", ".join(sorted(p.name for p in OUT.glob("routing-*.png"))))

@@ -105,6 +105,22 @@ def test_accumulation_and_adaptive_routing_on_two_processes(setting):
     assert torch.allclose(torch.tensor(r1["rewards"]), torch.tensor(r2["rewards"]), atol=1e-6)
 
 
+def test_a_retention_budget_on_two_processes_makes_the_plan_of_one(setting):
+    """Rank 0 measures the budget's sample and every rank gets the value: the same measurements,
+    shares and plan on 1 and 2 processes."""
+    root, _ = setting
+    sets = (f"evals={{gdev: {{path: {root / 'general.txt'}, split: dev}}}}",
+            "routing.budget={measure: gdev, max_change: 0.01, every: 3, blocks: 4}")
+    one, _ = _run(setting, "budget-one", *sets)
+    two, _ = _run(setting, "budget-two", *sets, nproc=2)
+    assert (one / "plan.jsonl").read_text() == (two / "plan.jsonl").read_text()
+    t1, t2 = ([e for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if e["event"] == "budget"]
+              for d in (one, two))
+    assert [e["step"] for e in t1] == [e["step"] for e in t2] and len(t1) >= 3
+    assert [e["share"] for e in t1] == pytest.approx([e["share"] for e in t2], abs=1e-6)
+    assert [e["loss"] for e in t1] == pytest.approx([e["loss"] for e in t2], rel=1e-5)
+
+
 def test_killed_on_two_resumes_exactly_on_two_and_with_the_same_plan_on_one(setting, one_and_two):
     one, two = one_and_two
     killed, proc = _run(setting, "killed", nproc=2, fault="after_step:8", check=False)

@@ -45,6 +45,33 @@ class AdaptiveConfig(Strict):
     """Steps between weight updates (each update is logged to metrics.jsonl)."""
 
 
+class BudgetConfig(Strict):
+    measure: str
+    """Where retention is measured: an `evals` set with `split: dev`, or a source whose dev set is language-modelling
+    text. Its first `blocks` blocks are scored in eval mode on the training model every `every` steps."""
+    max_change: float = Field(gt=0)
+    """Largest allowed change of the measure against the base model, relative: 0.02 = at most 2% higher."""
+    metric: Literal["loss", "perplexity"] = "loss"
+    """What `max_change` bounds: the relative change of the mean token loss, or of its exponential (perplexity)."""
+    every: int = Field(10, ge=1)
+    """Steps between measurements (each is logged as a `budget` event with its cost in seconds)."""
+    blocks: int = Field(16, ge=1)
+    """Blocks of `model.max_length` tokens in the fixed measurement sample."""
+    sources: list[str] | None = None
+    """The general sources whose total share is controlled (split among them as their start weights are). Default:
+    every source except `train.primary`."""
+    min_share: float = Field(0.02, gt=0, lt=1)
+    """Lowest total share of the controlled sources."""
+    max_share: float = Field(0.5, gt=0, lt=1)
+    """Highest total share of the controlled sources."""
+    integral_gain: float = Field(0.3, ge=0)
+    """Step of the multiplier's log per measurement per unit of relative violation ((change - max_change) /
+    max_change): the dual-ascent part."""
+    proportional_gain: float = Field(0.5, ge=0)
+    """Immediate response of the multiplier's log to the current violation: the proportional part (damps
+    overshoot)."""
+
+
 class RoutingConfig(Strict):
     strategy: Literal["iid", "interleaved", "adaptive"] = "iid"
     """`iid`: independent draws; `interleaved`: low-discrepancy (each source within 1 of its target share at every
@@ -69,6 +96,9 @@ class RoutingConfig(Strict):
     drawing it, end the run when all sized sources are done."""
     seed: int = 0
     """Seed of the routing plan (source choices and per-epoch shuffles)."""
+    budget: BudgetConfig | None = None
+    """A retention budget: the share of the general sources is controlled during training so that the measured
+    change of general ability against the base model stays within `max_change` (iid and interleaved routing)."""
 
 
 def check_routing(r: RoutingConfig, names: list[str], sources: dict) -> None:
@@ -97,6 +127,27 @@ def check_routing(r: RoutingConfig, names: list[str], sources: dict) -> None:
                          "teacher); use iid or interleaved routing with distillation")
     if r.schedule is not None and r.schedule.kind != "constant":
         _check_schedule(r, names)
+    if r.budget is not None:
+        _check_budget(r, names)
+
+
+def _check_budget(r: RoutingConfig, names: list[str]) -> None:
+    b = r.budget
+    if r.strategy == "adaptive":
+        raise ValueError("routing.budget: the adaptive strategy sets its own weights; use iid or interleaved routing "
+                         "with a budget")
+    if r.schedule is not None and r.schedule.kind != "constant":
+        raise ValueError("routing.budget: the budget's controller moves the weights; remove routing.schedule")
+    if r.counts is not None:
+        raise ValueError("routing.budget: give start shares with routing.weights (or temperature), not counts")
+    if b.min_share > b.max_share:
+        raise ValueError(f"routing.budget.min_share: {b.min_share} is above max_share {b.max_share}")
+    if b.sources is not None:
+        if not b.sources:
+            raise ValueError("routing.budget.sources: name at least one source")
+        for name in b.sources:
+            if name not in names:
+                raise ValueError(f"routing.budget.sources: no source named {name!r} (sources: {', '.join(names)})")
 
 
 def _check_schedule(r: RoutingConfig, names: list[str]) -> None:

@@ -286,6 +286,7 @@ class Config(Strict):
         _check_freeze(self)
         check_routing(self.routing, list(self.sources), self.sources)
         _check_primary(self)
+        _check_budget(self)
         return self
 
 
@@ -329,6 +330,34 @@ def _check_primary(cfg: Config) -> None:
         object.__setattr__(es, "metric", f"{primary}/{objectives.get(cfg.sources[primary].objective).headline}")
     if es.mode is None:
         object.__setattr__(es, "mode", "min" if objectives.lower_is_better(es.metric) else "max")
+
+
+def _check_budget(cfg: Config) -> None:
+    """A retention budget's measure is dev text (a test set never steers training) and its controlled
+    sources leave the primary source out."""
+    b = cfg.routing.budget
+    if b is None:
+        return
+    primary = cfg.train.primary
+    if b.sources is None:
+        object.__setattr__(b, "sources", [n for n in cfg.sources if n != primary])
+    if primary in b.sources or not b.sources:
+        raise ValueError(f"routing.budget.sources: the primary source {primary!r} cannot be a controlled general "
+                         "source; name the general sources (at least one besides the primary)")
+    name = b.measure
+    if name in cfg.evals:
+        if cfg.evals[name].split != "dev":
+            raise ValueError(f"routing.budget.measure: evals.{name} has split {cfg.evals[name].split}; a budget "
+                             f"is measured on dev text (set evals.{name}.split: dev), so that test text never "
+                             "steers training")
+    elif name in cfg.sources:
+        sc = cfg.sources[name]
+        if sc.objective not in objectives.names(lm_only=True) or not sc.has_split("dev"):
+            raise ValueError(f"routing.budget.measure: source {name!r} has no language-modelling dev text (give "
+                             f"it holdout.dev or a dev file, or name an evals set with split: dev)")
+    else:
+        raise ValueError(f"routing.budget.measure: no evals set or source named {name!r} (evals: "
+                         f"{', '.join(cfg.evals) or 'none'})")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from routetune import objectives
 from routetune.config.base import Strict, one_of
@@ -174,7 +175,17 @@ class EvalTextConfig(Strict):
     """Drop Project Gutenberg headers and footers."""
     max_blocks: int | None = Field(None, ge=1)
     """Score only the first N blocks of `max_length` tokens (bounds the cost on a large corpus)."""
+    part: tuple[float, float] = (0.0, 1.0)
+    """The part of each file read, as fractions of its length: `[0, 0.5]` the first half, `[0.5, 1]` the second
+    (one file can give a dev set and a test set that do not overlap)."""
     split: Literal["test", "dev"] = "test"
     """`test`: scored with the test sets (`--test`, `routetune eval`). `dev`: scored after training on the best
     checkpoint whether or not the test sets are, for choosing settings on held-out data (`routetune sweep` retention);
     both are scored with the base model before training."""
+
+    @field_validator("part")
+    @classmethod
+    def _part(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 1.0:
+            raise PydanticCustomError("part", "expected [start, end] with 0 <= start < end <= 1")
+        return v

@@ -246,7 +246,7 @@ def build_evals(cfg, decoder: bool) -> tuple[dict[str, EvalSet], dict[str, str]]
     for name, ev in cfg.evals.items():
         objectives[name] = resolve_objective(ev.objective, decoder, f"evals.{name}")
         files = resolve_text_files(ev.path, ev.glob)
-        sets[name] = EvalSet("text", text_parts(files), ev.path, ev.strip_gutenberg, ev.max_blocks)
+        sets[name] = EvalSet("text", text_parts(files, *ev.part), ev.path, ev.strip_gutenberg, ev.max_blocks)
     return sets, objectives
 
 

@@ -154,7 +154,7 @@ def plan_run(cfg, sizes: dict[str, int | None]) -> tuple[Router, int, np.ndarray
     """Build the router and the exact (or, for loss-driven routing, expected) number of steps.
 
     * `routing.counts`: steps = epochs x examples-per-mixture-epoch / batch size.
-    * scheduled or adaptive weights: steps chosen so the primary source gets `epochs` passes in
+    * scheduled, adaptive or budget-controlled weights: steps chosen so the primary source gets `epochs` passes in
       expectation (a schedule needs its horizon before the run starts).
     * constant weights: the plan is simulated until the primary source has made `epochs` passes
       (exact).
@@ -178,11 +178,12 @@ def plan_run(cfg, sizes: dict[str, int | None]) -> tuple[Router, int, np.ndarray
         raise ConfigError(f"routing: the primary source {tc.primary!r} is never drawn; set train.max_steps")
     if tc.max_steps is not None:
         horizon = min(horizon, tc.max_steps)
-    exact = mixture_epoch is None and schedule.kind == "constant" and r.strategy != "adaptive" and share > 0
+    moving = r.strategy == "adaptive" or r.budget is not None  # weights set by feedback during the run
+    exact = mixture_epoch is None and schedule.kind == "constant" and not moving and share > 0
     if exact:
         horizon = _simulate(cfg, sizes, names, schedule, horizon, tc.max_steps or MAX_SIMULATED_STEPS,
                             tc.epochs * size, primary)
-    elif r.on_exhausted != "restart" and r.strategy != "adaptive":
+    elif r.on_exhausted != "restart" and not moving:
         horizon = _simulate(cfg, sizes, names, schedule, horizon, horizon, None, primary)
     return make_router(r, names, schedule, horizon), horizon, start
 

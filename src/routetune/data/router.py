@@ -10,7 +10,9 @@ Strategies (``routing.strategy``):
   exponential-weights update moves towards sources whose training loss is high relative to its
   first value, with a probability floor per source.
 
-Target probabilities may follow a :class:`~routetune.data.mixing.Schedule` over the run.
+Target probabilities may follow a :class:`~routetune.data.mixing.Schedule` over the run, or, with a
+retention budget, a :class:`~routetune.data.control.RetentionController` that sets the general
+sources' share from measurements of general ability (``measured``).
 All decisions are made in the main process; a router's whole state is in ``state_dict()``.
 """
 
@@ -21,6 +23,7 @@ import math
 
 import numpy as np
 
+from routetune.data.control import RetentionController
 from routetune.data.mixing import Schedule
 from routetune.seeds import derive_seed
 
@@ -40,12 +43,19 @@ class Router:
         self._key = derive_seed(seed, "route")
         self._block_id = -1
         self._block = np.empty(0)
+        self.control: RetentionController | None = None  # a retention budget's controller (attach_control)
 
     # -- target probabilities ------------------------------------------------------------
     def target(self, step: int) -> np.ndarray:
-        if self.schedule.kind == "constant" and self.active.all():
-            return self.schedule.start
-        p = self.schedule.at(step / self.horizon) * self.active
+        if self.control is not None:
+            p = self._controlled
+        elif self.schedule.kind == "constant":
+            p = self.schedule.start
+        else:
+            p = self.schedule.at(step / self.horizon)
+        if self.active.all():
+            return p
+        p = p * self.active
         total = p.sum()
         if total <= 0:  # every source with weight is exhausted: fall back to the active ones
             p = self.active.astype(np.float64)
@@ -54,6 +64,19 @@ class Router:
 
     def deactivate(self, name: str) -> None:
         self.active[self.names.index(name)] = False
+
+    def attach_control(self, control: RetentionController, controlled: list[str]) -> None:
+        """Let `control` set the total share of the `controlled` sources from now on."""
+        self.control = control
+        self._mask = np.array([n in controlled for n in self.names])
+        self._controlled = control.weights(self.schedule.start, self._mask)
+
+    def measured(self, loss: float) -> dict:
+        """A measurement of the budget's measure (mean token loss) -> the controller's record, with
+        the target probabilities it sets for the next steps."""
+        record = self.control.update(loss)
+        self._controlled = self.control.weights(self.schedule.start, self._mask)
+        return {**record, "weights": dict(zip(self.names, self._controlled.round(6).tolist()))}
 
     # -- counter-based uniforms ------------------------------------------------------------
     def uniforms(self, start: int, n: int) -> np.ndarray:
@@ -99,8 +122,9 @@ class Router:
         return None
 
     def state_dict(self) -> dict:
-        return {"strategy": self.strategy, "names": self.names, "seed": self.seed, "horizon": self.horizon,
-                "decisions": self.decisions, "active": self.active.tolist()}
+        state = {"strategy": self.strategy, "names": self.names, "seed": self.seed, "horizon": self.horizon,
+                 "decisions": self.decisions, "active": self.active.tolist()}
+        return {**state, "control": self.control.state_dict()} if self.control is not None else state
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
@@ -109,6 +133,11 @@ class Router:
                 raise ValueError(f"routing: the saved router state has {key}={state[key]!r}, this run {mine[key]!r}")
         self.decisions = int(state["decisions"])
         self.active = np.array(state["active"], dtype=bool)
+        if (self.control is None) != (state.get("control") is None):
+            raise ValueError("routing: the saved router state and this run differ in routing.budget")
+        if self.control is not None:
+            self.control.load_state_dict(state["control"])
+            self._controlled = self.control.weights(self.schedule.start, self._mask)
 
 
 class IIDRouter(Router):
@@ -249,4 +278,11 @@ STRATEGIES = {
 
 
 def make_router(routing, names: list[str], schedule: Schedule, horizon: int) -> Router:
-    return STRATEGIES[routing.strategy](routing, names, schedule, horizon)
+    router = STRATEGIES[routing.strategy](routing, names, schedule, horizon)
+    b = routing.budget
+    if b is not None:
+        share = float(sum(schedule.start[names.index(n)] for n in b.sources))
+        share = min(max(share, b.min_share), b.max_share)
+        router.attach_control(RetentionController(b.max_change, share, b.min_share, b.max_share, b.integral_gain,
+                                                  b.proportional_gain, b.metric), b.sources)
+    return router

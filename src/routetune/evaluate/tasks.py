@@ -17,6 +17,7 @@ import math
 import re
 import string
 from collections import Counter
+from itertools import islice
 
 from sklearn.metrics import (
     accuracy_score,
@@ -142,14 +143,18 @@ def prompt_scores(model, tokenizer, examples, max_length, tc, sc, precision: str
     return out
 
 
-def text_scores(model, objective, tokenizer, evalset: EvalSet, max_length, tc, precision: str) -> dict:
-    """Non-overlapping blocks of `max_length` tokens, as in training."""
-    from itertools import islice
-
+def text_blocks(tokenizer, evalset: EvalSet, max_length: int, limit: int | None) -> list[list[int]]:
+    """The first `limit` (all if None) non-overlapping blocks of `max_length` tokens of a text set, with
+    the tokenizer's special tokens, as in training."""
     prefix, suffix = special_affixes(tokenizer)
     content = max_length - len(prefix) - len(suffix)
     blocks = iter_blocks(evalset.items, tokenizer, content, evalset.strip_gutenberg)
-    blocks = [prefix + b + suffix for b in islice(blocks, evalset.max_blocks)]
+    return [prefix + b + suffix for b in islice(blocks, limit)]
+
+
+def text_scores(model, objective, tokenizer, evalset: EvalSet, max_length, tc, precision: str) -> dict:
+    """Non-overlapping blocks of `max_length` tokens, as in training."""
+    blocks = text_blocks(tokenizer, evalset, max_length, evalset.max_blocks)
     loss, tokens = lm_loss(model, objective, blocks, tokenizer, tc.eval_batch_size, precision)
     if objective == "causal-lm":
         return {"perplexity": math.exp(loss), "loss": loss, "tokens": tokens, "blocks": len(blocks)}

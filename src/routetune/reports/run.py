@@ -12,7 +12,7 @@ from pathlib import Path
 
 from routetune.errors import RunError
 from routetune.reports import render
-from routetune.training.events import COUNTS, EARLY_STOP, EVAL, TRAIN
+from routetune.training.events import BUDGET, COUNTS, EARLY_STOP, EVAL, TRAIN
 
 
 # ------------------------------------------------------------------ reading a run
@@ -106,6 +106,28 @@ def plot_shares(run: dict, out: Path) -> str | None:
     ax.set(xlabel="step", ylabel="share of examples", title="Realised (cumulative) vs target shares", ylim=(0, 1))
     ax.legend(fontsize=8)
     return render.save(fig, out / "shares.png")
+
+
+def budget_trace(events: list[dict]) -> list[dict]:
+    """A retention budget's measurements, in step order (step 0: the base model)."""
+    return [e for e in events if e["event"] == BUDGET]
+
+
+def plot_budget(run: dict, out: Path) -> str | None:
+    """The controlled share and the measured change against the step, with the budget line."""
+    trace = budget_trace(run["events"])
+    if not trace:
+        return None
+    plt = render.pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    steps = [e["step"] for e in trace]
+    top.step(steps, [e["share"] for e in trace], where="post", color="C0")
+    top.set(ylabel="general share", title="Retention budget: controlled share and measured change")
+    bottom.plot(steps, [100 * e["change"] for e in trace], marker=".", color="C1", label="measured change")
+    bottom.axhline(100 * trace[0]["max_change"], color="C3", linestyle="--", label="budget")
+    bottom.set(xlabel="step", ylabel="change vs base (%)")
+    bottom.legend(fontsize=8)
+    return render.save(fig, out / "budget.png")
 
 
 def plot_dev(runs: list[dict], out: Path) -> str | None:
@@ -219,8 +241,24 @@ def _label_runs(runs: list[dict]) -> None:
 def sections(runs: list[dict], images: dict[str, list[str]]) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
     """(title, table header, table rows, images) per section; rendered as Markdown and HTML."""
     parts = [_run_section(runs), _test_section(runs, images), _before_after_section(runs, images),
-             _sources_section(runs, images), *_continual_sections(runs, images)]
+             _sources_section(runs, images), _budget_section(runs), *_continual_sections(runs, images)]
     return [p for p in parts if p is not None]
+
+
+def _budget_section(runs: list[dict]):
+    rows = []
+    for run in runs:
+        trace = budget_trace(run["events"])
+        if trace:
+            changes = [e["change"] for e in trace[1:]] or [0.0]
+            rows.append([run["name"], f"{100 * trace[0]['max_change']:+.1f}%", render.fmt(trace[0]["base"]),
+                         f"{100 * changes[-1]:+.2f}%", f"{100 * max(changes):+.2f}%", render.fmt(trace[-1]["share"]),
+                         str(len(trace)), _seconds(sum(e["seconds"] for e in trace))])
+    if not rows:
+        return None
+    return ("Retention budget (measured on dev text during training)",
+            ["run", "budget", "base loss", "last change", "largest change", "last share", "measurements",
+             "measuring time"], rows, [])
 
 
 def _run_section(runs: list[dict]):
@@ -329,6 +367,9 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
         shares = plot_shares(runs[0], out)
         if shares:
             images["training"].insert(1, shares)
+        budget = plot_budget(runs[0], out)
+        if budget:
+            images["training"].append(budget)
         images["test"] = plot_test_details(runs[0], out)
     retention = plot_retention(runs, out)
     if retention:

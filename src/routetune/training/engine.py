@@ -27,6 +27,7 @@ from routetune.model.frozen_bf16 import FrozenBf16
 from routetune.training import checkpoint as ckpt
 from routetune.seeds import derive_seed
 from routetune.training import distributed, events
+from routetune.training.budget import Budget
 from routetune.training.callbacks import EarlyStopping, MetricsLog, SourceStats, truncate_log
 from routetune.training.faults import maybe_kill
 from routetune.training.optimizer import build_optimizer
@@ -66,8 +67,7 @@ class Trainer:
         es = tc.early_stopping
         self.stopper = EarlyStopping(es.metric, es.mode, es.patience, es.min_delta)
         self.stats = {n: SourceStats() for n in setup.sources}
-        self.train_seconds = 0.0
-        self.skipped_in_a_row = 0
+        self.train_seconds, self.skipped_in_a_row = 0.0, 0
         self.ckpt_dir = run_dir / "checkpoints"
         self.after_checkpoint: list = []  # called with the step after each step checkpoint is complete
         self.last_save = time.monotonic()
@@ -77,8 +77,8 @@ class Trainer:
         self.loss_weights = cfg.routing.loss_weights
         self.distill = {n: s.distill for n, s in cfg.sources.items() if s.distill > 0}
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.hw = setup.hardware
-        self.world = setup.world
+        self.hw, self.world = setup.hardware, setup.world
+        self.budget = Budget.of(setup)  # a retention budget's measurements (routing.budget), or None
         self.names = list(self.batches.router.names)
         self.bad_examples: dict[str, list] = {}
         self.time_checkpoint = False  # rank 0's clock says a checkpoint is due (shared with the step's losses)
@@ -139,6 +139,8 @@ class Trainer:
             self.plan_log = (self.run_dir / "plan.jsonl").open("a", encoding="utf-8")
         if start == 0 and self.world.rank > 0:  # each rank its own dropout stream (rank 0 keeps the seed's)
             torch.manual_seed(derive_seed(setup.cfg.train.seed, "rank", self.world.rank))
+        if start == 0 and self.budget is not None:  # the base model's value of the budget's measure
+            self.budget.measure(0, self.model, self.batches.router, self.world, self.metrics)
         self.model.train()
         return bar
 
@@ -149,13 +151,16 @@ class Trainer:
             self.plan_log.flush()
 
     def after_step(self, bar, step: int, losses: dict) -> None:
-        """The progress bar, the router's feedback (adaptive routing) and the training log."""
+        """The progress bar, the router's feedback (adaptive routing, a retention budget's measurement)
+        and the training log."""
         done = step + 1
         bar.update(1)
         bar.set_postfix({n: f"{s.ema:.3f}" for n, s in self.stats.items() if s.ema is not None}, refresh=False)
         update = self.batches.router.observe(step, losses)
         if update is not None:
             self.metrics.write(events.ROUTE_UPDATE, **update)
+        if self.budget is not None and self.budget.due(done):
+            self.budget.measure(done, self.model, self.batches.router, self.world, self.metrics)
         if done % self.setup.cfg.train.log_every == 0 or done == self.setup.total_steps:
             self.log_train(done, step)
 

@@ -15,6 +15,10 @@ EARLY_STOP = "early_stop"
 """Early stopping ended the run: step, best, best_step."""
 ROUTE_UPDATE = "route_update"
 """The adaptive router changed its weights: the router's update fields."""
+BUDGET = "budget"
+"""A retention-budget measurement (step 0: the base model): step, loss, base, change (relative to
+the base, of the loss or the perplexity), violation, share (of the controlled sources, from now
+on), multiplier, weights (every source's target), seconds (the measurement's cost)."""
 SKIPPED = "skipped"
 """A non-finite loss skipped an update: step, source, loss."""
 RESUME = "resume"
@@ -23,7 +27,7 @@ FINAL = "final"
 """The run's results, once summary.json is written: step (the last), test and dev (the end-of-run
 scores by source, as in summary.json), before_after (general-text retention, base -> fine-tuned)."""
 
-EVENTS = frozenset({START, TRAIN, EVAL, EARLY_STOP, ROUTE_UPDATE, SKIPPED, RESUME, FINAL})
+EVENTS = frozenset({START, TRAIN, EVAL, EARLY_STOP, ROUTE_UPDATE, BUDGET, SKIPPED, RESUME, FINAL})
 
 COUNTS = frozenset({"support", "tokens", "examples", "blocks", "completion_tokens", "generated", "steps", "batches",
                     "sentences", "words", "untokenizable_words", "n_truncated_words", "n_truncated_sentences",

@@ -31,7 +31,7 @@ from routetune import logs
 from routetune.config import Config, dump_config
 from routetune.errors import ConfigError
 from routetune.files import write_text_atomic
-from routetune.training.events import COUNTS, EARLY_STOP, EVAL, FINAL, TRAIN
+from routetune.training.events import BUDGET, COUNTS, EARLY_STOP, EVAL, FINAL, TRAIN
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
 
@@ -58,6 +58,8 @@ def scalars(record: dict) -> dict[str, float]:
         out.update({f"dev/{k}": v for k, v in record["metrics"].items()})
     elif record["event"] == EARLY_STOP:
         out["dev/early_stop_best"] = record["best"]
+    elif record["event"] == BUDGET:  # the retention budget's control trace
+        out.update({f"budget/{k}": record[k] for k in ("loss", "change", "share", "multiplier")})
     elif record["event"] == FINAL:  # the numbers a user opens the tracker for: test and retention
         for split in ("test", "dev"):
             for source, scores in record.get(split, {}).items():

@@ -1,0 +1,218 @@
+"""The retention-budget study: does `routing.budget` hold a stated budget on general English, and
+how does its domain result compare with tuned fixed-mixture and plain fine-tuning baselines?
+
+    .venv/bin/python bench/budget_study.py search --jobs 2     # dev: the baselines' searches (seed 0)
+    .venv/bin/python bench/budget_study.py confirm --jobs 2    # test: 5 new seeds of every method per budget
+    .venv/bin/python bench/budget_study.py table               # the tables of docs/results.md
+
+Work: examples/shakespeare-smollm2-budget.yaml (smollm2-135m, LoRA r=8 on q,k,v,o, 50 steps of 8
+blocks of 64 tokens, lr 3e-4, Tiny Shakespeare with its last 5% as test and the 2% before as dev;
+general text: Project Gutenberg novels, causal-LM). General ability: perplexity on WikiText-2 test,
+its first half as dev text (the budget's measure and the baselines' selection), its second half
+as test text (judged, never used for a decision). Budgets: +2% and +5% perplexity.
+
+Methods, each given the same seeds:
+* ``budget B``: routing.budget with max_change B, from a 10% start share; nothing is searched.
+* ``fixed S``: routetune with a fixed general share S; the search tries SHARES on dev (seed 0)
+  and takes, per budget, the share with the best domain dev perplexity among those whose dev
+  general change is within the budget.
+* ``lr L``: plain fine-tuning (no general text) at learning rate L; the same number of trials
+  (LRS) chosen by the same rule: a user can also hold forgetting back by training more gently.
+* ``hf S``: the Hugging Face recipe (datasets.interleave_datasets with fixed probabilities +
+  Trainer, bench/replay_reference.py) at the share the fixed-share search chose.
+
+Every run is a child process (`--jobs` at a time, the cores split between them); each run's
+scores go to docs/records/budget_study.json as it finishes, so an interrupted study continues
+where it stopped (a run in the record is not rerun). The equivalence margin and the seeds are in
+docs/results.md, written before the confirmation runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("ROUTETUNE_DATA", str(ROOT.parent / "shared" / "data"))
+CONFIG = ROOT / "examples" / "shakespeare-smollm2-budget.yaml"
+RECORD = ROOT / "docs" / "records" / "budget_study.json"
+TASK, GENERAL, DEV, TEST = "shakespeare", "general", "wikitext-dev", "wikitext"
+BUDGETS = (0.02, 0.05)
+SHARES = (0.0, 0.15, 0.3, 0.45, 0.6)
+LRS = (5e-5, 1e-4, 2e-4, 3e-4, 6e-4)
+SEARCH_SEED, SEEDS = 0, (1, 2, 3, 4, 5)
+NO_BUDGET = "routing.budget=null"
+CONFIG_LR = 3e-4  # the example's: plain fine-tuning at it is the fixed share 0
+
+
+def canonical(spec: str) -> str:
+    """`lr:4e-4:S` is the same run as `fixed:0.0:S`: one name, run once."""
+    kind, value, seed = spec.split(":")
+    return f"fixed:0.0:{seed}" if kind == "lr" and float(value) == CONFIG_LR else spec
+
+
+def overrides(kind: str, value: float, seed: int) -> list[str]:
+    base = [f"train.seed={seed}", f"routing.seed={seed}", "train.progress=false"]
+    if kind == "budget":
+        return [*base, f"routing.budget.max_change={value}"]
+    if kind in ("fixed", "hf"):
+        return [*base, NO_BUDGET, f"routing.weights={{{TASK}: {1 - value}, {GENERAL}: {value}}}"]
+    if kind == "lr":
+        return [*base, NO_BUDGET, f"routing.weights={{{TASK}: 1.0, {GENERAL}: 0.0}}", f"train.lr={value}"]
+    raise ValueError(kind)
+
+
+def run_one(spec: str) -> dict:
+    """One run in this process: `kind:value:seed` -> its dev and test scores."""
+    kind, value, seed = spec.split(":")
+    value, seed = float(value), int(seed)
+    sets = overrides(kind, value, seed)
+    if kind == "hf":
+        import replay_reference as rr
+        from routetune.device import resolve
+
+        precision = resolve("cpu", "auto").precision
+        r = rr.run_hf(seed, value, 50, precision, [NO_BUDGET], config=CONFIG)
+        return {"test": {TASK: r[TASK]["after"]}, "change": {TEST: r[TEST]["after"] / r[TEST]["before"] - 1},
+                "train_seconds": r["seconds"]}
+    from routetune.workflow import train
+
+    with tempfile.TemporaryDirectory() as out:
+        _, s = train(CONFIG, [*sets, f"run.output_dir={out}", f"run.name={kind}-{value}-{seed}"], overwrite=True,
+                     run_test=True)
+        lines = (Path(s["run"]) / "metrics.jsonl").read_text().splitlines()
+        events = [json.loads(x) for x in lines]
+    dev = [e["metrics"][f"{TASK}/perplexity"] for e in events if e["event"] == "eval"][-1]
+    ba = s["before_after"]
+    trace = [e for e in events if e["event"] == "budget"]
+    out = {"dev": {TASK: dev}, "test": {TASK: s["test"][TASK]["perplexity"]},
+           "change": {n: ba[f"{n}/perplexity"]["ratio"] - 1 for n in (DEV, TEST)},
+           "train_seconds": s["train_seconds"], "wall_seconds": s["wall_seconds"]}
+    if trace:
+        out["trace"] = [{k: e[k] for k in ("step", "change", "share", "seconds")} for e in trace]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+def load() -> dict:
+    return json.loads(RECORD.read_text()) if RECORD.is_file() else {"runs": {}}
+
+
+def run_all(specs: list[str], jobs: int) -> None:
+    record, lock = load(), threading.Lock()
+    specs = list(dict.fromkeys(map(canonical, specs)))
+    todo = [s for s in specs if s not in record["runs"]]
+    print(f"{len(todo)} run(s) to do, {len(specs) - len(todo)} in the record", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // jobs))}
+
+    def child(spec: str) -> None:
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, __file__, "one", spec], capture_output=True, text=True, env=env,
+                              cwd=ROOT)
+        if proc.returncode != 0:
+            print(f"{spec}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+            return
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        with lock:
+            record.setdefault("runs", {})[spec] = result
+            record["machine"] = _machine()
+            RECORD.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"{spec}: {json.dumps({k: result[k] for k in ('test', 'change')})} ({time.time() - t0:.0f} s)",
+              flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(child, todo))
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "?")
+    return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def search_specs() -> list[str]:
+    """Seed 0: the budgeted runs (for the dev comparison; nothing is chosen from them), the fixed
+    shares and the learning rates."""
+    return ([f"budget:{b}:{SEARCH_SEED}" for b in BUDGETS[::-1]] + [f"fixed:{s}:{SEARCH_SEED}" for s in SHARES]
+            + [f"lr:{lr}:{SEARCH_SEED}" for lr in LRS])
+
+
+def choose(record: dict, kind: str, values, budget: float) -> float | None:
+    """The trial with the best domain dev perplexity among those within the budget on dev text."""
+    ok = [(r["dev"][TASK], v) for v in values if (r := record["runs"].get(canonical(f"{kind}:{v}:{SEARCH_SEED}")))
+          and r["change"][DEV] <= budget]
+    return min(ok)[1] if ok else None
+
+
+def confirm_specs(record: dict) -> list[str]:
+    """Every method's seeds per budget, in the order they matter: the budgeted runs, then the fixed
+    mixture it is compared with, then plain fine-tuning, then the Hugging Face recipe."""
+    chosen = {b: (choose(record, "fixed", SHARES, b), choose(record, "lr", LRS, b)) for b in BUDGETS}
+    specs = [f"budget:{b}:{s}" for b in BUDGETS for s in SEEDS]
+    for kind, pick in (("fixed", 0), ("lr", 1), ("hf", 0)):
+        specs += [f"{kind}:{chosen[b][pick]}:{s}" for b in BUDGETS if chosen[b][pick] is not None for s in SEEDS]
+    return list(dict.fromkeys(specs))
+
+
+def table(record: dict) -> None:
+    from routetune.sweep.confirm import interval
+
+    runs = record["runs"]
+    print("Search (dev, seed 0): domain dev perplexity, general dev change\n")
+    print("| trial | domain dev ppl | general dev change | general test change |\n|---|---|---|---|")
+    for spec in search_specs():
+        spec = canonical(spec)
+        if spec in runs:
+            r = runs[spec]
+            print(f"| {spec.rsplit(':', 1)[0]} | {r['dev'][TASK]:.2f} | {100 * r['change'][DEV]:+.2f}% | "
+                  f"{100 * r['change'][TEST]:+.2f}% |")
+    for b in BUDGETS:
+        share, lr = choose(record, "fixed", SHARES, b), choose(record, "lr", LRS, b)
+        print(f"\nBudget {100 * b:+.0f}% (chosen on dev: fixed share {share}, plain lr {lr})\n")
+        print("| method | seeds | domain test ppl | general test change | within budget on test | train s/run |"
+              "\n|---|---|---|---|---|---|")
+        for kind, v in (("budget", b), ("fixed", share), ("hf", share), ("lr", lr)):
+            got = [runs[k] for s in SEEDS if (k := canonical(f"{kind}:{v}:{s}")) in runs]
+            if not got:
+                continue
+            ppl, chg = interval([r["test"][TASK] for r in got]), interval([r["change"][TEST] for r in got])
+            half = lambda i, f=1: f" ± {f * i['half']:.2f}" if i["half"] is not None else ""  # noqa: E731
+            ok = sum(r["change"][TEST] <= b for r in got)
+            secs = sum(r["train_seconds"] for r in got) / len(got)
+            print(f"| {kind} {v} | {len(got)} | {ppl['mean']:.2f}{half(ppl)} | {100 * chg['mean']:+.2f}%"
+                  f"{half(chg, 100)} | {ok}/{len(got)} | {secs:.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["search", "confirm", "table", "one"])
+    ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
+    a = ap.parse_args()
+    if a.phase == "one":
+        import routetune  # noqa: F401  (first, as the CLI does)
+        from routetune.logs import setup_logging
+
+        setup_logging()
+        print(json.dumps(run_one(a.spec)))
+    elif a.phase == "search":
+        run_all(search_specs(), a.jobs)
+    elif a.phase == "confirm":
+        run_all(confirm_specs(load()), a.jobs)
+    else:
+        table(load())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The retention budget's controller on synthetic forgetting curves whose answer is known, and the
+router it drives: bounds, state, and a plan that is a function of the seed, the step and the
+logged control values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from routetune.data.control import RetentionController
+from routetune.data.mixing import Schedule
+from routetune.data.router import IIDRouter, InterleavedRouter
+
+BUDGET = 0.02
+
+
+def _plant(controller: RetentionController, c_max: float, s_zero: float, steps: int = 60, lag: float = 0.3,
+           noise: float = 0.0, seed: int = 0):
+    """Forgetting that settles at c_max (1 - s / s_zero) for general share s, reached with a lag (the
+    model moves a fraction `lag` of the way each measurement), measured with relative noise. The
+    share that meets the budget exactly is s* = s_zero (1 - budget / c_max)."""
+    rng = np.random.default_rng(seed)
+    base = 3.0
+    controller.update(base)  # the base model
+    change, shares, changes = 0.0, [], []
+    for _ in range(steps):
+        target = c_max * (1 - controller.share / s_zero)
+        change += lag * (target - change)
+        measured = change + noise * rng.standard_normal()
+        controller.update(base * (1 + measured))
+        shares.append(controller.share)
+        changes.append(change)
+    return np.array(shares), np.array(changes)
+
+
+def _controller(share=0.1, lo=0.02, hi=0.5, ki=0.3, kp=0.5, metric="loss"):
+    return RetentionController(BUDGET, share, lo, hi, ki, kp, metric)
+
+
+@pytest.mark.parametrize("c_max,s_zero", [(0.10, 0.4), (0.06, 0.3), (0.20, 0.5)])
+def test_the_share_settles_where_the_budget_is_met(c_max, s_zero):
+    shares, changes = _plant(_controller(), c_max, s_zero)
+    s_star = s_zero * (1 - BUDGET / c_max)
+    assert shares[-10:] == pytest.approx(s_star, abs=0.01)  # the answer of the synthetic curve
+    assert changes[-10:] == pytest.approx(BUDGET, abs=0.002)  # the budget held at the end
+    assert abs(changes).max() < c_max  # it never let forgetting run to its uncontrolled level
+
+
+def test_with_slack_the_share_falls_to_its_floor_and_with_too_little_room_it_stays_at_the_ceiling():
+    shares, changes = _plant(_controller(share=0.3), c_max=0.01, s_zero=0.4)  # forgetting below budget at s=0
+    assert shares[-1] == pytest.approx(0.02) and changes[-1] < BUDGET
+    shares, changes = _plant(_controller(hi=0.2), c_max=0.10, s_zero=0.4)  # needs s* = 0.32 > max 0.2
+    assert shares[-1] == pytest.approx(0.2) and changes[-1] > BUDGET
+    c = _controller(hi=0.2)
+    _plant(c, c_max=0.10, s_zero=0.4)
+    assert c.integral == pytest.approx(math.log(0.2 / 0.8))  # anti-windup: the integral stops at the bound
+
+
+def test_noisy_measurements_keep_the_share_near_the_answer():
+    finals = [_plant(_controller(), 0.10, 0.4, steps=80, noise=0.005, seed=s)[0][-20:].mean() for s in range(5)]
+    assert np.mean(finals) == pytest.approx(0.32, abs=0.03)
+
+
+def test_perplexity_change_is_of_the_exponential():
+    c = _controller(metric="perplexity")
+    c.update(2.0)
+    record = c.update(2.0 + math.log(1.05))
+    assert record["change"] == pytest.approx(0.05)
+    assert record["violation"] == pytest.approx(1.5)
+    assert record["share"] > 0.1 and record["multiplier"] == pytest.approx(record["share"] / (1 - record["share"]))
+
+
+def test_state_round_trips_and_continues_identically():
+    a = _controller()
+    for loss in (3.0, 3.1, 3.2, 3.05):
+        a.update(loss)
+    b = _controller()
+    b.load_state_dict(a.state_dict())
+    assert [a.update(x)["share"] for x in (3.3, 3.0)] == [b.update(x)["share"] for x in (3.3, 3.0)]
+
+
+def test_weights_split_the_share_as_the_start_weights_do():
+    c = _controller(share=0.2)
+    start = np.array([0.6, 0.2, 0.1, 0.1])
+    w = c.weights(start, np.array([False, False, True, True]))
+    assert w == pytest.approx([0.6, 0.2, 0.1, 0.1])
+    c.share = 0.4
+    w = c.weights(start, np.array([False, False, True, True]))
+    assert w == pytest.approx([0.45, 0.15, 0.2, 0.2]) and w.sum() == pytest.approx(1.0)
+    assert c.weights(np.array([1.0, 0.0]), np.array([False, True])) == pytest.approx([0.6, 0.4])  # zero start weight
+
+
+@pytest.mark.parametrize("cls", [IIDRouter, InterleavedRouter])
+def test_the_plan_is_a_function_of_seed_step_and_logged_control_values(cls):
+    """Two routers fed the same measurements at the same steps draw the same plan, a resumed one
+    continues it, and the realised general share follows the controller."""
+    names, start = ["task", "general"], np.array([0.9, 0.1])
+
+    def router():
+        r = cls(names, Schedule("constant", start), seed=5, horizon=400)
+        r.attach_control(_controller(), ["general"])
+        return r
+
+    losses = {0: 3.0, 50: 3.3, 100: 3.3, 150: 3.3, 200: 3.0, 250: 2.9}
+    a, b = router(), router()
+    plan_a, plan_b, records = [], [], []
+    for step in range(300):
+        if step in losses:
+            records.append(a.measured(losses[step]))
+            b.measured(losses[step])
+        plan_a += a.choose(step, 8)
+        plan_b += b.choose(step, 8)
+        if step == 120:  # a resume: a fresh router given the saved state
+            saved = b.state_dict()
+            b = router()
+            b.load_state_dict(saved)
+    assert plan_a == plan_b
+    shares = [r["share"] for r in records]
+    assert shares[0] == pytest.approx(0.1) and shares[3] > shares[1] > shares[0] and shares[5] < shares[4]
+    general = np.array(plan_a).reshape(300, 8)[:, :] == 1
+    assert general[150 * 1:200].mean() == pytest.approx(shares[3], abs=0.06)  # the plan follows the control
+    plain = cls(names, Schedule("constant", start), seed=5, horizon=400)
+    with pytest.raises(ValueError, match="routing.budget"):
+        plain.load_state_dict(a.state_dict())
