@@ -1,12 +1,13 @@
 """The retention-budget study: does `routing.budget` hold a stated budget on general English, and
 how does its domain result compare with tuned fixed-mixture and plain fine-tuning baselines?
 
+    .venv/bin/python bench/budget_study.py plan --jobs 2       # everything, most important first
     .venv/bin/python bench/budget_study.py search --jobs 2     # dev: the baselines' searches (seed 0)
     .venv/bin/python bench/budget_study.py confirm --jobs 2    # test: 5 new seeds of every method per budget
     .venv/bin/python bench/budget_study.py table               # the tables of docs/results.md
 
-Work: examples/shakespeare-smollm2-budget.yaml (smollm2-135m, LoRA r=8 on q,k,v,o, 50 steps of 8
-blocks of 64 tokens, lr 3e-4, Tiny Shakespeare with its last 5% as test and the 2% before as dev;
+Work: examples/shakespeare-smollm2-budget.yaml (smollm2-135m, LoRA r=8 on q,k,v,o, 80 steps of 8
+blocks of 64 tokens, lr 4e-4, Tiny Shakespeare with its last 5% as test and the 2% before as dev;
 general text: Project Gutenberg novels, causal-LM). General ability: perplexity on WikiText-2 test,
 its first half as dev text (the budget's measure and the baselines' selection), its second half
 as test text (judged, never used for a decision). Budgets: +2% and +5% perplexity.
@@ -48,10 +49,10 @@ RECORD = ROOT / "docs" / "records" / "budget_study.json"
 TASK, GENERAL, DEV, TEST = "shakespeare", "general", "wikitext-dev", "wikitext"
 BUDGETS = (0.02, 0.05)
 SHARES = (0.0, 0.15, 0.3, 0.45, 0.6)
-LRS = (5e-5, 1e-4, 2e-4, 3e-4, 6e-4)
+LRS = (5e-5, 1e-4, 2e-4, 4e-4, 8e-4)
 SEARCH_SEED, SEEDS = 0, (1, 2, 3, 4, 5)
 NO_BUDGET = "routing.budget=null"
-CONFIG_LR = 3e-4  # the example's: plain fine-tuning at it is the fixed share 0
+CONFIG_LR = 4e-4  # the example's: plain fine-tuning at it is the fixed share 0
 
 
 def canonical(spec: str) -> str:
@@ -81,7 +82,7 @@ def run_one(spec: str) -> dict:
         from routetune.device import resolve
 
         precision = resolve("cpu", "auto").precision
-        r = rr.run_hf(seed, value, 50, precision, [NO_BUDGET], config=CONFIG)
+        r = rr.run_hf(seed, value, 80, precision, [NO_BUDGET], config=CONFIG)
         return {"test": {TASK: r[TASK]["after"]}, "change": {TEST: r[TEST]["after"] / r[TEST]["before"] - 1},
                 "train_seconds": r["seconds"]}
     from routetune.workflow import train
@@ -142,10 +143,21 @@ def _machine() -> str:
 
 
 def search_specs() -> list[str]:
-    """Seed 0: the budgeted runs (for the dev comparison; nothing is chosen from them), the fixed
-    shares and the learning rates."""
-    return ([f"budget:{b}:{SEARCH_SEED}" for b in BUDGETS[::-1]] + [f"fixed:{s}:{SEARCH_SEED}" for s in SHARES]
-            + [f"lr:{lr}:{SEARCH_SEED}" for lr in LRS])
+    """Seed 0: the fixed shares (plain fine-tuning first: the check that the work forgets) and the
+    learning rates."""
+    return [f"fixed:{s}:{SEARCH_SEED}" for s in SHARES] + [f"lr:{lr}:{SEARCH_SEED}" for lr in LRS]
+
+
+def plan_specs(record: dict) -> list[str]:
+    """The order the study runs in when compute is short: the forgetting check, the budgeted runs
+    at +5% (nothing to search), the fixed-share search, the fixed share chosen for +5%, the budgeted
+    runs at +2%, then the rest of the confirmation (learning rates, the Hugging Face recipe)."""
+    first = [f"fixed:0.0:{SEARCH_SEED}", *(f"budget:0.05:{s}" for s in SEEDS[:2])]
+    middle = [*(f"fixed:{v}:{SEARCH_SEED}" for v in SHARES[1:]), *(f"budget:0.05:{s}" for s in SEEDS[2:])]
+    share = choose(record, "fixed", SHARES, 0.05)
+    chosen = [f"fixed:{share}:{s}" for s in SEEDS] if share is not None else []
+    return list(dict.fromkeys([*first, *middle, *chosen, *(f"budget:0.02:{s}" for s in SEEDS),
+                               *search_specs(), *confirm_specs(record)]))
 
 
 def choose(record: dict, kind: str, values, budget: float) -> float | None:
@@ -196,7 +208,7 @@ def table(record: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["search", "confirm", "table", "one"])
+    ap.add_argument("phase", choices=["plan", "search", "confirm", "table", "one"])
     ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
     a = ap.parse_args()
@@ -206,6 +218,9 @@ def main() -> None:
 
         setup_logging()
         print(json.dumps(run_one(a.spec)))
+    elif a.phase == "plan":  # the search's decisions are read again once its runs are in
+        run_all(plan_specs(load())[:10], a.jobs)
+        run_all(plan_specs(load()), a.jobs)
     elif a.phase == "search":
         run_all(search_specs(), a.jobs)
     elif a.phase == "confirm":
