@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("ROUTETUNE_DATA", str(ROOT.parent / "shared" / "data"))
 CONFIG = ROOT / "examples" / "shakespeare-smollm2-budget.yaml"
-RECORD = ROOT / "docs" / "records" / "budget_study.json"
+RECORD = Path(os.environ.get("BUDGET_STUDY_RECORD", ROOT / "docs" / "records" / "budget_study.json"))
 TASK, GENERAL, DEV, TEST = "shakespeare", "general", "wikitext-dev", "wikitext"
 BUDGETS = (0.02, 0.05)
 SHARES = (0.0, 0.15, 0.3, 0.45, 0.6)
@@ -61,10 +61,17 @@ def canonical(spec: str) -> str:
     return f"fixed:0.0:{seed}" if kind == "lr" and float(value) == CONFIG_LR else spec
 
 
+GAINS = {"budget": (), "budget-v1": ("integral_gain=0.3", "proportional_gain=0.5", "derivative_gain=0"),
+         "budget-pid": ("integral_gain=0.5", "proportional_gain=0.5", "derivative_gain=1.0"),
+         "budget-fast": ("integral_gain=0.8", "proportional_gain=1.0", "derivative_gain=0")}
+"""Controller settings: the defaults (`budget`), the first version's gains and the two candidates
+tried on dev (seed 0) after it."""
+
+
 def overrides(kind: str, value: float, seed: int) -> list[str]:
     base = [f"train.seed={seed}", f"routing.seed={seed}", "train.progress=false"]
-    if kind == "budget":
-        return [*base, f"routing.budget.max_change={value}"]
+    if kind in GAINS:
+        return [*base, f"routing.budget.max_change={value}", *(f"routing.budget.{g}" for g in GAINS[kind])]
     if kind in ("fixed", "hf"):
         return [*base, NO_BUDGET, f"routing.weights={{{TASK}: {1 - value}, {GENERAL}: {value}}}"]
     if kind == "lr":
@@ -208,8 +215,8 @@ def table(record: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["plan", "search", "confirm", "table", "one"])
-    ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("phase", choices=["plan", "search", "confirm", "table", "run", "one"])
+    ap.add_argument("spec", nargs="*", help="run: the runs, as kind:value:seed (e.g. fixed:0.3:0)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
     a = ap.parse_args()
     if a.phase == "one":
@@ -217,7 +224,9 @@ def main() -> None:
         from routetune.logs import setup_logging
 
         setup_logging()
-        print(json.dumps(run_one(a.spec)))
+        print(json.dumps(run_one(a.spec[0])))
+    elif a.phase == "run":
+        run_all(a.spec, a.jobs)
     elif a.phase == "plan":  # the search's decisions are read again once its runs are in
         run_all(plan_specs(load())[:10], a.jobs)
         run_all(plan_specs(load()), a.jobs)

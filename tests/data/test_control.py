@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from routetune.config.routing import BudgetConfig
 from routetune.data.control import RetentionController
 from routetune.data.mixing import Schedule
 from routetune.data.router import IIDRouter, InterleavedRouter
@@ -35,8 +36,16 @@ def _plant(controller: RetentionController, c_max: float, s_zero: float, steps: 
     return np.array(shares), np.array(changes)
 
 
-def _controller(share=0.1, lo=0.02, hi=0.5, ki=0.3, kp=0.5, metric="loss"):
-    return RetentionController(BUDGET, share, lo, hi, ki, kp, metric)
+DEFAULTS = BudgetConfig(measure="x", max_change=BUDGET)
+
+
+def _controller(share=0.1, lo=0.02, hi=0.5, ki=0.3, kp=0.5, kd=0.0, metric="loss"):
+    return RetentionController(BUDGET, share, lo, hi, ki, kp, kd, metric)
+
+
+def _defaults(share=0.1, lo=0.02, hi=0.5):
+    """The controller with the configuration's default gains."""
+    return _controller(share, lo, hi, DEFAULTS.integral_gain, DEFAULTS.proportional_gain, DEFAULTS.derivative_gain)
 
 
 @pytest.mark.parametrize("c_max,s_zero", [(0.10, 0.4), (0.06, 0.3), (0.20, 0.5)])
@@ -56,6 +65,39 @@ def test_with_slack_the_share_falls_to_its_floor_and_with_too_little_room_it_sta
     c = _controller(hi=0.2)
     _plant(c, c_max=0.10, s_zero=0.4)
     assert c.integral == pytest.approx(math.log(0.2 / 0.8))  # anti-windup: the integral stops at the bound
+
+
+def _late_forgetting(controller: RetentionController, c_max=0.2, s_zero=0.6, steps=16):
+    """Forgetting as it looked in a real LoRA run: the measure first improves (a dip to -10%), then
+    rises fast towards c_max (1 - s / s_zero) within a few measurements; half the way each time."""
+    base, change, changes = 3.0, 0.0, []
+    controller.update(base)
+    for t in range(1, steps + 1):
+        target = -0.10 * math.exp(-t / 2) + c_max * (1 - math.exp(-t / 3)) * (1 - controller.share / s_zero)
+        change += 0.5 * (target - change)
+        controller.update(base * (1 + change))
+        changes.append(change)
+    return np.array(changes)
+
+
+def test_late_fast_forgetting_is_held():
+    """The answer: s* = s_zero (1 - budget / c_max) = 0.54 once the forgetting has fully set in; the
+    change over the last measurements stays near the budget."""
+    c = _controller(share=0.1, lo=0.05, hi=0.6)
+    changes = _late_forgetting(c)
+    assert changes[-6:].max() < BUDGET * 1.5
+    assert c.share == pytest.approx(0.6 * (1 - BUDGET / 0.2), abs=0.06)
+
+
+def test_the_derivative_part_answers_a_rise_before_it_crosses_the_budget():
+    plain, pid = _controller(kd=0.0), _controller(kd=1.0)
+    for c in (plain, pid):
+        c.update(3.0)
+        c.update(3.0 * 0.95)  # -5%: slack, the share falls
+    a, b = plain.update(3.0 * 1.01), pid.update(3.0 * 1.01)  # +1%: still under the budget of 2%, rising fast
+    assert a["violation"] == b["violation"] == pytest.approx(-0.5)
+    # the rise is from the previous violation as clipped (-2) to -0.5: 1.5, times the gain 1.0
+    assert b["share"] > a["share"] and math.log(b["multiplier"] / a["multiplier"]) == pytest.approx(1.5)
 
 
 def test_noisy_measurements_keep_the_share_near_the_answer():
