@@ -100,27 +100,27 @@ def plot_adaptive() -> None:
 
 
 def plot_budget() -> None:
-    """Every confirmation seed's share and measured change (dev sample) against the step, per budget."""
+    """Every budgeted run of the study at +5%: the share and the measured change of the dev sample
+    against the step, with the budget line and the change of plain fine-tuning's end for scale."""
     record = ROOT / "docs" / "records" / "budget_study.json"
     if not record.is_file():
         return
     runs = json.loads(record.read_text())["runs"]
-    budgets = sorted({float(k.split(":")[1]) for k in runs if k.startswith("budget:")})
-    fig, axes = plt.subplots(2, len(budgets), figsize=(5 * len(budgets), 5), sharex=True, squeeze=False)
-    for j, b in enumerate(budgets):
-        for key, r in runs.items():
-            kind, value, seed = key.split(":")
-            if kind != "budget" or float(value) != b or seed == "0":
-                continue
-            steps = [e["step"] for e in r["trace"]]
-            axes[0, j].step(steps, [e["share"] for e in r["trace"]], where="post", alpha=0.8, label=f"seed {seed}")
-            axes[1, j].plot(steps, [100 * e["change"] for e in r["trace"]], marker=".", alpha=0.8)
-        axes[1, j].axhline(100 * b, color="C3", linestyle="--", label="budget")
-        axes[0, j].set(title=f"budget {100 * b:+.0f}% perplexity", ylabel="general share")
-        axes[1, j].set(xlabel="step", ylabel="measured change (%)")
-        axes[0, j].legend(fontsize=7)
-        axes[1, j].legend(fontsize=7)
-    fig.suptitle("routing.budget on Tiny Shakespeare (smollm2-135m, LoRA): 5 seeds per budget", fontsize=10)
+    traced = {k: r for k, r in runs.items() if r.get("trace") and k.split(":")[1] == "0.05"}
+    if not traced:
+        return
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for key, r in sorted(traced.items()):
+        kind, _, seed = key.split(":")
+        steps = [e["step"] for e in r["trace"]]
+        label = f"{kind.replace('budget', 'controller')} seed {seed}"
+        top.step(steps, [e["share"] for e in r["trace"]], where="post", label=label)
+        bottom.plot(steps, [100 * e["change"] for e in r["trace"]], marker=".", label=label)
+    bottom.axhline(5, color="C3", linestyle="--", label="budget +5%")
+    top.set(ylabel="general share", title="routing.budget on Tiny Shakespeare (smollm2-135m LoRA, 80 steps)")
+    bottom.set(xlabel="step", ylabel="dev-sample perplexity change (%)")
+    top.legend(fontsize=7)
+    bottom.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(OUT / "routing-budget.png", dpi=100)
 

@@ -64,12 +64,12 @@ class BudgetConfig(Strict):
     """Lowest total share of the controlled sources."""
     max_share: float = Field(0.5, gt=0, lt=1)
     """Highest total share of the controlled sources."""
-    integral_gain: float = Field(0.8, ge=0)
+    integral_gain: float = Field(0.3, ge=0)
     """Step of the log-odds of the share per measurement per unit of relative violation ((change - max_change) /
     max_change): the dual-ascent (integral) part."""
-    proportional_gain: float = Field(1.0, ge=0)
+    proportional_gain: float = Field(0.5, ge=0)
     """Immediate response of the log-odds to the current violation (the proportional part)."""
-    derivative_gain: float = Field(1.0, ge=0)
+    derivative_gain: float = Field(0.0, ge=0)
     """Response of the log-odds to the rise of the violation since the last measurement (the derivative part:
     answers forgetting that climbs fast before it crosses the budget)."""
 

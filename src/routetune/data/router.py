@@ -284,5 +284,5 @@ def make_router(routing, names: list[str], schedule: Schedule, horizon: int) -> 
         share = float(sum(schedule.start[names.index(n)] for n in b.sources))
         share = min(max(share, b.min_share), b.max_share)
         router.attach_control(RetentionController(b.max_change, share, b.min_share, b.max_share, b.integral_gain,
-                                                  b.proportional_gain, b.metric), b.sources)
+                                                  b.proportional_gain, b.derivative_gain, b.metric), b.sources)
     return router
