@@ -286,7 +286,7 @@ class Config(Strict):
         _check_freeze(self)
         check_routing(self.routing, list(self.sources), self.sources)
         _check_primary(self)
-        _check_budget(self)
+        _check_budget_targets(self)
         return self
 
 
@@ -332,7 +332,7 @@ def _check_primary(cfg: Config) -> None:
         object.__setattr__(es, "mode", "min" if objectives.lower_is_better(es.metric) else "max")
 
 
-def _check_budget(cfg: Config) -> None:
+def _check_budget_targets(cfg: Config) -> None:
     """A retention budget's measure is dev text (a test set never steers training) and its controlled
     sources leave the primary source out."""
     b = cfg.routing.budget

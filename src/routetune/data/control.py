@@ -53,7 +53,7 @@ class RetentionController:
         self.lo, self.hi = logit(min_share), logit(max_share)
         self.ki, self.kp, self.kd = integral_gain, proportional_gain, derivative_gain
         self.last: float | None = None  # the previous measurement's violation (for the derivative)
-        self.integral = min(max(logit(min(max(share, 1e-6), 1 - 1e-6)), self.lo), self.hi)
+        self.integral = logit(min(max(share, min_share), max_share))  # the start, within the bounds
         self.share = sigmoid(self.integral)
         self.base: float | None = None  # the measure on the base model (before the first step)
         self.updates = 0

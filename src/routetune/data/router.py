@@ -69,13 +69,17 @@ class Router:
         """Let `control` set the total share of the `controlled` sources from now on."""
         self.control = control
         self._mask = np.array([n in controlled for n in self.names])
-        self._controlled = control.weights(self.schedule.start, self._mask)
+        self._set_controlled()
+
+    def _set_controlled(self) -> None:
+        """The target probabilities the controller's current share makes (cached: `target` runs every step)."""
+        self._controlled = self.control.weights(self.schedule.start, self._mask)
 
     def measured(self, loss: float) -> dict:
         """A measurement of the budget's measure (mean token loss) -> the controller's record, with
         the target probabilities it sets for the next steps."""
         record = self.control.update(loss)
-        self._controlled = self.control.weights(self.schedule.start, self._mask)
+        self._set_controlled()
         return {**record, "weights": dict(zip(self.names, self._controlled.round(6).tolist()))}
 
     # -- counter-based uniforms ------------------------------------------------------------
@@ -137,7 +141,7 @@ class Router:
             raise ValueError("routing: the saved router state and this run differ in routing.budget")
         if self.control is not None:
             self.control.load_state_dict(state["control"])
-            self._controlled = self.control.weights(self.schedule.start, self._mask)
+            self._set_controlled()
 
 
 class IIDRouter(Router):
@@ -281,8 +285,7 @@ def make_router(routing, names: list[str], schedule: Schedule, horizon: int) -> 
     router = STRATEGIES[routing.strategy](routing, names, schedule, horizon)
     b = routing.budget
     if b is not None:
-        share = float(sum(schedule.start[names.index(n)] for n in b.sources))
-        share = min(max(share, b.min_share), b.max_share)
+        share = float(sum(schedule.start[names.index(n)] for n in b.sources))  # the controller clamps it
         router.attach_control(RetentionController(b.max_change, share, b.min_share, b.max_share, b.integral_gain,
                                                   b.proportional_gain, b.derivative_gain, b.metric), b.sources)
     return router
