@@ -66,12 +66,18 @@ GAINS = {"budget": (), "budget-v1": ("integral_gain=0.3", "proportional_gain=0.5
          "budget-fast": ("integral_gain=0.8", "proportional_gain=1.0", "derivative_gain=0")}
 """Controller settings: the defaults (`budget`), the first version's gains and the two candidates
 tried on dev (seed 0) after it."""
+SAFE = {"budget-safe": 0.25, "budget-safer": 0.1}
+"""The second round's candidates: started at the largest share (0.6), giving it away at this
+fraction of the speed it is taken back (`slack_gain`); the first gains otherwise."""
 
 
 def overrides(kind: str, value: float, seed: int) -> list[str]:
     base = [f"train.seed={seed}", f"routing.seed={seed}", "train.progress=false"]
     if kind == "budget-start":  # the default controller started at the share the fixed search chose for +5%
         return [*base, f"routing.budget.max_change={value}", f"routing.weights={{{TASK}: 0.7, {GENERAL}: 0.3}}"]
+    if kind in SAFE:
+        return [*base, f"routing.budget.max_change={value}", f"routing.budget.slack_gain={SAFE[kind]}",
+                f"routing.weights={{{TASK}: 0.4, {GENERAL}: 0.6}}"]
     if kind in GAINS:
         return [*base, f"routing.budget.max_change={value}", *(f"routing.budget.{g}" for g in GAINS[kind])]
     if kind in ("fixed", "hf"):

@@ -287,5 +287,6 @@ def make_router(routing, names: list[str], schedule: Schedule, horizon: int) -> 
     if b is not None:
         share = float(sum(schedule.start[names.index(n)] for n in b.sources))  # the controller clamps it
         router.attach_control(RetentionController(b.max_change, share, b.min_share, b.max_share, b.integral_gain,
-                                                  b.proportional_gain, b.derivative_gain, b.metric), b.sources)
+                                                  b.proportional_gain, b.derivative_gain, b.metric, b.slack_gain),
+                              b.sources)
     return router
