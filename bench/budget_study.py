@@ -56,9 +56,10 @@ CONFIG_LR = 4e-4  # the example's: plain fine-tuning at it is the fixed share 0
 
 
 def canonical(spec: str) -> str:
-    """`lr:4e-4:S` is the same run as `fixed:0.0:S`: one name, run once."""
+    """One name per run: the value as Python writes the float (`lr:2e-4:0` is `lr:0.0002:0`), and
+    `lr:4e-4:S` is the same run as `fixed:0.0:S`."""
     kind, value, seed = spec.split(":")
-    return f"fixed:0.0:{seed}" if kind == "lr" and float(value) == CONFIG_LR else spec
+    return f"fixed:0.0:{seed}" if kind == "lr" and float(value) == CONFIG_LR else f"{kind}:{float(value)}:{seed}"
 
 
 GAINS = {"budget": (), "budget-v1": ("integral_gain=0.3", "proportional_gain=0.5", "derivative_gain=0"),  # = defaults
@@ -120,7 +121,9 @@ def run_one(spec: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the driver
 def load() -> dict:
-    return json.loads(RECORD.read_text()) if RECORD.is_file() else {"runs": {}}
+    record = json.loads(RECORD.read_text()) if RECORD.is_file() else {"runs": {}}
+    record["runs"] = {canonical(k): v for k, v in record.get("runs", {}).items()}
+    return record
 
 
 def run_all(specs: list[str], jobs: int) -> None:
@@ -208,8 +211,8 @@ def table(record: dict) -> None:
         print(f"\nBudget {100 * b:+.0f}% (chosen on dev: fixed share {share}, plain lr {lr})\n")
         print("| method | seeds | domain test ppl | general test change | general dev change | within budget on "
               "test | train s/run |\n|---|---|---|---|---|---|---|")
-        for kind, v in (("budget-v1", b), ("budget", b), ("budget-start", b), ("fixed", share), ("hf", share),
-                        ("lr", lr)):
+        for kind, v in (("budget-v1", b), ("budget", b), ("budget-start", b), *((k, b) for k in SAFE),
+                        ("fixed", share), ("hf", share), ("lr", lr)):
             got = {k.split(":")[2]: runs[k] for k in runs
                    if k.split(":")[0] == kind and v is not None and float(k.split(":")[1]) == v
                    and k.split(":")[2] != str(SEARCH_SEED)}
