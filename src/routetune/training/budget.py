@@ -28,7 +28,8 @@ class Budget:
         self.metric = b.metric
         evalset = setup.evals.get(b.measure) or setup.dev.get(b.measure)
         self.objective = setup.objectives[b.measure]
-        self.blocks = text_blocks(setup.tokenizer, evalset, cfg.model.max_length, b.blocks)
+        # only rank 0 scores the sample (the others are given its loss), so only it tokenizes it
+        self.blocks = text_blocks(setup.tokenizer, evalset, cfg.model.max_length, b.blocks) if setup.world.main else []
         self.tokenizer, self.batch_size = setup.tokenizer, cfg.train.eval_batch_size
         self.precision = setup.hardware.precision
         log.info("routing.budget: %s change of %s at most %+.1f%%, measured on %d block(s) every %d steps; "
