@@ -39,13 +39,10 @@ def _plant(controller: RetentionController, c_max: float, s_zero: float, steps: 
 DEFAULTS = BudgetConfig(measure="x", max_change=BUDGET)
 
 
-def _controller(share=0.1, lo=0.02, hi=0.5, ki=0.3, kp=0.5, kd=0.0, metric="loss"):
-    return RetentionController(BUDGET, share, lo, hi, ki, kp, kd, metric)
-
-
-def _defaults(share=0.1, lo=0.02, hi=0.5):
-    """The controller with the configuration's default gains."""
-    return _controller(share, lo, hi, DEFAULTS.integral_gain, DEFAULTS.proportional_gain, DEFAULTS.derivative_gain)
+def _controller(share=0.1, lo=0.02, hi=0.5, ki=DEFAULTS.integral_gain, kp=DEFAULTS.proportional_gain,
+                kd=DEFAULTS.derivative_gain, metric="loss", slack_gain=DEFAULTS.slack_gain):
+    """The controller with the configuration's default gains unless told otherwise."""
+    return RetentionController(BUDGET, share, lo, hi, ki, kp, kd, metric, slack_gain)
 
 
 @pytest.mark.parametrize("c_max,s_zero", [(0.10, 0.4), (0.06, 0.3), (0.20, 0.5)])
@@ -58,7 +55,7 @@ def test_the_share_settles_where_the_budget_is_met(c_max, s_zero):
 
 
 def test_with_slack_the_share_falls_to_its_floor_and_with_too_little_room_it_stays_at_the_ceiling():
-    shares, changes = _plant(_controller(share=0.3), c_max=0.01, s_zero=0.4)  # forgetting below budget at s=0
+    shares, changes = _plant(_controller(share=0.3), c_max=0.01, s_zero=0.4, steps=150)  # below budget at s=0
     assert shares[-1] == pytest.approx(0.02) and changes[-1] < BUDGET
     shares, changes = _plant(_controller(hi=0.2), c_max=0.10, s_zero=0.4)  # needs s* = 0.32 > max 0.2
     assert shares[-1] == pytest.approx(0.2) and changes[-1] > BUDGET
@@ -131,8 +128,9 @@ def test_the_derivative_part_answers_a_rise_before_it_crosses_the_budget():
         c.update(3.0 * 0.95)  # -5%: slack, the share falls
     a, b = plain.update(3.0 * 1.01), pid.update(3.0 * 1.01)  # +1%: still under the budget of 2%, rising fast
     assert a["violation"] == b["violation"] == pytest.approx(-0.5)
-    # the rise is from the previous violation as clipped (-2) to -0.5: 1.5, times the gain 1.0
-    assert b["share"] > a["share"] and math.log(b["multiplier"] / a["multiplier"]) == pytest.approx(1.5)
+    # the rise is of the violation as it acts: clipped (-2) and scaled as slack (x 0.25) to -0.5 before,
+    # -0.5 x 0.25 now: 0.375, times the gain 1.0
+    assert b["share"] > a["share"] and math.log(b["multiplier"] / a["multiplier"]) == pytest.approx(0.375)
 
 
 def test_noisy_measurements_keep_the_share_near_the_answer():

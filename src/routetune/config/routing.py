@@ -72,7 +72,7 @@ class BudgetConfig(Strict):
     derivative_gain: float = Field(0.0, ge=0)
     """Response of the log-odds to the rise of the violation since the last measurement (the derivative part:
     answers forgetting that climbs fast before it crosses the budget)."""
-    slack_gain: float = Field(1.0, gt=0, le=1)
+    slack_gain: float = Field(0.25, gt=0, le=1)
     """Factor on the violation while there is slack (the change below `max_change`): below 1 the share is given away
     more slowly than it is taken back (forgetting, once in the weights, is slow to undo)."""
 
