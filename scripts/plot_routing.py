@@ -100,8 +100,10 @@ def plot_adaptive() -> None:
 
 
 def plot_budget() -> None:
-    """Every budgeted run of the study at +5%: the share and the measured change of the dev sample
-    against the step, with the budget line and the change of plain fine-tuning's end for scale."""
+    """The study's budgeted runs at +5%: the share and the measured change of the dev sample against
+    the step, with the budget line. The controller as shipped (slack given away at a quarter speed,
+    from the largest share) on the confirmation seeds in colour; the first round's controllers (full
+    speed, from 10% or 30%) in grey."""
     record = ROOT / "docs" / "records" / "budget_study.json"
     if not record.is_file():
         return
@@ -110,12 +112,19 @@ def plot_budget() -> None:
     if not traced:
         return
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
-    for key, r in sorted(traced.items()):
+    first = True
+    for key, r in sorted(traced.items(), key=lambda kv: (kv[0].split(":")[0], int(kv[0].split(":")[2]))):
         kind, _, seed = key.split(":")
+        if kind == "budget-safe" and seed != "0":
+            style = {"label": f"shipped controller, seed {seed}"}
+        elif kind in ("budget-v1", "budget-pid", "budget-fast", "budget-start"):
+            style = {"color": "0.7", "linewidth": 0.8, "label": "first round (full-speed slack)" if first else None}
+            first = False
+        else:
+            continue
         steps = [e["step"] for e in r["trace"]]
-        label = f"{kind.replace('budget', 'controller')} seed {seed}"
-        top.step(steps, [e["share"] for e in r["trace"]], where="post", label=label)
-        bottom.plot(steps, [100 * e["change"] for e in r["trace"]], marker=".", label=label)
+        top.step(steps, [e["share"] for e in r["trace"]], where="post", **style)
+        bottom.plot(steps, [100 * e["change"] for e in r["trace"]], marker=".", **style)
     bottom.axhline(5, color="C3", linestyle="--", label="budget +5%")
     top.set(ylabel="general share", title="routing.budget on Tiny Shakespeare (smollm2-135m LoRA, 80 steps)")
     bottom.set(xlabel="step", ylabel="dev-sample perplexity change (%)")
