@@ -159,10 +159,10 @@ class Trainer:
         update = self.batches.router.observe(step, losses)
         if update is not None:
             self.metrics.write(events.ROUTE_UPDATE, **update)
+        if done % self.setup.cfg.train.log_every == 0 or done == self.setup.total_steps:
+            self.log_train(done, step)  # before a measurement: the target it logs is the one its steps ran under
         if self.budget is not None and self.budget.due(done):
             self.budget.measure(done, self.model, self.batches.router, self.world, self.metrics)
-        if done % self.setup.cfg.train.log_every == 0 or done == self.setup.total_steps:
-            self.log_train(done, step)
 
     def end(self, bar, stopped: bool) -> FitResult:
         """After the last step: a checkpoint of it if none was written, the run's result."""
