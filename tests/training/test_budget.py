@@ -97,7 +97,8 @@ def test_the_report_shows_the_control_trace(budget_run):
     assert (out / "budget.png").is_file() and "Retention budget" in md and "+1.0%" in md
 
 
-@pytest.mark.parametrize("method,distill", [("lora", 0.0), ("lora", 1.0), ("none", 1.0)])
+@pytest.mark.parametrize("method,distill", [("lora", 0.0), ("lora", 1.0), ("none", 1.0), ("dora", 0.0), ("ia3", 0.0),
+                                             ("prompt_tuning", 0.0), ("prefix_tuning", 1.0), ("adapter", 0.0)])
 def test_a_decoder_with_lm_or_distilled_general_text_under_a_budget(tmp_path, tiny_llama_dir, method, distill):
     (tmp_path / "domain.txt").write_text("the store of john opened in paris and london . " * 60)
     (tmp_path / "general.txt").write_text(GENERAL)
@@ -115,6 +116,16 @@ def test_a_decoder_with_lm_or_distilled_general_text_under_a_budget(tmp_path, ti
     path.write_text(yaml.safe_dump(cfg))
     run_cli("train", path, "--no-test")
     trace = _events(tmp_path / "runs" / "dec", "budget")
+    assert [e["step"] for e in trace] == [0, 3, 6] and trace[-1]["loss"] != trace[0]["loss"]
+
+
+@pytest.mark.parametrize("method", ["bitfit", "prompt_tuning"])
+def test_an_encoder_under_a_budget_with_a_parameter_efficient_method(tmp_path, tiny_model_dir, method):
+    """Bias-only training (the llama decoder above has no biases) and virtual tokens on an encoder:
+    the masked-LM measurement runs through the method and sees the training move the model."""
+    cfg = _config(tmp_path, tiny_model_dir, **{"peft.method": method, "train.max_steps": 6, "train.lr": 1e-2})
+    run_cli("train", cfg, "--no-test", "--set", "run.name=enc")
+    trace = _events(tmp_path / "runs" / "enc", "budget")
     assert [e["step"] for e in trace] == [0, 3, 6] and trace[-1]["loss"] != trace[0]["loss"]
 
 
