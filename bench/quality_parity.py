@@ -14,6 +14,9 @@ Works (both fp32 by default; ``--precision bf16`` where the CPU has native bf16)
 * ``polarity``: minilm-l6 sequence classification on sentence polarity (10,662 sentences; 10% dev
   and 10% test held out by routetune's seeded rule, the same split on both sides), 2 epochs,
   batch 32, lr 5e-5, weight decay 0.01, no warm-up, max_length 64; accuracy.
+* ``prompt``: sentence polarity as prompts and one-word completions for smollm2-135m with LoRA,
+  100 steps of 8 (``--steps``), exact match of a greedy one-token answer on 320 dev and 320 test
+  examples; the work and its Trainer side are described in ``bench/prompt_work.py``.
 * ``lm``: smollm2-135m with LoRA (r=8, alpha 16, dropout 0.05 on q,k,v,o) trained on 128-token
   blocks of Tiny Shakespeare alone (examples/shakespeare-smollm2.yaml without its general replay),
   ``--steps`` steps (default 40) of 8 blocks, lr 2e-4; the score is the perplexity of the held-out
@@ -55,6 +58,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import prompt_work as pw  # bench/: the prompt/completion work
 import replay_reference as rr  # bench/, this script's folder: the causal-LM work and the shared scoring adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +70,9 @@ WORKS = {"ner": {"example": "wnut17-minilm.yaml", "source": "wnut17", "metric": 
                  "max_length": 128},
          "polarity": {"example": "polarity-minilm.yaml", "source": "polarity", "metric": "accuracy", "epochs": 2,
                       "batch": 32, "max_length": 64},
-         "lm": {"example": "shakespeare-smollm2.yaml", "source": "shakespeare", "metric": "perplexity", "steps": 40}}
+         "lm": {"example": "shakespeare-smollm2.yaml", "source": "shakespeare", "metric": "perplexity", "steps": 40},
+         # written by bench/prompt_work.py into the run folder; trains on the polarity prompts alone
+         "prompt": {"example": None, "source": pw.NAME, "metric": "exact_match", "steps": pw.STEPS}}
 LR, WD = 5e-5, 0.01
 
 
@@ -74,10 +80,14 @@ def run_routetune(work: dict, seed: int, precision: str, extra: list[str], out: 
     from routetune.workflow import train
 
     src, key = work["source"], f"{work['source']}/{work['metric']}"
-    overrides = ["routing.weights.general=0", f"train.epochs={work['epochs']}", f"train.precision={precision}",
+    budget = [f"train.max_steps={work['steps']}"] if work.get("steps") else \
+        ["routing.weights.general=0", f"train.epochs={work['epochs']}"]
+    overrides = [*budget, f"train.precision={precision}",
                  f"train.seed={seed}", f"routing.seed={seed}", "train.progress=false", f"run.output_dir={out}",
                  f"run.name=routetune-{seed}-{abs(hash(tuple(extra))) % 10**6}", *extra]
-    _, summary = train(ROOT / "examples" / work["example"], overrides, overwrite=True, run_test=True)
+    config = pw.write_work(DATA, out / "prompt-work") if work["example"] is None else \
+        ROOT / "examples" / work["example"]
+    _, summary = train(config, overrides, overwrite=True, run_test=True)
     events = [json.loads(x) for x in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()]
     dev = [e["metrics"][key] for e in events if e["event"] == "eval" and e["step"] == summary["best"]["step"]]
     return {"dev": dev[-1], "test": summary["test"][src][work["metric"]], "seconds": summary["train_seconds"]}
@@ -252,7 +262,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", help="Default: routetune hf hf-grouped (lm: routetune hf)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--epochs", type=int, help="Instead of the work's own (3 for ner, 2 for polarity)")
-    ap.add_argument("--steps", type=int, help="lm: instead of its 40 steps")
+    ap.add_argument("--steps", type=int, help="lm, prompt: instead of their 40 and 100 steps")
     ap.add_argument("--out", type=Path, help="JSON results (default runs/quality_parity_WORK_BUDGET_PRECISION.json)")
     ap.add_argument("--append", action="store_true", help="Add to the runs already in --out")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
@@ -263,7 +273,8 @@ def main() -> None:
     import torch
 
     work = WORKS[a.work]
-    a.variants = a.variants or (["routetune", "hf"] if a.work == "lm" else ["routetune", "hf", "hf-grouped"])
+    two = a.work in ("lm", "prompt")
+    a.variants = a.variants or (["routetune", "hf"] if two else ["routetune", "hf", "hf-grouped"])
     if a.epochs and "epochs" in work:
         work["epochs"] = a.epochs
     if a.steps and "steps" in work:
@@ -286,6 +297,10 @@ def main() -> None:
                 kind, _, extra = variant.partition(":")
                 if a.work == "lm":
                     r = run_lm(kind, work, seed, a.precision, extra.split(",") if extra else [], Path(runs))
+                elif a.work == "prompt" and kind not in ("hf", "routetune"):
+                    sys.exit(f"--variants: the prompt work has routetune[:K=V] and hf, not {kind}")
+                elif kind == "hf" and a.work == "prompt":
+                    r = pw.run_hf(pw.write_work(DATA, Path(runs) / "prompt-work"), seed, a.precision, work["steps"])
                 elif kind == "routetune":
                     r = run_routetune(work, seed, a.precision, extra.split(",") if extra else [], Path(runs))
                 else:
