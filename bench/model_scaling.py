@@ -4,6 +4,7 @@
     .venv/bin/python bench/model_scaling.py --json docs/records/model_scaling.json
     .venv/bin/python bench/model_scaling.py --sizes 135M --methods lora --lengths 128   # one row
     .venv/bin/python bench/model_scaling.py --plot docs/img/model_scaling.png --from docs/records/model_scaling.json
+    .venv/bin/python bench/model_scaling.py --sizes 135M --methods full --profile --json F  # where the time goes
 
 Only the configs are SmolLM2's (hidden size, layers, heads, feed-forward width; vocabulary 49,152,
 tied embeddings); the weights are random (no download), which changes nothing about the cost of
@@ -72,6 +73,36 @@ def make_model(size: str, folder: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class ProfiledTimer(tt.Timer):
+    """The step timer, and with `--profile` torch.profiler over the timed steps (both sides): where
+    each side's step time goes, as CPU time per step of the costliest ops. The profiler slows every
+    op, so `--profile` runs report their tokens/s too but are not the speed figures."""
+
+    def __init__(self, skip: int, steps: int):
+        super().__init__(skip)
+        self.last, self.prof, self.top = skip + steps, None, {}
+
+    def begin(self, tokens: int):
+        super().begin(tokens)
+        if os.environ.get("BENCH_PROFILE") and self.step == self.skip + 1:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU])
+            self.prof.__enter__()
+
+    def end(self):
+        super().end()
+        if self.prof is not None and self.step == self.last:
+            self.prof.__exit__(None, None, None)
+            events = sorted(self.prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+            n = self.last - self.skip
+            self.top = {e.key: round(e.self_cpu_time_total / 1e6 / n, 4) for e in events}
+            self.prof = None
+
+    def result(self) -> dict:
+        return {**super().result(), **({"top_ops_s_per_step": self.top} if self.top else {})}
+
+
 def _routetune_config(folder: Path, method: str, length: int, steps: int, out: Path) -> Path:
     import yaml
 
@@ -98,7 +129,7 @@ def routetune_side(folder: Path, method: str, length: int, steps: int, skip: int
 
     with tempfile.TemporaryDirectory() as out:
         setup = prepare(load_config(_routetune_config(folder, method, length, steps + skip, Path(out))))
-        timer = tt.Timer(skip)
+        timer = ProfiledTimer(skip, steps)
 
         def wrap(trainer, original):
             def timed_step(step, parts):
@@ -130,7 +161,7 @@ def hf_side(folder: Path, method: str, length: int, steps: int, skip: int, preci
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    timer = tt.Timer(skip)
+    timer = ProfiledTimer(skip, steps)
     tt.hf_train(model, rows, timer, lambda: batch * length, batch, 2e-4, 0.0, steps + skip, precision=precision)
     return {**timer.result(), "precision": precision}
 
@@ -191,6 +222,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--from", dest="source", type=Path, help="plot these results instead of measuring")
+    ap.add_argument("--profile", action="store_true", help="Also profile each side's timed steps (slower)")
     ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -203,6 +235,9 @@ def main() -> None:
     import torch
 
     from routetune.device import cpu_bf16, resolve
+
+    if args.profile:
+        os.environ["BENCH_PROFILE"] = "1"  # read by each child's timer
 
     precision = resolve("cpu", "auto").precision
     results = {"cpu": cpu_bf16()[1], "capability": torch.backends.cpu.get_cpu_capability(), "precision": precision,

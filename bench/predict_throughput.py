@@ -16,13 +16,20 @@ configuration once in turn (so slow drifts of the machine hit all of them); the 
 reported, as sentences/s, and routetune's ratio to the pipeline's best setting in the same
 precision (the median of the per-round ratios). Entity agreement with the pipeline (same spans
 and types) is printed as a sanity check.
+
+    .venv/bin/python bench/predict_throughput.py --run runs/wnut17-128 --memory
+
+runs each of the six configurations alone in a child process (load, a warm-up pass, one timed
+pass) and prints its peak RSS: what a process serving that configuration holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,13 +57,74 @@ def sorted_call(pipe, texts: list[str]) -> list:
     return back
 
 
+NAMES = ("routetune fp32", "routetune bf16", "pipeline fp32", "pipeline fp32 sorted", "pipeline bf16",
+         "pipeline bf16 sorted")
+
+
+def memory_child(args) -> None:
+    """One configuration alone in this process: load, warm-up pass, one timed pass; its peak RSS."""
+    import torch
+    from transformers import pipeline
+
+    from routetune.data.readers import read_conll
+    from routetune.model.inference import for_inference
+    from routetune.runs import load_run
+    from routetune.serve.predictor import Predictor, item_from_text
+
+    texts = [" ".join(s.tokens) for s in read_conll(DATA / "wnut17" / "emerging.test.annotated")[: args.limit]]
+    precision = args.child.split()[1]
+    if args.child.startswith("routetune"):
+        cfg, model, tokenizer = load_run(Path(args.run), "best")
+        pred = Predictor(for_inference(model, precision), tokenizer, args.head, cfg.model.max_length, 64, precision)
+        items = [item_from_text(t) for t in texts]
+        fn = lambda: pred.predict(items)  # noqa: E731
+    else:
+        pipe = pipeline("token-classification", model=args.folder, aggregation_strategy="first", device=-1,
+                        dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
+        pipe.tokenizer.model_max_length = args.max_length
+        fn = (lambda: sorted_call(pipe, texts)) if args.child.endswith("sorted") else \
+            (lambda: pipe(texts, batch_size=64))
+    fn()
+    seconds = timed(fn)[0]
+    print(f"RESULT {args.child}: {len(texts) / seconds:.1f} sentences/s, peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
+
+
+def memory(args) -> None:
+    """--memory: each configuration in its own child process (its peak RSS is its own), in turn."""
+    from routetune.export import export
+    from routetune.runs import load_run
+
+    cfg = load_run(Path(args.run), "best")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        export(Path(args.run), Path(tmp) / "hf", "best")
+        folder = Path(tmp) / "hf" / "heads" / args.head
+        for name in NAMES:
+            cmd = [sys.executable, __file__, "--run", args.run, "--head", args.head, "--child", name,
+                   "--folder", str(folder), "--max-length", str(cfg.model.max_length)]
+            if args.limit:
+                cmd += ["--limit", str(args.limit)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            print(lines[-1][7:] if lines else f"{name}: failed\n{out.stderr[-2000:]}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/wnut17-fast")
     ap.add_argument("--head", default="wnut17")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None, help="use the first N test sentences")
+    ap.add_argument("--memory", action="store_true",
+                    help="Peak RSS of each configuration, each alone in a child process (and one timed pass)")
+    ap.add_argument("--child", choices=NAMES, help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--max-length", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return memory_child(args)
+    if args.memory:
+        return memory(args)
 
     import torch
     from transformers import pipeline
