@@ -61,29 +61,41 @@ NAMES = ("routetune fp32", "routetune bf16", "pipeline fp32", "pipeline fp32 sor
          "pipeline bf16 sorted")
 
 
-def memory_child(args) -> None:
-    """One configuration alone in this process: load, warm-up pass, one timed pass; its peak RSS."""
+def test_texts(limit: int | None) -> list[str]:
+    from routetune.data.readers import read_conll
+
+    return [" ".join(s.tokens) for s in read_conll(DATA / "wnut17" / "emerging.test.annotated")[:limit]]
+
+
+def side_calls(side: str, precision: str, args, texts: list[str], folder: Path, max_length: int) -> dict:
+    """The calls one side makes in one precision, by NAMES: routetune's Predictor on a model of its
+    own (for_inference(bf16) holds bf16 weight copies), or one pipeline called in input order and
+    fed length-sorted texts, truncating at the run's max_length as routetune does (its tokenizer
+    would otherwise read up to 512 tokens)."""
     import torch
     from transformers import pipeline
 
-    from routetune.data.readers import read_conll
     from routetune.model.inference import for_inference
     from routetune.runs import load_run
     from routetune.serve.predictor import Predictor, item_from_text
 
-    texts = [" ".join(s.tokens) for s in read_conll(DATA / "wnut17" / "emerging.test.annotated")[: args.limit]]
-    precision = args.child.split()[1]
-    if args.child.startswith("routetune"):
+    if side == "routetune":
         cfg, model, tokenizer = load_run(Path(args.run), "best")
         pred = Predictor(for_inference(model, precision), tokenizer, args.head, cfg.model.max_length, 64, precision)
         items = [item_from_text(t) for t in texts]
-        fn = lambda: pred.predict(items)  # noqa: E731
-    else:
-        pipe = pipeline("token-classification", model=args.folder, aggregation_strategy="first", device=-1,
-                        dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
-        pipe.tokenizer.model_max_length = args.max_length
-        fn = (lambda: sorted_call(pipe, texts)) if args.child.endswith("sorted") else \
-            (lambda: pipe(texts, batch_size=64))
+        return {f"routetune {precision}": lambda: pred.predict(items)}
+    pipe = pipeline("token-classification", model=str(folder), aggregation_strategy="first", device=-1,
+                    dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
+    pipe.tokenizer.model_max_length = max_length
+    return {f"pipeline {precision}": lambda: pipe(texts, batch_size=64),
+            f"pipeline {precision} sorted": lambda: sorted_call(pipe, texts)}
+
+
+def memory_child(args) -> None:
+    """One configuration alone in this process: load, warm-up pass, one timed pass; its peak RSS."""
+    texts = test_texts(args.limit)
+    side, precision = args.child.split()[:2]
+    fn = side_calls(side, precision, args, texts, args.folder, args.max_length)[args.child]
     fn()
     seconds = timed(fn)[0]
     print(f"RESULT {args.child}: {len(texts) / seconds:.1f} sentences/s, peak RSS "
@@ -92,16 +104,16 @@ def memory_child(args) -> None:
 
 def memory(args) -> None:
     """--memory: each configuration in its own child process (its peak RSS is its own), in turn."""
+    from routetune.config import config_from_run
     from routetune.export import export
-    from routetune.runs import load_run
 
-    cfg = load_run(Path(args.run), "best")[0]
+    max_length = config_from_run(Path(args.run)).model.max_length
     with tempfile.TemporaryDirectory() as tmp:
         export(Path(args.run), Path(tmp) / "hf", "best")
         folder = Path(tmp) / "hf" / "heads" / args.head
         for name in NAMES:
             cmd = [sys.executable, __file__, "--run", args.run, "--head", args.head, "--child", name,
-                   "--folder", str(folder), "--max-length", str(cfg.model.max_length)]
+                   "--folder", str(folder), "--max-length", str(max_length)]
             if args.limit:
                 cmd += ["--limit", str(args.limit)]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -127,40 +139,26 @@ def main() -> None:
         return memory(args)
 
     import torch
-    from transformers import pipeline
 
-    from routetune.data.readers import read_conll
+    from routetune.config import config_from_run
     from routetune.export import export
-    from routetune.model.inference import for_inference
-    from routetune.serve.predictor import Predictor, item_from_text
-    from routetune.runs import load_run
 
-    sents = read_conll(DATA / "wnut17" / "emerging.test.annotated")[: args.limit]
-    texts = [" ".join(s.tokens) for s in sents]
-    cfg, model, tokenizer = load_run(Path(args.run), "best")
-    items = [item_from_text(t) for t in texts]
-    calls = {}
-    for precision in ("fp32", "bf16"):  # a model each: for_inference(bf16) holds bf16 weight copies
-        if precision == "bf16":
-            cfg, model, tokenizer = load_run(Path(args.run), "best")
-        pred = Predictor(for_inference(model, precision), tokenizer, args.head, cfg.model.max_length, 64, precision)
-        calls[f"routetune {precision}"] = lambda p=pred: p.predict(items)
+    texts = test_texts(args.limit)
+    max_length = config_from_run(Path(args.run)).model.max_length
     tmp = tempfile.TemporaryDirectory()
     export(Path(args.run), Path(tmp.name) / "hf", "best")
     folder = Path(tmp.name) / "hf" / "heads" / args.head
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        pipe = pipeline("token-classification", model=str(folder), aggregation_strategy="first",
-                        device=-1, dtype=dtype)
-        pipe.tokenizer.model_max_length = cfg.model.max_length  # the same truncation as routetune's
-        calls[f"pipeline {precision}"] = lambda p=pipe: p(texts, batch_size=64)
-        calls[f"pipeline {precision} sorted"] = lambda p=pipe: sorted_call(p, texts)
+    calls = {}
+    for side in ("routetune", "pipeline"):
+        for precision in ("fp32", "bf16"):
+            calls |= side_calls(side, precision, args, texts, folder, max_length)
     outputs = {name: fn() for name, fn in calls.items()}  # warm-up
     times = {name: [] for name in calls}
     for _ in range(args.rounds):
         for name, fn in calls.items():
             times[name].append(timed(fn)[0])
     tmp.cleanup()
-    print(f"{len(texts)} sentences, {torch.get_num_threads()} threads, truncation at {cfg.model.max_length} tokens "
+    print(f"{len(texts)} sentences, {torch.get_num_threads()} threads, truncation at {max_length} tokens "
           f"on both sides, median of {args.rounds} rounds")
     for name, ts in times.items():
         print(f"{name:24s} {statistics.median(ts):7.2f} s  {len(texts) / statistics.median(ts):8.1f} sentences/s  "

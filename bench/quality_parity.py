@@ -71,8 +71,8 @@ WORKS = {"ner": {"example": "wnut17-minilm.yaml", "source": "wnut17", "metric": 
          "polarity": {"example": "polarity-minilm.yaml", "source": "polarity", "metric": "accuracy", "epochs": 2,
                       "batch": 32, "max_length": 64},
          "lm": {"example": "shakespeare-smollm2.yaml", "source": "shakespeare", "metric": "perplexity", "steps": 40},
-         # written by bench/prompt_work.py into the run folder; trains on the polarity prompts alone
-         "prompt": {"example": None, "source": pw.NAME, "metric": "exact_match", "steps": pw.STEPS}}
+         # its data and config are written by bench/prompt_work.py once per invocation (work["config"])
+         "prompt": {"source": pw.NAME, "metric": "exact_match", "steps": pw.STEPS}}
 LR, WD = 5e-5, 0.01
 
 
@@ -85,9 +85,8 @@ def run_routetune(work: dict, seed: int, precision: str, extra: list[str], out: 
     overrides = [*budget, f"train.precision={precision}",
                  f"train.seed={seed}", f"routing.seed={seed}", "train.progress=false", f"run.output_dir={out}",
                  f"run.name=routetune-{seed}-{abs(hash(tuple(extra))) % 10**6}", *extra]
-    config = pw.write_work(DATA, out / "prompt-work") if work["example"] is None else \
-        ROOT / "examples" / work["example"]
-    _, summary = train(config, overrides, overwrite=True, run_test=True)
+    _, summary = train(work.get("config") or ROOT / "examples" / work["example"], overrides, overwrite=True,
+                       run_test=True)
     events = [json.loads(x) for x in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()]
     dev = [e["metrics"][key] for e in events if e["event"] == "eval" and e["step"] == summary["best"]["step"]]
     return {"dev": dev[-1], "test": summary["test"][src][work["metric"]], "seconds": summary["train_seconds"]}
@@ -288,19 +287,22 @@ def main() -> None:
         if _kind(old) != _kind(table):
             sys.exit(f"--append: {out} holds work {old['work']}, {_budget(old)}, {old['precision']}")
         table = old
+    bad = [v for v in a.variants if a.work == "prompt" and v.partition(":")[0] not in ("hf", "routetune")]
+    if bad:
+        sys.exit(f"--variants: the prompt work has routetune[:K=V] and hf, not {' '.join(bad)}")
     table.update(cpu=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
     commit = _commit()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as runs:
+        if a.work == "prompt":
+            work["config"] = pw.write_work(DATA, Path(runs) / "prompt-work")
         for seed in a.seeds:
             for variant in a.variants:
                 kind, _, extra = variant.partition(":")
                 if a.work == "lm":
                     r = run_lm(kind, work, seed, a.precision, extra.split(",") if extra else [], Path(runs))
-                elif a.work == "prompt" and kind not in ("hf", "routetune"):
-                    sys.exit(f"--variants: the prompt work has routetune[:K=V] and hf, not {kind}")
                 elif kind == "hf" and a.work == "prompt":
-                    r = pw.run_hf(pw.write_work(DATA, Path(runs) / "prompt-work"), seed, a.precision, work["steps"])
+                    r = pw.run_hf(work["config"], seed, a.precision, work["steps"])
                 elif kind == "routetune":
                     r = run_routetune(work, seed, a.precision, extra.split(",") if extra else [], Path(runs))
                 else:
