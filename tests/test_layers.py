@@ -16,6 +16,7 @@ LAYERS = [  # bottom first
         "files",
         "seeds",
         "run_paths",
+        "run_folder",
         "hub",
         "logs",
         "objectives",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from routetune.run_folder import RunFolder
 from routetune.config import Config, config_from_dict, config_from_run, load_config
 from routetune.errors import RoutetuneError, RunError
 from routetune.export import export as export_run
@@ -57,7 +58,7 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str | None = Non
     run_dir = Path(run_dir)
     config_from_run(check_run_folder(run_dir))  # a run folder with a readable config.yaml
     folder = ckpt.run_checkpoint(run_dir, checkpoint)  # exists and verifies, or one clear error now
-    summary_path = run_dir / "summary.json"
+    summary_path = RunFolder(run_dir).summary
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     return Run(run_dir, summary, checkpoint, device, precision, verified=folder)
 

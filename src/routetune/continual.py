@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from routetune.run_folder import RunFolder
 from routetune import objectives
 from routetune.config import load_config
 from routetune.errors import ConfigError, RunError
@@ -113,7 +114,7 @@ def run_continual(path: Path, overwrite: bool = False) -> dict:
     path = Path(path)
     ccfg = load_continual(path)
     base = (path.parent / ccfg.output_dir / ccfg.name).resolve()
-    if (base / "continual.json").exists() and not overwrite:
+    if RunFolder(base).continual.exists() and not overwrite:
         raise RunError(f"{base}: a continual run is already there; pass --overwrite to replace it")
     base.mkdir(parents=True, exist_ok=True)
     task_paths = [(path.parent / t.config).resolve() for t in ccfg.tasks]
@@ -154,7 +155,7 @@ def run_continual(path: Path, overwrite: bool = False) -> dict:
         result["baselines"] = baselines
         result["fwt"] = sum(R[j][j] - baselines[j] for j in range(1, T)) / (T - 1)
     if world.main:
-        write_text_atomic(base / "continual.json", json.dumps(result, indent=2) + "\n")
+        write_text_atomic(RunFolder(base).continual, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from routetune.run_folder import RunFolder
 from routetune import objectives
 from routetune.errors import RunError
 from routetune.hub import ALIASES
@@ -126,7 +127,7 @@ def model_card(run_dir: Path, cfg, model, part: str, merged: bool) -> str:
     """README.md of an exported folder: what it is, what it was trained from and on (file names, not
     this machine's paths), its labels, its scores (summary.json), and the class that loads it."""
     method = model.method.name
-    summary_path = run_dir / "summary.json"
+    summary_path = RunFolder(run_dir).summary
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     kind = {"lm": "the backbone with its language-model head", "adapter": "a PEFT adapter for the base model"}.get(
         part, f"the task model of source `{part.removeprefix('heads/')}`")

@@ -23,6 +23,7 @@ import socket
 import time
 from pathlib import Path
 
+from routetune import run_folder as rf
 from routetune.config import config_from_run
 from routetune.device import Hardware, inference_hardware
 from routetune.errors import RunError
@@ -34,14 +35,11 @@ from routetune.training import checkpoint as ckpt
 
 log = logging.getLogger("routetune")
 
-MARKER = ".routetune-run"
-LOCK = ".lock"
-# the files a run writes at the top level of its folder (trackers' notes included), and the temporary
-# file of each atomic write (files.write_text_atomic: NAME.tmp) a kill may leave; metrics.tmp and plan.tmp
-# are the log rewrites of older versions
-_WRITTEN = {"config.yaml", "labels.json", "metrics.jsonl", "plan.jsonl", "train.log", "summary.json",
-            "before.json", "hardware.json", "mlflow.db", "mlflow.json", "wandb.json", LOCK, MARKER}
-RUN_FILES = _WRITTEN | {f"{name}.tmp" for name in _WRITTEN} | {"metrics.tmp", "plan.tmp"}
+MARKER, LOCK = rf.MARKER, rf.LOCK
+# the files a run writes at the top level of its folder (declared once, in run_folder.py), and the
+# temporary file of each atomic write (files.write_text_atomic: NAME.tmp) a kill may leave; metrics.tmp
+# and plan.tmp are the log rewrites of older versions
+RUN_FILES = rf.WRITTEN | {f"{name}.tmp" for name in rf.WRITTEN} | {"metrics.tmp", "plan.tmp"}
 # what `routetune report RUN` writes into RUN/report/
 REPORT_FILES = re.compile(r"^(report\.(md|html)|(loss|dev|shares|retention|continual)\.png|"
                           r"(per_type|confusion)_.+\.png)$")
@@ -77,7 +75,7 @@ def inventory(path: Path) -> tuple[list[Path], list[Path]]:
             foreign.append(entry)
         elif entry.is_file():
             (ours if name in RUN_FILES else foreign).append(entry)
-        elif name == "checkpoints":
+        elif name == rf.CHECKPOINTS:
             for sub in sorted(entry.iterdir()):
                 if sub.is_dir() and not sub.is_symlink():
                     o, f = _checkpoint_files(sub)
@@ -85,12 +83,12 @@ def inventory(path: Path) -> tuple[list[Path], list[Path]]:
                     foreign += f
                 else:
                     foreign.append(sub)
-        elif name in ("report", "tensorboard"):
-            pattern = REPORT_FILES if name == "report" else TENSORBOARD_FILE
+        elif name in (rf.REPORT, rf.TENSORBOARD):
+            pattern = REPORT_FILES if name == rf.REPORT else TENSORBOARD_FILE
             for p in sorted(entry.rglob("*")):
                 if not p.is_dir():
                     (ours if p.parent == entry and pattern.match(p.name) and not p.is_symlink() else foreign).append(p)
-        elif name == "wandb":  # wandb's own folder: routetune told wandb to write there
+        elif name == rf.WANDB:  # wandb's own folder: routetune told wandb to write there
             ours += [p for p in entry.rglob("*") if not p.is_dir()]
         else:
             foreign += [p for p in entry.rglob("*") if not p.is_dir()] or [entry]

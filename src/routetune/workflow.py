@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 
+from routetune.run_folder import RunFolder
 from routetune import objectives
 from routetune.config import Config, config_from_run, dump_config, load_config
 from routetune.errors import RoutetuneError, RunError
@@ -114,8 +115,8 @@ def train_config(cfg: Config, run_dir: Path, overwrite: bool = False, run_test: 
     claimed = claim(run_dir, overwrite)
     try:
         with RunLock(run_dir):
-            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-            write_text_atomic(run_dir / "labels.json", json.dumps(setup.labels, indent=2) + "\n")
+            write_text_atomic(RunFolder(run_dir).config, dump_config(cfg))
+            write_text_atomic(RunFolder(run_dir).labels, json.dumps(setup.labels, indent=2) + "\n")
             world.barrier()
             return _run(setup, run_dir, run_test, resume_from=None, claimed=claimed, held=held.records,
                                    callbacks=callbacks)
@@ -131,7 +132,7 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
     the same device type and precision)."""
     run_dir = Path(run_dir)
     cfg = config_from_run(run_dir)
-    finished = run_dir / "summary.json"
+    finished = RunFolder(run_dir).summary
     if finished.is_file():
         try:
             summary = json.loads(finished.read_text(encoding="utf-8"))
@@ -157,20 +158,20 @@ def resume_run(run_dir: str | Path, run_test: bool = True, device: str | None = 
 
 
 def _resume_point(run_dir: Path) -> str | None:
-    done = ckpt.recover(run_dir / "checkpoints")
+    done = ckpt.recover(RunFolder(run_dir).checkpoints)
     for kind, what in (("completed", "checkpoints whose files match their manifest, marked complete"),
                        ("restored", "checkpoints put back from an interrupted replacement"),
                        ("removed", "temporary folders of an interrupted checkpoint write, removed"),
                        ("kept", "unverifiable checkpoint folders, left in place and not used")):
         if done[kind]:
             log.warning("%s: %s", what, ", ".join(done[kind]))
-    folder = ckpt.newest_valid(run_dir / "checkpoints")
+    folder = ckpt.newest_valid(RunFolder(run_dir).checkpoints)
     return str(folder) if folder is not None else None
 
 
 def _write_hardware(run_dir: Path, setup: Setup, resumed: bool) -> None:
     """hardware.json: the device, precision and processes of each session of the run (a resume appends)."""
-    path = run_dir / "hardware.json"
+    path = RunFolder(run_dir).hardware
     sessions = json.loads(path.read_text(encoding="utf-8")) if resumed and path.is_file() else []
     sessions.append({**setup.hardware.describe(), **setup.world.describe(),
                      "started": datetime.now().isoformat(timespec="seconds")})
@@ -178,7 +179,7 @@ def _write_hardware(run_dir: Path, setup: Setup, resumed: bool) -> None:
 
 
 def _check_labels(run_dir: Path, labels: dict) -> None:
-    path = run_dir / "labels.json"
+    path = RunFolder(run_dir).labels
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -210,7 +211,7 @@ class _RunLog:
     line while the run goes, and a RoutetuneError that ends it (the CLI prints it as its last line)."""
 
     def __init__(self, run_dir: Path, held: list | None, main: bool):
-        self.handler = _add_file_log(run_dir / "train.log", held) if main else None
+        self.handler = _add_file_log(RunFolder(run_dir).log, held) if main else None
 
     def __enter__(self) -> _RunLog:
         return self
@@ -280,13 +281,13 @@ def _score_before(setup: Setup, run_dir: Path, fit: dict | None) -> None:
     if time.time() - t0 > 1:  # not from the cache
         log.info("scoring the base model on the general text took %.0f s (cached for later runs of this "
                  "model and text; `train --no-retention` skips it)", time.time() - t0)
-    write_text_atomic(run_dir / "before.json", json.dumps(before, indent=2) + "\n")
+    write_text_atomic(RunFolder(run_dir).before, json.dumps(before, indent=2) + "\n")
 
 
 def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: float, fit: dict | None) -> dict:
     """summary.json: the run, its best checkpoint's test scores, base vs fine-tuned."""
     cfg = setup.cfg
-    best = run_dir / "checkpoints" / "best"
+    best = RunFolder(run_dir).checkpoints / "best"
     checkpoint = "best" if (best / ckpt.COMPLETE).is_file() else "last"
     summary = {
         "run": str(run_dir),
@@ -301,8 +302,9 @@ def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: flo
         "parameters": _parameter_summary(setup.model),
         "hardware": {**setup.hardware.describe(), **setup.world.describe()},
     }
-    dev_evals = {n: s for n, s in setup.evals.items() if cfg.evals[n].split == "dev"}
-    test_sets = {**setup.test, **{n: s for n, s in setup.evals.items() if n not in dev_evals}}
+    evals = setup.evals if cfg.retention.score else {}  # else only a retention budget's measure
+    dev_evals = {n: s for n, s in evals.items() if cfg.evals[n].split == "dev"}
+    test_sets = {**setup.test, **{n: s for n, s in evals.items() if n not in dev_evals}}
     wanted = {k: sets for k, sets in (("test", test_sets if run_test else {}), ("dev", dev_evals)) if sets}
     if wanted:
         model = setup.model  # the last step's weights, unless the best checkpoint is another
@@ -312,13 +314,13 @@ def _summarize(setup: Setup, run_dir: Path, result, run_test: bool, started: flo
         scores = _score_final(setup, model, {n: s for sets in wanted.values() for n, s in sets.items()}, summary, fit)
         for key, sets in wanted.items():  # dev `evals` sets are scored with or without --test
             summary[key] = {n: scores[n] for n in sets if n in scores}
-    before_path = run_dir / "before.json"
+    before_path = RunFolder(run_dir).before
     if before_path.is_file():
         summary["before"] = json.loads(before_path.read_text(encoding="utf-8"))
         summary["before_after"] = retention.before_after(summary["before"],
                                                          {**summary.get("test", {}), **summary.get("dev", {})})
     summary["wall_seconds"] = round(time.time() - started, 2)
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(RunFolder(run_dir).summary, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

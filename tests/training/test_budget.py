@@ -161,3 +161,16 @@ def test_an_evals_part_reads_that_part_of_each_file(tmp_path, tiny_model_dir):
     assert read["general-dev"] + read["general-test"] == lines
     with pytest.raises(ConfigError, match="evals.whole.part: .*expected \\[start, end\\]"):
         load_config(_config(tmp_path, tiny_model_dir, evals={"whole": {"path": text, "part": [0.5, 0.5]}}))
+
+
+def test_no_retention_keeps_the_budget_measuring(tmp_path, tiny_model_dir):
+    """`train --no-retention` skips the before/after scoring, not a budget's measurement: the
+    budget's `evals` set is training input. The run measures as it would, and scores nothing
+    before or after."""
+    cfg = _config(tmp_path, tiny_model_dir, **{"train.max_steps": 6})
+    run_cli("train", cfg, "--no-retention", "--set", "run.name=quick")
+    run_dir = tmp_path / "runs" / "quick"
+    assert [e["step"] for e in _events(run_dir, "budget")] == [0, 3, 6]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "before_after" not in summary and "general-dev" not in summary.get("dev", {})
+    assert not (run_dir / "before.json").exists()

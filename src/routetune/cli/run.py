@@ -31,7 +31,7 @@ def train_cmd(
         True,
         "--retention/--no-retention",
         help="Score general text before and after training (the config's `evals`); "
-        "--no-retention skips it, with its masked-LM head fits (a quick check)",
+        "--no-retention skips it, with its masked-LM head fits (a quick check; a retention budget still measures)",
     ),
 ) -> None:
     """Train a config into a new run folder (or continue one with --resume)."""
@@ -40,7 +40,7 @@ def train_cmd(
     if allow_new_labels:
         set_ = [*set_, "model.allow_new_labels=true"]
     if not retention:
-        set_ = [*set_, "evals={}", "train.eval_before=false"]
+        set_ = [*set_, "retention.score=false"]
     cfg = load_config(config, set_)  # a config mistake is reported before torch and transformers load (seconds)
     check_inputs(cfg)  # so are a missing data file and an unknown model
     if cfg.run.name is not None and not resume and "WORLD_SIZE" not in os.environ:  # so is a run folder that

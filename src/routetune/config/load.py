@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from routetune.run_folder import RunFolder
 from routetune.config.schema import Config
 from routetune.errors import ConfigError
 
@@ -242,7 +243,7 @@ def dump_config(cfg: Config) -> str:
 
 
 def config_from_run(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
+    path = RunFolder(run_dir).config
     if not path.is_file():
         raise ConfigError(f"{path}: not found; is {run_dir} a routetune run folder?")
     try:

@@ -235,6 +235,11 @@ class FreezeConfig(Strict):
 
 
 class RetentionConfig(Strict):
+    score: bool = True
+    """Score general text (the `evals` sets and the language-modelling test sets) with the base model before training
+    and with the fine-tuned one after (summary.json `before_after`). `false` (what `train --no-retention` sets) skips
+    both, with their masked-LM head fits; a retention budget still measures its `evals` set during training, since
+    that measurement is training input, not a before/after score."""
     cache_before: bool = True
     """Reuse base-model scores from `~/.cache/routetune/before` when the model files, the evaluation text and every
     scoring setting are the same (a sweep scores its base once)."""

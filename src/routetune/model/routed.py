@@ -35,6 +35,8 @@ from routetune.model.packing import PACKED, Layout, run_packed
 
 log = logging.getLogger("routetune")
 
+HEADS_SPEC, HEADS_WEIGHTS = "heads.json", "heads.safetensors"  # the task heads: kinds and labels, weights
+
 
 # decoder model types whose causal-LM forward computes ``logits = lm_head(last_hidden_state)``
 # and transformers' standard shifted mean cross-entropy (checked in transformers 5.x); for them
@@ -233,9 +235,9 @@ class RoutedModel(nn.Module):
         tensors = {f"{name}.{k}": v.detach().contiguous() for name, head in self.heads.items()
                    for k, v in head.state_dict().items()}
         if tensors:
-            save_file(tensors, str(folder / "heads.safetensors"))
+            save_file(tensors, str(folder / HEADS_WEIGHTS))
         specs = {name: head.spec() for name, head in self.heads.items()}
-        (folder / "heads.json").write_text(json.dumps(specs, indent=2) + "\n")
+        (folder / HEADS_SPEC).write_text(json.dumps(specs, indent=2) + "\n")
 
     def attach_prompt(self, pconfig, generator: torch.Generator | None = None) -> None:
         """Add peft's prompt / prefix module for `pconfig` (see model/methods/prompts/modules.py)."""
@@ -248,7 +250,7 @@ class RoutedModel(nn.Module):
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     def _load_head_tensors(self, folder: Path, names: list[str]) -> None:
-        tensors = load_file(str(folder / "heads.safetensors")) if names else {}
+        tensors = load_file(str(folder / HEADS_WEIGHTS)) if names else {}
         for name in names:
             prefix = name + "."
             self.heads[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -256,9 +258,9 @@ class RoutedModel(nn.Module):
     def load_weights(self, folder: str | Path) -> None:
         """Load the exact tensors of a checkpoint saved by :meth:`save` into this model."""
         folder = Path(folder)
-        specs = json.loads((folder / "heads.json").read_text())
+        specs = json.loads((folder / HEADS_SPEC).read_text())
         if set(specs) != set(self.heads) or any(specs[n] != self.heads[n].spec() for n in specs):
-            raise ValueError(f"{folder}/heads.json: heads or label sets differ from this run's")
+            raise ValueError(f"{folder}/{HEADS_SPEC}: heads or label sets differ from this run's")
         self.method.load_weights(self, folder)
         self._load_head_tensors(folder, list(specs))
 
@@ -266,12 +268,12 @@ class RoutedModel(nn.Module):
         """Copy the named heads of an earlier checkpoint. A head whose label list grew keeps the
         earlier classes' weights exactly (their rows come first); the new rows stay as initialised."""
         folder = Path(folder)
-        specs = json.loads((folder / "heads.json").read_text())
-        tensors = load_file(str(folder / "heads.safetensors"))
+        specs = json.loads((folder / HEADS_SPEC).read_text())
+        tensors = load_file(str(folder / HEADS_WEIGHTS))
         for name in names:
             old_labels, head = specs[name]["labels"], self.heads[name]
             if specs[name]["kind"] != head.kind or head.labels[: len(old_labels)] != old_labels:
-                raise ValueError(f"{folder}/heads.json: head {name!r} ({specs[name]['kind']}, labels {old_labels}) "
+                raise ValueError(f"{folder}/{HEADS_SPEC}: head {name!r} ({specs[name]['kind']}, labels {old_labels}) "
                                  f"does not fit this run's ({head.kind}, labels {head.labels})")
             with torch.no_grad():
                 for key, target in head.state_dict(keep_vars=True).items():
@@ -290,10 +292,10 @@ class RoutedModel(nn.Module):
             check_base(folder, note)
         name = note.get("method") or ("lora" if note.get("adapter") else "none")
         model = methods.get(name).rebuild(cls, folder, note, attention, device_type)
-        specs = json.loads((folder / "heads.json").read_text())
+        specs = json.loads((folder / HEADS_SPEC).read_text())
         for name, spec in specs.items():
             if spec["kind"] not in HEADS:
-                raise ValueError(f"{folder}/heads.json: unknown head kind {spec['kind']!r}")
+                raise ValueError(f"{folder}/{HEADS_SPEC}: unknown head kind {spec['kind']!r}")
             options = {k: spec[k] for k in ("pooling", "threshold") if k in spec}
             model.add_head(name, spec["kind"], spec["labels"], seed=0, **options)
         model._load_head_tensors(folder, list(specs))

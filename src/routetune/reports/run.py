@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from routetune.run_folder import RunFolder
 from routetune.errors import RunError
 from routetune.reports import render
 from routetune.training.events import BUDGET, COUNTS, EARLY_STOP, EVAL, TRAIN
@@ -18,7 +19,7 @@ from routetune.training.events import BUDGET, COUNTS, EARLY_STOP, EVAL, TRAIN
 # ------------------------------------------------------------------ reading a run
 
 def read_events(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = RunFolder(run_dir).metrics
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -26,10 +27,12 @@ def read_events(run_dir: Path) -> list[dict]:
 
 def read_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
-    if not (run_dir / "summary.json").is_file() and not (run_dir / "continual.json").is_file():
-        raise RunError(f"{run_dir}: no summary.json (not a finished run folder) and no continual.json")
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    continual = json.loads((run_dir / "continual.json").read_text()) if (run_dir / "continual.json").is_file() else None
+    folder = RunFolder(run_dir)
+    if not folder.summary.is_file() and not folder.continual.is_file():
+        raise RunError(f"{run_dir}: no {folder.summary.name} (not a finished run folder) and no "
+                       f"{folder.continual.name}")
+    summary = json.loads(folder.summary.read_text()) if folder.summary.is_file() else {}
+    continual = json.loads(folder.continual.read_text()) if folder.continual.is_file() else None
     return {"dir": run_dir, "name": run_dir.name, "summary": summary, "events": read_events(run_dir),
             "continual": continual}
 

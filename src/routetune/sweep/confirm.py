@@ -14,6 +14,7 @@ import logging
 import math
 from pathlib import Path
 
+from routetune.run_folder import RunFolder
 from routetune.errors import RunError
 from routetune.files import write_text_atomic
 from routetune.sweep.study import Study, open_study, task_metric, trial_config
@@ -129,8 +130,8 @@ def _claimed_run(st: Study, label: str, setting: dict, seed: int, wait: bool, pl
 def run_or_continue(cfg, run_dir: Path, run_test: bool) -> dict:
     """A run's summary: read when it finished earlier, continued from its last checkpoint when it
     stopped, trained otherwise (a folder it left without a checkpoint is replaced: it is ours)."""
-    if (run_dir / "summary.json").is_file():
-        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    if RunFolder(run_dir).summary.is_file():
+        return json.loads(RunFolder(run_dir).summary.read_text(encoding="utf-8"))
     if (run_dir / "checkpoints").is_dir():
         try:
             return resume_run(run_dir, run_test=run_test)[1]

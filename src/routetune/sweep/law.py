@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from routetune.run_folder import RunFolder
 from routetune.errors import ConfigError, RunError
 from routetune.files import write_text_atomic
 from routetune.sweep.study import Study, open_study, retention_change, retention_set, scores, trial_config
@@ -86,7 +87,7 @@ def _points(st: Study, key: str, where: dict) -> list[tuple[float, float, float]
         task = t.values[kinds.index("task")] if "task" in kinds else None
         ret = t.values[kinds.index("retention")] if "retention" in kinds else t.user_attrs.get("retention")
         if ret is None:
-            summary = json.loads((Path(t.user_attrs["run0"]["run"]) / "summary.json").read_text())
+            summary = json.loads(RunFolder(t.user_attrs["run0"]["run"]).summary.read_text())
             ret = retention_change(summary, retention_set(st))
         out.append((float(x), task, float(ret)))
     return out

@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from routetune.run_folder import RunFolder
 from routetune import objectives as objective_table
 from routetune.config import Config, EvalTextConfig, load_config
 from routetune.errors import ConfigError, RunError
@@ -225,7 +226,7 @@ def trial_name(number: int, repeat: int) -> str:
 
 def dev_metric(run_dir: Path, summary: dict, metric: str) -> float:
     """The dev metric at the run's best checkpoint (the last evaluation when it kept none)."""
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    evals = [json.loads(line) for line in RunFolder(run_dir).metrics.read_text(encoding="utf-8").splitlines()
              if line.strip()]
     evals = [e for e in evals if e.get("event") == EVAL and metric in e.get("metrics", {})]
     if not evals:

@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from routetune.errors import RoutetuneError, RunError
 from routetune.run_paths import replaced_hint
 from routetune.model.methods import METHODS
+from routetune.model.methods.base import FORMATS, NOTE
+from routetune.model.routed import HEADS_SPEC
 
 log = logging.getLogger("routetune")
 
@@ -161,23 +163,21 @@ def _mark_complete(folder: Path) -> None:
     _fsync_dir(folder.parent)
 
 
-# The files a checkpoint of each format (model/methods/base.py) cannot be without: a manifest that
-# lists fewer (one rewritten after a file was removed) is refused, whatever its digests say.
-REQUIRED = {
-    "full": {"config.json", "heads.json"},  # + model.safetensors (or its sharded index)
-    "adapter": {"adapter_config.json", "adapter_model.safetensors", "lm_trainable.safetensors", "routetune.json",
-                "heads.json"},
-    "trained": {"config.json", "lm_trainable.safetensors", "routetune.json", "heads.json"},
-}
-STEP_STATE = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer_state.json"}
+# The files a checkpoint of each format cannot be without, as the formats declare them
+# (model/methods/base.py) with the heads' file (model/routed.py): a manifest that lists fewer (one
+# rewritten after a file was removed) is refused, whatever its digests say. `full` also needs
+# model.safetensors or its sharded index.
+REQUIRED = {kind: files | {HEADS_SPEC} for kind, files in FORMATS.items()}
+OPTIMIZER_TENSORS, OPTIMIZER_META, TRAINER_STATE = "optimizer.safetensors", "optimizer.json", "trainer_state.json"
+STEP_STATE = {OPTIMIZER_TENSORS, OPTIMIZER_META, "rng.safetensors", TRAINER_STATE}  # rng.safetensors: rng_file(0)
 
 
 def _kind(folder: Path, listed: set[str]) -> str:
     """The checkpoint format (model/methods/base.py) of the method its routetune.json names."""
-    if "routetune.json" not in listed:
+    if NOTE not in listed:
         return "full"
     try:
-        note = json.loads((folder / "routetune.json").read_text())
+        note = json.loads((folder / NOTE).read_text())
     except (OSError, ValueError):
         return "adapter"  # its digest check below names the file
     method = METHODS.get(note.get("method"))
@@ -332,13 +332,13 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
                 meta["state"][str(pid)][key] = "tensor"
             else:
                 meta["state"][str(pid)][key] = value
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    (folder / "optimizer.json").write_text(json.dumps(meta))
+    save_file(tensors, str(folder / OPTIMIZER_TENSORS))
+    (folder / OPTIMIZER_META).write_text(json.dumps(meta))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    meta = json.loads((folder / "optimizer.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+    meta = json.loads((folder / OPTIMIZER_META).read_text())
+    tensors = load_file(str(folder / OPTIMIZER_TENSORS))
     state = {}
     for pid, entry in meta["state"].items():
         state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in entry.items()}

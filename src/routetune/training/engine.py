@@ -11,14 +11,14 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from routetune.run_folder import RunFolder
 from routetune.device import to_device
 from routetune.errors import RoutetuneError
 from routetune.logs import quiet
@@ -26,16 +26,15 @@ from routetune.evaluate.tasks import score_sets
 from routetune.model.frozen_bf16 import FrozenBf16
 from routetune.training import checkpoint as ckpt
 from routetune.seeds import derive_seed
-from routetune.training import distributed, events
+from routetune.training import distributed, events, state
 from routetune.training.budget import Budget
-from routetune.training.callbacks import EarlyStopping, MetricsLog, SourceStats, truncate_log
+from routetune.training.callbacks import EarlyStopping, MetricsLog, SourceStats
 from routetune.training.faults import maybe_kill
 from routetune.training.optimizer import build_optimizer
 from routetune.training.setup import Setup
 from routetune.training.weighting import micro_batches
 
 log = logging.getLogger("routetune")
-LOGS = ("metrics.jsonl", "plan.jsonl")  # the run's append-only logs, cut back to a checkpoint on resume
 
 
 class NonFiniteLoss(RoutetuneError):
@@ -68,11 +67,11 @@ class Trainer:
         self.stopper = EarlyStopping(es.metric, es.mode, es.patience, es.min_delta)
         self.stats = {n: SourceStats() for n in setup.sources}
         self.train_seconds, self.skipped_in_a_row = 0.0, 0
-        self.ckpt_dir = run_dir / "checkpoints"
+        self.ckpt_dir = RunFolder(run_dir).checkpoints
         self.after_checkpoint: list = []  # called with the step after each step checkpoint is complete
         self.last_save = time.monotonic()
         # rank 0 writes; `listeners` (user callbacks, trackers) get every event as it is written
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=setup.world.main, listeners=listeners)
+        self.metrics = MetricsLog(RunFolder(run_dir).metrics, enabled=setup.world.main, listeners=listeners)
         self.plan_log = None  # opened in run(), after a resume has truncated the file
         self.loss_weights = cfg.routing.loss_weights
         self.distill = {n: s.distill for n, s in cfg.sources.items() if s.distill > 0}
@@ -136,7 +135,7 @@ class Trainer:
         if self.frozen is not None:
             self.frozen.cast()
         if tc.log_plan and self.world.main:
-            self.plan_log = (self.run_dir / "plan.jsonl").open("a", encoding="utf-8")
+            self.plan_log = RunFolder(self.run_dir).plan.open("a", encoding="utf-8")
         if start == 0 and self.world.rank > 0:  # each rank its own dropout stream (rank 0 keeps the seed's)
             torch.manual_seed(derive_seed(setup.cfg.train.seed, "rank", self.world.rank))
         if start == 0 and self.budget is not None:  # the base model's value of the budget's measure
@@ -346,75 +345,21 @@ class Trainer:
             self.metrics.write(events.EARLY_STOP, step=done, best=self.stopper.best, best_step=self.stopper.best_step)
         return stop
 
-    # ---------------------------------------------------------------- state
+    # ---------------------------------------------------------------- state (training/state.py)
     def _exact_weights(self):
         return self.frozen.fp32() if self.frozen is not None else contextlib.nullcontext()
 
     def save(self, step: int) -> None:
-        """A step checkpoint, written by rank 0 with every rank's random-number state and the
-        length of the logs so far (a resume cuts them back to exactly that, and refuses a log
-        that has lost part of it)."""
-        rngs = self.world.gather(ckpt.rng_state())  # on every rank: a collective
-        if not self.world.main:
-            self.last_save = time.monotonic()
-            return
-        if self.plan_log:
-            self.plan_log.flush()
-        logs = {name: (self.run_dir / name).stat().st_size if (self.run_dir / name).is_file() else 0
-                for name in LOGS}
-
-        def write(folder: Path) -> None:
-            self.model.save(folder, self.setup.tokenizer)
-            maybe_kill("in_write", step)  # tests: a checkpoint folder with some files written, others not
-            ckpt.save_optimizer(self.optimizer, folder)
-            for rank, (tensors, _) in enumerate(rngs):
-                save_file(tensors, str(folder / ckpt.rng_file(rank)))
-            rng_meta = rngs[0][1]
-            state = {"step": step, "batches": self.batches.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "grad_scaler": self.scaler.state_dict() or None, "early_stopping": self.stopper.state_dict(),
-                     "stats": {n: asdict(s) for n, s in self.stats.items()}, "train_seconds": self.train_seconds,
-                     "skipped_in_a_row": self.skipped_in_a_row, "rng": rng_meta,
-                     "rng_ranks": [meta for _, meta in rngs[1:]], "logs": logs}
-            (folder / "trainer_state.json").write_text(json.dumps(state))
-
+        """A step checkpoint of everything the loop carries (training/state.py), then the hooks."""
         with self._exact_weights():
-            ckpt.save_atomic(self.ckpt_dir / f"step-{step:08d}", write,
-                             after_files=lambda tmp: maybe_kill("in_checkpoint", step))
-        ckpt.prune(self.ckpt_dir, self.setup.cfg.train.keep_last)
+            state.save_step(self, step)
         self.last_save = time.monotonic()
-        for hook in self.after_checkpoint:
-            hook(step)
-
-    def restore_rng(self, folder: Path, state: dict, step: int) -> None:
-        """This rank's random-number state. A rank the checkpoint has none for (the run now has more
-        processes than when it was saved) starts a stream of its own, as a new rank would."""
-        rank = self.world.rank
-        metas = [state["rng"], *state.get("rng_ranks", [])]
-        if rank < len(metas):
-            ckpt.set_rng_state(load_file(str(folder / ckpt.rng_file(rank))), metas[rank])
-            return
-        log.warning("the checkpoint holds random-number state for %d process(es); rank %d starts its own "
-                    "(dropout differs from an uninterrupted run; the plan does not)", len(metas), rank)
-        torch.manual_seed(derive_seed(self.setup.cfg.train.seed, "rank", rank, step))
+        if self.world.main:
+            for hook in self.after_checkpoint:
+                hook(step)
 
     def restore(self, folder: Path) -> int:
-        """Load everything from a verified step checkpoint; returns its step."""
-        ckpt.verify(folder)
-        self.model.load_weights(folder)
-        ckpt.load_optimizer(self.optimizer, folder)
-        state = json.loads((folder / "trainer_state.json").read_text())
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler.is_enabled() and state.get("grad_scaler"):
-            self.scaler.load_state_dict(state["grad_scaler"])
-        self.batches.load_state_dict(state["batches"])
-        self.stopper.load_state_dict(state["early_stopping"])
-        self.stats = {n: SourceStats(**s) for n, s in state["stats"].items()}
-        self.train_seconds, self.skipped_in_a_row = state["train_seconds"], state["skipped_in_a_row"]
-        step = int(state["step"])
-        self.restore_rng(folder, state, step)
-        if self.world.main:
-            for check_only in (True, False):  # every log checked before any is cut
-                for name in LOGS:
-                    truncate_log(self.run_dir / name, step, state.get("logs", {}).get(name), check_only)
+        """Everything the loop carries, from a verified step checkpoint; returns its step."""
+        step = state.restore(self, folder)
         self.metrics.write(events.RESUME, step=step, checkpoint=folder.name, processes=self.world.size)
         return step

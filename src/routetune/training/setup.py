@@ -72,7 +72,10 @@ class Setup:
         return {n: list(s.labels) for n, s in self.sources.items() if hasattr(s, "labels")}
 
     def before_sets(self) -> dict[str, EvalSet]:
-        """Sets the untouched base model can be scored on: language-modelling test sets and `evals`."""
+        """Sets the untouched base model is scored on: language-modelling test sets and `evals` (none
+        with `retention.score: false`)."""
+        if not self.cfg.retention.score:
+            return {}
         return {**{n: s for n, s in self.test.items() if not objective_table.get(self.objectives[n]).supervised},
                 **self.evals}
 

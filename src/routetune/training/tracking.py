@@ -27,6 +27,7 @@ import json
 import os
 from pathlib import Path
 
+from routetune.run_folder import MLFLOW_DB, RunFolder, tracker_note
 from routetune import logs
 from routetune.config import Config, dump_config
 from routetune.errors import ConfigError
@@ -73,7 +74,7 @@ class TensorBoard:
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter  # optional package: imported when asked for
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        self.writer = SummaryWriter(str(RunFolder(run_dir).tensorboard), purge_step=resume_step)
         if resume_step is None:
             self.writer.add_text("config", "```\n" + dump_config(cfg) + "```", 0)
 
@@ -107,12 +108,12 @@ class _Forwarder:
 
 def _saved_run_id(run_dir: Path, tool: str, resume_step: int | None) -> str | None:
     """The tool's run id kept in RUN/<tool>.json, when resuming (a resume continues the same run)."""
-    note = run_dir / f"{tool}.json"
+    note = run_dir / tracker_note(tool)
     return json.loads(note.read_text())["run_id"] if resume_step is not None and note.is_file() else None
 
 
 def _save_run_id(run_dir: Path, tool: str, run_id: str) -> None:
-    write_text_atomic(run_dir / f"{tool}.json", json.dumps({"run_id": run_id}) + "\n")
+    write_text_atomic(run_dir / tracker_note(tool), json.dumps({"run_id": run_id}) + "\n")
 
 
 class MLflow(_Forwarder):
@@ -123,7 +124,7 @@ class MLflow(_Forwarder):
         self.mlflow = mlflow
         # MLflow 3 keeps its file store for reading old runs only: the default is SQLite in the run folder
         mlflow.set_tracking_uri(
-            os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+            os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / MLFLOW_DB).resolve()}"
         )
         mlflow.set_experiment("routetune")
         run_id = _saved_run_id(run_dir, "mlflow", resume_step)

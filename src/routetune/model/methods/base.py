@@ -29,6 +29,8 @@ from routetune.model.load import base_digest, load_lm
 log = logging.getLogger("routetune")
 
 NOTE = "routetune.json"
+LM_TRAINABLE = "lm_trainable.safetensors"  # the LM's trained tensors outside peft's own file
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's adapter folder
 
 ADAPTER_MARKERS = ("lora_", "ia3_", ".adapter.")
 """Parameter names of adapter tensors (peft's LoRA/DoRA/IA3, routetune's bottleneck adapters)."""
@@ -43,6 +45,9 @@ class Method:
 
     name = "none"
     checkpoint = "full"
+    required_files = frozenset({"config.json"})
+    """What a checkpoint of this format cannot be without (training/checkpoint.py refuses a manifest
+    that lists less); `full` also needs model.safetensors or its sharded index."""
     teacher_by_switching = False
     """The model as it started = this model with the method switched off (no frozen copy needed)."""
     frozen_bf16 = True
@@ -99,20 +104,21 @@ class TrainedTensors(Method):
     """Methods whose checkpoint holds only the tensors they train (``trained`` format)."""
 
     checkpoint = "trained"
+    required_files = frozenset({"config.json", LM_TRAINABLE, NOTE})
 
     def save(self, model, folder: Path) -> None:
         trained = {n: p.detach().contiguous() for n, p in model.lm.named_parameters() if p.requires_grad}
-        save_file(trained, str(folder / "lm_trainable.safetensors"))
+        save_file(trained, str(folder / LM_TRAINABLE))
         (folder / NOTE).write_text(json.dumps(self.note(model)) + "\n")
         model.lm.config.save_pretrained(folder)
 
     def load_weights(self, model, folder: Path, tensors: dict | None = None) -> None:
         if tensors is None:
-            tensors = load_file(str(folder / "lm_trainable.safetensors"))
+            tensors = load_file(str(folder / LM_TRAINABLE))
         params = dict(model.lm.named_parameters())
         unknown = [n for n in tensors if n not in params]
         if unknown:
-            raise ValueError(f"{folder}/lm_trainable.safetensors does not fit this model ({unknown[:3]})")
+            raise ValueError(f"{folder}/{LM_TRAINABLE} does not fit this model ({unknown[:3]})")
         with torch.no_grad():
             for name, tensor in tensors.items():
                 params[name].copy_(tensor)
@@ -126,7 +132,7 @@ class TrainedTensors(Method):
         model = routed_cls(lm)
         model.method, model.base_path = self, note["base"]
         model.peft_options = {k: note[k] for k in ("adapter_size", "adapter_placement") if k in note}
-        trained = load_file(str(folder / "lm_trainable.safetensors"))
+        trained = load_file(str(folder / LM_TRAINABLE))
         for name, p in model.lm.named_parameters():
             p.requires_grad_(name in trained)  # so that a re-save writes the same tensors
         self.load_weights(model, folder, trained)
@@ -137,6 +143,7 @@ class PeftFormat(Method):
     """Methods saved in peft's adapter format (``adapter`` format)."""
 
     checkpoint = "adapter"
+    required_files = frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_TRAINABLE, NOTE})
     teacher_by_switching = True
 
     def save(self, model, folder: Path) -> None:
@@ -147,23 +154,23 @@ class PeftFormat(Method):
         else:
             tensors = {f"base_model.model.{k}": v.detach().contiguous()
                        for k, v in get_peft_model_state_dict(model.lm).items()}
-        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        save_file(tensors, str(folder / ADAPTER_WEIGHTS))
         model.adapter_config.save_pretrained(str(folder))
         extra = {n: p.detach().contiguous() for n, p in model.lm.named_parameters()
                  if p.requires_grad and not is_adapter_param(n)}
-        save_file(extra, str(folder / "lm_trainable.safetensors"))
+        save_file(extra, str(folder / LM_TRAINABLE))
         (folder / NOTE).write_text(json.dumps(self.note(model)) + "\n")
 
     def load_weights(self, model, folder: Path) -> None:
         from peft import set_peft_model_state_dict
 
-        state = load_file(str(folder / "adapter_model.safetensors"))
+        state = load_file(str(folder / ADAPTER_WEIGHTS))
         if model.prompt is not None:
             with torch.no_grad():
                 model.prompt.embedding.weight.copy_(state["prompt_embeddings"])
         else:
             set_peft_model_state_dict(model.lm, {k.removeprefix("base_model.model."): v for k, v in state.items()})
-        extra = load_file(str(folder / "lm_trainable.safetensors"))
+        extra = load_file(str(folder / LM_TRAINABLE))
         params = dict(model.lm.named_parameters())
         with torch.no_grad():
             for name, tensor in extra.items():
@@ -196,3 +203,8 @@ def check_base(folder: Path, note: dict) -> None:
     if now is not None and now != recorded:
         raise ModelError(f"{folder}/{NOTE}: the base model at {base} is not the one this checkpoint was "
                          "trained on (its files changed: different SHA-256); restore that model or retrain")
+
+
+FORMATS: dict[str, frozenset[str]] = {cls.checkpoint: cls.required_files
+                                      for cls in (Method, TrainedTensors, PeftFormat)}
+"""Each checkpoint format and the files it cannot be without."""
