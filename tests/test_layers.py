@@ -27,7 +27,7 @@ LAYERS = [  # bottom first
     ("model",),
     ("evaluate",),
     ("training",),
-    ("runs", "export", "workflow", "continual", "sweep"),
+    ("runs", "export", "lifecycle", "workflow", "continual", "sweep"),
     ("serve", "reports"),
     ("cli", "api", "__main__"),
 ]

@@ -53,7 +53,10 @@ class FitResult:
 
 
 class Trainer:
-    def __init__(self, setup: Setup, run_dir: Path, listeners: list | None = None):
+    def __init__(self, setup: Setup, run_dir: Path, metrics: MetricsLog | None = None,
+                 after_checkpoint: list | None = None):
+        """`metrics`: the run's metrics log (the lifecycle's; a new one on RUN/metrics.jsonl if not
+        given); `after_checkpoint`: called with the step after each step checkpoint is complete."""
         self.setup, self.run_dir = setup, run_dir
         cfg, tc = setup.cfg, setup.cfg.train
         self.model, self.batches = setup.model, setup.batches
@@ -68,10 +71,9 @@ class Trainer:
         self.stats = {n: SourceStats() for n in setup.sources}
         self.train_seconds, self.skipped_in_a_row = 0.0, 0
         self.ckpt_dir = RunFolder(run_dir).checkpoints
-        self.after_checkpoint: list = []  # called with the step after each step checkpoint is complete
+        self.after_checkpoint = list(after_checkpoint or [])
         self.last_save = time.monotonic()
-        # rank 0 writes; `listeners` (user callbacks, trackers) get every event as it is written
-        self.metrics = MetricsLog(RunFolder(run_dir).metrics, enabled=setup.world.main, listeners=listeners)
+        self.metrics = metrics or MetricsLog(RunFolder(run_dir).metrics, enabled=setup.world.main)  # rank 0 writes
         self.plan_log = None  # opened in run(), after a resume has truncated the file
         self.loss_weights = cfg.routing.loss_weights
         self.distill = {n: s.distill for n, s in cfg.sources.items() if s.distill > 0}
