@@ -122,7 +122,7 @@ def test_autocast_contexts():
 
 
 def test_a_run_trains_on_its_device_and_records_it(tmp_path, tiny_model_dir, ner_files, device):
-    from routetune.workflow import evaluate, train
+    from routetune.workflow import evaluate_run, train
 
     path = make_config(tmp_path, tiny_model_dir, ner_files, **{"train.device": device, "train.max_steps": 6})
     run_dir, summary = train(path)
@@ -131,7 +131,7 @@ def test_a_run_trains_on_its_device_and_records_it(tmp_path, tiny_model_dir, ner
     sessions = json.loads((run_dir / "hardware.json").read_text())
     assert len(sessions) == 1 and sessions[0]["device"].startswith(device) and sessions[0]["reason"]
     # checkpoints are device-independent: scored on the CPU they give the run's own test scores
-    on_cpu = evaluate(run_dir, "test", device="cpu", precision="fp32")
+    on_cpu = evaluate_run(run_dir, "test", device="cpu", precision="fp32")
     assert on_cpu["ner"]["f1"] == pytest.approx(summary["test"]["ner"]["f1"], abs=1e-6 if device == "cpu" else 0.02)
 
 

@@ -50,7 +50,7 @@ def test_an_unknown_method_names_the_key_and_the_choices(tmp_path, tiny_model_di
 def test_a_new_objective_is_one_row(tmp_path, tiny_model_dir, class_files, monkeypatch):
     """A classification objective whose headline is macro F1: the default early-stopping metric,
     the dev metrics and `routetune eval` follow the row."""
-    from routetune.workflow import evaluate, train
+    from routetune.workflow import evaluate_run, train
 
     row = objectives.Objective("balanced-classification", dict.fromkeys(objectives.CLASS_FORMATS, "classes"),
                                ("macro_f1", "accuracy"), head="sequence-classification")
@@ -68,7 +68,7 @@ def test_a_new_objective_is_one_row(tmp_path, tiny_model_dir, class_files, monke
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     dev = next(e for e in events if e["event"] == "eval")
     assert set(dev["metrics"]) == {"cls/macro_f1", "cls/accuracy"}
-    scores = evaluate(run_dir, "test")["cls"]
+    scores = evaluate_run(run_dir, "test")["cls"]
     assert scores["macro_f1"] == pytest.approx(summary["test"]["cls"]["macro_f1"])
 
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from support import cli_env, make_config, run_cli
 from routetune.cli import app
 from routetune.errors import ConfigError, DataError, ModelError, RunError
-from routetune.workflow import evaluate, train
+from routetune.workflow import evaluate_run, train
 
 runner = CliRunner()
 
@@ -39,7 +39,7 @@ def test_train_eval_predict(trained):
     assert train_events[-1]["sources"]["ner"]["examples"] == summary["sources"]["ner"]["examples"]
 
     # eval from the run folder reproduces the test scores of the training run
-    again = evaluate(run_dir, "test")
+    again = evaluate_run(run_dir, "test")
     assert again["ner"]["f1"] == pytest.approx(summary["test"]["ner"]["f1"])
     result = runner.invoke(app, ["eval", str(run_dir), "--split", "test", "--json"])
     assert result.exit_code == 0, result.output

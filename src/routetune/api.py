@@ -28,7 +28,7 @@ from routetune.run_paths import check_run_folder
 from routetune.runs import load_for_inference
 from routetune.serve.predictor import Predictor, item_from_text, item_from_tokens
 from routetune.training import checkpoint as ckpt
-from routetune.workflow import evaluate, plain, run_dir_for, train_config
+from routetune.workflow import evaluate_run, plain, run_dir_for, train_config
 
 
 def _overrides(overrides: dict) -> list[str]:
@@ -106,7 +106,7 @@ class Run:
     def evaluate(self, split: str = "test", sources: list[str] | None = None) -> dict:
         """Scores of the run's checkpoint on its sources' `dev` (also called `validation`) or `test`
         sets, as plain Python numbers."""
-        return plain(evaluate(self.dir, split, self.checkpoint, sources, loaded=self._load))
+        return plain(evaluate_run(self.dir, split, self.checkpoint, sources, loaded=self._load))
 
     def predict(self, items: str | list[str] | list[list[str]], source: str | None = None) -> dict | list[dict]:
         """Tags and entity spans (token heads) or a label with probabilities (classification

@@ -42,7 +42,7 @@ from routetune.config import load_config
 from routetune.errors import ConfigError, RunError
 from routetune.files import write_text_atomic
 from routetune.training import distributed
-from routetune.workflow import evaluate, train
+from routetune.workflow import evaluate_run, train
 
 log = logging.getLogger("routetune")
 
@@ -103,7 +103,7 @@ def score(run_dir: Path, task_cfg, source: str) -> tuple[float, str]:
     """Test score of `source` (as its own task config defines it) with the run's best model, in
     the device and precision of that config: its headline metric (objectives.py)."""
     tc = task_cfg.train
-    scores = evaluate(run_dir, "test", "best", [source], tc.device, tc.precision, cfg=task_cfg)[source]
+    scores = evaluate_run(run_dir, "test", "best", [source], tc.device, tc.precision, cfg=task_cfg)[source]
     metric = objectives.get(task_cfg.sources[source].objective).headline
     return float(scores[metric]), metric
 

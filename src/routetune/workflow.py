@@ -174,7 +174,7 @@ def plain(value):
     return item() if callable(item) and type(value).__module__ == "numpy" else value
 
 
-def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
              sources: list[str] | None = None, device: str | None = None, precision: str | None = None,
              cfg: Config | None = None, loaded=None) -> dict:
     """Score a run's checkpoint on the dev or test sets of its sources (files or holdout). `cfg`

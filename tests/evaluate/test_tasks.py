@@ -12,7 +12,7 @@ from routetune.data.readers import read_examples
 from routetune.data.sources import encode_prompt
 from routetune.errors import ConfigError, DataError
 from routetune.model.routed import build_model
-from routetune.workflow import evaluate, train
+from routetune.workflow import evaluate_run, train
 
 
 def _batch(vocab, labels, seed=0, pad_id=0):
@@ -146,7 +146,7 @@ def test_classification_end_to_end(tmp_path, tiny_model_dir, class_files, object
     assert scores["examples"] == 6 and set(scores["per_class"]) == {"neg", "pos"}
     assert scores["accuracy"] >= 5 / 6  # at most one of six wrong; a model that learned nothing gets 0.5
     assert summary["best"]["metric"] == "polarity/accuracy"
-    again = evaluate(run_dir, "test")["polarity"]
+    again = evaluate_run(run_dir, "test")["polarity"]
     assert again["accuracy"] == scores["accuracy"] and again["confusion"] == scores["confusion"]
     heads = json.loads((run_dir / "checkpoints" / "best" / "heads.json").read_text())
     assert heads["polarity"]["kind"] == objective

@@ -142,3 +142,24 @@ def test_a_model_card_names_the_hub_model_behind_an_alias():
     assert _base_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert _base_name("/home/me/models/my-bert") == "my-bert"  # a local folder: its name, not the path
     assert _base_name("bert-base-cased") == "bert-base-cased"
+
+
+@pytest.mark.parametrize("method, option", [("adapter", "r"), ("lora", "adapter_size"), ("full", "num_virtual_tokens"),
+                                            ("ia3", "alpha"), ("prompt_tuning", "target_modules")])
+def test_an_option_the_method_does_not_take_is_refused_naming_it(tmp_path, tiny_model_dir, method, option):
+    from routetune.config import load_config
+    from routetune.errors import ConfigError
+    from routetune.training.setup import prepare
+
+    value = ["query"] if option == "target_modules" else 4
+    path = _config(tmp_path, tiny_model_dir, False, {"method": method, option: value}, {})
+    with pytest.raises(ConfigError, match=rf"^peft\.{option}: not an option of peft.method {method} \(its options"):
+        prepare(load_config(path))
+
+
+def test_method_none_reads_as_full():
+    from routetune.config.schema import PeftConfig
+    from routetune.model import methods
+
+    assert PeftConfig(method="none").method == "full" == PeftConfig().method
+    assert methods.get(PeftConfig(method="none").method) is methods.METHODS["full"]

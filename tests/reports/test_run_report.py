@@ -25,7 +25,7 @@ class _Refs(HTMLParser):
 
 
 def test_report_numbers_match_direct_computation(tmp_path, tiny_model_dir, ner_files):
-    from routetune.workflow import evaluate, train
+    from routetune.workflow import evaluate_run, train
 
     cfg = make_config(tmp_path, tiny_model_dir, ner_files)
     run_dir, summary = train(cfg)
@@ -34,7 +34,7 @@ def test_report_numbers_match_direct_computation(tmp_path, tiny_model_dir, ner_f
     out = run_dir / "report"
     md = (out / "report.md").read_text()
     # test metrics: the same as evaluating the best checkpoint again
-    direct = evaluate(run_dir)["ner"]
+    direct = evaluate_run(run_dir)["ner"]
     for metric in ("f1", "precision", "recall"):
         assert re.search(rf"\| ner \| {metric} \| {direct[metric]:.4f} \|", md), metric
     # realised shares and batch counts: the same as counting plan.jsonl

@@ -199,11 +199,17 @@ class TrainConfig(Strict):
 
 
 class PeftConfig(Strict):
-    method: str = Field("none", json_schema_extra={"registry": "methods"})
+    @field_validator("method", mode="before")
+    @classmethod
+    def _none_is_full(cls, value):
+        """`none` (no parameter-efficient method) is another name for `full`."""
+        return "full" if value == "none" else value
+
+    method: str = Field("full", json_schema_extra={"registry": "methods"})
     """Parameter-efficient method: `lora`, `dora` (weight-decomposed LoRA), `ia3`, `prompt_tuning` (trained
     virtual-token embeddings before the input) and `prefix_tuning` (trained virtual keys/values in every layer) come
-    from the peft library; `adapter` is routetune's bottleneck adapter; `bitfit` trains only bias terms; `none` is full
-    fine-tuning (see `freeze`)."""
+    from the peft library; `adapter` is routetune's bottleneck adapter; `bitfit` trains only bias terms; `full` (also
+    written `none`) is full fine-tuning (see `freeze`)."""
     r: int = Field(8, ge=1)
     """LoRA / DoRA rank."""
     alpha: float = Field(16, gt=0)
@@ -221,8 +227,10 @@ class PeftConfig(Strict):
     """Where `adapter` goes: after the attention and feed-forward output projections (Houlsby) or `[ffn]` only
     (Pfeiffer)."""
     target_modules: list[str] | None = None
-    """Module names (suffixes) that get adapters. Default: the attention projections (Llama: q,k,v,o_proj; BERT: query,
-    key, value, attention.output.dense); IA3 adds the feed-forward layer."""
+    """Module names (suffixes) that get adapters. Default: peft's own default for the architecture (LoRA/DoRA: the
+    attention's query and value projections, e.g. Llama's q_proj, v_proj, BERT's query, value, GPT-2's c_attn; IA3
+    adds the feed-forward output), and where peft has none (e.g. DistilBERT, Phi-3) every linear layer but the output
+    projection for LoRA/DoRA (peft's `all-linear`); IA3 then needs the modules named."""
 
 
 class FreezeConfig(Strict):
@@ -290,7 +298,7 @@ class Config(Strict):
         _check_source_names(self)
         _check_freeze(self)
         check_routing(self.routing, list(self.sources), self.sources)
-        _check_primary(self)
+        _resolve_primary(self)
         _check_budget_targets(self)
         return self
 
@@ -309,14 +317,14 @@ def _check_source_names(cfg: Config) -> None:
 
 def _check_freeze(cfg: Config) -> None:
     f = cfg.freeze
-    if cfg.peft.method != "none" and (f.embeddings or f.head_only or f.top_k_layers):
+    if cfg.peft.method != "full" and (f.embeddings or f.head_only or f.top_k_layers):
         raise ValueError("freeze: freezing strategies apply to full fine-tuning; with peft.method "
                          f"{cfg.peft.method} the backbone is frozen already")
     if f.head_only and f.top_k_layers:
         raise ValueError("freeze: give head_only or top_k_layers, not both")
 
 
-def _check_primary(cfg: Config) -> None:
+def _resolve_primary(cfg: Config) -> None:
     """The primary source (epochs count its batches) and the default early-stopping metric:
     the primary's headline metric (objectives.py)."""
     names, r = list(cfg.sources), cfg.routing

@@ -77,7 +77,7 @@ def is_decoder(config: transformers.PretrainedConfig) -> bool:
     return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def load_config(path: str) -> transformers.PretrainedConfig:
+def load_model_config(path: str) -> transformers.PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -116,7 +116,7 @@ def load_lm(path: str, attention: str = "auto",
     Returns the model and the names of LM-head tensors that the checkpoint lacked (newly
     initialised), so the caller can say so.
     """
-    config = load_config(path)
+    config = load_model_config(path)
     decoder = is_decoder(config)
     cls = AutoModelForCausalLM if decoder else AutoModelForMaskedLM
     verbosity = transformers.logging.get_verbosity()

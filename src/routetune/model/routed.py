@@ -30,7 +30,7 @@ from routetune.model.lm_loss import SCORED_INDEX, linear_cross_entropy, pick_sco
 from routetune.model.load import is_decoder, lm_head_is_tied, load_lm
 from routetune.model.attention import NAME as ATTENTION_NAME
 from routetune.model.methods.base import NOTE, Method, check_base
-from routetune.model.methods.prompts.modules import build_prompt_module, prefix_cache, virtual_tokens
+from routetune.model.methods.prompts.modules import build_prompt_module
 from routetune.model.packing import PACKED, Layout, run_packed
 
 log = logging.getLogger("routetune")
@@ -53,7 +53,7 @@ class RoutedModel(nn.Module):
         self.heads = nn.ModuleDict(heads or {})
         self.adapter_config = None  # peft config object when peft adapters are injected
         self.base_path: str | None = None  # the backbone a partial checkpoint builds on
-        self.method: Method = methods.get("none")  # the parameter-sharing method (model/methods/)
+        self.method: Method = methods.get("full")  # the parameter-sharing method (model/methods/)
         self.peft_options: dict = {}
         self.prompt: nn.Module | None = None  # prompt_tuning / prefix_tuning: peft's trained module
         self.n_virtual = 0
@@ -92,16 +92,7 @@ class RoutedModel(nn.Module):
         virtual tokens (prompt tuning) to drop. See model/methods/prompts/modules.py."""
         if self.prompt is None:
             return {"input_ids": input_ids, "attention_mask": self.backbone_mask(attention_mask)}, 0
-        b, n = input_ids.shape[0], self.n_virtual
-        prefix = self.method.name != "prompt_tuning"  # the virtual keys come from the cache, not the inputs
-        mask = self.backbone_mask(torch.cat([attention_mask.new_ones(b, n), attention_mask], 1),
-                                  input_ids.shape[1] if prefix else None)
-        if self.method.name == "prompt_tuning":
-            embeds = self.lm.get_input_embeddings()(input_ids)
-            virtual = virtual_tokens(self.prompt, n, b).to(embeds.dtype)
-            return {"inputs_embeds": torch.cat([virtual, embeds], 1), "attention_mask": mask}, n
-        return {"input_ids": input_ids, "attention_mask": mask,
-                self._cache_kwarg: prefix_cache(self.prompt, self.config, n, b), "use_cache": False}, 0
+        return self.method.virtual_inputs(self, input_ids, attention_mask)
 
     def backbone_mask(self, attention_mask: torch.Tensor, queries: int | None = None) -> torch.Tensor:
         """The padding mask as the backbone takes it. Given a 2-D mask, transformers asks the device
@@ -290,7 +281,7 @@ class RoutedModel(nn.Module):
         note = json.loads((folder / NOTE).read_text()) if (folder / NOTE).is_file() else {}
         if note:
             check_base(folder, note)
-        name = note.get("method") or ("lora" if note.get("adapter") else "none")
+        name = note.get("method") or ("lora" if note.get("adapter") else "full")
         model = methods.get(name).rebuild(cls, folder, note, attention, device_type)
         specs = json.loads((folder / HEADS_SPEC).read_text())
         for name, spec in specs.items():

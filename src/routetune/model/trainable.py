@@ -48,7 +48,7 @@ def apply_method(model, pcfg, fcfg, base_path: str) -> None:
     method = methods.get(pcfg.method)
     method.apply(model, pcfg, base_path)
     model.method, model.base_path = method, base_path
-    model.peft_options = {"adapter_size": pcfg.adapter_size, "adapter_placement": list(pcfg.adapter_placement)}
+    model.peft_options = method.option_values(pcfg)
     lm = model.lm
     embeddings = embedding_params(lm)
     prefix = lm.base_model_prefix + "."

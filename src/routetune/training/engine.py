@@ -116,7 +116,7 @@ class Trainer:
             self.after_step(bar, step, losses)
             evaluated = bool(setup.dev) and self.eval_due(done)
             if evaluated:
-                stopped = self.evaluate(done)
+                stopped = self.evaluate_dev(done)
             if evaluated or stopped or done == setup.total_steps or self.checkpoint_due(done):
                 self.save(done)
             maybe_kill("after_step", done)
@@ -324,7 +324,7 @@ class Trainer:
                                     for n, st in self.stats.items()},
                            tokens_per_s=sum(st.tokens for st in self.stats.values()) / max(self.train_seconds, 1e-9))
 
-    def evaluate(self, done: int) -> bool:
+    def evaluate_dev(self, done: int) -> bool:
         """Dev scores (rank 0 scores; every rank gets its numbers), early stopping, best checkpoint."""
         st = self.setup
         flat, full = score_sets(self.model, st.dev, st.objectives, st.tokenizer, st.cfg, self.hw.precision) \

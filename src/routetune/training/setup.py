@@ -36,7 +36,7 @@ from routetune.model.attention import use_fast_attention_dropout, use_packed_att
 from routetune.model.embedding_grad import use_embedding_grad_buffer
 from routetune.model.fast_dropout import use_fast_dropout
 from routetune.model.routed import RoutedModel, build_model
-from routetune.model.load import is_decoder, load_config, load_tokenizer, resolve_model
+from routetune.model.load import is_decoder, load_model_config, load_tokenizer, resolve_model
 from routetune.model import methods
 from routetune.model.trainable import apply_method
 from routetune.training.checkpoint import run_checkpoint
@@ -84,7 +84,8 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     """Build and check everything a run needs. `device` / `precision` override the config's
     (e.g. a GPU run resumed on a CPU-only machine). Under torchrun every process builds the same
     setup; its batches are its slice of each global batch, on its own GPU."""
-    methods.get(cfg.peft.method)  # an unknown method, or a tracker not installed, is refused before any data is read
+    # an unknown method or an option it does not take, or a tracker not installed: refused before any data is read
+    methods.get(cfg.peft.method).check_options(cfg.peft)
     check_trackers(cfg.train.report_to)
     if cfg.train.embedding_grad_buffer and world.distributed:
         raise ConfigError("train.embedding_grad_buffer: not with data-parallel training (it writes the embedding "
@@ -108,7 +109,7 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     else:
         model_path = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(model_path)
-    decoder = is_decoder(load_config(model_path))
+    decoder = is_decoder(load_model_config(model_path))
     objectives = {n: resolve_objective(sc.objective, decoder, n) for n, sc in cfg.sources.items()}
     sources, dev, test = build(cfg, tokenizer, objectives, earlier_labels, cfg.model.allow_new_labels)
     evals, eval_objectives = build_evals(cfg, decoder)
@@ -138,7 +139,7 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     per_epoch = math.ceil(len(sources[cfg.train.primary]) / cfg.train.batch_size)
     setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, hardware,
                   dev, test, evals=evals, world=world)
-    return dataclasses.replace(setup, source_table=describe(setup))
+    return dataclasses.replace(setup, source_table=log_sources(setup))
 
 
 def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, hardware: Hardware,
@@ -242,8 +243,8 @@ def _check_early_stopping(cfg: Config, dev: dict, objectives: dict) -> None:
                           f"(available: {', '.join(available)})")
 
 
-def describe(setup: Setup) -> list[dict]:
-    """Log each source's size, share, expected examples and passes over the run."""
+def log_sources(setup: Setup) -> list[dict]:
+    """Log each source's size, share, expected examples and passes over the run; returns them as rows."""
     cfg, total = setup.cfg, setup.total_steps
     router = setup.batches.router
     names = router.names

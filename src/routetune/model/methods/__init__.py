@@ -8,7 +8,7 @@ method object, never its name.
 =================  ======================  =================================================
 ``peft.method``    module                  checkpoint
 =================  ======================  =================================================
-``none``           full.py                 a plain model folder (``freeze`` strategies apply)
+``full`` (``none``) full.py                 a plain model folder (``freeze`` strategies apply)
 ``lora`` ``dora``  peft_tuners.py          peft adapter folder; ``export --merge`` folds it in
 ``ia3``            peft_tuners.py          peft adapter folder; ``export --merge`` folds it in
 ``prompt_tuning``  prompts.py              peft adapter folder (virtual tokens; no merge)

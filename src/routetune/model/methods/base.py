@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from routetune.errors import ModelError
+from routetune.errors import ConfigError, ModelError
 from routetune.model.load import base_digest, load_lm
 
 log = logging.getLogger("routetune")
@@ -43,7 +43,7 @@ def is_adapter_param(name: str) -> bool:
 class Method:
     """The base: full fine-tuning's behaviour where a method does not say otherwise."""
 
-    name = "none"
+    name = "full"
     checkpoint = "full"
     required_files = frozenset({"config.json"})
     """What a checkpoint of this format cannot be without (training/checkpoint.py refuses a manifest
@@ -58,6 +58,23 @@ class Method:
     """Why no plain transformers export exists at all (None: it does)."""
     generate_refusal: str | None = None
     """Why generation is not supported (None: it is)."""
+    options: tuple[str, ...] = ()
+    """The `peft.*` keys this method reads (documented on the config's `peft` section); any other
+    `peft.*` key given with this method is refused (:meth:`check_options`)."""
+    note_options: tuple[str, ...] = ()
+    """The options a checkpoint's note records (what rebuilding the method needs)."""
+
+    def check_options(self, pcfg) -> None:
+        """Refuse a `peft.*` option the config gives that this method does not read."""
+        given = sorted(pcfg.model_fields_set - {"method", *self.options})
+        if given:
+            takes = ", ".join(f"peft.{o}" for o in self.options) or "none"
+            raise ConfigError(f"peft.{given[0]}: not an option of peft.method {self.name} (its options: {takes})")
+
+    def option_values(self, pcfg) -> dict:
+        """The options a checkpoint's note keeps, from the config."""
+        return {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                for k in self.note_options for v in [getattr(pcfg, k)]}
 
     # ---------------------------------------------------------------- training
     def apply(self, model, pcfg, base_path: str) -> None:
@@ -70,6 +87,11 @@ class Method:
 
     def check(self, model) -> None:
         """Refuse a backbone the method cannot train (after requires_grad is set)."""
+
+    def virtual_inputs(self, model, input_ids, attention_mask) -> tuple[dict, int]:
+        """The backbone's keyword arguments when the method adds virtual tokens (prompts/), and how
+        many leading output positions to drop."""
+        raise NotImplementedError(f"{self.name} adds no virtual tokens")
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, model, folder: Path) -> None:
@@ -131,7 +153,7 @@ class TrainedTensors(Method):
         self.inject(lm, note)
         model = routed_cls(lm)
         model.method, model.base_path = self, note["base"]
-        model.peft_options = {k: note[k] for k in ("adapter_size", "adapter_placement") if k in note}
+        model.peft_options = {k: note[k] for k in self.note_options if k in note}
         trained = load_file(str(folder / LM_TRAINABLE))
         for name, p in model.lm.named_parameters():
             p.requires_grad_(name in trained)  # so that a re-save writes the same tensors

@@ -1,11 +1,11 @@
-"""`none`: full fine-tuning. Every backbone parameter may train; the `freeze` strategies
+"""`full` (also written `none`): full fine-tuning. Every backbone parameter may train; the `freeze` strategies
 (embeddings, top k layers, heads only) decide which do. Checkpoints are plain model folders."""
 
 from routetune.model.methods.base import Method
 
 
 class FullFineTuning(Method):
-    name = "none"
+    name = "full"
 
 
 METHOD = FullFineTuning()

@@ -5,28 +5,64 @@
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
 from routetune.errors import ConfigError
 from routetune.model.methods.base import PeftFormat, is_adapter_param
 
-# Default target modules per architecture family (attention projections; IA3 also the FFN).
-LORA_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "bert": ["query", "key", "value", "attention.output.dense"]}
-IA3_TARGETS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-               "bert": (["key", "value", "intermediate.dense"], ["intermediate.dense"])}
+log = logging.getLogger("routetune")
+
+def _linear_names(lm: nn.Module) -> list[str]:
+    """The distinct last names of the backbone's Linear (and GPT-2 Conv1D) layers, for a message."""
+    kinds = ("Linear", "Conv1D")
+    names = {n.rpartition(".")[2] for n, m in lm.named_modules() if type(m).__name__ in kinds and n}
+    out = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    out_names = {n.rpartition(".")[2] for n, m in lm.named_modules() if m is out}
+    return sorted(names - out_names)
 
 
-def _family(config) -> str:
-    return "bert" if config.model_type in ("bert", "roberta", "xlm-roberta", "electra", "distilbert") else "llama"
+def lora_targets(pcfg, lm: nn.Module) -> list[str] | str:
+    """`peft.target_modules`, else peft's own default for the architecture
+    (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``: the attention's query and value
+    projections), else, for an architecture peft has no default for, every linear layer but the
+    output projection (peft's ``all-linear``)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if pcfg.target_modules:
+        return list(pcfg.target_modules)
+    model_type = lm.config.model_type
+    if model_type in DEFAULTS:
+        return list(DEFAULTS[model_type])
+    log.info("peft.target_modules: peft has no default for model type %r; every linear layer but the output "
+             "projection gets adapters (peft's 'all-linear'): %s", model_type, ", ".join(_linear_names(lm)))
+    return "all-linear"
+
+
+def ia3_targets(pcfg, lm: nn.Module) -> tuple[list[str], list[str]]:
+    """(target, feed-forward) modules of IA3: `peft.target_modules` (the feed-forward ones among
+    them as peft's default says), else peft's default for the architecture; an architecture peft
+    has none for needs them named."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = lm.config.model_type
+    ff = list(FEEDFORWARD.get(model_type, []))
+    if pcfg.target_modules:
+        return list(pcfg.target_modules), [t for t in ff if t in pcfg.target_modules]
+    if model_type not in DEFAULTS:
+        raise ConfigError(f"peft.target_modules: peft has no IA3 default for model type {model_type!r}; name the "
+                          f"modules (its linear layers: {', '.join(_linear_names(lm))})")
+    return list(DEFAULTS[model_type]), ff
 
 
 class PeftTuner(PeftFormat):
-    def peft_config(self, pcfg, config):
+    def peft_config(self, pcfg, lm: nn.Module):
         raise NotImplementedError
 
     def apply(self, model, pcfg, base_path: str) -> None:
-        config = self.peft_config(pcfg, model.config)
+        config = self.peft_config(pcfg, model.lm)
         config.base_model_name_or_path = base_path
         try:
             self.attach(model, config)
@@ -61,11 +97,12 @@ class PeftTuner(PeftFormat):
 
 class LoRA(PeftTuner):
     name = "lora"
+    options = ("r", "alpha", "dropout", "target_modules")
 
-    def peft_config(self, pcfg, config):
+    def peft_config(self, pcfg, lm: nn.Module):
         import peft
 
-        targets = pcfg.target_modules or LORA_TARGETS[_family(config)]
+        targets = lora_targets(pcfg, lm)
         return peft.LoraConfig(r=pcfg.r, lora_alpha=pcfg.alpha, lora_dropout=pcfg.dropout, target_modules=targets,
                                use_dora=self.name == "dora", bias="none")
 
@@ -77,13 +114,12 @@ class DoRA(LoRA):
 
 class IA3(PeftTuner):
     name = "ia3"
+    options = ("target_modules",)
 
-    def peft_config(self, pcfg, config):
+    def peft_config(self, pcfg, lm: nn.Module):
         import peft
 
-        targets, ff = IA3_TARGETS[_family(config)]
-        if pcfg.target_modules:
-            targets, ff = pcfg.target_modules, [t for t in ff if t in pcfg.target_modules]
+        targets, ff = ia3_targets(pcfg, lm)
         return peft.IA3Config(target_modules=targets, feedforward_modules=ff)
 
 
