@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.routetune-installed
 
-.PHONY: setup quickstart quickstart-check test test-fresh test-slow wheel-check ci clean
+.PHONY: setup quickstart quickstart-check test test-fresh test-slow wheel-check lint ci clean
 
 setup: $(STAMP)
 

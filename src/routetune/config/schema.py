@@ -372,6 +372,3 @@ def _check_budget_targets(cfg: Config) -> None:
         raise ValueError(f"routing.budget.measure: no evals set or source named {name!r} (evals: "
                          f"{', '.join(cfg.evals) or 'none'})")
 
-
-# ----------------------------------------------------------------------------------------------
-# Loading: YAML -> env expansion -> overrides -> validation -> path resolution

@@ -1,5 +1,6 @@
-"""The optimizer of a run: AdamW (fused where the device has the kernel) or SGD, with weight decay
-on matrices only."""
+"""The optimizer of a run: AdamW or SGD, with weight decay on matrices only. `train.fused` asks
+PyTorch for its fused AdamW kernel (which it has on the CPU and CUDA); false leaves the choice to
+PyTorch (its foreach implementation)."""
 
 from __future__ import annotations
 

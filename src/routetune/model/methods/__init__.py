@@ -11,14 +11,15 @@ method object, never its name.
 ``full`` (``none``) full.py                 a plain model folder (``freeze`` strategies apply)
 ``lora`` ``dora``  peft_tuners.py          peft adapter folder; ``export --merge`` folds it in
 ``ia3``            peft_tuners.py          peft adapter folder; ``export --merge`` folds it in
-``prompt_tuning``  prompts.py              peft adapter folder (virtual tokens; no merge)
-``prefix_tuning``  prompts.py              peft adapter folder (no merge, no generation)
-``adapter``        bottleneck.py           trained tensors + note (routetune's own; no merge)
+``prompt_tuning``  prompts/                peft adapter folder (virtual tokens; no merge)
+``prefix_tuning``  prompts/                peft adapter folder (no merge, no generation)
+``adapter``        bottleneck/             trained tensors + note (routetune's own; no merge)
 ``bitfit``         bitfit.py               trained tensors + note (bias terms)
 =================  ======================  =================================================
 
-Adding a method: a module here with a ``Method`` subclass, one line in :data:`METHODS`, one
-row in the contract table of ``tests/model/test_methods.py``.
+Adding a method: a module (or folder) here with a ``Method`` subclass that declares its ``options``
+(the ``peft.*`` keys it reads; others are refused), one line in :data:`METHODS`, one row in the
+contract table of ``tests/model/test_methods.py``.
 """
 
 from __future__ import annotations
