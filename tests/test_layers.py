@@ -90,3 +90,23 @@ def test_files_and_functions_stay_small():
             for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
             and f.end_lineno - f.lineno + 1 > 60]
     assert not big and not long, big + long
+
+
+def test_no_module_outside_the_methods_compares_method_names():
+    """A method's behaviour is asked of its object (model/methods/), never decided by its name:
+    no comparison of a `method` / `method.name` / `peft.method` with a string elsewhere."""
+    def names_a_method(node) -> bool:
+        return isinstance(node, ast.Attribute) and (
+            node.attr == "method" or (node.attr == "name" and ast.unparse(node.value).endswith("method")))
+
+    found = []
+    for name, path, tree in _modules():
+        if name.startswith("routetune.model.methods"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(names_a_method(s) for s in sides) and any(
+                        isinstance(s, ast.Constant) and isinstance(s.value, str) for s in sides):
+                    found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found

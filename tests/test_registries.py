@@ -42,7 +42,7 @@ def test_an_unknown_method_names_the_key_and_the_choices(tmp_path, tiny_model_di
     from routetune.workflow import train
 
     path = _config(tmp_path, tiny_model_dir, False, {"method": "lroa"}, {})
-    with pytest.raises(ConfigError, match=r"peft.method: expected one of none, lora, .*got 'lroa'"):
+    with pytest.raises(ConfigError, match=r"peft.method: expected one of full, lora, .*got 'lroa'"):
         train(path)
     assert not (tmp_path / "runs").exists()
 

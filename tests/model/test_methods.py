@@ -59,13 +59,13 @@ def test_export_merged_equals_unmerged(tmp_path, tiny_model_dir, method):
 
     from routetune.export import export
 
-    path = _config(tmp_path, tiny_model_dir, False, {"method": method, "r": 4}, {})
+    path = _config(tmp_path, tiny_model_dir, False, {"method": method, **({"r": 4} if "ra" in method else {})}, {})
     run_dir, _ = train(path)
     ours = RoutedModel.load(run_checkpoint(run_dir, "last"))
     written = export(run_dir, tmp_path / "out", "last", merge=True)
     assert str(tmp_path / "out" / "lm") in written
     card = (tmp_path / "out" / "heads" / "cls" / "README.md").read_text()  # a model card in each folder
-    assert f"parameter-sharing method: `{method}` (merged into the weights)" in card
+    assert f"parameter-sharing method: `{'full' if method == 'none' else method}` (merged into the weights)" in card
     assert "| cls | sequence-classification |" in card and "| general | language-modeling |" in card
     assert str(tmp_path) not in card and "`cls.jsonl`" in card  # file names, no path of this machine
     assert "Labels (class id: label): 0: `neg`, 1: `pos`" in card
@@ -163,3 +163,14 @@ def test_method_none_reads_as_full():
 
     assert PeftConfig(method="none").method == "full" == PeftConfig().method
     assert methods.get(PeftConfig(method="none").method) is methods.METHODS["full"]
+
+
+def test_freezing_strategies_with_a_method_that_freezes_the_backbone_are_refused(tmp_path, tiny_model_dir):
+    from routetune.config import load_config
+    from routetune.errors import ConfigError
+    from routetune.training.setup import prepare
+
+    path = _config(tmp_path, tiny_model_dir, False, {"method": "lora"}, {"head_only": True})
+    message = "^freeze: freezing strategies apply to full fine-tuning; with peft.method lora the"
+    with pytest.raises(ConfigError, match=message):
+        prepare(load_config(path))

@@ -99,7 +99,7 @@ def _peft_config(tmp_path, model_dir, peft, distill=None):
     return path
 
 
-PEFT = {"none": {}, "lora": {"r": 4}, "dora": {"r": 4}, "ia3": {}, "bitfit": {}, "adapter": {"adapter_size": 4},
+PEFT = {"full": {}, "lora": {"r": 4}, "dora": {"r": 4}, "ia3": {}, "bitfit": {}, "adapter": {"adapter_size": 4},
         "prompt_tuning": {"num_virtual_tokens": 3}, "prefix_tuning": {"num_virtual_tokens": 3}}
 
 

@@ -119,7 +119,7 @@ def check_method_contract(tmp_path, model_dir, decoder, peft, freeze, kind):
     mask = torch.ones_like(ids)
     trained = RoutedModel.load(folder)
     assert torch.equal(loaded.head_logits("cls", ids, mask), trained.head_logits("cls", ids, mask))
-    fmt = METHOD_REGISTRY[peft["method"]].checkpoint
+    fmt = METHOD_REGISTRY[{"none": "full"}.get(peft["method"], peft["method"])].checkpoint
     if fmt == "trained":  # only the trained tensors + a manifest
         assert not (folder / "model.safetensors").exists()
         trained = {n for n, p in loaded.lm.named_parameters() if p.requires_grad}

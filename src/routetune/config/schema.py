@@ -316,10 +316,7 @@ def _check_source_names(cfg: Config) -> None:
 
 
 def _check_freeze(cfg: Config) -> None:
-    f = cfg.freeze
-    if cfg.peft.method != "full" and (f.embeddings or f.head_only or f.top_k_layers):
-        raise ValueError("freeze: freezing strategies apply to full fine-tuning; with peft.method "
-                         f"{cfg.peft.method} the backbone is frozen already")
+    f = cfg.freeze  # whether the method allows freezing strategies is its own to say (Method.check_options)
     if f.head_only and f.top_k_layers:
         raise ValueError("freeze: give head_only or top_k_layers, not both")
 

@@ -85,7 +85,7 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     (e.g. a GPU run resumed on a CPU-only machine). Under torchrun every process builds the same
     setup; its batches are its slice of each global batch, on its own GPU."""
     # an unknown method or an option it does not take, or a tracker not installed: refused before any data is read
-    methods.get(cfg.peft.method).check_options(cfg.peft)
+    methods.get(cfg.peft.method).check_options(cfg.peft, cfg.freeze)
     check_trackers(cfg.train.report_to)
     if cfg.train.embedding_grad_buffer and world.distributed:
         raise ConfigError("train.embedding_grad_buffer: not with data-parallel training (it writes the embedding "

@@ -64,12 +64,22 @@ class Method:
     note_options: tuple[str, ...] = ()
     """The options a checkpoint's note records (what rebuilding the method needs)."""
 
-    def check_options(self, pcfg) -> None:
-        """Refuse a `peft.*` option the config gives that this method does not read."""
-        given = sorted(pcfg.model_fields_set - {"method", *self.options})
+    freezable = False
+    """The `freeze` strategies apply (full fine-tuning): other methods freeze the backbone themselves."""
+
+    def check_options(self, pcfg, fcfg) -> None:
+        """Refuse a `peft.*` option the config gives that this method does not read, and freezing
+        strategies where the method freezes the backbone itself."""
+        # options away from their defaults (a saved run's config lists every key, at its default)
+        fields = type(pcfg).model_fields.items()
+        given = sorted(k for k, f in fields if k not in ("method", *self.options)
+                       and getattr(pcfg, k) != f.get_default(call_default_factory=True))
         if given:
             takes = ", ".join(f"peft.{o}" for o in self.options) or "none"
             raise ConfigError(f"peft.{given[0]}: not an option of peft.method {self.name} (its options: {takes})")
+        if not self.freezable and (fcfg.embeddings or fcfg.head_only or fcfg.top_k_layers):
+            raise ConfigError("freeze: freezing strategies apply to full fine-tuning; with peft.method "
+                              f"{self.name} the backbone is frozen already")
 
     def option_values(self, pcfg) -> dict:
         """The options a checkpoint's note keeps, from the config."""

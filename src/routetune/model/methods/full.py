@@ -6,6 +6,7 @@ from routetune.model.methods.base import Method
 
 class FullFineTuning(Method):
     name = "full"
+    freezable = True
 
 
 METHOD = FullFineTuning()
