@@ -190,7 +190,7 @@ def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method):
         cfg = {
             "model": {"name": str(tiny_llama_dir), "max_length": 24},
             "sources": {"lm": {"objective": "causal-lm", "train": str(text), "text": {"stream": False}}},
-            "peft": {"method": method, "r": 2, "adapter_size": 4},
+            "peft": {"method": method, **({"r": 2} if method == "lora" else {"adapter_size": 4})},
             "train": {
                 "precision": "fp32",
                 "device": "cpu",
