@@ -116,7 +116,9 @@ def export_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    run: Path = typer.Argument(..., metavar="RUN", help="Run folder"),
+    runs: list[Path] = typer.Argument(..., metavar="RUN [RUN...]",
+                                      help="Run folder; more runs that trained peft adapters on the same base are "
+                                           "served beside it, each by its folder name (the OpenAI endpoints' model)"),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: loopback only)"),
     port: int = typer.Option(8080, "--port"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
@@ -159,10 +161,12 @@ def serve_cmd(
     timeout_s: float = typer.Option(_LIMITS.timeout_s, "--timeout", min=0.001,
                                     help="Seconds from a request's body to its response (504)"),
     max_new_tokens: int = typer.Option(_LIMITS.max_new_tokens, "--max-new-tokens", min=1,
-                                       help="Largest max_new_tokens a request may ask for"),
+                                       help="Largest max_new_tokens (OpenAI: max_tokens) a request may ask for"),
 ) -> None:
-    """Serve a run over HTTP (FastAPI + uvicorn): /v1/ner, /v1/classify, /v1/generate, /healthz, /metrics, /docs."""
-    check_run_folder(run)  # before FastAPI and torch load
+    """Serve runs over HTTP (FastAPI + uvicorn): /v1/ner, /v1/classify, /v1/generate, and for decoders the OpenAI
+    API (/v1/models, /v1/chat/completions, /v1/completions); /healthz, /metrics, /docs."""
+    for run in runs:
+        check_run_folder(run)  # before FastAPI and torch load
     check_exposure(host, api_key, allow_unauthenticated)
     from routetune.serve.server import serve_run
 
@@ -171,7 +175,7 @@ def serve_cmd(
                     body_timeout_s=body_timeout_s, timeout_s=timeout_s, max_batch=max_batch,
                     max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_new_tokens=max_new_tokens,
                     header_timeout_s=header_timeout_s)
-    serve_run(run, host, port, checkpoint, limits, precision, device=device, api_key=api_key,
+    serve_run(runs, host, port, checkpoint, limits, precision, device=device, api_key=api_key,
               allow_unauthenticated=allow_unauthenticated, docs=docs, metrics=metrics, ssl_certfile=ssl_certfile,
               ssl_keyfile=ssl_keyfile, require_signed=require_signed)
 

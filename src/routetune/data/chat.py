@@ -46,7 +46,7 @@ def _messages(obj: dict, origin, number: int | None, key: str = "messages") -> l
     return out
 
 
-def _render(tokenizer, messages: list[dict], generation: bool = True) -> str:
+def render_chat(tokenizer, messages: list[dict], generation: bool = True) -> str:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     bos = tokenizer.bos_token
     return text[len(bos):] if bos and text.startswith(bos) else text  # the prefix adds it once
@@ -59,7 +59,7 @@ def _reply_spans(tokenizer, context: list[dict], prompt: str) -> tuple[tuple[int
     for j, m in enumerate(context):
         if m["role"] != "assistant":
             continue
-        before, after = _render(tokenizer, context[:j]), _render(tokenizer, context[:j + 1], generation=False)
+        before, after = render_chat(tokenizer, context[:j]), render_chat(tokenizer, context[:j + 1], generation=False)
         if not (after.startswith(before) and prompt.startswith(after)):
             return None
         spans.append((len(before), len(after)))
@@ -68,7 +68,7 @@ def _reply_spans(tokenizer, context: list[dict], prompt: str) -> tuple[tuple[int
 
 def conversation(tokenizer, messages: list[dict], origin: str) -> Example:
     context, reply = messages[:-1], messages[-1]["content"]
-    prompt = _render(tokenizer, context)
+    prompt = render_chat(tokenizer, context)
     spans = _reply_spans(tokenizer, context, prompt)
     if spans is None:
         if id(tokenizer) not in _warned:
@@ -82,7 +82,7 @@ def conversation(tokenizer, messages: list[dict], origin: str) -> Example:
 def alpaca(tokenizer, instruction: str, inp: str, reply: str, origin: str) -> Example:
     if getattr(tokenizer, "chat_template", None):
         content = instruction + (f"\n\n{inp}" if inp else "")
-        prompt = _render(tokenizer, [{"role": "user", "content": content}])
+        prompt = render_chat(tokenizer, [{"role": "user", "content": content}])
     else:
         prompt = ALPACA.format(inp=", paired with an input that provides further context" if inp else "",
                                instruction=instruction, input=f"### Input:\n{inp}\n\n" if inp else "")

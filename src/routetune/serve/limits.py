@@ -54,10 +54,20 @@ class Limits:
     """Largest max_new_tokens a generate request may ask for."""
 
 
-async def _reply(send, status: int, detail: str, headers: list | None = None) -> None:
+def _openai(scope) -> bool:
+    """The OpenAI endpoints (serve/openai_api.py) answer errors in OpenAI's shape."""
+    path = scope.get("path", "")
+    return path in ("/v1/models", "/v1/chat/completions", "/v1/completions") or path.startswith("/v1/models/")
+
+
+async def _reply(send, status: int, detail: str, headers: list | None = None, scope=None) -> None:
     import json
 
-    body = json.dumps({"detail": detail}).encode()
+    if scope is not None and _openai(scope):
+        kind = {401: "authentication_error", 408: "timeout", 503: "server_error"}.get(status, "invalid_request_error")
+        body = json.dumps({"error": {"message": detail, "type": kind, "param": None, "code": None}}).encode()
+    else:
+        body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
@@ -78,7 +88,7 @@ class BodyReader:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await _reply(send, 413, f"request body too large (limit {self.limit} bytes)",
-                                [(b"connection", b"close")])
+                                [(b"connection", b"close")], scope)
         chunks, size = [], 0
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -90,13 +100,13 @@ class BodyReader:
                     size += len(chunk)
                     if size > self.limit:
                         return await _reply(send, 413, f"request body too large (limit {self.limit} bytes)",
-                                            [(b"connection", b"close")])
+                                            [(b"connection", b"close")], scope)
                     chunks.append(chunk)
                     if not message.get("more_body"):
                         break
         except TimeoutError:
             return await _reply(send, 408, f"request body not received within {self.timeout_s} s",
-                                [(b"connection", b"close")])
+                                [(b"connection", b"close")], scope)
         body, delivered = b"".join(chunks), False
 
         async def replay():
@@ -121,7 +131,7 @@ class ConcurrencyLimit:
         if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
             return await self.app(scope, receive, send)
         if self.state["inflight"] >= self.limit:
-            return await _reply(send, 503, "server busy: concurrency limit reached", [(b"retry-after", b"1")])
+            return await _reply(send, 503, "server busy: concurrency limit reached", [(b"retry-after", b"1")], scope)
         self.state["inflight"] += 1
         self.metrics.inflight.inc()
         try:
@@ -146,7 +156,7 @@ class Auth:
         scheme, _, token = given.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
             return await _reply(send, 401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                [(b"www-authenticate", b"Bearer")])
+                                [(b"www-authenticate", b"Bearer")], scope)
         await self.app(scope, receive, send)
 
 

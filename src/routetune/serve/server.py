@@ -24,9 +24,11 @@ Results are produced by the same Predictor / generate functions as ``routetune p
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi_offline import FastAPIOffline
@@ -38,11 +40,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from routetune.device import model_device, resolve
 from routetune.errors import RoutetuneError
 from routetune.model.inference import generate
-from routetune.runs import load_for_inference
+from routetune.device import inference_hardware
+from routetune.model.inference import for_inference
+from routetune.runs import load_run
 from routetune.serve.access import check_exposure, is_loopback  # noqa: F401  (is_loopback: this module's API)
 from routetune.serve.connections import ConnectionGuard
 from routetune.serve.limits import Auth, BodyReader, ConcurrencyLimit, Limits, StatusMetrics
 from routetune.serve.predictor import item_from_text, item_from_tokens, unicode_problem
+from routetune.serve.adapters import Served
+from routetune.serve.generation import Engine
+from routetune.serve.openai_api import error_body, is_openai_path, openai_routes, validation_error
 from routetune.serve.service import Batcher, Service  # noqa: F401  (Batcher: part of this module's API)
 from routetune.training import checkpoint as ckpt
 
@@ -86,12 +93,18 @@ class GenerateRequest(_Strict):
 
 
 def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: str | None = None,
-               after_batch=None, api_key: str | None = None, docs: bool = True, metrics: bool = True) -> FastAPI:
-    """The API for one loaded run (model + tokenizer + its config)."""
+               after_batch=None, api_key: str | None = None, docs: bool = True, metrics: bool = True,
+               served: Served | None = None) -> FastAPI:
+    """The API for one loaded run (model + tokenizer + its config); `served`: the runs a decoder
+    server answers for by name on the OpenAI endpoints (default: this run alone, as run.name)."""
     limits = limits or Limits()
     if precision is None:  # chosen for the device the model is on, as `auto` does
         precision = resolve(str(model_device(model)), "auto").precision
     svc = Service(model, tokenizer, cfg, limits, precision, after_batch)
+    if model.is_decoder and not model.method.generate_refusal:
+        svc.served = served or Served(model, Path(cfg.model.name).name, cfg.run.name or "routetune",
+                                      model.method.checkpoint == "adapter" and model.prompt is None)
+        svc.engine = Engine(model, copy.deepcopy(tokenizer), precision, limits.max_batch, svc.served, svc.model_lock)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -103,6 +116,8 @@ def create_app(model, tokenizer, cfg, limits: Limits | None = None, precision: s
     app = make(title="routetune", version="1", lifespan=lifespan,
                description="Predictions of a routetune run: entity spans, class labels, generations.")
     _prediction_routes(app, svc)
+    if svc.engine is not None:
+        openai_routes(app, svc)
     _service_routes(app, svc, metrics)
     _error_handlers(app)
     app.add_middleware(ConcurrencyLimit, limit=limits.max_concurrency, state=svc.state, metrics=svc.metrics)
@@ -222,7 +237,10 @@ def _service_routes(app: FastAPI, svc: Service, metrics: bool) -> None:
 
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)  # FastAPI's own raise reaches only this one
-    async def http_error(_request: Request, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if is_openai_path(request.url.path):  # the OpenAI endpoints answer in OpenAI's error shape
+            status = 400 if exc.status_code == 422 else exc.status_code  # a value over a limit: OpenAI's 400
+            return JSONResponse(error_body(status, str(exc.detail)), status_code=status, headers=exc.headers)
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's answer when the JSON parser itself fails (nesting deeper than it recurses):
             # bad JSON is a 422 like any other, with where and what
@@ -231,7 +249,10 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError):
+    async def invalid(request: Request, exc: RequestValidationError):
+        if is_openai_path(request.url.path):  # a 400 naming the parameter, as OpenAI answers
+            error = validation_error(list(exc.errors()))
+            return JSONResponse(error.body(), status_code=400)
         # FastAPI's own handler echoes each bad input back, and a NaN or a lone surrogate in it
         # makes that response fail to encode (a 500); where and what is enough
         detail = [{"loc": [x if isinstance(x, int) else str(x) for x in e.get("loc", ())],
@@ -297,7 +318,7 @@ def check_signed(run_dir, checkpoint: str) -> None:
     log.info("%s: signature verified", folder)
 
 
-def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "best",
+def serve_run(run_dirs, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "best",
               limits: Limits | None = None, precision: str | None = None, drain_s: float = 30.0,
               device: str | None = None, api_key: str | None = None, allow_unauthenticated: bool = False,
               docs: bool = True, metrics: bool = True, ssl_certfile: str | None = None,
@@ -305,13 +326,23 @@ def serve_run(run_dir, host: str = "127.0.0.1", port: int = 8080, checkpoint: st
     import uvicorn  # only `routetune serve` runs a server; create_app (tests, embedding) does not need it
 
     limits = limits or Limits()
+    run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     check_exposure(host, api_key, allow_unauthenticated)
     if require_signed:
-        check_signed(run_dir, checkpoint)
+        for run_dir in run_dirs:
+            check_signed(run_dir, checkpoint)
     tune_process()
-    cfg, model, tokenizer, hw = load_for_inference(run_dir, checkpoint, device, precision)
+    hw = inference_hardware(device, precision)
+    cfg, model, tokenizer = load_run(run_dirs[0], checkpoint, hw.device.type)
+    served = None
+    if model.is_decoder and not model.method.generate_refusal:
+        served = Served.load(model, cfg, [Path(r) for r in run_dirs], checkpoint)
+        log.info("OpenAI endpoints serve: %s", ", ".join(served.ids))
+    elif len(run_dirs) > 1:
+        raise RoutetuneError(f"{run_dirs[1]}: several runs are served together only as adapters of one decoder")
+    for_inference(model, hw.precision, hw.device)
     log.info("serving on %s in %s (%s)", hw.device, hw.precision, hw.reason)
     app = create_app(model, tokenizer, cfg, limits, hw.precision, after_batch=_Trim(), api_key=api_key, docs=docs,
-                     metrics=metrics)
+                     metrics=metrics, served=served)
     uvicorn.Server(uvicorn_config(app, host, port, limits, drain_s, ssl_certfile=ssl_certfile,
                                   ssl_keyfile=ssl_keyfile)).run()

@@ -120,6 +120,11 @@ class Service:
         self.predictors = {n: Predictor(model, tokenizer, n, self.max_tokens, limits.max_batch, precision)
                            for n in self.token_heads + self.class_heads}
         self.batchers: dict[Any, Batcher] = {}
+        # the model's one user at a time: the micro-batches' worker and the generation engine
+        # (serve/generation.py) take turns; `served` switches between adapters under it
+        self.model_lock = threading.Lock()
+        self.served = None  # the OpenAI endpoints' models (serve/adapters.py), for decoders
+        self.engine = None
         self.state = {"inflight": 0}
         # a fast tokenizer sets its truncation and padding on the shared Rust object at every call,
         # so threads must not share one: the model thread keeps the run's, each preparing thread
@@ -137,7 +142,10 @@ class Service:
             def timed(items):  # on the worker thread: time the model call, then trim the heap
                 start = time.perf_counter()
                 try:
-                    return fn(items)
+                    with self.model_lock:
+                        if self.served is not None:
+                            self.served.use(self.served.ids[next(iter(self.served.ids))])  # the first run's
+                        return fn(items)
                 finally:
                     self.metrics.batch_seconds.observe(time.perf_counter() - start)
                     if self.after_batch is not None:
@@ -149,6 +157,8 @@ class Service:
         return self.batchers[key]
 
     async def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
         for b in self.batchers.values():
             await b.stop()
         self.executor.shutdown(wait=True)

@@ -123,6 +123,17 @@ class Method:
         lm, _ = load_lm(str(folder), attention, device_type)
         return routed_cls(lm)
 
+    # ---------------------------------------------------------------- serving several runs on one base
+    def add_adapter(self, model, folder: Path, name: str) -> None:
+        """Load the adapter of checkpoint `folder` into `model` (same base, same method) beside the
+        ones it has, as `name` (`routetune serve RUN_A RUN_B`)."""
+        raise ModelError(f"{folder}: a {self.name} run cannot be served beside other runs on one base (only "
+                         "peft adapters can: lora, dora, ia3); serve it on its own")
+
+    def use_adapter(self, model, name: str | None) -> None:
+        """Make adapter `name` the one the model runs with; None: the base alone."""
+        raise ModelError(f"{self.name} has no adapters to switch")
+
     # ---------------------------------------------------------------- export
     def merge(self, lm) -> None:
         """Fold the method into plain weights (export --merge); nothing to do by default."""

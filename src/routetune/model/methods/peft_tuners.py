@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+from safetensors.torch import load_file
 from torch import nn
 
-from routetune.errors import ConfigError
-from routetune.model.methods.base import PeftFormat, is_adapter_param
+from routetune.errors import ConfigError, ModelError
+from routetune.model.methods.base import ADAPTER_WEIGHTS, LM_TRAINABLE, PeftFormat, is_adapter_param
 
 log = logging.getLogger("routetune")
 
@@ -77,6 +79,29 @@ class PeftTuner(PeftFormat):
 
     def trains(self, name: str) -> bool:
         return is_adapter_param(name)
+
+    def add_adapter(self, model, folder: Path, name: str) -> None:
+        from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+        extra = load_file(str(folder / LM_TRAINABLE))
+        if extra:
+            raise ModelError(f"{folder}: this run also trained {len(extra)} tensor(s) outside its adapters (e.g. "
+                             f"{next(iter(extra))}), which runs on one base cannot share; serve it on its own")
+        config = PeftConfig.from_pretrained(str(folder))
+        inject_adapter_in_model(config, model.lm, adapter_name=name)
+        state = load_file(str(folder / ADAPTER_WEIGHTS))
+        set_peft_model_state_dict(model.lm, {k.removeprefix("base_model.model."): v for k, v in state.items()},
+                                  adapter_name=name)
+        model.lm.requires_grad_(False)
+
+    def use_adapter(self, model, name: str | None) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in model.lm.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(name is not None)
+                if name is not None and module.active_adapters != [name]:
+                    module.set_adapter(name, inference_mode=True)  # (not marked trainable)
 
     def merge(self, lm: nn.Module) -> int:
         """Merge every injected peft layer into its base layer and put the base layer back."""
