@@ -208,15 +208,23 @@ def test_adapter_choice_changes_the_greedy_answer_and_matches_routetune_generate
         assert answers[run.name].strip() == offline
 
 
-def test_concurrent_requests_share_decoding_steps(server):
+def test_concurrent_requests_share_decoding_steps(server, monkeypatch):
     c = server.client(api_key="sesame")
     engine = server.app.state.service.engine
-    before = engine.steps
-    results = []
+    decode, widths = engine._decode, []
+
+    def slow_decode(adapter, group):  # steps as slow as a real model's, so the requests overlap
+        widths.append(len(group))
+        time.sleep(0.02)
+        decode(adapter, group)
+
+    monkeypatch.setattr(engine, "_decode", slow_decode)
+    before, results = engine.steps, []
 
     def ask(i):
-        results.append(c.completions.create(model="alpha" if i % 2 else "beta", prompt="paris", max_tokens=20,
-                                            temperature=0, seed=i).choices[0].text)
+        r = c.completions.create(model="alpha" if i % 2 else "beta", prompt="paris", max_tokens=20, temperature=1.0,
+                                 seed=i, stop=["zzzz"])
+        results.append(r.usage.completion_tokens)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
     for t in threads:
@@ -224,11 +232,22 @@ def test_concurrent_requests_share_decoding_steps(server):
     for t in threads:
         t.join()
     assert len(results) == 6
-    assert engine.steps - before < 6 * 20  # one at a time would take a step per token of each
+    # one request at a time would take a step per token of each (about 6 x 20); joined, the steps are shared
+    assert engine.steps - before < sum(results) / 2, (engine.steps - before, results)
+    assert max(widths) >= 2  # the sequences of one adapter ran as one batch
 
 
-def test_a_client_that_goes_away_mid_stream_frees_its_slot(server):
+def test_a_client_that_goes_away_mid_stream_frees_its_slot(server, monkeypatch):
     svc = server.app.state.service
+    engine, submitted = svc.engine, []
+    submit, decode = engine.submit, engine._decode
+
+    def slow_decode(adapter, group):  # a step as slow as a real model's, so the stream is still going
+        time.sleep(0.03)
+        decode(adapter, group)
+
+    monkeypatch.setattr(engine, "submit", lambda seqs: (submitted.extend(seqs), submit(seqs)))
+    monkeypatch.setattr(engine, "_decode", slow_decode)
     body = {"model": "alpha", "prompt": "the store", "max_tokens": 24, "stream": True, "temperature": 1.0,
             "stop": ["zzzz"]}
     with httpx.Client(timeout=10) as h:
@@ -237,6 +256,8 @@ def test_a_client_that_goes_away_mid_stream_frees_its_slot(server):
             assert r.status_code == 200
             next(r.iter_lines())
     deadline = time.monotonic() + 5
-    while (svc.state["inflight"] or svc.engine.running) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert svc.state["inflight"] == 0 and svc.engine.running == 0
+    while (svc.state["inflight"] or engine.running) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert svc.state["inflight"] == 0 and engine.running == 0
+    (seq,) = submitted
+    assert seq.cancelled and len(seq.ids) < 12  # dropped at the next step, not run to its 24 tokens

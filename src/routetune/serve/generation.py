@@ -88,10 +88,6 @@ class Sequence:
         self.cancelled = False
         self.done = False
 
-    @property
-    def holdback(self) -> int:
-        return max((len(s) for s in self.sampling.stop), default=1) - 1
-
     def add(self, token: Token, eos: bool) -> None:
         """Take one generated token; hand out the text it makes final; end the sequence when due."""
         if eos:
@@ -104,9 +100,8 @@ class Sequence:
             return self.finish("stop", text[:cut])
         if len(self.ids) >= self.sampling.max_tokens:
             return self.finish("length", text)
-        safe = len(text) - self.holdback
-        while safe > self.emitted and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
-            safe -= 1
+        stable = text.rstrip("\ufffd")  # an incomplete multi-byte character waits for its other bytes
+        safe = len(stable) - _pending_stop(stable, self.sampling.stop)
         if safe > self.emitted:
             self.deliver(Event(self.index, text[self.emitted:safe], self._take_tokens()))
             self.emitted = safe
@@ -122,6 +117,17 @@ class Sequence:
     def _take_tokens(self) -> list[Token]:
         out, self.pending = self.pending, []
         return out if self.sampling.logprobs else []
+
+
+def _pending_stop(text: str, stops) -> int:
+    """The length of the longest end of `text` that begins a stop string (it may still complete)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
 
 
 def _pick(logits: torch.Tensor, seq: Sequence, tokenizer) -> Token:
