@@ -114,11 +114,13 @@ def export_cmd(
         typer.echo(folder)
 
 
+RUNS_HELP = ("Run folder; more runs that trained peft adapters on the same base are served beside it, each by its "
+             "folder name (the OpenAI endpoints' model)")
+
+
 @app.command("serve")
 def serve_cmd(
-    runs: list[Path] = typer.Argument(..., metavar="RUN [RUN...]",
-                                      help="Run folder; more runs that trained peft adapters on the same base are "
-                                           "served beside it, each by its folder name (the OpenAI endpoints' model)"),
+    runs: list[Path] = typer.Argument(..., metavar="RUN [RUN...]", help=RUNS_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: loopback only)"),
     port: int = typer.Option(8080, "--port"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint folder name"),
@@ -165,8 +167,7 @@ def serve_cmd(
 ) -> None:
     """Serve runs over HTTP (FastAPI + uvicorn): /v1/ner, /v1/classify, /v1/generate, and for decoders the OpenAI
     API (/v1/models, /v1/chat/completions, /v1/completions); /healthz, /metrics, /docs."""
-    for run in runs:
-        check_run_folder(run)  # before FastAPI and torch load
+    [check_run_folder(run) for run in runs]  # before FastAPI and torch load
     check_exposure(host, api_key, allow_unauthenticated)
     from routetune.serve.server import serve_run
 

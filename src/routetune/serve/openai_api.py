@@ -329,8 +329,17 @@ async def _stream(job: Job, request: Request, chat: bool, include_usage: bool, f
 # ------------------------------------------------------------------ routes
 
 def openai_routes(app: FastAPI, svc) -> None:
-    served = svc.served
+    """The OpenAI endpoints of a decoder run, and their error shape."""
+    _model_routes(app, svc.served)
+    _chat_route(app, svc)
+    _completion_route(app, svc)
 
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_request: Request, exc: OpenAIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _model_routes(app: FastAPI, served) -> None:
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": served.cards()}
@@ -339,9 +348,11 @@ def openai_routes(app: FastAPI, svc) -> None:
     async def model(model_id: str) -> dict:
         return served.card(model_id)
 
+
+def _chat_route(app: FastAPI, svc) -> None:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        adapter = served.adapter_of(req.model)
+        adapter = svc.served.adapter_of(req.model)
         _check_common(svc, req)
         if not getattr(svc.tokenizer, "chat_template", None):
             raise OpenAIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages",
@@ -356,9 +367,11 @@ def openai_routes(app: FastAPI, svc) -> None:
         job = Job(svc, req.model, [ids], _sampling(req, 1, max_tokens, req.logprobs, req.top_logprobs or 0), adapter)
         return await _answer(job, request, req, chat=True)
 
+
+def _completion_route(app: FastAPI, svc) -> None:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        adapter = served.adapter_of(req.model)
+        adapter = svc.served.adapter_of(req.model)
         _check_common(svc, req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
@@ -370,31 +383,29 @@ def openai_routes(app: FastAPI, svc) -> None:
         job = Job(svc, req.model, ids, _sampling(req, len(prompts), max_tokens, logprobs, req.logprobs or 0), adapter)
         return await _answer(job, request, req, chat=False)
 
-    async def _answer(job: Job, request: Request, req, chat: bool):
-        request.scope.setdefault("state", {})["items"] = len(job.sequences)
-        deadline = request.scope.get("state", {}).get("deadline")
-        job.start()
-        if req.stream:
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, request, chat, include, deadline), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        try:
-            texts, finish, tokens = await _collect(job, request)
-        finally:
-            job.cancel()
-        created = int(time.time())
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t},
-                        "logprobs": _chat_logprobs(tokens[i]) if req.logprobs else None, "finish_reason": finish[i]}
-                       for i, t in enumerate(texts)]
-            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
-                    "model": job.model, "choices": choices, "usage": _usage(job), "system_fingerprint": None}
-        choices = [{"index": i, "text": t, "finish_reason": finish[i],
-                    "logprobs": _completion_logprobs(tokens[i], 0) if req.logprobs is not None else None}
-                   for i, t in enumerate(texts)]
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
-                "model": job.model, "choices": choices, "usage": _usage(job)}
 
-    @app.exception_handler(OpenAIError)
-    async def openai_error(_request: Request, exc: OpenAIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+async def _answer(job: Job, request: Request, req, chat: bool):
+    """A stream of events, or the whole answer once every choice has finished."""
+    request.scope.setdefault("state", {})["items"] = len(job.sequences)
+    deadline = request.scope.get("state", {}).get("deadline")
+    job.start()
+    if req.stream:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(job, request, chat, include, deadline), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    try:
+        texts, finish, tokens = await _collect(job, request)
+    finally:
+        job.cancel()
+    created = int(time.time())
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t},
+                    "logprobs": _chat_logprobs(tokens[i]) if req.logprobs else None, "finish_reason": finish[i]}
+                   for i, t in enumerate(texts)]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
+                "model": job.model, "choices": choices, "usage": _usage(job), "system_fingerprint": None}
+    choices = [{"index": i, "text": t, "finish_reason": finish[i],
+                "logprobs": _completion_logprobs(tokens[i], 0) if req.logprobs is not None else None}
+               for i, t in enumerate(texts)]
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
+            "model": job.model, "choices": choices, "usage": _usage(job)}
