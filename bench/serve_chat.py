@@ -74,7 +74,8 @@ def load(port: int, model: str, clients: int, requests: int, max_tokens: int) ->
                                     timeout=600)
         out: list = []
         t0 = time.perf_counter()
-        await asyncio.gather(*(one_client(client, model, requests, max_tokens, c, out) for c in range(clients)))
+        async with client:
+            await asyncio.gather(*(one_client(client, model, requests, max_tokens, c, out) for c in range(clients)))
         return out, time.perf_counter() - t0
 
     out, wall = asyncio.run(main())

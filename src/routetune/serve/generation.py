@@ -222,12 +222,18 @@ class Engine:
     @torch.inference_mode()
     def _step(self, joining: list[list[Sequence]]) -> None:
         self.active = [s for s in self.active if not (s.cancelled or s.done)]
-        for request in joining:
-            request = [s for s in request if not s.cancelled]
-            if request:
-                self._prefill(request)
-                self.active += [s for s in request if not s.done]
+        joining = [[s for s in request if not s.cancelled] for request in joining]
         by_adapter: dict = {}
+        for request in (r for r in joining if r):
+            by_adapter.setdefault(request[0].adapter, []).append(request)
+        for adapter, requests in by_adapter.items():
+            if self.model.prompt is None:
+                self._prefill(adapter, requests)  # every joining prompt of the adapter in one forward
+            else:  # prompt tuning: the virtual tokens come first, so each prompt runs on its own
+                for request in requests:
+                    self._prefill(adapter, [request])
+            self.active += [s for r in requests for s in r if not s.done]
+        by_adapter = {}
         for s in self.active:
             by_adapter.setdefault(s.adapter, []).append(s)
         for adapter, group in by_adapter.items():
@@ -239,28 +245,38 @@ class Engine:
         if self.adapters is not None:
             self.adapters.use(adapter)
 
-    def _prefill(self, request: list[Sequence]) -> None:
-        """The prompt once for all the request's choices; each samples its first token."""
-        first = request[0]
-        self._use(first.adapter)
+    def _prefill(self, adapter, requests: list[list[Sequence]]) -> None:
+        """The prompts of joining requests, left-padded into one batch (each row at its own
+        positions), once for all of a request's choices; each choice samples its first token."""
+        self._use(adapter)
         device = model_device(self.model)
-        ids = torch.tensor([first.prompt], device=device)
-        mask = torch.ones_like(ids)
+        width = max(len(r[0].prompt) for r in requests)
+        ids = torch.full((len(requests), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, r in enumerate(requests):
+            ids[row, width - len(r[0].prompt):] = torch.tensor(r[0].prompt)
+            mask[row, width - len(r[0].prompt):] = 1
+        ids, mask = ids.to(device), mask.to(device)
         cache = DynamicCache(config=self.model.lm.config)
         with autocast(self.precision, device.type):
             if self.model.prompt is None:
-                out = self.model.lm(input_ids=ids, attention_mask=mask, use_cache=True, **{self.cache_kw: cache})
-            else:  # prompt tuning: the virtual tokens' embeddings before the prompt's
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                out = self.model.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                    **{self.cache_kw: cache})
+            else:  # prompt tuning (one request): the virtual tokens' embeddings before the prompt's
                 inputs, _ = self.model.lm_inputs(ids, mask)
                 out = self.model.lm(**inputs, use_cache=True, **{self.cache_kw: cache})
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        length = layers[0][0].shape[2]
-        logits = out.logits[0, -1]
-        for s in request:
-            s.cache, s.length = layers, length
-            token = _pick(logits, s, self.tokenizer)
-            s.add(token, token.id in self.eos)
-            s.last = token.id
+        total = layers[0][0].shape[2]
+        for row, r in enumerate(requests):
+            length = total - (width - len(r[0].prompt))  # the real positions (virtual tokens included)
+            mine = [(k[row:row + 1, :, total - length:], v[row:row + 1, :, total - length:]) for k, v in layers]
+            logits = out.logits[row, -1]
+            for s in r:
+                s.cache, s.length = mine, length
+                token = _pick(logits, s, self.tokenizer)
+                s.add(token, token.id in self.eos)
+                s.last = token.id
 
     def _decode(self, adapter, group: list[Sequence]) -> None:
         """One decoding step for the active sequences of one adapter, as one batch."""
