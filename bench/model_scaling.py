@@ -110,7 +110,8 @@ def _routetune_config(folder: Path, method: str, length: int, steps: int, out: P
            "sources": {"shakespeare": {"objective": "causal-lm", "train": str(DATA / "tinyshakespeare" / "input.txt"),
                                        "text": {"stream": False}}},
            "train": {"max_steps": steps, "batch_size": TOKENS_PER_STEP // length, "lr": 2e-4, "weight_decay": 0.0,
-                     "precision": "auto", "seed": 42, "eval_each_epoch": False, "eval_before": False,
+                     "precision": os.environ.get("BENCH_PRECISION", "auto"), "seed": 42, "eval_each_epoch": False,
+                     "eval_before": False,
                      "log_every": 10**6, "progress": False},
            "peft": ({"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05,
                      "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]} if method == "lora"
@@ -156,8 +157,10 @@ def hf_side(folder: Path, method: str, length: int, steps: int, skip: int, preci
     batch = TOKENS_PER_STEP // length
     rows = [{"input_ids": ids[i:i + length], "labels": ids[i:i + length]}
             for i in range(0, len(ids) - length + 1, length)][: batch * (steps + skip) * 2]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                 attn_implementation=pick_attention("auto", True, "cpu"))
+    # as transformers' docs recommend: the model loaded in the precision it trains in
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=pick_attention("auto", True,
+                                                                                                          "cpu"))
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -223,6 +226,9 @@ def main() -> None:
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--from", dest="source", type=Path, help="plot these results instead of measuring")
     ap.add_argument("--profile", action="store_true", help="Also profile each side's timed steps (slower)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="both sides' precision (default: what routetune's auto picks on this CPU); bf16 on a CPU "
+                         "without native bf16 is slow but shows the memory a bf16 machine would use")
     ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -239,7 +245,8 @@ def main() -> None:
     if args.profile:
         os.environ["BENCH_PROFILE"] = "1"  # read by each child's timer
 
-    precision = resolve("cpu", "auto").precision
+    precision = resolve("cpu", "auto").precision if args.precision == "auto" else args.precision
+    os.environ["BENCH_PRECISION"] = precision  # read by each routetune child's config
     results = {"cpu": cpu_bf16()[1], "capability": torch.backends.cpu.get_cpu_capability(), "precision": precision,
                "tokens_per_step": TOKENS_PER_STEP, "rows": []}
     print(f"CPU: {results['capability']}; {results['cpu']}; both sides in {precision}", flush=True)

@@ -177,8 +177,9 @@ def test_non_finite_loss_policy(tmp_path, tiny_model_dir, ner_files, monkeypatch
         assert [e["step"] for e in events if e["event"] == "skipped"] == [4, 5, 6]
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter"])
-def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method):
+@pytest.mark.parametrize("method, precision", [("lora", "fp32"), ("adapter", "fp32"), ("lora", "bf16")])
+def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method, precision):
+    """bf16: the frozen base held in bf16 (model.base_dtype auto), the adapters and their state in fp32."""
     import yaml
 
     from support import GENERAL
@@ -192,7 +193,7 @@ def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method):
             "sources": {"lm": {"objective": "causal-lm", "train": str(text), "text": {"stream": False}}},
             "peft": {"method": method, **({"r": 2} if method == "lora" else {"adapter_size": 4})},
             "train": {
-                "precision": "fp32",
+                "precision": precision,
                 "device": "cpu",
                 "max_steps": 8,
                 "batch_size": 3,

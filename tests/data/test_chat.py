@@ -98,3 +98,23 @@ def test_a_template_that_rewrites_earlier_turns_trains_the_last_reply(tmp_path, 
         example = conversation(tok, CHAT[0]["messages"], "x:1")
     assert example.trained == () and example.completion == "the apple store"
     assert "loss is on the last assistant reply only" in caplog.text
+
+
+def test_a_bos_the_template_writes_is_there_once(chat_model):
+    """A template that starts with the BOS token (SmolLM2's `<|im_start|>` is both): kept when
+    encoding adds none, dropped when encoding adds it again; either way the ids hold it once."""
+    from tokenizers.processors import TemplateProcessing
+
+    from routetune.data.chat import render_chat
+    from routetune.data.sources import encode_prompt
+    from routetune.model.load import load_tokenizer
+
+    messages = [{"role": "user", "content": "hi"}]
+    plain = load_tokenizer(str(chat_model))  # adds no special tokens, as decoder tokenizers do
+    adding = load_tokenizer(str(chat_model))
+    adding._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    for tok, kept in ((plain, True), (adding, False)):
+        text = render_chat(tok, messages)
+        assert text.startswith("<s>user") == kept
+        ids = encode_prompt(tok, text, None, 96)[0]
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id, ids[:3]

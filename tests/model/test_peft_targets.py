@@ -59,6 +59,11 @@ def test_lora_goes_where_peft_puts_it(family_dirs, model_type):
     model = build_model(str(family_dirs[model_type]), 0)
     apply_method(model, PeftConfig(method="lora", r=2), FreezeConfig(), str(family_dirs[model_type]))
     assert _adapted(model, "lora_A") == expected
+    trainable = {n for n, p in model.lm.named_parameters() if p.requires_grad}
+    head = {n for n, p in model.lm.named_parameters() if not n.startswith(model.lm.base_model_prefix + ".")}
+    # the adapters, and of the LM head only its parts beside the vocabulary projection (BERT's transform, bias)
+    assert trainable and all("lora_" in n or n in head for n in trainable), sorted(trainable)[:5]
+    assert not model.lm.get_output_embeddings().weight.requires_grad
     ids = torch.randint(1, 60, (2, 7), generator=torch.Generator().manual_seed(0))
     model.lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().pow(2).mean().backward()
     b = [p for n, p in model.lm.named_parameters() if "lora_B" in n]  # A's gradient is 0 while B starts at 0
@@ -83,3 +88,18 @@ def test_named_target_modules_win(family_dirs):
     apply_method(model, PeftConfig(method="lora", r=2, target_modules=["o_proj"]), FreezeConfig(),
                  str(family_dirs["llama"]))
     assert _adapted(model, "lora_A") == {"o_proj"}
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "adapter", "prompt_tuning"])
+def test_the_vocabulary_projection_trains_only_when_asked(family_dirs, method):
+    """An untied decoder (Phi-3, Llama-3, Mistral): its output matrix is vocabulary x hidden."""
+    path = str(family_dirs["llama"])
+    options = {"target_modules": ["q_proj", "v_proj"]} if method == "ia3" else {}
+    for asked in (False, True):
+        model = build_model(path, 0)
+        assert not model.lm.config.tie_word_embeddings
+        apply_method(model, PeftConfig(method=method, train_lm_head=asked, **options), FreezeConfig(), path)
+        assert model.lm.get_output_embeddings().weight.requires_grad == asked
+    full = build_model(path, 0)
+    apply_method(full, PeftConfig(method="full"), FreezeConfig(), path)
+    assert full.lm.get_output_embeddings().weight.requires_grad

@@ -261,3 +261,30 @@ def test_a_client_that_goes_away_mid_stream_frees_its_slot(server, monkeypatch):
     assert svc.state["inflight"] == 0 and engine.running == 0
     (seq,) = submitted
     assert seq.cancelled and len(seq.ids) < 12  # dropped at the next step, not run to its 24 tokens
+
+
+def test_a_prompt_tuned_run_answers_as_routetune_generate(tmp_path, tiny_llama_dir):
+    """Prompt tuning prefills from the virtual tokens' embeddings, then decodes from its cache."""
+    from fastapi.testclient import TestClient
+
+    from routetune.model.inference import generate
+    from routetune.runs import load_run
+    from routetune.workflow import train
+
+    (tmp_path / "t.txt").write_text(GENERAL)
+    cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 48},
+           "sources": {"lm": {"objective": "causal-lm", "train": str(tmp_path / "t.txt"), "text": {"stream": False}}},
+           "peft": {"method": "prompt_tuning", "num_virtual_tokens": 4},
+           "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-2, "precision": "fp32", "device": "cpu",
+                     "progress": False},
+           "run": {"name": "prompted", "output_dir": str(tmp_path / "runs")}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir, _ = train(tmp_path / "p.yaml")
+    cfg, model, tok = load_run(run_dir)
+    offline = generate(model, tok, ["the store of john", "paris"], 8, cfg.model.max_length)
+    with TestClient(create_app(model, tok, cfg, Limits(max_new_tokens=8), "fp32")) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["prompted"]
+        r = c.post("/v1/completions", json={"model": "prompted", "prompt": ["the store of john", "paris"],
+                                            "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert [ch["text"].strip() for ch in r.json()["choices"]] == offline

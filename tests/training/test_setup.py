@@ -45,3 +45,28 @@ def test_heads_and_what_trains(tmp_path, tiny_model_dir, ner_files):
 def test_mistakes_are_refused_naming_the_key(tmp_path, tiny_model_dir, ner_files, override, message):
     with pytest.raises(ConfigError, match=message):
         prepare(load_config(make_config(tmp_path, tiny_model_dir, ner_files, **override)))
+
+
+@pytest.mark.parametrize("method, base_dtype, held", [
+    ("lora", "auto", "bfloat16"), ("ia3", "auto", "bfloat16"), ("prompt_tuning", "auto", "bfloat16"),
+    ("adapter", "auto", "bfloat16"), ("bitfit", "auto", "float32"), ("dora", "auto", "float32"), ("full", "auto", "float32"),
+    ("lora", "fp32", "float32")])
+def test_a_frozen_base_is_held_once_in_the_training_precision(tmp_path, tiny_model_dir, ner_files, method,
+                                                               base_dtype, held):
+    """No fp32 copy of a frozen base: its weights are the training precision's (bf16 here); what trains (adapters,
+    biases, virtual tokens, heads) and so its optimizer state is fp32. Full fine-tuning and DoRA keep fp32."""
+    import torch
+
+    from routetune.training.engine import Trainer
+
+    path = make_config(tmp_path, tiny_model_dir, ner_files, **{
+        "peft.method": method, "model.base_dtype": base_dtype, "train.precision": "bf16", "train.device": "cpu"})
+    setup = prepare(load_config(path))
+    frozen = {p.dtype for p in setup.model.lm.parameters() if not p.requires_grad}
+    trained = [p for p in setup.model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert frozen <= {getattr(torch, held)} and (frozen or method == "full")
+    trainer = Trainer(setup, tmp_path / "run")
+    trainer.train_step(0, setup.batches.next())
+    state = trainer.optimizer.state_dict()["state"]
+    assert state and all(v.dtype == torch.float32 for s in state.values() for k, v in s.items() if k != "step")

@@ -57,6 +57,12 @@ class ModelConfig(Strict):
     allow_new_labels: bool = False
     """With `init_from`: when a source's training data has labels its earlier head lacks, append them (old classes keep
     their weights exactly) instead of refusing."""
+    base_dtype: Literal["auto", "fp32"] = "auto"
+    """Precision the base model's weights are held in while training. `auto`: a base that a parameter-efficient method
+    freezes (LoRA, IA3, prompt/prefix tuning, bottleneck adapters) is held once, in the training precision
+    (bf16 or fp16 when `train.precision` resolves to it), with the trained parameters (adapters, heads, virtual tokens)
+    and their optimizer state in fp32; full fine-tuning, DoRA (whose magnitude reads the base weight) and BitFit (whose
+    biases sit beside the base's weights) keep fp32. `fp32`: always fp32."""
 
 
 class EarlyStoppingConfig(Strict):
@@ -226,6 +232,11 @@ class PeftConfig(Strict):
     adapter_placement: list[Literal["attention", "ffn"]] = Field(default_factory=lambda: ["attention", "ffn"])
     """Where `adapter` goes: after the attention and feed-forward output projections (Houlsby) or `[ffn]` only
     (Pfeiffer)."""
+    train_lm_head: bool = False
+    """Train the vocabulary projection (the LM head's output matrix) too, as peft's `modules_to_save` does. By default
+    a parameter-efficient method leaves it frozen: on a decoder whose output matrix is not tied to the embeddings
+    (Llama-3, Mistral, Qwen2.5-7B, Phi-3) it is the whole vocabulary x hidden matrix. The LM head's other parts (BERT's
+    transform and output bias) train either way."""
     target_modules: list[str] | None = None
     """Module names (suffixes) that get adapters. Default: peft's own default for the architecture (LoRA/DoRA: the
     attention's query and value projections, e.g. Llama's q_proj, v_proj, BERT's query, value, GPT-2's c_attn; IA3

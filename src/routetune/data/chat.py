@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from routetune.data.readers import Example, _jsonl_records
+from routetune.data.sources import special_affixes
 from routetune.errors import DataError
 
 log = logging.getLogger("routetune")
@@ -47,9 +48,24 @@ def _messages(obj: dict, origin, number: int | None, key: str = "messages") -> l
 
 
 def render_chat(tokenizer, messages: list[dict], generation: bool = True) -> str:
+    """The conversation as the tokenizer's chat template writes it. A leading BOS the template writes
+    is dropped only when encoding adds it again (the prefix of data/sources.py), so it is there once;
+    a tokenizer whose BOS is also its turn marker (SmolLM2's `<|im_start|>`) and adds none keeps it."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     bos = tokenizer.bos_token
-    return text[len(bos):] if bos and text.startswith(bos) else text  # the prefix adds it once
+    if bos and text.startswith(bos) and tokenizer.bos_token_id in _prefix(tokenizer):
+        return text[len(bos):]
+    return text
+
+
+_PREFIXES: dict[int, list[int]] = {}
+
+
+def _prefix(tokenizer) -> list[int]:
+    """The special tokens encoding puts first (asked once per tokenizer: renders are per turn)."""
+    if id(tokenizer) not in _PREFIXES:
+        _PREFIXES[id(tokenizer)] = special_affixes(tokenizer)[0]
+    return _PREFIXES[id(tokenizer)]
 
 
 def _reply_spans(tokenizer, context: list[dict], prompt: str) -> tuple[tuple[int, int], ...] | None:

@@ -109,8 +109,8 @@ def pick_attention(choice: str, decoder: bool, device_type: str | None = None) -
     return "eager" if decoder and on_cpu else "sdpa"
 
 
-def load_lm(path: str, attention: str = "auto",
-            device_type: str | None = None) -> tuple[transformers.PreTrainedModel, list[str]]:
+def load_lm(path: str, attention: str = "auto", device_type: str | None = None,
+            dtype: torch.dtype = torch.float32) -> tuple[transformers.PreTrainedModel, list[str]]:
     """Load the backbone with its LM head (masked-LM for encoders, causal-LM for decoders).
 
     Returns the model and the names of LM-head tensors that the checkpoint lacked (newly
@@ -122,7 +122,7 @@ def load_lm(path: str, attention: str = "auto",
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # we report missing heads ourselves, briefly
     try:
-        model, info = cls.from_pretrained(path, output_loading_info=True, dtype=torch.float32, use_safetensors=True,
+        model, info = cls.from_pretrained(path, output_loading_info=True, dtype=dtype, use_safetensors=True,
                                            attn_implementation=pick_attention(attention, decoder, device_type))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None

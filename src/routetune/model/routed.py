@@ -294,10 +294,11 @@ class RoutedModel(nn.Module):
         return model
 
 
-def build_model(path: str, seed: int, attention: str = "auto", device_type: str | None = None) -> RoutedModel:
-    """The LM of `path` as a RoutedModel without task heads, on the CPU (the caller moves it);
-    `device_type` is where it will train, which decides `auto` attention."""
-    lm, missing_head = load_lm(path, attention, device_type)
+def build_model(path: str, seed: int, attention: str = "auto", device_type: str | None = None,
+                dtype: torch.dtype = torch.float32) -> RoutedModel:
+    """The LM of `path` as a RoutedModel without task heads, on the CPU (the caller moves it), its
+    weights in `dtype`; `device_type` is where it will train, which decides `auto` attention."""
+    lm, missing_head = load_lm(path, attention, device_type, dtype)
     if missing_head:
         tied = lm_head_is_tied(lm)
         log.info("the checkpoint has no LM head weights (%s), as usual for a model published without one: "

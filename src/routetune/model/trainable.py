@@ -1,10 +1,12 @@
 """Which parameters train: one function, :func:`apply_method`, for every method and freeze strategy.
 
-The method (model/methods/) decides for backbone parameters; ``none`` (full fine-tuning) leaves
+The method (model/methods/) decides for backbone parameters; ``full`` (full fine-tuning) leaves
 it to ``freeze``: frozen embeddings, only the top k layers, or only the heads. Task heads always
-train. The LM head's own parameters (e.g. BERT's prediction transform and bias) train too, but a
-decoder matrix *tied* to the word embeddings is the same tensor as the embeddings and follows
-them: frozen under any method but ``none``, and under ``head_only`` or ``embeddings: true``.
+train. The LM head's own parameters (e.g. BERT's prediction transform and bias) train too, except
+the vocabulary projection, which a parameter-efficient method leaves frozen unless
+``peft.train_lm_head`` (peft's ``modules_to_save``); a decoder matrix *tied* to the word
+embeddings is the same tensor as the embeddings and follows them: frozen under any method but
+``full``, and under ``head_only`` or ``embeddings: true``.
 """
 
 from __future__ import annotations
@@ -58,11 +60,15 @@ def apply_method(model, pcfg, fcfg, base_path: str) -> None:
         if not 0 < fcfg.top_k_layers <= len(layers):
             raise ConfigError(f"freeze.top_k_layers: expected 1..{len(layers)}, got {fcfg.top_k_layers}")
         top = {id(p) for layer in list(layers)[-fcfg.top_k_layers:] for p in layer.parameters()}
+    output = lm.get_output_embeddings()
+    vocab = id(output.weight) if output is not None else None  # the vocabulary projection
     for name, p in lm.named_parameters():
         rule = method.trains(name)  # None: full fine-tuning, the freeze strategies decide
         if id(p) in embeddings:
             train = rule is None and not fcfg.embeddings and not fcfg.head_only and layers is None
-        elif not name.startswith(prefix):  # the LM head's own parameters
+        elif id(p) == vocab:  # frozen under a parameter-efficient method unless asked (peft's modules_to_save)
+            train = rule is None or pcfg.train_lm_head
+        elif not name.startswith(prefix):  # the LM head's own other parameters (e.g. BERT's transform, bias)
             train = True
         elif rule is not None:
             train = rule

@@ -146,7 +146,9 @@ def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, 
                  earlier: Path | None) -> RoutedModel:
     """The backbone with a head per labelled source (and, with init_from, the earlier run's other
     heads, frozen), the method applied, on the device."""
-    model = build_model(model_path, cfg.train.seed, cfg.model.attention, hardware.device.type)
+    method = methods.get(cfg.peft.method)
+    dtype = base_dtype(cfg, method, hardware)
+    model = build_model(model_path, cfg.train.seed, cfg.model.attention, hardware.device.type, dtype)
     for name, src in sources.items():
         head = objective_table.get(objectives[name]).head
         if head is not None:
@@ -164,6 +166,10 @@ def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, 
                                **{k: spec[k] for k in ("pooling", "threshold") if k in spec})
         model.load_heads_from(earlier, list(earlier_specs))
     apply_method(model, cfg.peft, cfg.freeze, model_path)
+    if dtype != torch.float32:
+        upcast_trained(model)
+        log.info("model: the frozen base held in %s (train.precision), once; the trained parameters and their "
+                 "optimizer state in fp32 (model.base_dtype)", hardware.precision)
     model.to(hardware.device)
     if earlier is not None:
         for name in model.heads:
@@ -178,6 +184,23 @@ def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, 
                               "trainable (the backbone is frozen and the LM head is tied to the frozen embeddings); "
                               "drop the source or train part of the backbone")
     return model
+
+
+def base_dtype(cfg: Config, method, hardware: Hardware) -> torch.dtype:
+    """`model.base_dtype`: the training precision for a base the method freezes (bf16 or fp16, where
+    the run trains in it), fp32 for a base that trains (full fine-tuning) or that the method needs in
+    full (`low_precision_base` false: DoRA, BitFit)."""
+    if cfg.model.base_dtype == "fp32" or method.freezable or not method.low_precision_base:
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hardware.precision, torch.float32)
+
+
+def upcast_trained(model: RoutedModel) -> None:
+    """Trained parameters (adapters, biases, virtual tokens, an LM head asked for) in fp32 over a
+    base held in 16 bits: their updates and optimizer state keep full precision."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hardware) -> None:

@@ -52,6 +52,10 @@ class Method:
     """The model as it started = this model with the method switched off (no frozen copy needed)."""
     frozen_bf16 = True
     """Frozen Linear weights may be held as bf16 copies while training (model/frozen_bf16.py)."""
+    low_precision_base = True
+    """A base this method freezes may be held in the training precision, bf16 or fp16 (`model.base_dtype`):
+    false where the method reads the base weight in full (DoRA's magnitude) or trains parts of the
+    base's own modules (BitFit's biases beside 16-bit weights)."""
     merge_refusal: str | None = None
     """Why `export --merge` cannot fold this method into plain weights (None: it can)."""
     export_refusal: str | None = None

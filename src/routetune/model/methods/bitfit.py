@@ -7,6 +7,8 @@ from routetune.model.methods.base import TrainedTensors
 
 class BitFit(TrainedTensors):
     name = "bitfit"
+    options = ("train_lm_head",)
+    low_precision_base = False  # its trained biases sit in the base's own modules, beside their weights
 
     def trains(self, name: str) -> bool:
         return name.endswith(".bias")

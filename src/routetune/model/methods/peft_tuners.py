@@ -122,7 +122,7 @@ class PeftTuner(PeftFormat):
 
 class LoRA(PeftTuner):
     name = "lora"
-    options = ("r", "alpha", "dropout", "target_modules")
+    options = ("r", "alpha", "dropout", "target_modules", "train_lm_head")
 
     def peft_config(self, pcfg, lm: nn.Module):
         import peft
@@ -135,11 +135,12 @@ class LoRA(PeftTuner):
 class DoRA(LoRA):
     name = "dora"
     frozen_bf16 = False  # DoRA reads the base weight to compute its magnitude norm: it keeps autocast's casts
+    low_precision_base = False
 
 
 class IA3(PeftTuner):
     name = "ia3"
-    options = ("target_modules",)
+    options = ("target_modules", "train_lm_head")
 
     def peft_config(self, pcfg, lm: nn.Module):
         import peft

@@ -12,7 +12,8 @@ class BottleneckAdapter(TrainedTensors):
     export_refusal = ("bottleneck adapters are non-linear and cannot be merged into plain transformers weights; "
                       "the checkpoint (lm_trainable.safetensors + routetune.json) loads with routetune")
     merge_refusal = export_refusal
-    options = note_options = ("adapter_size", "adapter_placement")
+    options = ("adapter_size", "adapter_placement", "train_lm_head")
+    note_options = ("adapter_size", "adapter_placement")
 
     def apply(self, model, pcfg, base_path: str) -> None:
         if not add_bottleneck_adapters(model.lm, pcfg.adapter_size, pcfg.adapter_placement):

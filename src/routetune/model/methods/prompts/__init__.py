@@ -12,7 +12,7 @@ from routetune.model.methods.prompts.modules import peft_prompt_config, prefix_c
 
 
 class VirtualTokens(PeftFormat):
-    options = ("num_virtual_tokens", "seed")
+    options = ("num_virtual_tokens", "seed", "train_lm_head")
 
     def apply(self, model, pcfg, base_path: str) -> None:
         config = peft_prompt_config(self.name, pcfg.num_virtual_tokens, model.config, model.is_decoder, base_path)
