@@ -49,8 +49,8 @@ def test_mistakes_are_refused_naming_the_key(tmp_path, tiny_model_dir, ner_files
 
 @pytest.mark.parametrize("method, base_dtype, held", [
     ("lora", "auto", "bfloat16"), ("ia3", "auto", "bfloat16"), ("prompt_tuning", "auto", "bfloat16"),
-    ("adapter", "auto", "bfloat16"), ("bitfit", "auto", "float32"), ("dora", "auto", "float32"), ("full", "auto", "float32"),
-    ("lora", "fp32", "float32")])
+    ("adapter", "auto", "bfloat16"), ("bitfit", "auto", "float32"), ("dora", "auto", "float32"),
+    ("full", "auto", "float32"), ("lora", "fp32", "float32")])
 def test_a_frozen_base_is_held_once_in_the_training_precision(tmp_path, tiny_model_dir, ner_files, method,
                                                                base_dtype, held):
     """No fp32 copy of a frozen base: its weights are the training precision's (bf16 here); what trains (adapters,
