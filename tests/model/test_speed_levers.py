@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from routetune.data.sources import Encoded, MemorySource
@@ -98,9 +99,16 @@ def test_attention_choice():
 
 
 def _lora_config(tmp_path, model_dir, **train):
+    """LoRA in bf16 over an fp32 base (`model.base_dtype: fp32`): the levers act on fp32 frozen weights
+    (a base held in bf16 needs no bf16 copies), and last-bit differences stay last-bit differences
+    (a bf16 residual stream would round them up into bf16 steps)."""
     from support.methods import _config
 
-    return _config(tmp_path, model_dir, True, {"method": "lora", "r": 4}, {}, precision="bf16", max_steps=4, **train)
+    path = _config(tmp_path, model_dir, True, {"method": "lora", "r": 4}, {}, precision="bf16", max_steps=4, **train)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["base_dtype"] = "fp32"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def test_levers_keep_training_equivalent_and_checkpoints_fp32(tmp_path, tiny_llama_dir):
