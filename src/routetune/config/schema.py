@@ -57,6 +57,15 @@ class ModelConfig(Strict):
     allow_new_labels: bool = False
     """With `init_from`: when a source's training data has labels its earlier head lacks, append them (old classes keep
     their weights exactly) instead of refusing."""
+    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """Hold the base model quantized (QLoRA), through bitsandbytes (`pip install 'routetune[quantize]'`; x86 CPUs with
+    AVX2, and CUDA GPUs): `nf4` or `fp4` (4-bit, computed in the training precision) or `int8` (LLM.int8). With
+    `peft.method` lora or dora: the adapters (and task heads) train in fp32 over the frozen quantized base, checkpoints
+    hold only them with these settings, and eval, predict, serve and resume quantize the base again. Slow on a CPU
+    (every matmul dequantizes its weight)."""
+    quantize_double: bool = False
+    """With nf4/fp4: quantize the quantization constants too (double quantization, about 0.4 bits per parameter less).
+    """
     base_dtype: Literal["auto", "fp32"] = "auto"
     """Precision the base model's weights are held in while training. `auto`: a base that a parameter-efficient method
     freezes (LoRA, IA3, prompt/prefix tuning, bottleneck adapters) is held once, in the training precision

@@ -23,6 +23,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from routetune.model.quantize import bnb_config
 from routetune.hub import ALIASES, cache_dir, check_model
 from routetune.logs import quiet
 from routetune.errors import ModelError
@@ -110,12 +111,19 @@ def pick_attention(choice: str, decoder: bool, device_type: str | None = None) -
 
 
 def load_lm(path: str, attention: str = "auto", device_type: str | None = None,
-            dtype: torch.dtype = torch.float32) -> tuple[transformers.PreTrainedModel, list[str]]:
-    """Load the backbone with its LM head (masked-LM for encoders, causal-LM for decoders).
+            dtype: torch.dtype = torch.float32,
+            quantization: dict | None = None) -> tuple[transformers.PreTrainedModel, list[str]]:
+    """Load the backbone with its LM head (masked-LM for encoders, causal-LM for decoders), its
+    weights in `dtype`; with `quantization` ({"quantize": scheme, "double": bool}, model/quantize.py)
+    the Linear weights quantized by bitsandbytes, computed in `dtype`, on `device_type`.
 
     Returns the model and the names of LM-head tensors that the checkpoint lacked (newly
     initialised), so the caller can say so.
     """
+    extra = {}
+    if quantization:
+        extra = {"quantization_config": bnb_config(quantization["quantize"], quantization.get("double", False), dtype),
+                 "device_map": {"": device_type or "cpu"}}
     config = load_model_config(path)
     decoder = is_decoder(config)
     cls = AutoModelForCausalLM if decoder else AutoModelForMaskedLM
@@ -123,7 +131,7 @@ def load_lm(path: str, attention: str = "auto", device_type: str | None = None,
     transformers.logging.set_verbosity_error()  # we report missing heads ourselves, briefly
     try:
         model, info = cls.from_pretrained(path, output_loading_info=True, dtype=dtype, use_safetensors=True,
-                                           attn_implementation=pick_attention(attention, decoder, device_type))
+                                           attn_implementation=pick_attention(attention, decoder, device_type), **extra)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
     finally:

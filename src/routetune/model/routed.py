@@ -57,6 +57,7 @@ class RoutedModel(nn.Module):
         self.peft_options: dict = {}
         self.prompt: nn.Module | None = None  # prompt_tuning / prefix_tuning: peft's trained module
         self.n_virtual = 0
+        self.quantization: dict | None = None  # model.quantize: the base's bitsandbytes settings (model/quantize.py)
         self.fused_lm_loss = True  # causal-LM loss through model/lm_loss.py where the head allows it
         self.padding_free = False  # the backbone runs on the real tokens only (model/packing.py)
 
@@ -295,14 +296,17 @@ class RoutedModel(nn.Module):
 
 
 def build_model(path: str, seed: int, attention: str = "auto", device_type: str | None = None,
-                dtype: torch.dtype = torch.float32) -> RoutedModel:
+                dtype: torch.dtype = torch.float32, quantization: dict | None = None) -> RoutedModel:
     """The LM of `path` as a RoutedModel without task heads, on the CPU (the caller moves it), its
-    weights in `dtype`; `device_type` is where it will train, which decides `auto` attention."""
-    lm, missing_head = load_lm(path, attention, device_type, dtype)
+    weights in `dtype` (quantized with `quantization`, then on `device_type` already);
+    `device_type` is where it will train, which decides `auto` attention."""
+    lm, missing_head = load_lm(path, attention, device_type, dtype, quantization)
     if missing_head:
         tied = lm_head_is_tied(lm)
         log.info("the checkpoint has no LM head weights (%s), as usual for a model published without one: "
                  "initialised a new one%s (language-modelling sources train it)",
                  ", ".join(missing_head[:4]) + (" ..." if len(missing_head) > 4 else ""),
                  " with its decoder tied to the word embeddings" if tied else "")
-    return RoutedModel(lm)
+    model = RoutedModel(lm)
+    model.quantization = quantization
+    return model

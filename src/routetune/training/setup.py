@@ -38,6 +38,7 @@ from routetune.model.fast_dropout import use_fast_dropout
 from routetune.model.routed import RoutedModel, build_model
 from routetune.model.load import is_decoder, load_model_config, load_tokenizer, resolve_model
 from routetune.model import methods
+from routetune.model.quantize import check_quantizable
 from routetune.model.trainable import apply_method
 from routetune.training.checkpoint import run_checkpoint
 from routetune.training.distributed import ALONE, World
@@ -86,6 +87,8 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     setup; its batches are its slice of each global batch, on its own GPU."""
     # an unknown method or an option it does not take, or a tracker not installed: refused before any data is read
     methods.get(cfg.peft.method).check_options(cfg.peft, cfg.freeze)
+    if cfg.model.quantize != "none":
+        check_quantizable(methods.get(cfg.peft.method), cfg.model.quantize)
     check_trackers(cfg.train.report_to)
     if cfg.train.embedding_grad_buffer and world.distributed:
         raise ConfigError("train.embedding_grad_buffer: not with data-parallel training (it writes the embedding "
@@ -148,7 +151,13 @@ def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, 
     heads, frozen), the method applied, on the device."""
     method = methods.get(cfg.peft.method)
     dtype = base_dtype(cfg, method, hardware)
-    model = build_model(model_path, cfg.train.seed, cfg.model.attention, hardware.device.type, dtype)
+    quantization = None
+    if cfg.model.quantize != "none":
+        quantization = {"quantize": cfg.model.quantize, "double": cfg.model.quantize_double}
+        if earlier is not None:
+            raise ConfigError("model.quantize: not with model.init_from (start from the base model)")
+    model = build_model(model_path, cfg.train.seed, cfg.model.attention, str(hardware.device) if quantization
+                        else hardware.device.type, dtype, quantization)
     for name, src in sources.items():
         head = objective_table.get(objectives[name]).head
         if head is not None:
@@ -166,7 +175,11 @@ def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, 
                                **{k: spec[k] for k in ("pooling", "threshold") if k in spec})
         model.load_heads_from(earlier, list(earlier_specs))
     apply_method(model, cfg.peft, cfg.freeze, model_path)
-    if dtype != torch.float32:
+    if quantization:
+        upcast_trained(model)
+        log.info("model: the base held in %s (bitsandbytes), computed in %s; the adapters in fp32", cfg.model.quantize,
+                 str(dtype).removeprefix("torch."))
+    elif dtype != torch.float32:
         upcast_trained(model)
         log.info("model: the frozen base held in %s (train.precision), once; the trained parameters and their "
                  "optimizer state in fp32 (model.base_dtype)", hardware.precision)

@@ -52,6 +52,8 @@ class Method:
     """The model as it started = this model with the method switched off (no frozen copy needed)."""
     frozen_bf16 = True
     """Frozen Linear weights may be held as bf16 copies while training (model/frozen_bf16.py)."""
+    quantizable = False
+    """The method trains adapters over a base it never changes, so the base may be quantized (`model.quantize`)."""
     low_precision_base = True
     """A base this method freezes may be held in the training precision, bf16 or fp16 (`model.base_dtype`):
     false where the method reads the base weight in full (DoRA's magnitude) or trains parts of the
@@ -143,8 +145,9 @@ class Method:
         """Fold the method into plain weights (export --merge); nothing to do by default."""
 
     def note(self, model) -> dict:
+        quantized = {"quantization": model.quantization} if model.quantization else {}
         return {"base": model.base_path, "base_digest": base_digest(model.base_path), "method": self.name,
-                "adapter": self.checkpoint == "adapter", **model.peft_options}
+                "adapter": self.checkpoint == "adapter", **model.peft_options, **quantized}
 
 
 class TrainedTensors(Method):
@@ -230,9 +233,10 @@ class PeftFormat(Method):
     def rebuild(self, routed_cls, folder: Path, note: dict, attention: str = "auto", device_type: str | None = None):
         from peft import PeftConfig
 
-        lm, _ = load_lm(note["base"], attention, device_type)
+        lm, _ = load_lm(note["base"], attention, device_type, quantization=note.get("quantization"))
         config = PeftConfig.from_pretrained(str(folder))
         model = routed_cls(lm)
+        model.quantization = note.get("quantization")
         self.attach(model, config)
         model.adapter_config, model.base_path, model.method = config, note["base"], self
         self.load_weights(model, folder)

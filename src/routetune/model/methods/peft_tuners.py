@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from routetune.errors import ConfigError, ModelError
+from routetune.model import quantize
 from routetune.model.methods.base import ADAPTER_WEIGHTS, LM_TRAINABLE, PeftFormat, is_adapter_param
 
 log = logging.getLogger("routetune")
@@ -104,17 +105,25 @@ class PeftTuner(PeftFormat):
                     module.set_adapter(name, inference_mode=True)  # (not marked trainable)
 
     def merge(self, lm: nn.Module) -> int:
-        """Merge every injected peft layer into its base layer and put the base layer back."""
+        """Merge every injected peft layer into its base layer and put the base layer back. Over a
+        quantized base (model/quantize.py) each layer becomes a plain Linear of what it computes
+        (the adapter folded into the dequantized weight), and the other quantized layers plain
+        Linears of their dequantized weights."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         merged = 0
         for name, module in list(lm.named_modules()):
             if isinstance(module, BaseTunerLayer):
-                module.merge()
                 parent_name, _, child = name.rpartition(".")
                 parent = lm.get_submodule(parent_name) if parent_name else lm
-                setattr(parent, child, module.get_base_layer())
+                if quantize.is_quantized_layer(module.get_base_layer()):
+                    setattr(parent, child, quantize.merged_linear(module))
+                else:
+                    module.merge()
+                    setattr(parent, child, module.get_base_layer())
                 merged += 1
+        if getattr(lm, "is_quantized", False):
+            quantize.dequantize(lm)
         if hasattr(lm, "peft_config"):
             del lm.peft_config  # a plain transformers model again
         return merged
@@ -122,6 +131,7 @@ class PeftTuner(PeftFormat):
 
 class LoRA(PeftTuner):
     name = "lora"
+    quantizable = True
     options = ("r", "alpha", "dropout", "target_modules", "train_lm_head")
 
     def peft_config(self, pcfg, lm: nn.Module):
