@@ -72,9 +72,12 @@ def test_a_step_checkpoint_holds_the_adapters_and_resumes_exactly(qlora_run, tmp
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
     note = json.loads((folder / "routetune.json").read_text())
     assert note["quantization"] == {"quantize": "nf4", "double": False}
-    cfg = load_config(root / "q.yaml")
-    resumed = Trainer(prepare(cfg), tmp_path / "r")
-    assert resumed.restore(folder) == 3
+    import shutil
+
+    copy = tmp_path / "copy"  # a resume cuts the run's logs back to the checkpoint: on a copy
+    shutil.copytree(run_dir, copy)
+    resumed = Trainer(prepare(load_config(root / "q.yaml")), copy)
+    assert resumed.restore(copy / "checkpoints" / state.step_folder(3)) == 3
     for step in range(3, 6):
         resumed.train_step(step, resumed.batches.next())
     from safetensors.torch import load_file

@@ -76,7 +76,7 @@ def apply_method(model, pcfg, fcfg, base_path: str) -> None:
             train = False
         else:
             train = layers is None or id(p) in top
-        p.requires_grad_(train)
+        p.requires_grad_(train and p.is_floating_point())  # quantized weights (model.quantize) stay frozen
     method.check(model)
     for p in model.heads.parameters():
         p.requires_grad_(True)
