@@ -50,7 +50,7 @@ SHAPES = {  # SmolLM2's published configs, sizes as named
     "1.7B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                  num_key_value_heads=32),
 }
-TOKENS_PER_STEP = 1024
+TOKENS_PER_STEP = int(os.environ.get("BENCH_TOKENS", 1024))  # --tokens
 STEPS = {"135M": 3, "360M": 2, "1.7B": 1}  # timed steps (the 1.7B's take tens of seconds each on 2 cores)
 
 
@@ -106,7 +106,7 @@ class ProfiledTimer(tt.Timer):
 def _routetune_config(folder: Path, method: str, length: int, steps: int, out: Path) -> Path:
     import yaml
 
-    cfg = {"model": {"name": str(folder), "max_length": length},
+    cfg = {"model": {"name": str(folder), "max_length": length, "quantize": "nf4" if method == "qlora" else "none"},
            "sources": {"shakespeare": {"objective": "causal-lm", "train": str(DATA / "tinyshakespeare" / "input.txt"),
                                        "text": {"stream": False}}},
            "train": {"max_steps": steps, "batch_size": TOKENS_PER_STEP // length, "lr": 2e-4, "weight_decay": 0.0,
@@ -114,7 +114,7 @@ def _routetune_config(folder: Path, method: str, length: int, steps: int, out: P
                      "eval_before": False,
                      "log_every": 10**6, "progress": False},
            "peft": ({"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05,
-                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]} if method == "lora"
+                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]} if method in ("lora", "qlora")
                     else {"method": "none"}),
            "run": {"name": "scaling", "output_dir": str(out)}}
     path = out / "config.yaml"
@@ -159,9 +159,19 @@ def hf_side(folder: Path, method: str, length: int, steps: int, skip: int, preci
             for i in range(0, len(ids) - length + 1, length)][: batch * (steps + skip) * 2]
     # as transformers' docs recommend: the model loaded in the precision it trains in
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    quantized = {}
+    if method == "qlora":  # as transformers' and peft's QLoRA docs do it
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quantized = {"device_map": {"": "cpu"}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=pick_attention("auto", True,
-                                                                                                          "cpu"))
-    if method == "lora":
+                                                                                                          "cpu"),
+                                                 **quantized)
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if method in ("lora", "qlora"):
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     timer = ProfiledTimer(skip, steps)
@@ -211,7 +221,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("parameters (millions)")
         ax.set_title(title)
     a.legend(fontsize=7)
-    fig.suptitle(f"{results['cpu']}, {results['precision']}, {TOKENS_PER_STEP} tokens per step")
+    fig.suptitle(f"{results['cpu']}, {results['precision']}, {results['tokens_per_step']} tokens per step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -219,7 +229,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    ap.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "qlora", "full"])
+    ap.add_argument("--tokens", type=int, default=1024, help="tokens per step (memory rows of large shapes: fewer)")
     ap.add_argument("--lengths", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--skip", type=int, default=1, help="warm-up steps not timed")
     ap.add_argument("--json", type=Path)
@@ -245,10 +256,11 @@ def main() -> None:
     if args.profile:
         os.environ["BENCH_PROFILE"] = "1"  # read by each child's timer
 
+    os.environ["BENCH_TOKENS"] = str(args.tokens)  # read by each child
     precision = resolve("cpu", "auto").precision if args.precision == "auto" else args.precision
     os.environ["BENCH_PRECISION"] = precision  # read by each routetune child's config
     results = {"cpu": cpu_bf16()[1], "capability": torch.backends.cpu.get_cpu_capability(), "precision": precision,
-               "tokens_per_step": TOKENS_PER_STEP, "rows": []}
+               "tokens_per_step": args.tokens, "rows": []}
     print(f"CPU: {results['capability']}; {results['cpu']}; both sides in {precision}", flush=True)
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:

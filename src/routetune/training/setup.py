@@ -86,9 +86,7 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     (e.g. a GPU run resumed on a CPU-only machine). Under torchrun every process builds the same
     setup; its batches are its slice of each global batch, on its own GPU."""
     # an unknown method or an option it does not take, or a tracker not installed: refused before any data is read
-    methods.get(cfg.peft.method).check_options(cfg.peft, cfg.freeze)
-    if cfg.model.quantize != "none":
-        check_quantizable(methods.get(cfg.peft.method), cfg.model.quantize)
+    _check_method(cfg)
     check_trackers(cfg.train.report_to)
     if cfg.train.embedding_grad_buffer and world.distributed:
         raise ConfigError("train.embedding_grad_buffer: not with data-parallel training (it writes the embedding "
@@ -143,6 +141,14 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, hardware,
                   dev, test, evals=evals, world=world)
     return dataclasses.replace(setup, source_table=log_sources(setup))
+
+
+def _check_method(cfg: Config) -> None:
+    """The method exists, takes the options given, and can train over the base as configured."""
+    method = methods.get(cfg.peft.method)
+    method.check_options(cfg.peft, cfg.freeze)
+    if cfg.model.quantize != "none":
+        check_quantizable(method, cfg.model.quantize)
 
 
 def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, hardware: Hardware,
