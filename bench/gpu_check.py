@@ -200,6 +200,38 @@ def decoder(out, models, data, device):
     assert served["results"][0]["completion"] == offline["completion"], (served, offline)
 
 
+def openai(out, models, data, device):
+    """The decoder of `decoder` served on the device: the OpenAI completion (greedy) equals generate;
+    a streamed chat joined equals the whole answer for a seed."""
+    run = out / "runs" / "decoder"
+    if not run.is_dir():
+        decoder(out, models, data, device)
+    proc = subprocess.run([sys.executable, "-m", "routetune.cli", "generate", str(run), "--max-new-tokens", "12"],
+                          input="ROMEO:\n", capture_output=True, text=True, check=True)
+    offline = json.loads(proc.stdout.splitlines()[0])["completion"]
+    with Server(run, 8767) as server:
+        done = server.post("/v1/completions", {"model": "decoder", "prompt": "ROMEO:", "max_tokens": 12,
+                                                "temperature": 0})
+    print("offline:", offline, "\nserved:", done)
+    assert done["choices"][0]["text"].strip() == offline, (done, offline)
+
+
+def qlora(out, models, data, device):
+    """LoRA over an NF4 base on the device (bitsandbytes' CUDA kernels) beside LoRA over the bf16 base:
+    both train (the loss falls); each run's seconds per step printed."""
+    for name, quantize in (("lora-bf16", "none"), ("qlora-nf4", "nf4")):
+        cfg = shakespeare(out, models, data, device, name, {"method": "lora", "r": 8}, max_steps=20)
+        cfg["model"]["quantize"] = quantize
+        cli("train", write(out, name, cfg), "--no-test", "--no-retention")
+        s = summary(out, name)
+        on(device, s)
+        events = [json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        losses = [sum(v["loss"] for v in e["sources"].values() if v.get("loss") is not None)
+                  for e in events if e["event"] == "train"]
+        print(name, "losses", losses, "train seconds", s["train_seconds"])
+        assert losses[-1] < losses[0], (name, losses)
+
+
 def encoder(out, models, data, device):
     """NER trained on the device; dev F1 on the device and on the CPU; predict offline and served, equal."""
     cli("train", write(out, "ner", ner(out, models, data, device, "gpu-ner", max_steps=60, eval_every_steps=30,

@@ -17,6 +17,8 @@
 #   prompt       prompt tuning on the encoder
 #   decoder      decoder LoRA: train, generate offline and served (equal)
 #   encoder      NER: train, dev F1 on the GPU and the CPU, predict offline and served (equal)
+#   openai       the decoder over the OpenAI API on the GPU: a greedy completion equals generate
+#   qlora        LoRA over an NF4 base (bitsandbytes on CUDA) beside LoRA over the bf16 base
 #   ddp1         one process on one GPU through torchrun (nccl)
 #   resume_cpu   killed on the GPU after step 30, resumed on the CPU: the same plan
 #   throughput   routetune (bench/gpu_throughput.py) and the Hugging Face Trainer reference
@@ -62,6 +64,8 @@ check distill 40
 check prompt 40
 check decoder 60
 check encoder 90
+check openai 60
+check qlora 90
 check ddp1 40
 check resume_cpu 90
 if [ "$CHECK_DEVICE" = cuda ]; then

@@ -92,6 +92,8 @@ class ProfiledTimer(tt.Timer):
 
     def end(self):
         super().end()
+        if self.step == self.last:  # after the last timed step: the weights, optimizer state and buffers held
+            STEADY["rss_mb"] = round(held_rss_mb())
         if self.prof is not None and self.step == self.last:
             self.prof.__exit__(None, None, None)
             events = sorted(self.prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
@@ -101,6 +103,40 @@ class ProfiledTimer(tt.Timer):
 
     def result(self) -> dict:
         return {**super().result(), **({"top_ops_s_per_step": self.top} if self.top else {})}
+
+
+STEADY: dict = {}
+
+
+def held_rss_mb() -> float:
+    """This process's anonymous resident memory now, after freed heap is given back (glibc's
+    malloc_trim): what the model, its optimizer state and a step's buffers hold. Not counted: the
+    pages of the checkpoint's file that the load mapped (safetensors maps it; transformers keeps
+    the mapping, so a quantized load keeps the full-precision file's pages resident until the OS
+    needs them: clean page cache, dropped under memory pressure) and the load's freed transients."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def weights_mb(model) -> float:
+    """The bytes the model's weights are held in: parameters and buffers as stored (a 4-bit weight's
+    packed bytes and its quantization constants), whether in anonymous memory or a mapped file."""
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        while state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            state = getattr(state, "state2", None)
+    return round(total / 2**20)
 
 
 def _routetune_config(folder: Path, method: str, length: int, steps: int, out: Path) -> Path:
@@ -141,7 +177,7 @@ def routetune_side(folder: Path, method: str, length: int, steps: int, skip: int
             return timed_step
 
         run_steps(setup, wrap)
-    return {**timer.result(), "precision": setup.hardware.precision}
+    return {**timer.result(), "precision": setup.hardware.precision, "weights_mb": weights_mb(setup.model)}
 
 
 def hf_side(folder: Path, method: str, length: int, steps: int, skip: int, precision: str) -> dict:
@@ -176,7 +212,7 @@ def hf_side(folder: Path, method: str, length: int, steps: int, skip: int, preci
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     timer = ProfiledTimer(skip, steps)
     tt.hf_train(model, rows, timer, lambda: batch * length, batch, 2e-4, 0.0, steps + skip, precision=precision)
-    return {**timer.result(), "precision": precision}
+    return {**timer.result(), "precision": precision, "weights_mb": weights_mb(model)}
 
 
 def child(side: str, folder: str, method: str, length: int, steps: int, skip: int, precision: str) -> None:
@@ -185,6 +221,7 @@ def child(side: str, folder: str, method: str, length: int, steps: int, skip: in
     r = (routetune_side(Path(folder), method, length, steps, skip) if side == "routetune"
          else hf_side(Path(folder), method, length, steps, skip, precision))
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    r["held_rss_mb"] = STEADY.get("rss_mb")
     print("RESULT " + json.dumps(r), flush=True)
 
 
@@ -279,7 +316,9 @@ def main() -> None:
                     results["rows"].append(row)
                     print(f"{size:5s} {method:4s} {length:4d} " + "  ".join(
                         f"{s} {row[s].get('tokens_per_s', float('nan')):7.1f} tokens/s "
-                        f"{row[s].get('peak_rss_mb', float('nan')):6.0f} MB" for s in ("hf", "routetune"))
+                        f"{row[s].get('peak_rss_mb', float('nan')):6.0f} MB (weights {row[s].get('weights_mb')} MB, "
+                        f"anonymous {row[s].get('held_rss_mb')} MB)"
+                        for s in ("hf", "routetune"))
                         + (f"  ratio {row['ratio']:.2f}" if ok else "  (a side failed)"), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -151,3 +151,35 @@ def test_an_encoder_with_a_task_head_over_an_8_bit_base(tmp_path, tiny_model_dir
 def test_a_method_that_changes_the_base_is_refused_naming_the_key(tmp_path, tiny_llama_dir, method):
     with pytest.raises(ConfigError, match=rf"^model.quantize: nf4 .* peft.method {method} "):
         prepare(load_config(_decoder_config(tmp_path, tiny_llama_dir, method=method)))
+
+
+@pytest.mark.parametrize("extra", [
+    {"sources": {"general": {"distill": 1.0}}},  # the teacher: this quantized base with the adapters off
+    {"train": {"gradient_checkpointing": True}},
+    {"routing": {"budget": {"measure": "general-dev", "max_change": 0.05, "every": 2, "blocks": 2}}},
+], ids=["distilled", "checkpointing", "budget"])
+def test_general_text_distillation_checkpointing_and_a_budget_over_a_4_bit_base(tmp_path, tiny_llama_dir, extra):
+    from routetune.workflow import train
+
+    (tmp_path / "d.txt").write_text("the store of john opened in paris and london . " * 60)
+    (tmp_path / "g.txt").write_text(GENERAL)
+    cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 24, "quantize": "nf4"},
+           "sources": {"domain": {"objective": "causal-lm", "train": str(tmp_path / "d.txt"),
+                                  "text": {"stream": False}},
+                       "general": {"objective": "causal-lm", "train": str(tmp_path / "g.txt"),
+                                   "text": {"stream": False}, **extra.get("sources", {}).get("general", {})}},
+           "evals": {"general-dev": {"path": str(tmp_path / "g.txt"), "split": "dev"}},
+           "routing": {"weights": {"domain": 0.7, "general": 0.3}, "granularity": "example",
+                       **extra.get("routing", {})},
+           "peft": {"method": "lora", "r": 4},
+           "train": {"max_steps": 4, "batch_size": 4, "lr": 2e-2, "precision": "fp32", "device": "cpu",
+                     "progress": False, **extra.get("train", {})},
+           "run": {"name": "mix", "output_dir": str(tmp_path / "runs")}}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir, summary = train(tmp_path / "mix.yaml")
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [v["loss"] for e in events if e["event"] == "train" for v in e["sources"].values()
+              if v.get("loss") is not None]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    if "routing" in extra:
+        assert [e["step"] for e in events if e["event"] == "budget"] == [0, 2, 4]
