@@ -306,7 +306,7 @@ class Config(Strict):
     peft: PeftConfig = PeftConfig()
     """Parameter-efficient fine-tuning method of the shared backbone."""
     freeze: FreezeConfig = FreezeConfig()
-    """Freezing strategies for full fine-tuning (peft.method none)."""
+    """Freezing strategies for full fine-tuning (peft.method full)."""
     evals: dict[str, EvalTextConfig] = Field(default_factory=dict)
     """Extra held-out text, never trained on, scored with the base model before training and with the fine-tuned model
     after (e.g. general text, to see what was kept)."""
