@@ -288,3 +288,29 @@ def test_a_prompt_tuned_run_answers_as_routetune_generate(tmp_path, tiny_llama_d
                                             "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
         assert [ch["text"].strip() for ch in r.json()["choices"]] == offline
+
+
+def test_a_fully_fine_tuned_decoder_is_served_alone_and_generate_still_answers(tmp_path, tiny_llama_dir):
+    """Full fine-tuning: no adapters, so no base to offer beside the run; /v1/generate (the worker
+    thread) and the OpenAI endpoints (the engine) take turns on the model."""
+    from fastapi.testclient import TestClient
+
+    from routetune.runs import load_run
+    from routetune.workflow import train
+
+    (tmp_path / "t.txt").write_text(GENERAL)
+    cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 48},
+           "sources": {"lm": {"objective": "causal-lm", "train": str(tmp_path / "t.txt"), "text": {"stream": False}}},
+           "peft": {"method": "full"},
+           "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "precision": "fp32", "device": "cpu",
+                     "progress": False},
+           "run": {"name": "whole", "output_dir": str(tmp_path / "runs")}}
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir, _ = train(tmp_path / "f.yaml")
+    cfg, model, tok = load_run(run_dir)
+    with TestClient(create_app(model, tok, cfg, Limits(max_new_tokens=6), "fp32")) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["whole"]
+        done = c.post("/v1/completions", json={"model": "whole", "prompt": "paris", "max_tokens": 6,
+                                               "temperature": 0}).json()
+        legacy = c.post("/v1/generate", json={"prompts": ["paris"], "max_new_tokens": 6}).json()
+        assert done["choices"][0]["text"].strip() == legacy["results"][0]["completion"]
