@@ -66,12 +66,13 @@ def _files(folder):
 def test_1_overwrite_keeps_files_the_user_added_to_a_run(finished, tmp_path):
     config, run_dir = _copy(finished, tmp_path)
     (run_dir / "my-analysis.ipynb").write_text("{}")
+    (run_dir / "continual.json").write_text("{}")  # a continual sequence writes it in its own folder, not a run's
     (run_dir / "plots").mkdir()
     (run_dir / "plots" / "fig.png").write_bytes(b"png")
     before = _files(run_dir)
     proc = run_cli("train", config, "--overwrite", check=False)
     last = _one_line_exit_2(proc, "holds files it did not write", "my-analysis.ipynb", "plots/fig.png",
-                            "nothing was deleted")
+                            "continual.json", "nothing was deleted")
     assert "--overwrite" in last
     assert _files(run_dir) == before
 

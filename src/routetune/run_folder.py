@@ -34,12 +34,10 @@ WANDB = "wandb"  # train.report_to: wandb (its own files; routetune tells it to 
 APPEND_LOGS = (METRICS, PLAN)
 """The append-only logs, cut back to a checkpoint's length on resume."""
 
-WRITTEN = frozenset({CONFIG, LABELS, METRICS, PLAN, LOG, SUMMARY, BEFORE, HARDWARE, CONTINUAL, MLFLOW_DB,
-                     MLFLOW_NOTE, WANDB_NOTE, MARKER, LOCK})
-"""The files a run writes at the top level of its folder."""
-
-FOLDERS = frozenset({CHECKPOINTS, REPORT, TENSORBOARD, WANDB})
-"""The folders a run (or its report and trackers) writes at the top level."""
+WRITTEN = frozenset({CONFIG, LABELS, METRICS, PLAN, LOG, SUMMARY, BEFORE, HARDWARE, MLFLOW_DB, MLFLOW_NOTE, WANDB_NOTE,
+                     MARKER, LOCK})
+"""The files a run writes at the top level of its folder (not CONTINUAL: a continual sequence
+writes it in the sequence's folder, so in a run folder it is someone else's and stays)."""
 
 
 def tracker_note(tool: str) -> str:
@@ -58,9 +56,6 @@ class RunFolder:
 
     def __init__(self, path: str | Path):
         object.__setattr__(self, "path", Path(path))
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
 
     config = property(lambda self: self.path / CONFIG)
     labels = property(lambda self: self.path / LABELS)
