@@ -263,24 +263,29 @@ def test_a_client_that_goes_away_mid_stream_frees_its_slot(server, monkeypatch):
     assert seq.cancelled and len(seq.ids) < 12  # dropped at the next step, not run to its 24 tokens
 
 
+def _lone_run(tmp_path, model_dir, name: str, peft: dict, steps: int, lr: float):
+    """A run of `model_dir` on general text with `peft`, served on its own by the tests below."""
+    from routetune.workflow import train
+
+    (tmp_path / "t.txt").write_text(GENERAL)
+    cfg = {"model": {"name": str(model_dir), "max_length": 48},
+           "sources": {"lm": {"objective": "causal-lm", "train": str(tmp_path / "t.txt"), "text": {"stream": False}}},
+           "peft": peft, "train": {"max_steps": steps, "batch_size": 4, "lr": lr, "precision": "fp32", "device": "cpu",
+                                   "progress": False},
+           "run": {"name": name, "output_dir": str(tmp_path / "runs")}}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    return train(tmp_path / f"{name}.yaml")[0]
+
+
 def test_a_prompt_tuned_run_answers_as_routetune_generate(tmp_path, tiny_llama_dir):
     """Prompt tuning prefills from the virtual tokens' embeddings, then decodes from its cache."""
     from fastapi.testclient import TestClient
 
     from routetune.model.inference import generate
     from routetune.runs import load_run
-    from routetune.workflow import train
 
-    (tmp_path / "t.txt").write_text(GENERAL)
-    cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 48},
-           "sources": {"lm": {"objective": "causal-lm", "train": str(tmp_path / "t.txt"), "text": {"stream": False}}},
-           "peft": {"method": "prompt_tuning", "num_virtual_tokens": 4},
-           "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-2, "precision": "fp32", "device": "cpu",
-                     "progress": False},
-           "run": {"name": "prompted", "output_dir": str(tmp_path / "runs")}}
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
-    run_dir, _ = train(tmp_path / "p.yaml")
-    cfg, model, tok = load_run(run_dir)
+    cfg, model, tok = load_run(_lone_run(tmp_path, tiny_llama_dir, "prompted",
+                                         {"method": "prompt_tuning", "num_virtual_tokens": 4}, 4, 5e-2))
     offline = generate(model, tok, ["the store of john", "paris"], 8, cfg.model.max_length)
     with TestClient(create_app(model, tok, cfg, Limits(max_new_tokens=8), "fp32")) as c:
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["prompted"]
@@ -296,18 +301,8 @@ def test_a_fully_fine_tuned_decoder_is_served_alone_and_generate_still_answers(t
     from fastapi.testclient import TestClient
 
     from routetune.runs import load_run
-    from routetune.workflow import train
 
-    (tmp_path / "t.txt").write_text(GENERAL)
-    cfg = {"model": {"name": str(tiny_llama_dir), "max_length": 48},
-           "sources": {"lm": {"objective": "causal-lm", "train": str(tmp_path / "t.txt"), "text": {"stream": False}}},
-           "peft": {"method": "full"},
-           "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "precision": "fp32", "device": "cpu",
-                     "progress": False},
-           "run": {"name": "whole", "output_dir": str(tmp_path / "runs")}}
-    (tmp_path / "f.yaml").write_text(yaml.safe_dump(cfg))
-    run_dir, _ = train(tmp_path / "f.yaml")
-    cfg, model, tok = load_run(run_dir)
+    cfg, model, tok = load_run(_lone_run(tmp_path, tiny_llama_dir, "whole", {"method": "full"}, 2, 1e-3))
     with TestClient(create_app(model, tok, cfg, Limits(max_new_tokens=6), "fp32")) as c:
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["whole"]
         done = c.post("/v1/completions", json={"model": "whole", "prompt": "paris", "max_tokens": 6,

@@ -16,6 +16,7 @@ prompt instead, and refuses chat records.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -58,14 +59,11 @@ def render_chat(tokenizer, messages: list[dict], generation: bool = True) -> str
     return text
 
 
-_PREFIXES: dict[int, list[int]] = {}
-
-
-def _prefix(tokenizer) -> list[int]:
-    """The special tokens encoding puts first (asked once per tokenizer: renders are per turn)."""
-    if id(tokenizer) not in _PREFIXES:
-        _PREFIXES[id(tokenizer)] = special_affixes(tokenizer)[0]
-    return _PREFIXES[id(tokenizer)]
+@functools.lru_cache(maxsize=8)
+def _prefix(tokenizer) -> tuple[int, ...]:
+    """The special tokens encoding puts first (asked once per tokenizer: renders are per turn; held
+    by the cache, so an id is never that of another tokenizer)."""
+    return tuple(special_affixes(tokenizer)[0])
 
 
 def _reply_spans(tokenizer, context: list[dict], prompt: str) -> tuple[tuple[int, int], ...] | None:

@@ -40,25 +40,11 @@ def is_quantized_layer(module: nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of quantized weights, their parameter count): what the quantized layers hold."""
-    import bitsandbytes as bnb
-
-    held, count = 0, 0
-    for module in model.modules():
-        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            held += module.weight.numel() * module.weight.element_size()
-            count += module.in_features * module.out_features
-    return held, count
-
-
-def plain_linear(module: nn.Module, delta: torch.Tensor | None = None) -> nn.Linear:
-    """A plain Linear holding the dequantized weight of quantized layer `module` (plus `delta`)."""
+def plain_linear(module: nn.Module) -> nn.Linear:
+    """A plain Linear holding the dequantized weight of quantized layer `module`."""
     from peft.utils.integrations import dequantize_module_weight
 
     weight = dequantize_module_weight(module).float()
-    if delta is not None:
-        weight = weight + delta.float()
     out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device)
     with torch.no_grad():
         out.weight.copy_(weight)

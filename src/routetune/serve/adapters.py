@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from routetune.errors import RunError
+from routetune.model.load import base_digest
 from routetune.model.methods.base import NOTE
 from routetune.serve.openai_api import OpenAIError
 from routetune.training import checkpoint as ckpt
@@ -50,7 +51,7 @@ class Served:
             if not served.adapters or note.get("method") != model.method.name:
                 raise RunError(f"{run_dir}: only runs that trained peft adapters ({model.method.name} like "
                                f"{first}) on one base can be served together; serve it on its own")
-            if note.get("base_digest") != model.method.note(model).get("base_digest"):
+            if note.get("base_digest") != base_digest(model.base_path):
                 raise RunError(f"{run_dir}: trained on another base ({note.get('base')}) than {first} "
                                f"({model.base_path}); runs served together share one base model")
             model.method.add_adapter(model, folder, name)

@@ -85,6 +85,7 @@ class Sequence:
         self.emitted = 0  # characters of the decoded text handed out
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.length = 0  # positions in the cache
+        self.last = 0  # the token the next decoding step feeds
         self.cancelled = False
         self.done = False
 
@@ -271,12 +272,9 @@ class Engine:
         for row, r in enumerate(requests):
             length = total - (width - len(r[0].prompt))  # the real positions (virtual tokens included)
             mine = [(k[row:row + 1, :, total - length:], v[row:row + 1, :, total - length:]) for k, v in layers]
-            logits = out.logits[row, -1]
             for s in r:
                 s.cache, s.length = mine, length
-                token = _pick(logits, s, self.tokenizer)
-                s.add(token, token.id in self.eos)
-                s.last = token.id
+                self._advance(s, out.logits[row, -1])
 
     def _decode(self, adapter, group: list[Sequence]) -> None:
         """One decoding step for the active sequences of one adapter, as one batch."""
@@ -304,6 +302,10 @@ class Engine:
             pad = width - s.length
             s.cache = [(k[row:row + 1, :, pad:], v[row:row + 1, :, pad:]) for k, v in new]
             s.length += 1
-            token = _pick(out.logits[row, -1], s, self.tokenizer)
-            s.add(token, token.id in self.eos)
-            s.last = token.id
+            self._advance(s, out.logits[row, -1])
+
+    def _advance(self, s: Sequence, logits: torch.Tensor) -> None:
+        """The sequence's next token from its row of logits: handed to it, fed to the next step."""
+        token = _pick(logits, s, self.tokenizer)
+        s.add(token, token.id in self.eos)
+        s.last = token.id

@@ -54,18 +54,27 @@ class Limits:
     """Largest max_new_tokens a generate request may ask for."""
 
 
-def _openai(scope) -> bool:
+OPENAI_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions")
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                      408: "timeout", 413: "invalid_request_error", 503: "server_error", 504: "timeout"}
+
+
+def is_openai_path(path: str) -> bool:
     """The OpenAI endpoints (serve/openai_api.py) answer errors in OpenAI's shape."""
-    path = scope.get("path", "")
-    return path in ("/v1/models", "/v1/chat/completions", "/v1/completions") or path.startswith("/v1/models/")
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
+def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 async def _reply(send, status: int, detail: str, headers: list | None = None, scope=None) -> None:
     import json
 
-    if scope is not None and _openai(scope):
-        kind = {401: "authentication_error", 408: "timeout", 503: "server_error"}.get(status, "invalid_request_error")
-        body = json.dumps({"error": {"message": detail, "type": kind, "param": None, "code": None}}).encode()
+    if scope is not None and is_openai_path(scope.get("path", "")):
+        body = json.dumps(openai_error_body(status, detail)).encode()
     else:
         body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,

@@ -29,17 +29,14 @@ from routetune.data.chat import render_chat
 from routetune.data.sources import encode_prompt
 from routetune.seeds import derive_seed
 from routetune.serve.generation import Event, Sampling, Sequence
+from routetune.serve.limits import openai_error_body as error_body
 
-PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions")
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MAX_TOP_LOGPROBS = 20
 
 
 class OpenAIError(Exception):
-    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             408: "timeout", 413: "invalid_request_error", 503: "server_error", 504: "timeout"}
+    """An error answered in OpenAI's shape (serve/limits.py `openai_error_body`)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -47,15 +44,6 @@ class OpenAIError(Exception):
 
     def body(self) -> dict:
         return error_body(self.status, self.message, self.param, self.code)
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = OpenAIError.TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def is_openai_path(path: str) -> bool:
-    return path in PATHS or path.startswith("/v1/models/")
 
 
 # ------------------------------------------------------------------ request schemas

@@ -45,11 +45,12 @@ from routetune.model.inference import for_inference
 from routetune.runs import load_run
 from routetune.serve.access import check_exposure, is_loopback  # noqa: F401  (is_loopback: this module's API)
 from routetune.serve.connections import ConnectionGuard
-from routetune.serve.limits import Auth, BodyReader, ConcurrencyLimit, Limits, StatusMetrics
+from routetune.serve.limits import Auth, BodyReader, ConcurrencyLimit, Limits, StatusMetrics, is_openai_path
+from routetune.serve.limits import openai_error_body as error_body
 from routetune.serve.predictor import item_from_text, item_from_tokens, unicode_problem
 from routetune.serve.adapters import Served
 from routetune.serve.generation import Engine
-from routetune.serve.openai_api import error_body, is_openai_path, openai_routes, validation_error
+from routetune.serve.openai_api import openai_routes, validation_error
 from routetune.serve.service import Batcher, Service  # noqa: F401  (Batcher: part of this module's API)
 from routetune.training import checkpoint as ckpt
 

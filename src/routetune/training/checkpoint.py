@@ -169,7 +169,8 @@ def _mark_complete(folder: Path) -> None:
 # model.safetensors or its sharded index.
 REQUIRED = {kind: files | {HEADS_SPEC} for kind, files in FORMATS.items()}
 OPTIMIZER_TENSORS, OPTIMIZER_META, TRAINER_STATE = "optimizer.safetensors", "optimizer.json", "trainer_state.json"
-STEP_STATE = {OPTIMIZER_TENSORS, OPTIMIZER_META, "rng.safetensors", TRAINER_STATE}  # rng.safetensors: rng_file(0)
+RNG = "rng.safetensors"  # rank 0's random-number state (rng_file)
+STEP_STATE = {OPTIMIZER_TENSORS, OPTIMIZER_META, RNG, TRAINER_STATE}
 
 
 def _kind(folder: Path, listed: set[str]) -> str:
@@ -347,7 +348,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 def rng_file(rank: int) -> str:
     """The random-number state of data-parallel rank `rank` (rank 0: the single-process name)."""
-    return "rng.safetensors" if rank == 0 else f"rng-rank{rank}.safetensors"
+    return RNG if rank == 0 else f"rng-rank{rank}.safetensors"
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
