@@ -197,7 +197,7 @@ def _max_tokens(svc, req, given: int | None, default: int) -> int:
 
 def _encode(svc, text: str, max_tokens: int, param: str) -> list[int]:
     """The prompt's token ids as training and `routetune generate` make them; too long is a 400."""
-    ids, _, cut = encode_prompt(svc.thread_tokenizer(), text, None, 10**9)
+    ids = encode_prompt(svc.thread_tokenizer(), text, None, 10**9)[0]
     room = svc.max_tokens
     context = getattr(svc.model.config, "max_position_embeddings", None) or 10**9
     if len(ids) > room and not svc.limits.truncate:
@@ -206,8 +206,7 @@ def _encode(svc, text: str, max_tokens: int, param: str) -> list[int]:
                           "context_length_exceeded")
     if len(ids) > room:
         ids, _, _ = encode_prompt(svc.thread_tokenizer(), text, None, room)
-    virtual = svc.model.n_virtual if svc.model.prompt is not None else 0
-    if len(ids) + max_tokens + virtual > context:
+    if len(ids) + max_tokens + svc.model.n_virtual > context:  # prompt tuning's virtual tokens take positions too
         raise OpenAIError(400, f"{param}: {len(ids)} prompt tokens and max_tokens {max_tokens} pass the model's "
                                f"context of {context} positions", param, "context_length_exceeded")
     return ids
