@@ -309,3 +309,13 @@ def test_a_fully_fine_tuned_decoder_is_served_alone_and_generate_still_answers(t
                                                "temperature": 0}).json()
         legacy = c.post("/v1/generate", json={"prompts": ["paris"], "max_new_tokens": 6}).json()
         assert done["choices"][0]["text"].strip() == legacy["results"][0]["completion"]
+
+
+def test_the_servers_own_limits_answer_in_openai_shape(server):
+    """The middleware's refusals (here the body size, before any handler) on an OpenAI path: the
+    client raises its own status error, the body is OpenAI's error object."""
+    c = server.client(api_key="sesame")
+    with pytest.raises(openai.APIStatusError) as info:
+        c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x" * 1_100_000}])
+    assert info.value.status_code == 413
+    assert info.value.body["type"] == "invalid_request_error" and "too large" in info.value.body["message"]
