@@ -23,6 +23,12 @@ Fixed before the first runs (2026-12-04): seeds 1-5; equivalence margin ±0.03 e
 95% t-interval of the paired difference (same seed) on dev and on test, for padding-free minus
 padded batches and for routetune minus the Trainer. Padding-free batches stay the default for
 prompt/completion data if both of their intervals lie inside it.
+
+Fixed before the QLoRA runs (2026-12-07): seeds 1-5, fp32 compute on an AVX2-only CPU; variants
+``routetune`` (LoRA over the fp32 base) and ``routetune:model.quantize=nf4`` (the same LoRA over an
+NF4 base, no double quantization); equivalence margin ±0.03 exact match for the 95% t-interval of
+the paired difference (LoRA minus QLoRA, same seed) on dev and on test. The docs call QLoRA at
+parity on this work only if both intervals lie inside it.
 """
 
 from __future__ import annotations
