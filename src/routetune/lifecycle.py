@@ -35,7 +35,7 @@ from routetune.model.trainable import parameter_groups
 from routetune.run_folder import RunFolder
 from routetune.runs import Claim
 from routetune.training import checkpoint as ckpt
-from routetune.training import events, tracking
+from routetune.training import distributed, events, tracking
 from routetune.training.callbacks import MetricsLog
 from routetune.training.engine import FitResult, Trainer
 from routetune.training.setup import Setup
@@ -114,8 +114,10 @@ class Lifecycle:
         if self.resume_from is not None:
             step = self.trainer.restore(self.resume_from)
             log.info("resumed from %s at step %d of %d", self.resume_from.name, step, setup.total_steps)
-        elif self.main and setup.cfg.train.eval_before and setup.before_sets():
-            self._score_base()
+        elif setup.cfg.train.eval_before and setup.before_sets():
+            with distributed.full_params(self.trainer.ddp):  # sharded: gathered on every rank, rank 0 scores
+                if self.main:
+                    self._score_base()
 
     def train(self) -> FitResult:
         if self.main:
@@ -127,11 +129,12 @@ class Lifecycle:
 
     def summarise(self, result: FitResult) -> dict:
         world = self.setup.world
-        summary = self._summary(result) if self.main else {}
-        if self.main:  # the results reach the trackers and callbacks too
-            self.metrics.write(events.FINAL, step=summary["steps"], test=summary.get("test", {}),
-                               dev=summary.get("dev", {}), before_after=summary.get("before_after", {}))
-        world.barrier()  # the others leave once rank 0 has written the summary
+        with distributed.full_params(self.trainer.ddp):  # sharded: the last step's weights, for rank 0
+            summary = self._summary(result) if self.main else {}
+            if self.main:  # the results reach the trackers and callbacks too
+                self.metrics.write(events.FINAL, step=summary["steps"], test=summary.get("test", {}),
+                                   dev=summary.get("dev", {}), before_after=summary.get("before_after", {}))
+            world.barrier()  # the others leave once rank 0 has written the summary
         return world.broadcast(summary)
 
     def close(self) -> None:

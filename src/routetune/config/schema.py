@@ -86,6 +86,20 @@ class EarlyStoppingConfig(Strict):
     """Smallest change that counts as an improvement."""
 
 
+class DistributedConfig(Strict):
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (`--nproc N` or torchrun): `ddp` keeps a full copy of the model, its gradients and
+    optimizer state on every process (DistributedDataParallel); `fsdp` shards them over the processes (PyTorch's
+    FSDP2, each transformer block a shard group), for models whose training state does not fit one process
+    (docs/distributed.md). Checkpoints are the same either way and resume on any number of processes."""
+    reshard_after_forward: bool = True
+    """fsdp: free each block's gathered weights after its forward and gather them again for backward (less memory,
+    one more all-gather per block); false keeps them until backward."""
+    offload: bool = False
+    """fsdp on GPUs: keep the parameter shards, their gradients and the optimizer state in CPU memory between uses
+    (the optimizer step runs on the CPU)."""
+
+
 class TrainConfig(Strict):
     epochs: float = Field(3.0, gt=0)
     """Passes over the primary source."""
@@ -139,6 +153,8 @@ class TrainConfig(Strict):
     """Weight decay (decoupled for AdamW; not applied to biases and LayerNorm weights)."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """Share of steps with a linear warm-up from 0 to `lr`, before the `schedule`."""
+    distributed: DistributedConfig = DistributedConfig()
+    """How several processes share the model (ignored in one process)."""
     gradient_checkpointing: bool = False
     """Recompute the backbone's activations in the backward pass instead of keeping them (transformers' gradient
     checkpointing, non-reentrant): less memory for longer sequences or larger batches, about a third more compute. Same

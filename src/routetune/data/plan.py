@@ -36,6 +36,8 @@ class RoutedBatches:
         self.granularity = granularity
         self.on_exhausted = on_exhausted
         self.rank, self.world_size = rank, world_size
+        # sharded training (FSDP): every rank a part of every draw, a zero-weight stand-in where its share is empty
+        self.lockstep = False
         self.step = 0
         self.finished = False
         self.last_draws: list[Draw] = []
@@ -74,13 +76,17 @@ class RoutedBatches:
         which it trains with weight 0, so that every rank takes part in the gradient exchange."""
         step = self.step
         self.last_draws = self.plan_step()
-        parts = [self.collate(d, step) for d in self.last_draws if len(d.ids) > self.rank]
+        parts = [self.collate(d, step) if len(d.ids) > self.rank else self.stand_in(d, step)
+                 for d in self.last_draws if len(d.ids) > self.rank or (self.lockstep and d.ids)]
         if not parts:
-            first = next(d for d in self.last_draws if d.ids)
-            one = Draw(first.source, first.ids[:1], first.payload[:1] if first.payload is not None else None)
-            tensors, n_tokens = self.sources[first.source].collate(one, step)
-            parts = [Batch(first.source, [], tensors, 0, False, stand_in=True)]
+            parts = [self.stand_in(next(d for d in self.last_draws if d.ids), step)]
         return parts
+
+    def stand_in(self, draw: Draw, step: int) -> Batch:
+        """The draw's first example as a part this rank trains with weight 0."""
+        one = Draw(draw.source, draw.ids[:1], draw.payload[:1] if draw.payload is not None else None)
+        tensors, _ = self.sources[draw.source].collate(one, step)
+        return Batch(draw.source, [], tensors, 0, False, stand_in=True)
 
     def loader(self, steps: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
         """A DataLoader over the next `steps` steps: the plan is made here (main process); workers

@@ -322,8 +322,8 @@ def prune(root: Path, keep_last: int) -> None:
 # ---- optimizer and RNG state as tensors + JSON (never pickle) ------------------------------
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    state = optimizer.state_dict()
+def save_optimizer(state: dict, folder: Path) -> None:
+    """An optimizer's `state_dict()` (parameters numbered, full tensors) as safetensors + JSON."""
     tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
     for pid, entry in state["state"].items():
         meta["state"][str(pid)] = {}
@@ -337,13 +337,14 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     (folder / OPTIMIZER_META).write_text(json.dumps(meta))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def read_optimizer(folder: Path) -> dict:
+    """What :func:`save_optimizer` wrote, as an optimizer's `state_dict()`."""
     meta = json.loads((folder / OPTIMIZER_META).read_text())
     tensors = load_file(str(folder / OPTIMIZER_TENSORS))
     state = {}
     for pid, entry in meta["state"].items():
         state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in entry.items()}
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_file(rank: int) -> str:

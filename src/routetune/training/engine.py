@@ -61,6 +61,9 @@ class Trainer:
         cfg, tc = setup.cfg, setup.cfg.train
         self.model, self.batches = setup.model, setup.batches
         self.objectives = {n: s.objective for n, s in setup.sources.items()}
+        self.hw, self.world = setup.hardware, setup.world
+        # before the optimizer: FSDP2 replaces the parameters by their shards (the model itself in one process)
+        self.ddp = distributed.wrap(self.model, self.world, tc.distributed, self.hw.precision)
         self.optimizer = build_optimizer(self.model, tc)
         name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[tc.schedule]
         warmup = round(tc.warmup_ratio * setup.total_steps)
@@ -78,20 +81,21 @@ class Trainer:
         self.loss_weights = cfg.routing.loss_weights
         self.distill = {n: s.distill for n, s in cfg.sources.items() if s.distill > 0}
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.hw, self.world = setup.hardware, setup.world
         self.budget = Budget.of(setup)  # a retention budget's measurements (routing.budget), or None
         self.names = list(self.batches.router.names)
         self.bad_examples: dict[str, list] = {}
         self.time_checkpoint = False  # rank 0's clock says a checkpoint is due (shared with the step's losses)
-        self.ddp = distributed.wrap(self.model, self.world)  # the model itself in one process
         # fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not: the
         # disabled scaler passes every call through (scale returns the loss, step steps)
         self.scaler = torch.amp.GradScaler(self.hw.device.type, enabled=self.hw.precision == "fp16")
-        self.clip_in_optimizer = tc.optimizer == "adamw" and tc.fused and not self.scaler.is_enabled()
+        self.clip_in_optimizer = (tc.optimizer == "adamw" and tc.fused and not self.scaler.is_enabled()
+                                  and not distributed.sharded(self.ddp))
         # bf16 copies of frozen Linear weights while training (see model/frozen_bf16.py), where the
         # method allows them (DoRA reads the base weight for its magnitude norm)
+        # (not under FSDP: its mixed-precision policy gathers the weights in bf16 already)
         self.frozen = FrozenBf16(self.model) if (self.hw.precision == "bf16" and tc.bf16_frozen_weights
-                                                 and self.model.method.frozen_bf16) else None
+                                                 and self.model.method.frozen_bf16
+                                                 and not distributed.sharded(self.ddp)) else None
         if tc.bf16_frozen_weights and self.hw.precision != "bf16" and self.world.main:
             log.info("train.bf16_frozen_weights: skipped in %s (it saves the casts of bf16 autocast)",
                      self.hw.precision)
@@ -141,7 +145,8 @@ class Trainer:
         if start == 0 and self.world.rank > 0:  # each rank its own dropout stream (rank 0 keeps the seed's)
             torch.manual_seed(derive_seed(setup.cfg.train.seed, "rank", self.world.rank))
         if start == 0 and self.budget is not None:  # the base model's value of the budget's measure
-            self.budget.measure(0, self.model, self.batches.router, self.world, self.metrics)
+            with distributed.full_params(self.ddp):
+                self.budget.measure(0, self.model, self.batches.router, self.world, self.metrics)
         self.model.train()
         return bar
 
@@ -163,7 +168,8 @@ class Trainer:
         if done % self.setup.cfg.train.log_every == 0 or done == self.setup.total_steps:
             self.log_train(done, step)  # before a measurement: the target it logs is the one its steps ran under
         if self.budget is not None and self.budget.due(done):
-            self.budget.measure(done, self.model, self.batches.router, self.world, self.metrics)
+            with distributed.full_params(self.ddp):  # sharded: gathered on every rank, rank 0 measures
+                self.budget.measure(done, self.model, self.batches.router, self.world, self.metrics)
 
     def end(self, bar, stopped: bool) -> FitResult:
         """After the last step: a checkpoint of it if none was written, the run's result."""
@@ -217,11 +223,15 @@ class Trainer:
         global batch (up to rounding), whatever the number of processes or micro-batches."""
         k = self.setup.cfg.train.grad_accum
         # slices and counts are made on the CPU copies; only the pieces move to the device
-        pieces = [(part, to_device(tensors, self.hw.device), units) for part in parts if not part.stand_in
+        lockstep = self.batches.lockstep
+        pieces = [(part, to_device(tensors, self.hw.device), 0.0 if part.stand_in else units)
+                  for part in parts if lockstep or not part.stand_in
                   for tensors, units in micro_batches(part.tensors, self.objectives[part.source], k,
                                                          self.setup.model.padding_free)]
         totals = self.global_counts(parts, pieces)
-        if not pieces:  # nothing scored on this rank: a zero-weight pass keeps the ranks in step
+        if lockstep:
+            pieces = self.lockstep(parts, pieces)
+        elif not pieces:  # nothing scored on this rank: a zero-weight pass keeps the ranks in step
             pieces = [(parts[0], to_device(parts[0].tensors, self.hw.device), 0.0)]
         self.bad_examples = {}
         all_examples = totals[:, 0].sum().item()
@@ -251,6 +261,20 @@ class Trainer:
             return self.non_finite(step, bad, values[bad])
         self.update(values, totals)
         return values
+
+    def lockstep(self, parts: list, pieces: list) -> list:
+        """Sharded training gathers each block's weights at every forward and reduces the gradients
+        of the parameters that have one, so every rank must run the same passes in the same order: per
+        part (one per draw on every rank, in the plan's order) as many micro-batches as the rank with
+        the most, the others padded with zero-weight repeats."""
+        mine = torch.tensor([sum(1 for piece in pieces if piece[0] is part) for part in parts], dtype=torch.float64)
+        most = self.world.max(mine).long().tolist()
+        out = []
+        for part, n in zip(parts, most):
+            own = [piece for piece in pieces if piece[0] is part]
+            tensors = own[-1][1] if own else to_device(part.tensors, self.hw.device)
+            out += own + [(part, tensors, 0.0)] * (n - len(own))
+        return out
 
     def global_counts(self, parts: list, pieces: list) -> torch.Tensor:
         """Per source (router order): examples, scored units and tokens of the step over all ranks
@@ -326,6 +350,10 @@ class Trainer:
 
     def evaluate_dev(self, done: int) -> bool:
         """Dev scores (rank 0 scores; every rank gets its numbers), early stopping, best checkpoint."""
+        with distributed.full_params(self.ddp):  # sharded: gathered on every rank while rank 0 scores
+            return self._evaluate_dev(done)
+
+    def _evaluate_dev(self, done: int) -> bool:
         st = self.setup
         flat, full = score_sets(self.model, st.dev, st.objectives, st.tokenizer, st.cfg, self.hw.precision) \
             if self.world.main else (None, None)

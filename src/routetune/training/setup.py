@@ -81,6 +81,28 @@ class Setup:
                 **self.evals}
 
 
+def _check_distributed(cfg: Config, hardware, world: World) -> None:
+    """What data-parallel training and FSDP sharding cannot do, refused before any data is read (the
+    sharding keys in one process too: the config is the same wherever it runs)."""
+    if cfg.train.embedding_grad_buffer and world.distributed:
+        raise ConfigError("train.embedding_grad_buffer: not with data-parallel training (it writes the embedding "
+                          "gradient outside DistributedDataParallel's reducer, so the ranks would not average it); "
+                          "set it to false")
+    dc = cfg.train.distributed
+    if dc.strategy != "fsdp":
+        if dc.offload:
+            raise ConfigError("train.distributed.offload: only with train.distributed.strategy=fsdp")
+        return
+    if cfg.model.quantize != "none":  # bitsandbytes' packed 4-/8-bit weights are not DTensor shards
+        raise ConfigError(f"train.distributed.strategy=fsdp: not with model.quantize={cfg.model.quantize} (a quantized "
+                          "base is already small; use strategy ddp)")
+    if hardware.precision == "fp16":
+        raise ConfigError("train.distributed.strategy=fsdp: not with fp16 precision (its gradient scaler does not read "
+                          "sharded gradients); use train.precision=bf16 or fp32")
+    if dc.offload and not hardware.cuda:
+        raise ConfigError("train.distributed.offload: only for GPU runs (a CPU run's shards are in CPU memory already)")
+
+
 def prepare(cfg: Config, device: str | None = None, precision: str | None = None, world: World = ALONE) -> Setup:
     """Build and check everything a run needs. `device` / `precision` override the config's
     (e.g. a GPU run resumed on a CPU-only machine). Under torchrun every process builds the same
@@ -88,15 +110,12 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     # an unknown method or an option it does not take, or a tracker not installed: refused before any data is read
     _check_method(cfg)
     check_trackers(cfg.train.report_to)
-    if cfg.train.embedding_grad_buffer and world.distributed:
-        raise ConfigError("train.embedding_grad_buffer: not with data-parallel training (it writes the embedding "
-                          "gradient outside DistributedDataParallel's reducer, so the ranks would not average it); "
-                          "set it to false")
     hardware = resolve(
         device or cfg.train.device,
         precision or cfg.train.precision,
         names=("--device" if device else "train.device", "--precision" if precision else "train.precision"),
     )
+    _check_distributed(cfg, hardware, world)
     if world.distributed and hardware.cuda:  # one GPU per process: torchrun's LOCAL_RANK
         hardware = dataclasses.replace(hardware, device=torch.device("cuda", world.local_rank))
     if cfg.train.deterministic:
@@ -137,6 +156,7 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     r = cfg.routing
     batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted, world.rank,
                             world.size)
+    batches.lockstep = world.distributed and cfg.train.distributed.strategy == "fsdp"
     per_epoch = math.ceil(len(sources[cfg.train.primary]) / cfg.train.batch_size)
     setup = Setup(cfg, model_path, tokenizer, model, sources, objectives, batches, total, per_epoch, hardware,
                   dev, test, evals=evals, world=world)

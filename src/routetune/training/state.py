@@ -6,7 +6,9 @@ schedule, the grad scaler, the router and each source's position, early stopping
 counters, every rank's random-number state, and the length of the append-only logs at that step
 (a resume cuts them back to exactly that, and refuses a log that has lost part of it).
 :func:`save_step` writes it (rank 0; every rank gives its random state), :func:`restore` reads it
-into a freshly built :class:`~routetune.training.engine.Trainer`.
+into a freshly built :class:`~routetune.training.engine.Trainer`. The format does not depend on the
+number of processes or on sharding (an FSDP run gathers the full weights and optimizer state to rank
+0 to write them; each rank takes its slice back when restoring), so a run resumes on any number.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from routetune import run_folder as rf
 from routetune.seeds import derive_seed
 from routetune.training import checkpoint as ckpt
+from routetune.training import distributed
 from routetune.training.callbacks import SourceStats, truncate_log
 from routetune.training.faults import maybe_kill
 
@@ -35,8 +38,13 @@ def step_folder(step: int) -> str:
 def save_step(trainer, step: int) -> None:
     """A step checkpoint of `trainer` (a collective: every rank must call it; rank 0 writes)."""
     rngs = trainer.world.gather(ckpt.rng_state())  # on every rank: a collective
-    if not trainer.world.main:
-        return
+    optimizer = distributed.optimizer_state(trainer.ddp, trainer.optimizer)  # sharded: gathered to rank 0
+    with distributed.full_params(trainer.ddp):  # sharded: every rank gathers, rank 0 writes
+        if trainer.world.main:
+            _write_step(trainer, step, rngs, optimizer)
+
+
+def _write_step(trainer, step: int, rngs: list, optimizer: dict) -> None:
     if trainer.plan_log:
         trainer.plan_log.flush()
     run_dir = trainer.run_dir
@@ -45,7 +53,7 @@ def save_step(trainer, step: int) -> None:
     def write(folder: Path) -> None:
         trainer.model.save(folder, trainer.setup.tokenizer)
         maybe_kill("in_write", step)  # tests: a checkpoint folder with some files written, others not
-        ckpt.save_optimizer(trainer.optimizer, folder)
+        ckpt.save_optimizer(optimizer, folder)
         for rank, (tensors, _) in enumerate(rngs):
             save_file(tensors, str(folder / ckpt.rng_file(rank)))
         state = {"step": step, "batches": trainer.batches.state_dict(), "scheduler": trainer.scheduler.state_dict(),
@@ -63,8 +71,9 @@ def save_step(trainer, step: int) -> None:
 def restore(trainer, folder: Path) -> int:
     """Load everything from a verified step checkpoint into `trainer`; returns its step."""
     ckpt.verify(folder)
-    trainer.model.load_weights(folder)
-    ckpt.load_optimizer(trainer.optimizer, folder)
+    with distributed.loading(trainer.ddp):  # sharded: each rank keeps its slice of the full tensors
+        trainer.model.load_weights(folder)
+    distributed.load_optimizer_state(trainer.ddp, trainer.optimizer, ckpt.read_optimizer(folder))
     state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
     trainer.scheduler.load_state_dict(state["scheduler"])
     if trainer.scaler.is_enabled() and state.get("grad_scaler"):

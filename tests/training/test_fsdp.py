@@ -1,0 +1,106 @@
+"""Sharded training (train.distributed.strategy=fsdp: PyTorch's FSDP2 on gloo, CPU processes): the
+same routed run on 1 process and sharded over 2 ends with the same weights and the same optimizer
+state (a gradient summed over ranks instead of averaged would double Adam's first moment); its
+checkpoints are those of one process, so a sharded run resumes bitwise on 2 processes and
+continues on 1, and a 1-process run continues sharded on 2; what sharding cannot do is refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support.ddp import build_setting, close, launch, run, weights
+
+from routetune.training import checkpoint as ckpt
+
+FSDP = "train.distributed.strategy=fsdp"
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    return build_setting(tmp_path_factory, "fsdp")
+
+
+@pytest.fixture(scope="module")
+def common(setting):
+    """A general-text eval (the base scored before training, the run after it) and no clipping (a
+    clipped gradient hides its scale: a sum over ranks would clip to the same update)."""
+    root, _ = setting
+    return f"evals={{gdev: {{path: {root / 'general.txt'}, split: dev}}}}", "train.max_grad_norm=null"
+
+
+@pytest.fixture(scope="module")
+def one_and_sharded(setting, common):
+    return run(setting, "one", *common)[0], run(setting, "sharded", *common, FSDP, nproc=2)[0]
+
+
+def _optimizer(run_dir):
+    return load_file(str(ckpt.step_checkpoints(run_dir / "checkpoints")[-1][1] / "optimizer.safetensors"))
+
+
+def test_two_sharded_processes_train_the_weights_and_optimizer_state_of_one(one_and_sharded):
+    one, two = one_and_sharded
+    assert (one / "plan.jsonl").read_text() == (two / "plan.jsonl").read_text()
+    close(weights(one), weights(two))  # full fine-tuning of a BERT with tied input/output embeddings
+    a, b = _optimizer(one), _optimizer(two)  # the checkpoint of one process, gathered from the shards
+    assert a.keys() == b.keys() and any(k.endswith("exp_avg") for k in a)
+    for k in a:  # gradients that cancel to ~1e-13 (a bias before a norm) are rounding on both sides
+        assert (a[k] - b[k]).abs().max() <= 1e-4 * a[k].abs().max() + 1e-9, k
+    first = [k for k in a if k.endswith("exp_avg")]
+    ratio = sum(b[k].abs().sum() for k in first) / sum(a[k].abs().sum() for k in first)
+    assert ratio == pytest.approx(1.0, abs=1e-4)  # a gradient summed over 2 ranks would make this 2
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s1["best"]["step"] == s2["best"]["step"] and s1["best"]["value"] == pytest.approx(s2["best"]["value"])
+    for key in ("before", "dev"):  # the base scored by rank 0 from the gathered weights, the best checkpoint after
+        assert s1[key]["gdev"] == pytest.approx(s2[key]["gdev"], rel=1e-4), key
+    assert s2["hardware"]["processes"] == 2 and s1["parameters"] == s2["parameters"]
+    losses = [[e["sources"] for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if e["event"] == "train"] for d in (one, two)]
+    flat = [[s["loss"] for step in run_ for s in step.values() if s.get("loss") is not None] for run_ in losses]
+    assert flat[0] == pytest.approx(flat[1], rel=1e-5) and flat[0]
+
+
+def test_sharded_resume_is_exact_on_two_and_continues_on_one_and_from_one(setting, common, one_and_sharded):
+    one, two = one_and_sharded
+    killed, proc = run(setting, "fsdp-killed", *common, FSDP, nproc=2, fault="after_step:8", check=False)
+    assert proc.returncode != 0 and not (killed / "summary.json").exists()
+    launch("resume", str(killed), "--no-test", nproc=2)
+    ref, got = (ckpt.step_checkpoints(d / "checkpoints")[-1][1] for d in (two, killed))
+    for name in ("model.safetensors", "heads.safetensors", "optimizer.safetensors"):
+        a, b = load_file(str(ref / name)), load_file(str(got / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # bitwise on gloo
+
+    alone, _ = run(setting, "fsdp-then-one", *common, FSDP, nproc=2, fault="after_step:8", check=False)
+    launch("resume", str(alone), "--no-test")  # 2 -> 1: the sharded checkpoint is one process's
+    assert (alone / "plan.jsonl").read_text() == (one / "plan.jsonl").read_text()
+    close(weights(alone), weights(one))
+
+    grown, _ = run(setting, "one-then-fsdp", *common, FSDP, fault="after_step:8", check=False)
+    launch("resume", str(grown), "--no-test", nproc=2)  # 1 -> 2: each rank takes its slice
+    assert (grown / "plan.jsonl").read_text() == (one / "plan.jsonl").read_text()
+    close(weights(grown), weights(one))
+    assert [s["processes"] for s in json.loads((grown / "hardware.json").read_text())] == [1, 2]
+
+
+def test_lora_with_self_distillation_and_accumulation_sharded(setting):
+    """Adapters only in the optimizer, the frozen base sharded, a teacher that is the model with its
+    adapters off (inside the sharded forward), micro-batches that reduce once per step."""
+    sets = ("peft.method=lora", "peft.r=4", "peft.dropout=0", "sources.general.distill=0.5", "train.lr=1e-2")
+    one, _ = run(setting, "fsdp-lora-one", *sets)
+    two, _ = run(setting, "fsdp-lora-two", *sets, FSDP, "train.grad_accum=2", nproc=2)
+    assert (one / "plan.jsonl").read_text() == (two / "plan.jsonl").read_text()
+    folders = [ckpt.step_checkpoints(d / "checkpoints")[-1][1] for d in (one, two)]
+    close(*(load_file(str(f / "adapter_model.safetensors")) for f in folders))
+    close(*(load_file(str(f / "heads.safetensors")) for f in folders))
+    a, b = (load_file(str(f / "optimizer.safetensors")) for f in folders)
+    assert a.keys() == b.keys() and len(a) == 3 * 15  # 8 adapter matrices and 7 head tensors, not the 44 of the model
+
+
+@pytest.mark.parametrize("sets, expected", [
+    ((FSDP, "model.quantize=nf4", "peft.method=lora"), "train.distributed.strategy=fsdp: not with model.quantize=nf4"),
+    ((FSDP, "train.distributed.offload=true"), "train.distributed.offload: only for GPU runs"),
+    (("train.distributed.offload=true",), "train.distributed.offload: only with train.distributed.strategy=fsdp"),
+])
+def test_what_sharding_cannot_do_is_refused_with_one_line(setting, sets, expected):
+    proc = run(setting, "refused", *sets, check=False)[1]
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
