@@ -8,7 +8,8 @@ process and on N, a few steps of causal-LM training on Tiny Shakespeare.
 Each setting runs routetune's own Trainer under `torchrun --standalone` (gloo on CPUs) with the
 machine's cores shared out. Every rank reports, after its last step: the bytes it holds of the
 parameters, of their gradients and of the optimizer state (its local shards under FSDP: what the
-sharding divides), and its peak RSS over the whole process (loading the full model first, the
+sharding divides; gradients are counted as the trainable parameters' size, which each
+step's gradients have before the optimizer frees them), and its peak RSS over the whole process (loading the full model first, the
 steps, a checkpoint). Rank 0 prints the rows; the table shows the largest rank.
 """
 
@@ -60,12 +61,13 @@ def worker(args) -> None:
         cfg_path.write_text("sources: {shakespeare: {objective: causal-lm, text: {stream: false}}}\n"
                             f"run: {{name: mem, output_dir: {out}}}\n")
         setup = prepare(load_config(cfg_path, sets), world=world)
+        (Path(out) / "mem").mkdir()
         trainer = Trainer(setup, Path(out) / "mem")
         trainer.run()
         params = list(trainer.model.parameters())
         state = [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         row = {"rank": world.rank, "processes": world.size, "strategy": args.strategy,
-               "params_mb": _bytes(params) / 2**20, "grads_mb": _bytes(p.grad for p in params) / 2**20,
+               "params_mb": _bytes(params) / 2**20, "grads_mb": _bytes(p for p in params if p.requires_grad) / 2**20,
                "optimizer_mb": _bytes(state) / 2**20,
                "trainable": sum(p.numel() for p in params if p.requires_grad),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -30,7 +30,6 @@ from routetune.errors import RoutetuneError
 from routetune.evaluate import retention
 from routetune.evaluate.tasks import score_sets
 from routetune.files import write_text_atomic
-from routetune.model.routed import RoutedModel
 from routetune.model.trainable import parameter_groups
 from routetune.run_folder import RunFolder
 from routetune.runs import Claim
@@ -187,10 +186,9 @@ class Lifecycle:
         wanted = {k: sets for k, sets in (("test", test_sets if self.run_test else {}), ("dev", dev_evals)) if sets}
         if wanted:
             model = setup.model  # the last step's weights, unless the best checkpoint is another
-            if checkpoint == "best":
+            if checkpoint == "best":  # its trained tensors loaded into the same model: no second copy of the base
                 ckpt.verify(best)
-                model = RoutedModel.load(best, cfg.model.attention, setup.hardware.device.type) \
-                    .to(setup.hardware.device)
+                model.load_weights(best)
             scores = self._score_final(model, {n: s for sets in wanted.values() for n, s in sets.items()}, summary)
             for key, sets in wanted.items():  # dev `evals` sets are scored with or without --test
                 summary[key] = {n: scores[n] for n in sets if n in scores}
