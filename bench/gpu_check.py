@@ -283,6 +283,37 @@ def ddp1(out, models, data, device):
     assert hw["backend"] == ("nccl" if device == "cuda" else "gloo"), hw
 
 
+def fsdp1(out, models, data, device):
+    """FSDP2 on one GPU through torchrun (nccl; bf16 weights gathered, fp32 reduction), LoRA on the
+    decoder: killed after step 6 and resumed sharded to the plan of an uninterrupted run; its
+    checkpoint then continued by a plain process; and a run with CPU offload. One GPU holds one
+    process, so this proves the sharded code path on CUDA, not the averaging over ranks (tested on
+    gloo with 2 processes)."""
+    lora = {"method": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]}
+    fsdp = {"strategy": "fsdp"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+                "routetune.cli"]
+    runs = {}
+    for name, extra, fault in (("fsdp-whole", {}, None), ("fsdp-kill", {}, "after_step:6"),
+                               ("fsdp-offload", {"offload": True}, None)):
+        cfg = shakespeare(out, models, data, device, name, lora, max_steps=12, save_every_steps=3,
+                          distributed={**fsdp, **extra})
+        env = {**os.environ, **({"ROUTETUNE_FAULT": fault} if fault else {})}
+        proc = subprocess.run([*torchrun, "train", str(write(out, name, cfg)), "--no-test"], capture_output=True,
+                              text=True, env=env)
+        print(name, "->", proc.returncode, "\n".join(proc.stderr.strip().splitlines()[-3:]))
+        runs[name] = proc.returncode
+    assert runs["fsdp-whole"] == 0 and runs["fsdp-offload"] == 0 and runs["fsdp-kill"] != 0, runs
+    proc = subprocess.run([*torchrun, "resume", str(out / "runs" / "fsdp-kill"), "--no-test"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = ((out / "runs" / r / "plan.jsonl").read_text() for r in ("fsdp-whole", "fsdp-kill"))
+    assert a == b, "the resumed sharded run's plan differs"
+    s = summary(out, "fsdp-whole")
+    on(device, s)
+    print("backend", s["hardware"]["backend"], "offload run", summary(out, "fsdp-offload")["steps"], "steps")
+
+
 def resume_cpu(out, models, data, device):
     """Killed on the device after step 30, resumed on the CPU: the plan equals an uninterrupted run's."""
     path = write(out, "kill", ner(out, models, data, device, "gpu-kill", max_steps=40, save_every_steps=10))

@@ -67,6 +67,7 @@ check encoder 90
 check openai 60
 check qlora 90
 check ddp1 40
+if [ "$CHECK_DEVICE" = cuda ]; then check fsdp1 120; else RESULTS+=("SKIP  fsdp1  (needs CUDA: nccl)"); fi
 check resume_cpu 90
 if [ "$CHECK_DEVICE" = cuda ]; then
   section throughput 240 bash -c "$PY bench/gpu_throughput.py $MODELS $DATA $OUT/routetune.json && \
