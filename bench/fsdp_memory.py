@@ -8,9 +8,9 @@ process and on N, a few steps of causal-LM training on Tiny Shakespeare.
 Each setting runs routetune's own Trainer under `torchrun --standalone` (gloo on CPUs) with the
 machine's cores shared out. Every rank reports, after its last step: the bytes it holds of the
 parameters, of their gradients and of the optimizer state (its local shards under FSDP: what the
-sharding divides; gradients are counted as the trainable parameters' size, which each
-step's gradients have before the optimizer frees them), and its peak RSS over the whole process (loading the full model first, the
-steps, a checkpoint). Rank 0 prints the rows; the table shows the largest rank.
+sharding divides; gradients are counted as the trainable parameters' size, which each step's
+gradients have before the optimizer frees them), and its peak RSS over the whole process
+(loading the full model first, the steps, a checkpoint). Rank 0 prints the rows; the table shows the largest rank.
 """
 
 from __future__ import annotations

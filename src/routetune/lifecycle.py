@@ -128,7 +128,12 @@ class Lifecycle:
 
     def summarise(self, result: FitResult) -> dict:
         world = self.setup.world
-        with distributed.full_params(self.trainer.ddp):  # sharded: the last step's weights, for rank 0
+        best = self.folder.checkpoints / "best"
+        if (best / ckpt.COMPLETE).is_file():  # into the trained model on every rank: no second copy of the base
+            ckpt.verify(best)
+            with distributed.loading(self.trainer.ddp):  # sharded: each rank keeps its slice
+                self.setup.model.load_weights(best)
+        with distributed.full_params(self.trainer.ddp):  # sharded: gathered for rank 0's scoring
             summary = self._summary(result) if self.main else {}
             if self.main:  # the results reach the trackers and callbacks too
                 self.metrics.write(events.FINAL, step=summary["steps"], test=summary.get("test", {}),
@@ -185,10 +190,7 @@ class Lifecycle:
         test_sets = {**setup.test, **{n: s for n, s in evals.items() if n not in dev_evals}}
         wanted = {k: sets for k, sets in (("test", test_sets if self.run_test else {}), ("dev", dev_evals)) if sets}
         if wanted:
-            model = setup.model  # the last step's weights, unless the best checkpoint is another
-            if checkpoint == "best":  # its trained tensors loaded into the same model: no second copy of the base
-                ckpt.verify(best)
-                model.load_weights(best)
+            model = setup.model  # the best checkpoint's weights when there is one (loaded by `summarise`)
             scores = self._score_final(model, {n: s for sets in wanted.values() for n, s in sets.items()}, summary)
             for key, sets in wanted.items():  # dev `evals` sets are scored with or without --test
                 summary[key] = {n: scores[n] for n in sets if n in scores}

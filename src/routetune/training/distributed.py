@@ -199,6 +199,9 @@ def shard(model: torch.nn.Module, options, precision: str) -> torch.nn.Module:
     for block in found:
         fully_shard(block, reshard_after_forward=options.reshard_after_forward, **policy)
     fully_shard(model, reshard_after_forward=False, **policy)
+    # FSDP2 takes the first module to run forward as the root; rank 0's scoring calls the backbone
+    # (not the root) first, so the root is fixed now (what its first forward would do; no collective)
+    model._get_fsdp_state()._lazy_init()
     model._routetune_reshard = options.reshard_after_forward
     return model
 
