@@ -76,22 +76,19 @@ class World:
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The elementwise sum over ranks (a new tensor; float64 on the CPU for gloo, exact)."""
-        if not self.distributed:
-            return tensor
-        device = torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-        out = tensor.to(device=device, dtype=torch.float64).clone()
-        dist.all_reduce(out)
-        return out.to(tensor.device)
+        return self._reduce(tensor, dist.ReduceOp.SUM)
 
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
         """The elementwise maximum over ranks (a new tensor)."""
+        return self._reduce(tensor, dist.ReduceOp.MAX)
+
+    def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         if not self.distributed:
             return tensor
         device = torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
         out = tensor.to(device=device, dtype=torch.float64).clone()
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        dist.all_reduce(out, op=op)
         return out.to(tensor.device)
-
 
 ALONE = World()
 

@@ -145,8 +145,7 @@ class Trainer:
         if start == 0 and self.world.rank > 0:  # each rank its own dropout stream (rank 0 keeps the seed's)
             torch.manual_seed(derive_seed(setup.cfg.train.seed, "rank", self.world.rank))
         if start == 0 and self.budget is not None:  # the base model's value of the budget's measure
-            with distributed.full_params(self.ddp):
-                self.budget.measure(0, self.model, self.batches.router, self.world, self.metrics)
+            self.measure_budget(0)
         self.model.train()
         return bar
 
@@ -168,8 +167,13 @@ class Trainer:
         if done % self.setup.cfg.train.log_every == 0 or done == self.setup.total_steps:
             self.log_train(done, step)  # before a measurement: the target it logs is the one its steps ran under
         if self.budget is not None and self.budget.due(done):
-            with distributed.full_params(self.ddp):  # sharded: gathered on every rank, rank 0 measures
-                self.budget.measure(done, self.model, self.batches.router, self.world, self.metrics)
+            self.measure_budget(done)
+
+    def measure_budget(self, step: int) -> None:
+        """The retention budget's measurement after `step` (rank 0 measures; sharded weights are gathered
+        on every rank for it)."""
+        with distributed.full_params(self.ddp):
+            self.budget.measure(step, self.model, self.batches.router, self.world, self.metrics)
 
     def end(self, bar, stopped: bool) -> FitResult:
         """After the last step: a checkpoint of it if none was written, the run's result."""
