@@ -34,7 +34,7 @@ from routetune.model.trainable import parameter_groups
 from routetune.run_folder import RunFolder
 from routetune.runs import Claim
 from routetune.training import checkpoint as ckpt
-from routetune.training import distributed, events, tracking
+from routetune.training import compiled, distributed, events, tracking
 from routetune.training.callbacks import MetricsLog
 from routetune.training.engine import FitResult, Trainer
 from routetune.training.setup import Setup
@@ -114,7 +114,8 @@ class Lifecycle:
             step = self.trainer.restore(self.resume_from)
             log.info("resumed from %s at step %d of %d", self.resume_from.name, step, setup.total_steps)
         elif setup.cfg.train.eval_before and setup.before_sets():
-            with distributed.full_params(self.trainer.ddp):  # sharded: gathered on every rank, rank 0 scores
+            # sharded: gathered on every rank, rank 0 scores; compiled blocks score eagerly
+            with distributed.full_params(self.trainer.ddp), compiled.eager(self.trainer.compiler):
                 if self.main:
                     self._score_base()
 
@@ -182,6 +183,7 @@ class Lifecycle:
             "sources": result.sources,
             "train_seconds": round(result.train_seconds, 2),
             "tokens_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
+            **({"compiled": result.compiled} if result.compiled else {}),
             "parameters": parameter_summary(setup.model),
             "hardware": {**setup.hardware.describe(), **setup.world.describe()},
         }

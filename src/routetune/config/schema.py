@@ -141,6 +141,15 @@ class TrainConfig(Strict):
     padded batch up to rounding, faster wherever a batch holds examples of different lengths. Model types it has been
     checked for: BERT, Llama, Mistral (without a sliding window), Qwen2/3; other models and prompt or prefix tuning
     train padded (said once in the log), as do sources trained by self-distillation. false: padded batches."""
+    compile: bool | Literal["auto"] = "auto"
+    """Compile each transformer block of the training forward and backward with `torch.compile` (regional
+    compilation: one graph serves every block of a kind; parameter names and checkpoints are unchanged). The log says
+    how many graphs were compiled, why each recompilation happened and how long compiling took (kept apart from the
+    training time); a compilation that fails falls back to eager training with one log line. `auto`: what was measured
+    faster on the device (docs/benchmarks.md): eager on the CPU; eager on GPUs until measured there. true / false:
+    always / never."""
+    compile_backend: str = "inductor"
+    """The `torch.compile` backend (`inductor`; `aot_eager` traces without generating kernels, for debugging)."""
     embedding_grad_buffer: bool = False
     """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh
     vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by

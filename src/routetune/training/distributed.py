@@ -166,7 +166,7 @@ def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     params = list(model.named_parameters(remove_duplicate=False))
     found, inside = [], set()
     for prefix, module in model.named_modules():
-        if type(module).__name__ not in names or id(module) in inside:
+        if not names & {c.__name__ for c in type(module).__mro__} or id(module) in inside:  # FSDP2 subclasses
             continue
         own = {id(p) for p in module.parameters()}
         if any(id(p) in own and not name.startswith(prefix + ".") for name, p in params):

@@ -29,6 +29,7 @@ from routetune.seeds import derive_seed
 from routetune.training import distributed, events, state
 from routetune.training.budget import Budget
 from routetune.training.callbacks import EarlyStopping, MetricsLog, SourceStats
+from routetune.training.compiled import Compiler, eager
 from routetune.training.faults import maybe_kill
 from routetune.training.optimizer import build_optimizer
 from routetune.training.setup import Setup
@@ -50,6 +51,7 @@ class FitResult:
     train_seconds: float
     tokens: int
     sources: dict = field(default_factory=dict)
+    compiled: dict | None = None  # train.compile: graphs, compile seconds, recompilations, fallback
 
 
 class Trainer:
@@ -65,6 +67,7 @@ class Trainer:
         # before the optimizer: FSDP2 replaces the parameters by their shards (the model itself in one process)
         self.ddp = distributed.wrap(self.model, self.world, tc.distributed, self.hw.precision)
         self.optimizer = build_optimizer(self.model, tc)
+        self.compiler = Compiler.of(self.model, tc.compile, tc.compile_backend, self.hw.device, self.world.main)
         name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[tc.schedule]
         warmup = round(tc.warmup_ratio * setup.total_steps)
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warmup,
@@ -115,7 +118,10 @@ class Trainer:
             parts = batches.next()
             self.log_plan(step)
             losses = self.train_step(step, parts)
-            self.train_seconds += time.perf_counter() - t0
+            if self.compiler is not None and self.compiler.compiled_now:
+                self.compiler.seconds += time.perf_counter() - t0  # compiling: kept out of the training time
+            else:
+                self.train_seconds += time.perf_counter() - t0
             done = step + 1
             self.after_step(bar, step, losses)
             evaluated = bool(setup.dev) and self.eval_due(done)
@@ -172,7 +178,7 @@ class Trainer:
     def measure_budget(self, step: int) -> None:
         """The retention budget's measurement after `step` (rank 0 measures; sharded weights are gathered
         on every rank for it)."""
-        with distributed.full_params(self.ddp):
+        with distributed.full_params(self.ddp), eager(self.compiler):
             self.budget.measure(step, self.model, self.batches.router, self.world, self.metrics)
 
     def end(self, bar, stopped: bool) -> FitResult:
@@ -186,7 +192,8 @@ class Trainer:
             self.save(step)  # a stop policy ended the run between checkpoints
         if self.plan_log:
             self.plan_log.close()
-        return FitResult(steps=step, best_step=self.stopper.best_step, best_metric=self.stopper.best,
+        compiled = self.compiler.close() if self.compiler is not None else None
+        return FitResult(compiled=compiled, steps=step, best_step=self.stopper.best_step, best_metric=self.stopper.best,
                          stopped_early=stopped, train_seconds=self.train_seconds,
                          tokens=sum(s.tokens for s in self.stats.values()),
                          sources={n: {"batches": s.batches, "examples": s.examples, "tokens": s.tokens}
@@ -238,17 +245,11 @@ class Trainer:
         elif not pieces:  # nothing scored on this rank: a zero-weight pass keeps the ranks in step
             pieces = [(parts[0], to_device(parts[0].tensors, self.hw.device), 0.0)]
         self.bad_examples = {}
-        all_examples = totals[:, 0].sum().item()
-        piece_losses = []
-        for i, (part, tensors, units) in enumerate(pieces):
-            j = self.names.index(part.source)
-            share = units / totals[j, 1].item() if units else 0.0  # of the source's units over all ranks
-            scale = self.loss_weights.get(part.source, 1.0) * totals[j, 0].item() / all_examples
-            with distributed.no_sync(self.ddp, last=i == len(pieces) - 1):
-                loss = self.part_loss(part.source, tensors)
-                scaled = loss * (scale * share * self.world.size)
-                self.scaler.scale(scaled).backward()
-            piece_losses.append((part, j, share, loss.detach()))
+        if self.compiler is None:
+            piece_losses = self.passes(pieces, totals)
+        else:  # a compilation that fails is retried eagerly (training/compiled.py)
+            piece_losses = self.compiler.step(lambda: self.passes(pieces, totals),
+                                              lambda: self.optimizer.zero_grad(set_to_none=True))
         # the step's one host synchronisation: every piece's loss comes back at once
         values = torch.stack([loss.double() for *_, loss in piece_losses]).cpu().tolist()
         loss_sums = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # + rank 0's "a save is due by time"
@@ -265,6 +266,21 @@ class Trainer:
             return self.non_finite(step, bad, values[bad])
         self.update(values, totals)
         return values
+
+    def passes(self, pieces: list, totals: torch.Tensor) -> list:
+        """Forward and backward of each micro-batch; returns (part, source index, share, loss) of each."""
+        all_examples = totals[:, 0].sum().item()
+        piece_losses = []
+        for i, (part, tensors, units) in enumerate(pieces):
+            j = self.names.index(part.source)
+            share = units / totals[j, 1].item() if units else 0.0  # of the source's units over all ranks
+            scale = self.loss_weights.get(part.source, 1.0) * totals[j, 0].item() / all_examples
+            with distributed.no_sync(self.ddp, last=i == len(pieces) - 1):
+                loss = self.part_loss(part.source, tensors)
+                scaled = loss * (scale * share * self.world.size)
+                self.scaler.scale(scaled).backward()
+            piece_losses.append((part, j, share, loss.detach()))
+        return piece_losses
 
     def lockstep(self, parts: list, pieces: list) -> list:
         """Sharded training gathers each block's weights at every forward and reduces the gradients
@@ -354,7 +370,8 @@ class Trainer:
 
     def evaluate_dev(self, done: int) -> bool:
         """Dev scores (rank 0 scores; every rank gets its numbers), early stopping, best checkpoint."""
-        with distributed.full_params(self.ddp):  # sharded: gathered on every rank while rank 0 scores
+        # sharded: gathered on every rank while rank 0 scores; compiled blocks score eagerly (no eval graphs)
+        with distributed.full_params(self.ddp), eager(self.compiler):
             return self._evaluate_dev(done)
 
     def _evaluate_dev(self, done: int) -> bool:
