@@ -20,6 +20,7 @@
 #   openai       the decoder over the OpenAI API on the GPU: a greedy completion equals generate
 #   qlora        LoRA over an NF4 base (bitsandbytes on CUDA) beside LoRA over the bf16 base
 #   ddp1         one process on one GPU through torchrun (nccl)
+#   compile      compiled vs eager blocks, decoder LoRA at 16 x 1,024: tokens/s, MFU, graphs and why
 #   resume_cpu   killed on the GPU after step 30, resumed on the CPU: the same plan
 #   throughput   routetune (bench/gpu_throughput.py) and the Hugging Face Trainer reference
 set -uo pipefail
@@ -68,6 +69,7 @@ check openai 60
 check qlora 90
 check ddp1 40
 if [ "$CHECK_DEVICE" = cuda ]; then check fsdp1 120; else RESULTS+=("SKIP  fsdp1  (needs CUDA: nccl)"); fi
+if [ "$CHECK_DEVICE" = cuda ]; then check compile 240; else RESULTS+=("SKIP  compile  (a GPU's step)"); fi
 check resume_cpu 90
 if [ "$CHECK_DEVICE" = cuda ]; then
   section throughput 240 bash -c "$PY bench/gpu_throughput.py $MODELS $DATA $OUT/routetune.json && \

@@ -31,6 +31,12 @@ Like for like: both sides train in the same precision (`--precision`, default wh
 environment (huge pages as `import routetune` sets them), and tokens are counted from the batch
 each step actually trains on.
 
+With `--compile`, each side also runs compiled, in the same rounds: the Trainer with
+`TrainingArguments(torch_compile=True)` (the whole model through inductor) in its default and
+grouped orders, routetune with `train.compile=true` (its blocks through inductor). Compiling
+happens in the warm-up steps (their seconds are printed); a recompilation after them is timed.
+The reference's best is then the fastest of all four Trainer settings.
+
 Printed per variant: non-padding tokens/s (special tokens included, as the attention mask
 counts them) over the timed steps (the first `--skip` steps are warm-up and not timed), peak RSS
 of the child, and achieved training FLOP/s as a share of the matmul peak (in the trained precision) of this invocation
@@ -138,6 +144,7 @@ def hf_train(model, rows, timer: Timer, tokens_of_step, batch_size: int, lr: flo
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(out, per_device_train_batch_size=batch_size, learning_rate=lr,
                                  weight_decay=weight_decay, max_steps=steps, bf16=precision == "bf16", use_cpu=True,
+                                 torch_compile=HF_COMPILE,
                                  report_to=[], save_strategy="no", logging_strategy="no", seed=42,
                                  dataloader_num_workers=0, train_sampling_strategy=sampling)
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[StepTimer()]).train()
@@ -337,6 +344,8 @@ def child(kind: str, work: str, steps: int, skip: int, overrides: list[str], pre
     if kind.endswith("-fp32"):  # a reference variant in fp32 (on a bf16 machine a user may keep fp32)
         kind, precision = kind.removesuffix("-fp32"), "fp32"
     if kind.startswith("hf"):
+        global HF_COMPILE
+        HF_COMPILE, kind = kind.endswith("-compiled"), kind.removesuffix("-compiled")
         sampling = "group_by_length" if kind == "hf-grouped" else "random"
         if work == "clm":
             result = hf_clm(steps, skip, precision)
@@ -354,7 +363,10 @@ def child(kind: str, work: str, steps: int, skip: int, overrides: list[str], pre
 KINDS = {"hf": ("hf", []), "hf-grouped": ("hf-grouped", []), "hf-fp32": ("hf-fp32", []),
          "hf-grouped-fp32": ("hf-grouped-fp32", []), "routetune": ("routetune", []),
          "routetune-grouped": ("routetune", ["train.group_by_length=true"]),
-         "routetune-padded": ("routetune", ["train.padding_free=false"])}
+         "routetune-padded": ("routetune", ["train.padding_free=false"]),
+         "hf-compiled": ("hf-compiled", []), "hf-grouped-compiled": ("hf-grouped-compiled", []),
+         "routetune-compiled": ("routetune", ["train.compile=true"])}
+HF_COMPILE = False  # the Trainer child compiles (TrainingArguments(torch_compile=True): the whole model, inductor)
 
 
 def run_child(kind: str, work: str, steps: int, skip: int, overrides: list[str], precision: str) -> dict:
@@ -387,6 +399,9 @@ def main() -> None:
                     help="autocast of both sides; auto: what routetune picks on this CPU (bf16 only where native)")
     ap.add_argument("--hf-fp32", action="store_true",
                     help="also run the reference in fp32 (when both train in bf16): a user may find it faster")
+    ap.add_argument("--compile", action="store_true",
+                    help="each side eager and compiled: the Trainer with torch_compile=True (default and grouped "
+                         "order), routetune with train.compile=true; the compile time is in the warm-up steps")
     ap.add_argument("--child", choices=sorted({process for process, _ in KINDS.values()}),
                     help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -418,7 +433,9 @@ def main() -> None:
             if args.hf_fp32 and args.precision == "bf16":
                 kinds += [k + "-fp32" for k in kinds]
             kinds.append("routetune")
-            if sized:  # length grouping is off by default, padding-free on: each measured next to it
+            if args.compile:  # each side compiled beside its eager self (the levers below are measured elsewhere)
+                kinds = [*kinds[:-1], *(k + "-compiled" for k in kinds[:-1]), "routetune", "routetune-compiled"]
+            elif sized:  # length grouping is off by default, padding-free on: each measured next to it
                 kinds += ["routetune-grouped", "routetune-padded"]
             for kind in kinds:
                 if args.only and not kind.startswith(args.only):
@@ -438,10 +455,14 @@ def main() -> None:
                 row["ratio"] = row["routetune"]["tokens_per_s"] / hf_best[0]
                 row["hf_best"] = hf_best[1]
                 print(f"{work:4s} ratio routetune/HF best ({hf_best[1]}): {row['ratio']:.2f}", flush=True)
+                if "routetune-compiled" in row:
+                    row["ratio_compiled_best"] = row["routetune-compiled"]["tokens_per_s"] / hf_best[0]
+                    print(f"{work:4s} ratio routetune-compiled/HF best: {row['ratio_compiled_best']:.2f}", flush=True)
             # the same order on both sides, routetune's default against the Trainer's grouped order,
             # and routetune's default against its own padded batches
             for mine, theirs in (("routetune", "hf"), ("routetune-grouped", "hf-grouped"), ("routetune", "hf-grouped"),
-                                 ("routetune", "routetune-padded")):
+                                 ("routetune", "routetune-padded"), ("routetune-compiled", "routetune"),
+                                 ("hf-compiled", "hf"), ("hf-grouped-compiled", "hf-grouped")):
                 if mine in row and theirs in row:
                     row[f"ratio_{mine}_{theirs}"] = row[mine]["tokens_per_s"] / row[theirs]["tokens_per_s"]
                     print(f"{work:4s} ratio {mine}/{theirs}: {row[f'ratio_{mine}_{theirs}']:.2f}", flush=True)
