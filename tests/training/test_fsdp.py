@@ -149,3 +149,31 @@ def test_a_decoder_with_lora_trains_sharded_as_on_one_process(decoder_config, pr
         assert losses[1] == pytest.approx(losses[0], rel=1e-3)
         flat = [torch.cat([t[k].flatten().double() for k in sorted(t)]) for t in (a, b)]
         assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99
+
+
+def _trained(run_dir):
+    """Every tensor the last step checkpoint saved (the method's own files and the heads)."""
+    folder = ckpt.step_checkpoints(run_dir / "checkpoints")[-1][1]
+    return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) if f.name != "optimizer.safetensors"
+            for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("method", [
+    ("peft.method=dora", "peft.r=4", "peft.dropout=0"),
+    ("peft.method=ia3",),
+    ("peft.method=prompt_tuning", "peft.num_virtual_tokens=4"),
+    ("peft.method=prefix_tuning", "peft.num_virtual_tokens=4"),
+    ("peft.method=adapter", "peft.adapter_size=8"),
+    ("peft.method=bitfit",),
+], ids=lambda m: m[0].split("=")[1])
+def test_every_method_trains_sharded_as_on_one_process(setting, method):
+    """The frozen base sharded with its blocks, the method's trained tensors (adapters, magnitudes,
+    scaling vectors, virtual tokens, a prefix encoder's tables, bottleneck layers, biases) and the
+    heads in the optimizer: what 2 sharded processes save equals what one process saves."""
+    sets = (*method, "train.max_steps=4", "train.lr=1e-2")
+    name = method[0].split("=")[1]
+    one, _ = run(setting, f"fsdp-{name}-one", *sets)
+    two, _ = run(setting, f"fsdp-{name}-two", *sets, FSDP, nproc=2)
+    a, b = _trained(one), _trained(two)
+    assert a and a.keys() == b.keys()
+    close(a, b)

@@ -7,9 +7,11 @@ graph serves every block of a kind (dynamo inlines the module and takes its para
 Embeddings, heads, losses and routetune's packing stay eager: they change shape with each batch
 and are a small part of a step.
 
-Batches change shape every step (padding-free rows hold each batch's token count); dynamo first
-specialises on a shape and, at the first change, recompiles with that size symbolic, so a run
-compiles a handful of graphs, bounded by torch's recompile limit (beyond it a block runs eager).
+Batches change shape every step (padding-free rows hold each batch's token count), so the blocks
+are compiled for dynamic shapes from the start (dynamo would otherwise specialise on the first
+shape and compile again at the first change). A run compiles a handful of graphs (e.g. one for a
+block whose input needs no gradient, the first under LoRA, and one for the others), bounded by
+torch's recompile limit (beyond it a block runs eager).
 What was compiled and why is logged: the number of graphs, each recompilation's reason (torch's
 own message) and the wall time of the steps that compiled, which is kept out of the training
 time the throughput is computed from.
@@ -100,7 +102,7 @@ class Compiler:
         recompiles.propagate = self._was_on  # not to torch's stderr handler unless the user asked for it
         recompiles.addHandler(self.reasons)
         for module in modules:
-            module.compile(backend=backend)
+            module.compile(backend=backend, dynamic=True)
 
     @classmethod
     def of(cls, model: torch.nn.Module, setting, backend: str, device: torch.device, main: bool = True
