@@ -109,6 +109,13 @@ def test_before_scores_are_cached(tmp_path, tiny_llama_dir, monkeypatch, caplog)
         logging.getLogger("routetune").setLevel(logging.WARNING)
     assert "from the cache" in caplog.text  # the second run
     assert runs[0]["before"] == runs[1]["before"]
+    # a run over the same base held in 4 bits starts from another model: scored, not taken from the cache
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "model": {**cfg["model"], "quantize": "nf4"}, "peft": {"method": "lora"},
+                                    "run": {**cfg["run"], "name": "q"}}))
+    quantized = train(path)[1]["before"]
+    assert quantized.keys() == runs[0]["before"].keys()
+    assert all(quantized[n]["perplexity"] != runs[0]["before"][n]["perplexity"] for n in quantized)
     from routetune.data.sources import special_affixes
     from routetune.data.text import iter_blocks, text_parts
     from routetune.model.routed import build_model

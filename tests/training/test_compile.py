@@ -159,3 +159,20 @@ def test_compiled_blocks_train_on_two_processes_as_eager_on_one(decoder_config, 
     close(a, b)
     summary = json.loads((out[1] / "summary.json").read_text())
     assert summary["compiled"]["graphs"] >= 1 and summary["compiled"]["fallback"] is None
+
+
+def test_a_compiled_run_killed_and_resumed_ends_as_the_uninterrupted_one(decoder_config):
+    """Exact resume is unchanged: killed after step 2, resumed (its blocks compiled again), the
+    adapters equal bitwise those of the compiled run that was not interrupted."""
+    from support.ddp import launch
+
+    root, path = decoder_config
+    sets = ["--set", "train.compile=true", "--set", "train.compile_backend=aot_eager",
+            "--set", "train.save_every_steps=1"]
+    launch("train", str(path), "--no-test", "--set", "run.name=whole", *sets)
+    launch("train", str(path), "--no-test", "--set", "run.name=killed", *sets, fault="after_step:2", check=False)
+    launch("resume", str(root / "runs" / "killed"), "--no-test")
+    a, b = (load_file(str(root / "runs" / name / "checkpoints" / "step-00000004" / "adapter_model.safetensors"))
+            for name in ("whole", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((root / "runs" / "killed" / "summary.json").read_text())["compiled"]["graphs"] >= 1

@@ -152,9 +152,11 @@ def test_a_decoder_with_lora_trains_sharded_as_on_one_process(decoder_config, pr
 
 
 def _trained(run_dir):
-    """Every tensor the last step checkpoint saved (the method's own files and the heads)."""
+    """Every trained tensor the last step checkpoint saved (the method's own files and the heads; not
+    the optimizer state, nor the random states, of which each process saves its own)."""
     folder = ckpt.step_checkpoints(run_dir / "checkpoints")[-1][1]
-    return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) if f.name != "optimizer.safetensors"
+    return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors"))
+            if f.name != "optimizer.safetensors" and not f.name.startswith("rng")
             for k, v in load_file(str(f)).items()}
 
 

@@ -85,6 +85,7 @@ def before_key(model_path: str, name: str, objective: str, evalset, cfg, fit: di
         "strip": getattr(evalset, "strip_gutenberg", None), "max_blocks": getattr(evalset, "max_blocks", None),
         "max_length": cfg.model.max_length, "precision": hardware.precision, "device": hardware.device.type,
         "batch": cfg.train.eval_batch_size, "attention": cfg.model.attention, "fit": fit, "version": 3,
+        "base": [cfg.model.quantize, cfg.model.quantize_double, cfg.model.base_dtype],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
