@@ -141,3 +141,10 @@ def test_every_example_config_is_valid(path):
                                              ("[mlflow, tensorboard]", ["mlflow", "tensorboard"])])
 def test_report_to_takes_one_name_or_none_like_the_trainer(tmp_path, value, expected):
     assert load_config(write(tmp_path, BASE), [f"train.report_to={value}"]).train.report_to == expected
+
+
+def test_per_example_attention_is_not_compiled(tmp_path):
+    p = write(tmp_path, BASE)
+    assert load_config(p, ["train.packed_attention=per_example"]).train.packed_attention == "per_example"
+    with pytest.raises(ConfigError, match=r"train\.packed_attention=per_example: not with train\.compile=true"):
+        load_config(p, ["train.packed_attention=per_example", "train.compile=true"])

@@ -37,7 +37,7 @@ def _write(path, rows):
     return str(path)
 
 
-def _config(tmp_path, model_dir, decoder: bool, peft: dict, padding_free: bool):
+def _config(tmp_path, model_dir, decoder: bool, peft: dict, padding_free: bool, attention: str = "padded"):
     cls = _write(tmp_path / "cls.jsonl", [{"text": t, "label": y} for y, ts in TEXTS.items() for t in ts] * 2)
     ner = write_ner(tmp_path / "ner")
     (tmp_path / "general.txt").write_text(GENERAL)
@@ -54,9 +54,9 @@ def _config(tmp_path, model_dir, decoder: bool, peft: dict, padding_free: bool):
     cfg = {"model": {"name": str(model_dir), "max_length": 40}, "sources": sources,
            "routing": {"strategy": "interleaved", "weights": dict.fromkeys(sources, 1.0)},
            "train": {"precision": "fp32", "device": "cpu", "max_steps": 2, "batch_size": 4, "progress": False,
-                     "seed": 5, "padding_free": padding_free},
+                     "seed": 5, "padding_free": padding_free, "packed_attention": attention},
            "peft": peft, "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}
-    path = tmp_path / f"c-{padding_free}.yaml"
+    path = tmp_path / f"c-{padding_free}-{attention}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -124,15 +124,18 @@ def _outputs(model, name, objective, batch):
     return logits.detach(), per_example.detach(), loss.detach(), grads
 
 
+@pytest.mark.parametrize("attention", ["padded", "per_example"])
 @pytest.mark.parametrize("peft", [{"method": "none"}, {"method": "lora", "r": 4}], ids=["full", "lora"])
 @pytest.mark.parametrize("backbone", ["encoder", "decoder"])
 def test_padding_free_batches_give_the_padded_batch_s_outputs(tmp_path, tiny_model_dir, chat_llama, backbone,
-                                                              peft):
+                                                              peft, attention):
+    """Packed, with attention on the padded width or on each example's own length."""
     decoder = backbone == "decoder"
     model_dir = chat_llama if decoder else tiny_model_dir
     padded = prepare(load_config(_config(tmp_path, model_dir, decoder, peft, False)))
-    packed = prepare(load_config(_config(tmp_path, model_dir, decoder, peft, True)))
+    packed = prepare(load_config(_config(tmp_path, model_dir, decoder, peft, True, attention)))
     assert packed.model.padding_free and not padded.model.padding_free
+    assert packed.model.attention_each == (attention == "per_example")
     expected = {"encoder": {"token-classification", "sequence-classification", "binary-classification", "masked-lm"},
                 "decoder": {"token-classification", "sequence-classification", "binary-classification",
                             "causal-lm"}}[backbone]
@@ -213,6 +216,10 @@ def test_every_packable_model_type_gives_the_padded_hidden_states(model_type, at
     model.padding_free = True
     packed = model.hidden_states(ids, mask)
     torch.testing.assert_close(packed[mask.bool()], padded[mask.bool()], rtol=1e-4, atol=1e-5)
+    model.attention_each = True  # train.packed_attention=per_example: each example's attention on its own length
+    each = model.hidden_states(ids, mask)
+    torch.testing.assert_close(each[mask.bool()], padded[mask.bool()], rtol=1e-4, atol=1e-5)
+    assert each[~mask.bool()].abs().sum() == 0
 
 
 def test_sliding_window_models_train_padded():

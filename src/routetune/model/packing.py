@@ -54,21 +54,31 @@ class Layout:
     order) it was no faster, as attention is a small part of a short-sequence step, and its
     varied shapes raised the peak RSS by ~280 MB."""
 
-    def __init__(self, rows: int, width: int, index: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor):
+    def __init__(self, rows: int, width: int, index: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+                 lengths: tuple[int, ...], each: bool = False):
         self.rows, self.width, self.index, self.positions, self.keys = rows, width, index, positions, keys
+        self.lengths = lengths  # each row's real tokens, read on the CPU copy (no host read on a GPU)
+        self.each = each  # attention on each example's own length (train.packed_attention=per_example)
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor) -> Layout:
         mask = attention_mask.detach().to("cpu", torch.bool)
         index = mask.flatten().nonzero().squeeze(1)
         positions = (mask.long().cumsum(1) - 1).flatten().index_select(0, index)[None]
-        return cls(*mask.shape, index, positions, mask).to(attention_mask.device)
+        lengths = tuple(mask.sum(1).tolist())
+        return cls(*mask.shape, index, positions, mask, lengths).to(attention_mask.device)
 
     def to(self, device, non_blocking: bool = False) -> Layout:
         if torch.device(device) == self.index.device:
             return self
         moved = (t.to(device, non_blocking=non_blocking) for t in (self.index, self.positions, self.keys))
-        return Layout(self.rows, self.width, *moved)
+        return Layout(self.rows, self.width, *moved, self.lengths, self.each)
+
+    def per_example(self, each: bool = True) -> Layout:
+        """This layout with attention run on each example's own length (or on the padded width)."""
+        if each == self.each:
+            return self
+        return Layout(self.rows, self.width, self.index, self.positions, self.keys, self.lengths, each)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, width, ...] -> [1, tokens, ...]"""
@@ -92,8 +102,25 @@ class Layout:
         """`attention(q, k, v, mask)` (padded-batch tensors [rows, heads, width, d] and a boolean
         mask -> [rows, width, heads, d]) on the packed [1, heads, tokens, d] query, key and value;
         returns [1, tokens, heads, d]."""
+        if self.each:
+            return self.attend_each(attention, query, key, value, causal)
         q, k, v = (self.unpack(t.transpose(1, 2)).transpose(1, 2) for t in (query, key, value))
         return self.pack(attention(q, k, v, self.mask(causal)))
+
+    def attend_each(self, attention, query, key, value, causal: bool) -> torch.Tensor:
+        """The same, with each example's attention run alone on its own length: its slice of the
+        packed row, no padding mask (a causal one for a decoder), no padded width. Written here
+        because the kernels that take variable lengths do not cover this on a CPU: SDPA on
+        jagged nested tensors refuses a causal mask there, and FlexAttention has no CPU backward.
+        A loop over the batch's examples: one kernel call per example and layer."""
+        out, start = [], 0
+        for n in self.lengths:
+            if n:
+                part = (t[:, :, start:start + n] for t in (query, key, value))
+                mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()[None, None] if causal else None
+                out.append(attention(*part, mask))
+            start += n
+        return torch.cat(out, dim=1)
 
 
 def packed(inner):

@@ -60,6 +60,7 @@ class RoutedModel(nn.Module):
         self.quantization: dict | None = None  # model.quantize: the base's bitsandbytes settings (model/quantize.py)
         self.fused_lm_loss = True  # causal-LM loss through model/lm_loss.py where the head allows it
         self.padding_free = False  # the backbone runs on the real tokens only (model/packing.py)
+        self.attention_each = False  # ...and attention on each example's own length (train.packed_attention)
 
     @property
     def backbone(self) -> nn.Module:
@@ -118,7 +119,7 @@ class RoutedModel(nn.Module):
         the one the batch brought, or made now (a host read of the mask)."""
         if not self.padding_free:
             return None
-        return layout if layout is not None else Layout.of(attention_mask)
+        return (layout if layout is not None else Layout.of(attention_mask)).per_example(self.attention_each)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       layout: Layout | None = None) -> torch.Tensor:

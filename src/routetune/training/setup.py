@@ -258,7 +258,7 @@ def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hard
         use_fast_attention_dropout(model.lm)
     model.fused_lm_loss = cfg.train.fused_lm_loss
     if cfg.train.padding_free:
-        _padding_free(model)
+        _padding_free(model, cfg.train.packed_attention)
     if cfg.train.gradient_checkpointing:
         if not model.lm.supports_gradient_checkpointing:
             raise ConfigError(f"train.gradient_checkpointing: {type(model.lm).__name__} does not support it")
@@ -273,14 +273,16 @@ def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hard
         use_embedding_grad_buffer(model.lm)
 
 
-def _padding_free(model: RoutedModel) -> None:
-    """`train.padding_free`: the packed layout where the model allows it, else one log line."""
+def _padding_free(model: RoutedModel, attention: str) -> None:
+    """`train.padding_free`: the packed layout where the model allows it, else one log line;
+    `train.packed_attention`: how attention sees the packed examples."""
     reason = packing.why_not(model)
     if reason is not None:
         log.info("train.padding_free: padded batches (%s)", reason)
         return
     use_packed_attention(model.lm)
     model.padding_free = True
+    model.attention_each = attention == "per_example"
 
 
 def _deterministic_kernels() -> None:
