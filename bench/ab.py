@@ -14,6 +14,10 @@ Levers:
   (WNUT-17, minilm-l6).
 * ``huge-pages``: transparent huge pages for this process on and off (prctl PR_SET_THP_DISABLE;
   Linux only), with the minor page faults per step (WNUT-17, minilm-l6).
+* ``per-example-attention`` (WNUT-17 NER, minilm-l6), ``per-example-attention-cls`` (sentence
+  polarity, minilm-l6), ``per-example-attention-lm`` (Tiny Shakespeare, smollm2-135m LoRA: blocks
+  of one length, so only the loop's cost shows): `train.packed_attention=per_example`, each
+  example's attention on its own length, against the padded width (model/packing.py).
 * ``lm-loss``: the chunked causal-LM loss (model/lm_loss.py) against transformers' loss
   (Tiny Shakespeare, smollm2-135m LoRA).
 
@@ -57,6 +61,10 @@ def _lm_loss(setup, trainer, on: bool) -> None:
     setup.model.fused_lm_loss = on
 
 
+def _per_example(setup, trainer, on: bool) -> None:
+    setup.model.attention_each = on
+
+
 def _has_fast_attention(setup) -> bool:
     from routetune.model.attention import NAME
 
@@ -68,6 +76,9 @@ LEVERS = {  # name: (example, switch, a check that the lever applies to the exam
     "fused-clip": ("wnut17-minilm.yaml", _fused_clip, lambda s: True),
     "huge-pages": ("wnut17-minilm.yaml", _huge_pages, lambda s: True),
     "lm-loss": ("shakespeare-smollm2.yaml", _lm_loss, lambda s: s.model._plain_lm_head() is not None),
+    "per-example-attention": ("wnut17-minilm.yaml", _per_example, lambda s: s.model.padding_free),
+    "per-example-attention-cls": ("polarity-minilm.yaml", _per_example, lambda s: s.model.padding_free),
+    "per-example-attention-lm": ("shakespeare-smollm2.yaml", _per_example, lambda s: s.model.padding_free),
 }
 
 

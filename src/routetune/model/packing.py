@@ -59,6 +59,7 @@ class Layout:
         self.rows, self.width, self.index, self.positions, self.keys = rows, width, index, positions, keys
         self.lengths = lengths  # each row's real tokens, read on the CPU copy (no host read on a GPU)
         self.each = each  # attention on each example's own length (train.packed_attention=per_example)
+        self._causal: dict[int, torch.Tensor] = {}  # causal masks by length, made once for all layers
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor) -> Layout:
@@ -117,7 +118,11 @@ class Layout:
         for n in self.lengths:
             if n:
                 part = (t[:, :, start:start + n] for t in (query, key, value))
-                mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()[None, None] if causal else None
+                mask = None
+                if causal:
+                    if n not in self._causal:
+                        self._causal[n] = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()[None, None]
+                    mask = self._causal[n]
                 out.append(attention(*part, mask))
             start += n
         return torch.cat(out, dim=1)
