@@ -137,16 +137,12 @@ class TrainConfig(Strict):
     OLMo-2, StarCoder2, StableLM); others keep transformers' loss."""
     padding_free: bool = True
     """Run the backbone on each batch's real tokens only: the examples packed into one row with their own position ids,
-    attention kept within each example (model/packing.py). Same losses and logits as the
-    padded batch up to rounding, faster wherever a batch holds examples of different lengths. Model types it has been
-    checked for: BERT, Llama, Mistral (without a sliding window), Qwen2/3; other models and prompt or prefix tuning
-    train padded (said once in the log), as do sources trained by self-distillation. false: padded batches."""
+    attention kept within each example (model/packing.py). Same losses and logits as the padded batch up to rounding,
+    faster wherever a batch holds examples of different lengths. Checked for BERT, Llama, Mistral (without a sliding
+    window), Qwen2/3; other models, prompt or prefix tuning and self-distilled sources train padded (said once)."""
     packed_attention: Literal["padded", "per_example"] = "padded"
-    """How attention sees the examples of a padding-free batch. `padded`: laid out as the padded batch, the model's own
-    kernel with the batch's padding (and causal) mask, on the batch's longest width. `per_example`: each example's
-    attention alone on its own length (one kernel call per example and layer, no padded width): the same outputs up to
-    rounding, less attention arithmetic where lengths differ, more calls. Dropout inside attention draws other masks.
-    Not with `train.compile` (each batch's lengths would be a new graph)."""
+    """Attention in a padding-free batch: `padded`, on the batch's padded width with its masks; `per_example`, each
+    example alone on its own length (one call per example and layer, same outputs). Not with `train.compile`."""
     compile: bool | Literal["auto"] = "auto"
     """Compile each transformer block of the training forward and backward with `torch.compile` (regional
     compilation: one graph serves every block of a kind; parameter names and checkpoints are unchanged). The log says
@@ -351,9 +347,8 @@ class Config(Strict):
         check_routing(self.routing, list(self.sources), self.sources)
         _resolve_primary(self)
         _check_budget_targets(self)
-        if self.train.compile is True and self.train.packed_attention == "per_example":
-            raise ValueError("train.packed_attention=per_example: not with train.compile=true (each batch's lengths "
-                             "would compile a new graph); use packed_attention=padded to compile")
+        if self.train.compile is True and self.train.packed_attention == "per_example":  # a graph per batch's lengths
+            raise ValueError("train.packed_attention=per_example: not with train.compile=true (padded to compile)")
         return self
 
 
