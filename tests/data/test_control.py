@@ -5,6 +5,7 @@ logged control values."""
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -209,3 +210,86 @@ def test_the_configured_controller_is_the_one_the_router_runs():
     c = make_router(routing, ["task", "general"], Schedule("constant", np.array([0.3, 0.7])), 100).control
     assert (c.max_change, c.ki, c.kp, c.kd, c.slack_gain, c.metric) == (0.05, 0.4, 0.7, 0.2, 0.3, "perplexity")
     assert c.share == pytest.approx(0.6) and c.lo == pytest.approx(logit(0.05))  # the start, clamped to max_share
+
+
+# ------------------------------------------------------------------- held-out text: the margin and early slack
+def test_the_margin_is_the_prediction_bound_of_a_held_out_sample():
+    """Each block's loss given: the controller acts on change + z s sqrt(1/n + 1/m), from the spread of
+    the blocks' paired changes against the base model's."""
+    c = RetentionController(0.05, 0.3, 0.05, 0.6, 0.3, 0.5, confidence=0.9, holdout_blocks=20)
+    base = [3.0, 2.0, 4.0, 3.5]
+    c.update(base)
+    now = [3.1, 2.0, 4.3, 3.5]
+    record = c.update(now)
+    d = np.subtract(now, base)
+    margin = NormalDist().inv_cdf(0.9) * d.std(ddof=1) * math.sqrt(1 / 4 + 1 / 20)
+    assert record["change"] == pytest.approx(np.mean(now) / np.mean(base) - 1)
+    assert record["bound"] == pytest.approx((np.mean(now) + margin) / np.mean(base) - 1)
+    assert record["margin"] == pytest.approx(record["bound"] - record["change"])
+    assert record["violation"] == pytest.approx((record["bound"] - 0.05) / 0.05)
+    plain = RetentionController(0.05, 0.3, 0.05, 0.6, 0.3, 0.5)  # no confidence: the sample itself
+    plain.update(base)
+    assert plain.update(now)["margin"] == 0.0
+
+
+@pytest.mark.parametrize("confidence,m", [(0.9, None), (0.8, 100), (0.95, 30)])
+def test_held_out_text_stays_within_the_bound_with_the_stated_probability(confidence, m):
+    """Blocks whose changes are exchangeable draws: the held-out sample's mean change (m blocks, or the
+    population mean if m is None) is at most the bound in about `confidence` of the trials."""
+    rng = np.random.default_rng(0)
+    n, trials, held = 32, 4000, 0
+    for _ in range(trials):
+        c = RetentionController(0.05, 0.3, 0.05, 0.6, 0.3, 0.5, metric="perplexity", confidence=confidence,
+                                holdout_blocks=m)
+        base = rng.normal(3.0, 0.4, n)  # the blocks differ a lot; their changes less
+        c.update(list(base))
+        mu, s = 0.03, 0.07  # the text's mean change of loss and its spread over blocks
+        record = c.update(list(base + rng.normal(mu, s, n)))
+        held_out = mu if m is None else rng.normal(mu, s, m).mean()
+        held += math.expm1(held_out) <= record["bound"]
+    assert held / trials == pytest.approx(confidence, abs=0.02)
+
+
+def test_early_slack_acts_in_proportion_to_progress_until_the_warmup_ends():
+    def acted(progress, warmup, loss=2.9):
+        c = RetentionController(0.05, 0.5, 0.05, 0.6, 0.5, 0.0, slack_gain=0.25, slack_warmup=warmup)
+        c.update(3.0)
+        c.update(loss, progress=progress)
+        return c.last
+
+    full = acted(0.1, 0.0)  # -3.3% against +5%: violation -1.67, as slack x 0.25
+    assert full == pytest.approx((2.9 / 3.0 - 1.05) / 0.05 * 0.25)
+    assert acted(0.1, 0.5) == pytest.approx(0.2 * full) and acted(0.25, 0.5) == pytest.approx(0.5 * full)
+    assert acted(0.5, 0.5) == pytest.approx(full) and acted(0.9, 0.5) == pytest.approx(full)
+    assert acted(0.1, 0.5, loss=3.3) == pytest.approx(1.0)  # +10% against +5%: forgetting acts in full at any time
+
+
+def test_slack_warmup_keeps_a_transient_dip_from_lowering_the_share():
+    """The sticky plant: a dip that a quarter-speed controller still partly spends; with the warm-up
+    the share stays higher through the dip and the forgetting after it is smaller."""
+    budget = 0.05
+
+    def controller(warmup):
+        return RetentionController(budget, 0.6, 0.05, 0.6, 0.3, 0.5, 0.0, "loss", 0.25, slack_warmup=warmup)
+
+    plain, warm = controller(0.0), controller(0.5)
+    base = 3.0
+    for c in (plain, warm):
+        c.update(base)
+    for k, dip in enumerate([-0.08, -0.1, -0.1, -0.09, -0.07]):  # the first quarter of a 20-measurement run
+        for c in (plain, warm):
+            c.update(base * (1 + dip), progress=(k + 1) / 20)
+    assert warm.share > plain.share + 0.05 and warm.share > 0.5
+
+
+def test_the_witness_is_logged_and_never_acted_on():
+    a, b = (RetentionController(0.02, 0.3, 0.05, 0.6, 0.3, 0.5, metric="perplexity", confidence=0.9)
+            for _ in range(2))
+    a.update([3.0, 3.2], witness=[2.8, 3.1])
+    b.update([3.0, 3.2])
+    ra, rb = a.update([3.05, 3.3], witness=[3.1, 3.4]), b.update([3.05, 3.3])
+    assert ra["share"] == rb["share"] and "witness_change" not in rb
+    assert ra["witness_change"] == pytest.approx(math.exp(3.25 - 2.95) - 1)
+    c = RetentionController(0.02, 0.3, 0.05, 0.6, 0.3, 0.5, metric="perplexity", confidence=0.9)
+    c.load_state_dict(a.state_dict())  # the bases (per block, the witness's) travel with the state
+    assert c.update([3.1, 3.2], witness=[3.0, 3.0]) == a.update([3.1, 3.2], witness=[3.0, 3.0])

@@ -6,7 +6,9 @@ bad budgets are refused with one line naming the key."""
 from __future__ import annotations
 
 import json
+from statistics import NormalDist
 
+import numpy as np
 import pytest
 import yaml
 
@@ -17,12 +19,13 @@ from routetune.evaluate.tasks import text_blocks
 from routetune.data.build import EvalSet
 from routetune.data.readers import text_range
 from routetune.data.text import text_parts
-from routetune.model.inference import lm_loss
+from routetune.model.inference import block_losses, lm_loss
+from routetune.training.budget import samples
 from routetune.model.load import load_tokenizer
 from routetune.model.routed import RoutedModel
 from routetune.training import checkpoint as ckpt
 
-BUDGET = {"measure": "general-dev", "max_change": 0.01, "every": 3, "blocks": 4, "min_share": 0.05}
+BUDGET = {"measure": "general-dev", "max_change": 0.01, "every": 3, "blocks": 4, "witness_blocks": 2, "min_share": 0.05}
 
 
 def _config(root, model, **extra):
@@ -52,13 +55,24 @@ def test_each_measurement_is_the_training_models_loss_on_the_dev_sample(budget_r
     assert [e["step"] for e in trace] == [0, 3, 6, 9, 12]
     assert trace[0]["change"] == 0.0 and trace[0]["loss"] == trace[0]["base"]
     tok = load_tokenizer(str(tiny_model_dir))
-    blocks = text_blocks(tok, EvalSet("text", text_parts([root / "general.txt"])), 32, 4)
-    assert len(blocks) == 4
+    text = text_blocks(tok, EvalSet("text", text_parts([root / "general.txt"])), 32, None)
+    blocks, witness = samples(text, 4, 2, "spread")  # 4 blocks spread across the whole dev text, 2 others
+    assert len(text) > 8 and len(blocks) == 4 and blocks[0] == text[0] and blocks[-1] != text[3]
+    assert len(witness) == 2 and not any(w in blocks for w in witness)
+    z = NormalDist().inv_cdf(0.9)  # the default confidence
     for e in trace[1:]:  # the checkpoint of that step, scored afresh
-        folder = ckpt.step_checkpoints(run_dir / "checkpoints")
-        model = RoutedModel.load(dict(folder)[e["step"]])
-        assert lm_loss(model, "masked-lm", blocks, tok, 16, "fp32")[0] == pytest.approx(e["loss"], rel=1e-5)
+        folder = dict(ckpt.step_checkpoints(run_dir / "checkpoints"))
+        model = RoutedModel.load(folder[e["step"]])
+        each = block_losses(model, "masked-lm", blocks, tok, 16, "fp32")
+        assert np.mean(each) == pytest.approx(e["loss"], rel=1e-5)
+        assert lm_loss(model, "masked-lm", blocks, tok, 16, "fp32")[0] == pytest.approx(e["loss"], rel=0.05)
         assert e["change"] == pytest.approx(e["loss"] / e["base"] - 1)
+        base = json.loads((folder[e["step"]] / "trainer_state.json").read_text())["batches"]["router"]["control"]
+        margin = z * np.std(np.subtract(each, base["base_blocks"]), ddof=1) * np.sqrt(1 / 4)
+        assert e["margin"] == pytest.approx(margin / e["base"], rel=1e-4) and e["margin"] > 0
+        assert e["bound"] == pytest.approx(e["change"] + e["margin"])
+        seen = np.mean(block_losses(model, "masked-lm", witness, tok, 16, "fp32"))
+        assert e["witness_change"] == pytest.approx(seen / base["witness_base"] - 1, rel=1e-4)
         assert sum(e["weights"].values()) == pytest.approx(1.0)
         assert e["weights"]["general"] == pytest.approx(e["share"], abs=1e-6) and e["seconds"] >= 0
 
@@ -95,6 +109,7 @@ def test_the_report_shows_the_control_trace(budget_run):
     run_cli("report", run_dir)
     md = (out / "report.md").read_text()
     assert (out / "budget.png").is_file() and "Retention budget" in md and "+1.0%" in md
+    assert "witness's last change" in md and " points" in md
 
 
 @pytest.mark.parametrize("method,distill", [("lora", 0.0), ("lora", 1.0), ("none", 1.0), ("dora", 0.0), ("ia3", 0.0),
@@ -137,6 +152,7 @@ def test_an_encoder_under_a_budget_with_a_parameter_efficient_method(tmp_path, t
     ({"routing.budget": {**BUDGET, "sources": ["ner"]}}, "the primary source 'ner' cannot be"),
     ({"routing.budget": {**BUDGET, "min_share": 0.6}}, "min_share: 0.6 is above max_share"),
     ({"routing.budget": {**BUDGET, "max_change": 0}}, "routing.budget.max_change"),
+    ({"routing.budget": {**BUDGET, "confidence": 0.3}}, "routing.budget.confidence"),
 ])
 def test_bad_budgets_are_refused_naming_the_key(tmp_path, tiny_model_dir, change, message):
     cfg = _config(tmp_path, tiny_model_dir, **change)

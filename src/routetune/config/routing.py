@@ -48,7 +48,8 @@ class AdaptiveConfig(Strict):
 class BudgetConfig(Strict):
     measure: str
     """Where retention is measured: an `evals` set with `split: dev`, or a source whose dev set is language-modelling
-    text. Its first `blocks` blocks are scored in eval mode on the training model every `every` steps."""
+    text. A sample of `blocks` blocks of it (`sample`) is scored in eval mode on the training model every `every`
+    steps."""
     max_change: float = Field(gt=0)
     """Largest allowed change of the measure against the base model, relative: 0.02 = at most 2% higher."""
     metric: Literal["loss", "perplexity"] = "loss"
@@ -75,6 +76,22 @@ class BudgetConfig(Strict):
     slack_gain: float = Field(0.25, gt=0, le=1)
     """Factor on the violation while there is slack (the change below `max_change`): below 1 the share is given away
     more slowly than it is taken back (forgetting, once in the weights, is slow to undo)."""
+    slack_warmup: float = Field(0.0, ge=0, le=1)
+    """Fraction of the run over which slack's action grows from none to full (0: full from the start): the measure
+    often falls at first, and slack spent then returns as forgetting that stays in the weights."""
+    sample: Literal["spread", "first"] = "spread"
+    """Which `blocks` of the measure are scored: spread evenly across the whole text (a sample of all of it), or its
+    first blocks (one stretch of text, as before this option)."""
+    confidence: float | None = Field(0.9, gt=0.5, lt=1)
+    """Aim inside `max_change` by a margin from the sample's own spread so that held-out text of the same kind stays
+    within it with about this probability (docs/results.md says under which assumptions); null: aim at
+    `max_change` on the sample itself."""
+    holdout_blocks: int | None = Field(None, ge=1)
+    """Size of the held-out text the confidence is for, in blocks (its own noise widens the margin); null: a large
+    text (only the sample's noise counts)."""
+    witness_blocks: int = Field(0, ge=0)
+    """Blocks of a second sample of the measure, disjoint from the first, scored at every measurement and logged as
+    `witness_change`, never acted on: a check of the margin during the run (costs that much more measuring)."""
 
 
 class RoutingConfig(Strict):

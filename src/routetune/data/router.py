@@ -75,10 +75,10 @@ class Router:
         """The target probabilities the controller's current share makes (cached: `target` runs every step)."""
         self._controlled = self.control.weights(self.schedule.start, self._mask)
 
-    def measured(self, loss: float) -> dict:
-        """A measurement of the budget's measure (mean token loss) -> the controller's record, with
-        the target probabilities it sets for the next steps."""
-        record = self.control.update(loss)
+    def measured(self, loss, progress: float = 1.0, witness=None) -> dict:
+        """A measurement of the budget's measure (mean token loss, or each block's) -> the controller's
+        record, with the target probabilities it sets for the next steps."""
+        record = self.control.update(loss, progress, witness)
         self._set_controlled()
         return {**record, "weights": dict(zip(self.names, self._controlled.round(6).tolist()))}
 
@@ -287,6 +287,7 @@ def make_router(routing, names: list[str], schedule: Schedule, horizon: int) -> 
     if b is not None:
         share = float(sum(schedule.start[names.index(n)] for n in b.sources))  # the controller clamps it
         router.attach_control(RetentionController(b.max_change, share, b.min_share, b.max_share, b.integral_gain,
-                                                  b.proportional_gain, b.derivative_gain, b.metric, b.slack_gain),
+                                                  b.proportional_gain, b.derivative_gain, b.metric, b.slack_gain,
+                                                  b.confidence, b.holdout_blocks, b.slack_warmup),
                               b.sources)
     return router

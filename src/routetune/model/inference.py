@@ -101,16 +101,12 @@ def classify(model, head: str, tokenizer, texts: list[str], max_length: int, bat
     return out, sum(1 for _, cut in encoded if cut)
 
 
-@torch.inference_mode()
-def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_size: int = 16,
-            precision: str = "fp32", seed: int = 0, labels: list[list[int]] | None = None) -> tuple[float, int]:
-    """Mean token loss and token count over `blocks` (already with special tokens): causal-LM
-    next-token loss (targets: the blocks themselves, or `labels` with -100 where no loss is
-    taken, e.g. on prompts), or masked-LM loss with masks drawn from a fixed seed per block (so
-    base and fine-tuned models are scored on the same masks)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
+def _lm_scored(model, objective: str, blocks: list[list[int]], tokenizer, batch_size: int, precision: str,
+               seed: int, labels: list[list[int]] | None):
+    """(logits, targets) of each batch of `blocks` (in order) for the language-modelling loss: causal-LM
+    next-token targets (the blocks themselves, or `labels` with -100 where no loss is taken, e.g. on
+    prompts), or masked-LM targets with masks drawn from a fixed seed per block (so base and
+    fine-tuned models are scored on the same masks)."""
     device = model_device(model)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     for start in bar(range(0, len(blocks), batch_size), f"{objective} loss"):
@@ -120,24 +116,51 @@ def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_siz
             batch = _on(pad_batch(chunk, tokenizer.pad_token_id, targets_in), device)
             with autocast(precision, device.type):
                 logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])
-            targets = batch["labels"][:, 1:]
-            logits = logits[:, :-1]
+            yield logits[:, :-1], batch["labels"][:, 1:]
         else:
-            inputs, labels = [], []
+            inputs, masked = [], []
             for i, seq in enumerate(chunk):
                 x, y = mask_sequence(seq, special, 0.15, tokenizer.mask_token_id, len(tokenizer),
                                      derive_seed(seed, "eval-mask", start + i))
                 inputs.append(x)
-                labels.append(y)
-            batch = _on(pad_batch(inputs, tokenizer.pad_token_id, labels), device)
+                masked.append(y)
+            batch = _on(pad_batch(inputs, tokenizer.pad_token_id, masked), device)
             with autocast(precision, device.type):
                 logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])
-            targets = batch["labels"]
+            yield logits, batch["labels"]
+
+
+@torch.inference_mode()
+def lm_loss(model, objective: str, blocks: list[list[int]], tokenizer, batch_size: int = 16,
+            precision: str = "fp32", seed: int = 0, labels: list[list[int]] | None = None) -> tuple[float, int]:
+    """Mean token loss and token count over `blocks` (already with special tokens), causal-LM or
+    masked-LM (`_lm_scored` says which targets)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for logits, targets in _lm_scored(model, objective, blocks, tokenizer, batch_size, precision, seed, labels):
         mask = targets != IGNORE
         total += torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="sum").item()
         count += int(mask.sum())
     model.train(was_training)
     return (total / count if count else float("nan")), count
+
+
+@torch.inference_mode()
+def block_losses(model, objective: str, blocks: list[list[int]], tokenizer, batch_size: int = 16,
+                 precision: str = "fp32", seed: int = 0) -> list[float]:
+    """Each block's own mean token loss (NaN for a block with no target), in the order given: what a
+    retention budget needs to tell a change of the text from the noise of its sample."""
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    for logits, targets in _lm_scored(model, objective, blocks, tokenizer, batch_size, precision, seed, None):
+        mask = targets != IGNORE
+        token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets.masked_fill(~mask, 0),
+                                                  reduction="none") * mask
+        out += (token.sum(1) / mask.sum(1)).tolist()
+    model.train(was_training)
+    return out
 
 
 @torch.inference_mode()

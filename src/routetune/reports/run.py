@@ -117,7 +117,8 @@ def budget_trace(events: list[dict]) -> list[dict]:
 
 
 def plot_budget(run: dict, out: Path) -> str | None:
-    """The controlled share and the measured change against the step, with the budget line."""
+    """The controlled share and the measured change against the step, with the budget, the change the
+    controller aimed at (the budget less its margin for held-out text) and a witness sample if measured."""
     trace = budget_trace(run["events"])
     if not trace:
         return None
@@ -126,8 +127,15 @@ def plot_budget(run: dict, out: Path) -> str | None:
     steps = [e["step"] for e in trace]
     top.step(steps, [e["share"] for e in trace], where="post", color="C0")
     top.set(ylabel="general share", title="Retention budget: controlled share and measured change")
+    budget = 100 * trace[0]["max_change"]
     bottom.plot(steps, [100 * e["change"] for e in trace], marker=".", color="C1", label="measured change")
-    bottom.axhline(100 * trace[0]["max_change"], color="C3", linestyle="--", label="budget")
+    if any(e.get("margin") for e in trace):
+        bottom.plot(steps[1:], [budget - 100 * e["margin"] for e in trace[1:]], color="C2", linestyle=":",
+                    label="aimed at (budget - margin)")
+    if "witness_change" in trace[0]:
+        bottom.plot(steps, [100 * e["witness_change"] for e in trace], marker="x", color="C4", linestyle="-.",
+                    label="witness sample (not acted on)")
+    bottom.axhline(budget, color="C3", linestyle="--", label="budget")
     bottom.set(xlabel="step", ylabel="change vs base (%)")
     bottom.legend(fontsize=8)
     return render.save(fig, out / "budget.png")
@@ -254,14 +262,16 @@ def _budget_section(runs: list[dict]):
         trace = budget_trace(run["events"])
         if trace:
             changes = [e["change"] for e in trace[1:]] or [0.0]
+            witness = trace[-1].get("witness_change")
             rows.append([run["name"], f"{100 * trace[0]['max_change']:+.1f}%", render.fmt(trace[0]["base"]),
-                         f"{100 * changes[-1]:+.2f}%", f"{100 * max(changes):+.2f}%", render.fmt(trace[-1]["share"]),
-                         str(len(trace)), _seconds(sum(e["seconds"] for e in trace))])
+                         f"{100 * changes[-1]:+.2f}%", f"{100 * trace[-1].get('margin', 0.0):.2f} points",
+                         f"{100 * witness:+.2f}%" if witness is not None else "-", f"{100 * max(changes):+.2f}%",
+                         render.fmt(trace[-1]["share"]), str(len(trace)), _seconds(sum(e["seconds"] for e in trace))])
     if not rows:
         return None
     return ("Retention budget (measured on dev text during training)",
-            ["run", "budget", "base loss", "last change", "largest change", "last share", "measurements",
-             "measuring time"], rows, [])
+            ["run", "budget", "base loss", "last change", "last margin", "witness's last change", "largest change",
+             "last share", "measurements", "measuring time"], rows, [])
 
 
 def _run_section(runs: list[dict]):

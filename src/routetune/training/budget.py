@@ -1,9 +1,10 @@
 """A retention budget during training (`routing.budget`): a small fixed sample of dev text, scored
 on the training model in eval mode before the first step (the base value) and every `every` steps;
-each measurement goes to the router's controller (data/control.py), which sets the general
-sources' share for the steps that follow.
+each measurement (every block's loss) goes to the router's controller (data/control.py), which sets
+the general sources' share for the steps that follow. The sample is spread across the measured text
+by default; an optional witness sample, disjoint from it, is measured and logged but never acted on.
 
-Rank 0 measures and broadcasts the loss, so every process makes the same control decision and the
+Rank 0 measures and broadcasts the losses, so every process makes the same control decision and the
 global plan is the single-process one. Measuring draws from no random-number generator (eval
 mode; masked-LM masks are seeded per block), so it changes nothing in training but the plan.
 """
@@ -14,10 +15,29 @@ import logging
 import time
 
 from routetune.evaluate.tasks import text_blocks
-from routetune.model.inference import lm_loss
+from routetune.model.inference import block_losses
 from routetune.training import events
 
 log = logging.getLogger("routetune")
+
+
+def spread(blocks: list, n: int, offset: float = 0.0) -> list:
+    """`n` blocks evenly spaced across `blocks` (at (i + offset) / n of the way, i < n): a sample of the
+    whole text rather than of its first stretch. Offsets 0 and 0.5 give disjoint samples when there are
+    at least 2n blocks."""
+    if n >= len(blocks):
+        return list(blocks)
+    return [blocks[int((i + offset) * len(blocks) / n)] for i in range(n)]
+
+
+def samples(blocks: list, n: int, witness: int, how: str) -> tuple[list, list]:
+    """The measured sample and the witness sample (disjoint; empty if `witness` is 0)."""
+    if how == "first":
+        return blocks[:n], blocks[n : n + witness]
+    main = spread(blocks, n)
+    chosen = {id(b) for b in main}
+    rest = [b for b in blocks if id(b) not in chosen]
+    return main, spread(rest, witness, 0.5) if witness else []
 
 
 class Budget:
@@ -26,15 +46,22 @@ class Budget:
         b = cfg.routing.budget
         self.every = b.every
         self.metric = b.metric
+        self.total = setup.total_steps
         evalset = setup.evals.get(b.measure) or setup.dev.get(b.measure)
         self.objective = setup.objectives[b.measure]
-        # only rank 0 scores the sample (the others are given its loss), so only it tokenizes it
-        self.blocks = text_blocks(setup.tokenizer, evalset, cfg.model.max_length, b.blocks) if setup.world.main else []
+        # only rank 0 scores the samples (the others are given their losses), so only it tokenizes the text
+        self.blocks, self.witness = [], []
+        if setup.world.main:
+            limit = b.blocks + b.witness_blocks if b.sample == "first" else None
+            text = text_blocks(setup.tokenizer, evalset, cfg.model.max_length, limit)
+            self.blocks, self.witness = samples(text, b.blocks, b.witness_blocks, b.sample)
         self.tokenizer, self.batch_size = setup.tokenizer, cfg.train.eval_batch_size
         self.precision = setup.hardware.precision
-        log.info("routing.budget: %s change of %s at most %+.1f%%, measured on %d block(s) every %d steps; "
-                 "controlled share of %s", b.metric, b.measure, 100 * b.max_change, len(self.blocks), b.every,
-                 ", ".join(b.sources))
+        margin = (f"aiming inside it at {b.confidence:.0%} confidence for held-out text"
+                  if b.confidence is not None else "aiming at it on the sample")
+        log.info("routing.budget: %s change of %s at most %+.1f%%, %s; measured on %d block(s) (%s) every %d steps%s; "
+                 "controlled share of %s", b.metric, b.measure, 100 * b.max_change, margin, len(self.blocks), b.sample,
+                 b.every, f", a witness sample of {len(self.witness)}" if self.witness else "", ", ".join(b.sources))
 
     @classmethod
     def of(cls, setup) -> Budget | None:
@@ -43,17 +70,20 @@ class Budget:
     def due(self, done: int) -> bool:
         return done % self.every == 0
 
+    def _score(self, model, blocks: list) -> list[float]:
+        return block_losses(model, self.objective, blocks, self.tokenizer, self.batch_size, self.precision)
+
     def measure(self, done: int, model, router, world, metrics) -> dict:
-        """Score the sample (rank 0), give the loss to the router's controller on every rank, and log
-        the control record as a `budget` event: step, loss, base, change, violation, share,
-        multiplier, weights, seconds (the measurement's cost)."""
+        """Score the samples (rank 0), give each block's loss to the router's controller on every rank,
+        and log the control record as a `budget` event: step, loss, base, change, margin, bound (what
+        the controller acts on), violation, share, multiplier, weights, witness_change, seconds."""
         t0 = time.perf_counter()
-        loss = lm_loss(model, self.objective, self.blocks, self.tokenizer, self.batch_size, self.precision)[0] \
+        losses = (self._score(model, self.blocks), self._score(model, self.witness) if self.witness else None) \
             if world.main else None
-        loss = world.broadcast(loss)
-        record = router.measured(loss)
+        losses, witness = world.broadcast(losses)
+        record = router.measured(losses, done / max(self.total, 1), witness)
         seconds = time.perf_counter() - t0
         metrics.write(events.BUDGET, step=done, seconds=round(seconds, 4), **record)
-        log.info("step %d budget: %s change %+.2f%% -> general share %.3f (%.2f s)", done, self.metric,
-                 100 * record["change"], record["share"], seconds)
+        log.info("step %d budget: %s change %+.2f%% (acting on %+.2f%%) -> general share %.3f (%.2f s)", done,
+                 self.metric, 100 * record["change"], 100 * record["bound"], record["share"], seconds)
         return record
