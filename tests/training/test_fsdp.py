@@ -1,8 +1,9 @@
 """Sharded training (train.distributed.strategy=fsdp: PyTorch's FSDP2 on gloo, CPU processes): the
 same routed run on 1 process and sharded over 2 ends with the same weights and the same optimizer
 state (a gradient summed over ranks instead of averaged would double Adam's first moment); its
-checkpoints are those of one process, so a sharded run resumes bitwise on 2 processes and
-continues on 1, and a 1-process run continues sharded on 2; what sharding cannot do is refused."""
+checkpoints (written in shards, the last gathered) resume bitwise on 2 processes and
+continue on 1, a 1-process run continues sharded on 2, and a kill inside a sharded save loses nothing;
+what sharding cannot do is refused."""
 
 import json
 
@@ -179,3 +180,60 @@ def test_every_method_trains_sharded_as_on_one_process(setting, method):
     a, b = _trained(one), _trained(two)
     assert a and a.keys() == b.keys()
     close(a, b)
+
+
+# ------------------------------------------------ sharded step checkpoints (torch.distributed.checkpoint)
+def test_step_checkpoints_are_written_in_shards_and_the_last_is_gathered(setting, common, one_and_sharded):
+    """Each process writes its own part of a step checkpoint (torch.distributed.checkpoint); the manifest
+    covers every part and refuses a checkpoint that lost one; the run's last checkpoint and `best` are
+    plain model folders; a sharded one resumes, and is named as such if asked to score or export."""
+    from routetune.errors import RunError
+
+    _, two = one_and_sharded
+    steps = ckpt.step_checkpoints(two / "checkpoints")
+    assert not ckpt.is_sharded(steps[-1][1]) and (steps[-1][1] / "model.safetensors").is_file()
+    assert not ckpt.is_sharded(two / "checkpoints" / "best")
+    killed, _ = run(setting, "fsdp-shards", *common, FSDP, nproc=2, fault="after_step:8", check=False)
+    step, folder = ckpt.step_checkpoints(killed / "checkpoints")[-1]
+    assert step == 8 and ckpt.is_sharded(folder) and not (folder / "model.safetensors").exists()
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    assert {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp", "trainer_state.json",
+            "rng.safetensors", "rng-rank1.safetensors"} <= set(manifest)
+    ckpt.verify(folder)
+    with pytest.raises(RunError, match="a sharded step checkpoint"):
+        ckpt.run_checkpoint(killed, "last")
+    # a part removed and the manifest rewritten without it: refused, naming the part
+    copy = killed / "copy" / folder.name
+    import shutil
+    shutil.copytree(folder, copy)
+    (copy / "sharded" / "__1_0.distcp").unlink()
+    del manifest["sharded/__1_0.distcp"]
+    (copy / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    (copy / ckpt.COMPLETE).write_text(ckpt._sha256(copy / ckpt.MANIFEST) + "\n")
+    with pytest.raises(ckpt.CheckpointError, match="sharded/__1_0.distcp"):
+        ckpt.verify(copy)
+
+
+def test_a_kill_inside_a_sharded_save_loses_nothing_and_the_run_resumes_exactly(setting, common, one_and_sharded):
+    """Killed after both processes wrote their parts of step 10 and before the checkpoint was
+    completed: the partial folder is never used (recover removes it), step 8 verifies, and the
+    resumed run ends bitwise as the uninterrupted one."""
+    _, two = one_and_sharded
+    killed, proc = run(setting, "fsdp-kill-in-save", *common, FSDP, nproc=2, fault="in_write:10", check=False)
+    assert proc.returncode != 0
+    root = killed / "checkpoints"
+    assert [s for s, _ in ckpt.step_checkpoints(root)] == [5, 8] and any(p.name.startswith(".tmp-step-00000010")
+                                                                      for p in root.iterdir())
+    launch("resume", str(killed), "--no-test", nproc=2)
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+    ref, got = (ckpt.step_checkpoints(d / "checkpoints")[-1][1] for d in (two, killed))
+    for name in ("model.safetensors", "heads.safetensors", "optimizer.safetensors"):
+        a, b = load_file(str(ref / name)), load_file(str(got / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_gathered_step_checkpoints_remain_an_option(setting, common):
+    killed, _ = run(setting, "fsdp-gathered", *common, FSDP, "train.distributed.checkpoint=gathered", nproc=2,
+                    fault="after_step:8", check=False)
+    folder = ckpt.step_checkpoints(killed / "checkpoints")[-1][1]
+    assert not ckpt.is_sharded(folder) and (folder / "model.safetensors").is_file()

@@ -64,8 +64,7 @@ class ModelConfig(Strict):
     hold only them with these settings, and eval, predict, serve and resume quantize the base again. Slow on a CPU
     (every matmul dequantizes its weight)."""
     quantize_double: bool = False
-    """With nf4/fp4: quantize the quantization constants too (double quantization, about 0.4 bits per parameter less).
-    """
+    """With nf4/fp4: also quantize the quantization constants (double quantization, ~0.4 bits per parameter less)."""
     base_dtype: Literal["auto", "fp32"] = "auto"
     """Precision the base model's weights are held in while training. `auto`: a base that a parameter-efficient method
     freezes (LoRA, IA3, prompt/prefix tuning, bottleneck adapters) is held once, in the training precision
@@ -91,13 +90,16 @@ class DistributedConfig(Strict):
     """With several processes (`--nproc N` or torchrun): `ddp` keeps a full copy of the model, its gradients and
     optimizer state on every process (DistributedDataParallel); `fsdp` shards them over the processes (PyTorch's
     FSDP2, each transformer block a shard group), for models whose training state does not fit one process
-    (docs/distributed.md). Checkpoints are the same either way and resume on any number of processes."""
+    (docs/distributed.md). Checkpoints resume on any number of processes either way."""
     reshard_after_forward: bool = True
     """fsdp: free each block's gathered weights after its forward and gather them again for backward (less memory,
     one more all-gather per block); false keeps them until backward."""
     offload: bool = False
     """fsdp on GPUs: keep the parameter shards, their gradients and the optimizer state in CPU memory between uses
     (the optimizer step runs on the CPU)."""
+    checkpoint: Literal["sharded", "gathered"] = "sharded"
+    """fsdp: step checkpoints written by every process, each its shards (torch.distributed.checkpoint), or gathered
+    to rank 0 as one process writes them. The last step's checkpoint, `best` and exports are always gathered."""
 
 
 class TrainConfig(Strict):
@@ -109,8 +111,7 @@ class TrainConfig(Strict):
     """Examples per optimizer step (each batch from one source, or mixed with granularity `example`)."""
     grad_accum: int = Field(1, ge=1)
     """Split each step's batch into this many micro-batches, run one after another with their gradients added up (less
-    memory; the same update: each micro-batch's loss is weighted by its share of the batch's scored tokens or examples).
-    """
+    memory; the same update: each micro-batch's loss is weighted by its share of the batch's scored tokens/examples)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """`adamw` (torch AdamW, fused kernel) or `sgd` (with `momentum`)."""
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -216,8 +217,7 @@ class TrainConfig(Strict):
     keep_last: int = Field(2, ge=1)
     """Step checkpoints kept (the newest N); `best` is kept besides them."""
     nonfinite: Literal["abort", "skip"] = "abort"
-    """On a NaN/inf loss: `abort` (stop, naming step and source; no checkpoint after the bad step) or `skip` the update.
-    """
+    """On a NaN/inf loss: `abort` (stop, naming step and source; no checkpoint after the bad step) or `skip` it."""
     max_skipped: int = Field(10, ge=1)
     """With nonfinite=skip: abort after this many consecutive skipped steps."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()

@@ -25,9 +25,6 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from routetune.errors import RoutetuneError, RunError
 from routetune.run_paths import replaced_hint
 from routetune.model.methods import METHODS
@@ -124,13 +121,30 @@ def save_atomic(folder: Path, write, after_files=None) -> None:
     is a test hook called between writing the files and the rename. A full disk is a RunError
     naming the folder and the space needed; the partial folder goes, everything before it stays.
     """
+    tmp = begin_atomic(folder)
+    try:
+        write(tmp)
+    except Exception as exc:
+        if _no_space(exc):
+            raise _disk_full(folder, tmp) from None
+        raise
+    finish_atomic(folder, tmp, after_files)
+
+
+def begin_atomic(folder: Path) -> Path:
+    """The temporary folder a checkpoint of `folder` is written into (by one process, or by every
+    process of a sharded save, each its part): a name `recover` knows as a partial write."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def finish_atomic(folder: Path, tmp: Path, after_files=None) -> None:
+    """Once every file is in `tmp`: fsync, manifest, rename to `folder`, COMPLETE (see save_atomic)."""
     try:
-        write(tmp)
         manifest = {}
         for f in _files(tmp):
             with f.open("rb") as fh:
@@ -171,6 +185,23 @@ REQUIRED = {kind: files | {HEADS_SPEC} for kind, files in FORMATS.items()}
 OPTIMIZER_TENSORS, OPTIMIZER_META, TRAINER_STATE = "optimizer.safetensors", "optimizer.json", "trainer_state.json"
 RNG = "rng.safetensors"  # rank 0's random-number state (rng_file)
 STEP_STATE = {OPTIMIZER_TENSORS, OPTIMIZER_META, RNG, TRAINER_STATE}
+SHARDED = "sharded"  # a sharded step checkpoint's torch.distributed.checkpoint folder (model and optimizer)
+SHARDED_META = f"{SHARDED}/.metadata"
+
+
+def is_sharded(folder: Path) -> bool:
+    """A step checkpoint each process of a sharded run wrote its part of (not loadable as a model)."""
+    return (Path(folder) / SHARDED_META).is_file()
+
+
+def _sharded_files(folder: Path) -> set[str]:
+    """What a sharded step checkpoint cannot be without: its state, rank 0's random state, the
+    metadata and one part per process that wrote it (trainer_state.json says how many)."""
+    try:
+        processes = int(json.loads((folder / TRAINER_STATE).read_text())["processes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        processes = 1  # its digest check names the file
+    return {TRAINER_STATE, RNG, SHARDED_META, *(f"{SHARDED}/__{r}_0.distcp" for r in range(processes))}
 
 
 def _kind(folder: Path, listed: set[str]) -> str:
@@ -187,12 +218,15 @@ def _kind(folder: Path, listed: set[str]) -> str:
 
 def _check_file_set(folder: Path, manifest: dict) -> None:
     listed = set(manifest)
-    kind = _kind(folder, listed)
-    need = set(REQUIRED[kind])
-    if kind == "full" and "model.safetensors.index.json" not in listed:
-        need.add("model.safetensors")
-    if STEP_DIR.match(folder.name):
-        need |= STEP_STATE
+    if SHARDED_META in listed and STEP_DIR.match(folder.name):
+        kind, need = "sharded step", _sharded_files(folder)
+    else:
+        kind = _kind(folder, listed)
+        need = set(REQUIRED[kind])
+        if kind == "full" and "model.safetensors.index.json" not in listed:
+            need.add("model.safetensors")
+        if STEP_DIR.match(folder.name):
+            need |= STEP_STATE
     missing = sorted(need - listed)
     if missing:
         raise CheckpointError(f"{folder / MANIFEST}: a {kind} checkpoint must list {', '.join(missing)}; "
@@ -322,70 +356,6 @@ def prune(root: Path, keep_last: int) -> None:
 # ---- optimizer and RNG state as tensors + JSON (never pickle) ------------------------------
 
 
-def save_optimizer(state: dict, folder: Path) -> None:
-    """An optimizer's `state_dict()` (parameters numbered, full tensors) as safetensors + JSON."""
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
-    for pid, entry in state["state"].items():
-        meta["state"][str(pid)] = {}
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().contiguous()
-                meta["state"][str(pid)][key] = "tensor"
-            else:
-                meta["state"][str(pid)][key] = value
-    save_file(tensors, str(folder / OPTIMIZER_TENSORS))
-    (folder / OPTIMIZER_META).write_text(json.dumps(meta))
-
-
-def read_optimizer(folder: Path) -> dict:
-    """What :func:`save_optimizer` wrote, as an optimizer's `state_dict()`."""
-    meta = json.loads((folder / OPTIMIZER_META).read_text())
-    tensors = load_file(str(folder / OPTIMIZER_TENSORS))
-    state = {}
-    for pid, entry in meta["state"].items():
-        state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in entry.items()}
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def rng_file(rank: int) -> str:
-    """The random-number state of data-parallel rank `rank` (rank 0: the single-process name)."""
-    return RNG if rank == 0 else f"rng-rank{rank}.safetensors"
-
-
-def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    import random
-
-    import numpy as np
-
-    py = random.getstate()
-    np_state = np.random.get_state()
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout masks drawn on the GPU
-        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return (tensors,
-            {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]})
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
-    if cuda and torch.cuda.is_available():
-        for i, state in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, i)
-    elif cuda:  # a GPU run resumed on a CPU: its CPU generator draws from here on (docs/reliability.md)
-        log.info("the checkpoint holds CUDA random-number state; this machine has no CUDA device, so dropout "
-                 "draws from the CPU generator from here on")
-    py = meta["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-
-
 def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
     """A run's checkpoint folder, verified: `best` (the newest step checkpoint when the run had no
     dev set), `last` (the newest step checkpoint), or a checkpoint folder name."""
@@ -406,4 +376,9 @@ def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
             raise RunError(f"{run_dir}: no checkpoint named {which!r} (this run has: "
                            f"{', '.join(['last', *there]) if there else 'none'})")
     verify(folder)
+    if is_sharded(folder):
+        raise RunError(f"{folder}: a sharded step checkpoint (each process of an FSDP run wrote its part, "
+                       "train.distributed.checkpoint=sharded): it resumes the run (routetune resume), on any "
+                       "number of processes; score, predict or export the run's gathered checkpoints "
+                       "(best, or last once the run has finished)")
     return folder

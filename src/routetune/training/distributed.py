@@ -26,8 +26,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, get_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.experimental import implicit_replication
 
@@ -278,3 +279,22 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     groups = [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in state["param_groups"]]
     full = {"state": {fqns[int(i)]: s for i, s in state["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+TRAINED = StateDictOptions(ignore_frozen_params=True)  # a frozen base is the base model's: not saved
+
+
+def sharded_state(model, optimizer) -> dict:
+    """The trained weights and the optimizer state as this rank holds them (its shards under FSDP, keyed
+    by parameter name), for torch.distributed.checkpoint to write each rank's part."""
+    weights, optim = get_state_dict(model, optimizer, options=TRAINED)
+    return {"model": weights, "optimizer": optim}
+
+
+def load_sharded(model, optimizer, path) -> None:
+    """Read a checkpoint :func:`sharded_state` wrote, on any number of processes, sharded or not:
+    torch.distributed.checkpoint gives each rank the parts its own shards (or full tensors) need."""
+    state = sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=TRAINED)

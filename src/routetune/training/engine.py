@@ -128,7 +128,7 @@ class Trainer:
             if evaluated:
                 stopped = self.evaluate_dev(done)
             if evaluated or stopped or done == setup.total_steps or self.checkpoint_due(done):
-                self.save(done)
+                self.save(done, final=stopped or done == setup.total_steps)
             maybe_kill("after_step", done)
             if stopped:
                 break
@@ -188,8 +188,9 @@ class Trainer:
             self.frozen.restore()
         step = self.batches.step
         saved = ckpt.step_checkpoints(self.ckpt_dir) if self.world.main else None
-        if self.world.broadcast(not saved or saved[-1][0] != step):
-            self.save(step)  # a stop policy ended the run between checkpoints
+        # a stop policy ended the run between checkpoints, or after a sharded one: the last is gathered
+        if self.world.broadcast(not saved or saved[-1][0] != step or ckpt.is_sharded(saved[-1][1])):
+            self.save(step, final=True)
         if self.plan_log:
             self.plan_log.close()
         compiled = self.compiler.close() if self.compiler is not None else None
@@ -400,10 +401,11 @@ class Trainer:
     def _exact_weights(self):
         return self.frozen.fp32() if self.frozen is not None else contextlib.nullcontext()
 
-    def save(self, step: int) -> None:
-        """A step checkpoint of everything the loop carries (training/state.py), then the hooks."""
+    def save(self, step: int, final: bool = False) -> None:
+        """A step checkpoint of everything the loop carries (training/state.py), then the hooks; the
+        `final` one is always gathered (a plain model folder)."""
         with self._exact_weights():
-            state.save_step(self, step)
+            state.save_step(self, step, final)
         self.last_save = time.monotonic()
         if self.world.main:
             for hook in self.after_checkpoint:
