@@ -95,6 +95,20 @@ def test_lora_with_self_distillation_and_accumulation_sharded(setting):
     close(*(load_file(str(f / "heads.safetensors")) for f in folders))
     a, b = (load_file(str(f / "optimizer.safetensors")) for f in folders)
     assert a.keys() == b.keys() and len(a) == 3 * 15  # 8 adapter matrices and 7 head tensors, not the 44 of the model
+    # killed after a sharded step checkpoint (adapters and heads only: the frozen base is not in it), resumed
+    killed, _ = run(setting, "fsdp-lora-killed", *sets, FSDP, "train.grad_accum=2", nproc=2, fault="after_step:8",
+                    check=False)
+    shards = ckpt.step_checkpoints(killed / "checkpoints")[-1][1]
+    from torch.distributed.checkpoint import FileSystemReader
+    saved = [k for k in FileSystemReader(str(shards / "sharded")).read_metadata().state_dict_metadata
+             if k.startswith("model.")]
+    assert ckpt.is_sharded(shards) and len(saved) == 16 and sum("lora_" in k for k in saved) == 8  # and 8 head names
+    assert not any("embeddings" in k or "base_layer" in k or "decoder.weight" in k for k in saved)  # a tied alias too
+    launch("resume", str(killed), "--no-test", nproc=2)
+    last = ckpt.step_checkpoints(killed / "checkpoints")[-1][1]
+    for name in ("adapter_model.safetensors", "heads.safetensors"):
+        x, y = load_file(str(folders[1] / name)), load_file(str(last / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
 @pytest.mark.parametrize("sets, expected", [

@@ -288,13 +288,17 @@ def sharded_state(model, optimizer) -> dict:
     """The trained weights and the optimizer state as this rank holds them (its shards under FSDP, keyed
     by parameter name), for torch.distributed.checkpoint to write each rank's part."""
     weights, optim = get_state_dict(model, optimizer, options=TRAINED)
-    return {"model": weights, "optimizer": optim}
+    # torch drops a frozen parameter under its first name only: a tied alias of one (BERT's or a tied
+    # decoder's output projection is the input embedding) would be saved whole at every checkpoint
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {"model": {k: v for k, v in weights.items() if k not in frozen}, "optimizer": optim}
 
 
 def load_sharded(model, optimizer, path) -> None:
     """Read a checkpoint :func:`sharded_state` wrote, on any number of processes, sharded or not:
-    torch.distributed.checkpoint gives each rank the parts its own shards (or full tensors) need."""
+    torch.distributed.checkpoint gives each rank the parts its own shards (or full tensors) need. It
+    refuses a checkpoint without one of the trained tensors asked for; the frozen ones stay as loaded."""
     state = sharded_state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=TRAINED)
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
