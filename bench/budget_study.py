@@ -90,9 +90,10 @@ HELDOUT_SEEDS = (11, 12, 13, 14, 15)
 
 def overrides(kind: str, value: float, seed: int) -> list[str]:
     base = [f"train.seed={seed}", f"routing.seed={seed}", "train.progress=false", f"routing.budget.max_change={value}"]
-    if kind in HELDOUT:
-        return [*base, *HELDOUT_SETS, f"routing.budget.slack_warmup={HELDOUT[kind]}", "routing.budget.slack_gain=0.25",
-                f"routing.weights={{{TASK}: 0.4, {GENERAL}: 0.6}}"]
+    if kind in HELDOUT:  # the confirmation seeds measure no witness: it is never acted on (the same control)
+        witness = ["routing.budget.witness_blocks=0"] if seed in HELDOUT_SEEDS else []
+        return [*base, *HELDOUT_SETS, *witness, f"routing.budget.slack_warmup={HELDOUT[kind]}",
+                "routing.budget.slack_gain=0.25", f"routing.weights={{{TASK}: 0.4, {GENERAL}: 0.6}}"]
     if kind == "budget-start":  # the first controller started at the share the fixed search chose for +5%
         return [*base, *OLD, *FIRST, f"routing.weights={{{TASK}: 0.7, {GENERAL}: 0.3}}"]
     if kind in SAFE:

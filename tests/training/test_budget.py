@@ -75,6 +75,9 @@ def test_each_measurement_is_the_training_models_loss_on_the_dev_sample(budget_r
         assert e["witness_change"] == pytest.approx(seen / base["witness_base"] - 1, rel=1e-4)
         assert sum(e["weights"].values()) == pytest.approx(1.0)
         assert e["weights"]["general"] == pytest.approx(e["share"], abs=1e-6) and e["seconds"] >= 0
+    # a margin as large as the budget: the run says once that no share can be shown to hold it
+    wide = [e["step"] for e in trace[1:] if e["margin"] >= 0.01]
+    assert (run_dir / "train.log").read_text().count("margin for held-out text") == (1 if wide else 0)
 
 
 def test_the_plan_follows_the_controlled_share(budget_run):
@@ -190,3 +193,16 @@ def test_no_retention_keeps_the_budget_measuring(tmp_path, tiny_model_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "before_after" not in summary and "general-dev" not in summary.get("dev", {})
     assert not (run_dir / "before.json").exists()
+
+
+def test_a_budget_the_sample_cannot_certify_is_named_once(tmp_path, tiny_model_dir):
+    """A budget smaller than the margin the sample's own spread gives: the run keeps going at a high
+    share and says once, in its log, what to change."""
+    cfg = _config(tmp_path, tiny_model_dir, **{"routing.budget": {**BUDGET, "max_change": 0.0005},
+                                               "train.max_steps": 6})
+    run_cli("train", cfg, "--no-test", "--set", "run.name=tight")
+    run_dir = tmp_path / "runs" / "tight"
+    trace = _events(run_dir, "budget")
+    assert all(e["margin"] >= 0.0005 for e in trace[1:])
+    log = (run_dir / "train.log").read_text()
+    assert log.count("margin for held-out text") == 1 and "routing.budget.blocks" in log

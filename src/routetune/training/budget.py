@@ -57,6 +57,7 @@ class Budget:
             self.blocks, self.witness = samples(text, b.blocks, b.witness_blocks, b.sample)
         self.tokenizer, self.batch_size = setup.tokenizer, cfg.train.eval_batch_size
         self.precision = setup.hardware.precision
+        self.max_change, self.warned = b.max_change, False
         margin = (f"aiming inside it at {b.confidence:.0%} confidence for held-out text"
                   if b.confidence is not None else "aiming at it on the sample")
         log.info("routing.budget: %s change of %s at most %+.1f%%, %s; measured on %d block(s) (%s) every %d steps%s; "
@@ -86,4 +87,10 @@ class Budget:
         metrics.write(events.BUDGET, step=done, seconds=round(seconds, 4), **record)
         log.info("step %d budget: %s change %+.2f%% (acting on %+.2f%%) -> general share %.3f (%.2f s)", done,
                  self.metric, 100 * record["change"], 100 * record["bound"], record["share"], seconds)
+        if record["margin"] >= self.max_change and not self.warned:
+            self.warned = True
+            log.warning("routing.budget: the sample's margin for held-out text (%.1f points) is as large as the budget "
+                        "(%+.1f%%): no share can be shown to hold it on other text, so the share stays high; measure "
+                        "more blocks (routing.budget.blocks), state a larger budget, or lower the confidence",
+                        100 * record["margin"], 100 * self.max_change)
         return record
