@@ -5,6 +5,8 @@ how does its domain result compare with tuned fixed-mixture and plain fine-tunin
     .venv/bin/python bench/budget_study.py search --jobs 2     # dev: the baselines' searches (seed 0)
     .venv/bin/python bench/budget_study.py confirm --jobs 2    # test: 5 new seeds of every method per budget
     .venv/bin/python bench/budget_study.py table               # the tables of docs/results.md
+    BUDGET_STUDY_RECORD=docs/records/budget_study_heldout.json \
+        .venv/bin/python bench/budget_study.py heldout             # the third round's tables
 
 Work: examples/shakespeare-smollm2-budget.yaml (smollm2-135m, LoRA r=8 on q,k,v,o, 80 steps of 8
 blocks of 64 tokens, lr 4e-4, Tiny Shakespeare with its last 5% as test and the 2% before as dev;
@@ -75,7 +77,8 @@ SAFE = {"budget-safe": 0.25, "budget-safer": 0.1}
 fraction of the speed it is taken back (`slack_gain`); the first gains otherwise. `budget-safe`
 was chosen on dev and is what the example ships (its defaults)."""
 BUDGET = "budget-safe"
-OLD = ("routing.budget.sample=first", "routing.budget.confidence=null", "routing.budget.slack_warmup=0")
+OLD = ("routing.budget.sample=first", "routing.budget.confidence=null", "routing.budget.slack_warmup=0",
+       "routing.budget.blocks=16")
 """What the first two rounds measured with: the sample's first 16 blocks, acting on the sample itself,
 slack acting from the first step (defaults then)."""
 HELDOUT = {"budget-margin": 0.0, "budget-margin-warm": 1.0}
@@ -253,9 +256,55 @@ def table(record: dict) -> None:
                   f"{secs:.0f} |")
 
 
+def table_heldout(record: dict) -> None:
+    """The third round: per seed and mean ± 95% t-interval of the budgeted runs and the fixed shares
+    beside them, with paired differences (budgeted minus fixed) on the seeds both have."""
+    from routetune.sweep.confirm import interval
+
+    runs = record["runs"]
+    print(f"Third round ({record.get('machine', '?')})\n")
+    for b, share in ((0.02, 0.45), (0.05, 0.3)):
+        rows = {"budget-margin": b, "fixed": share}
+        got = {kind: {int(k.split(":")[2]): runs[k] for k in runs if k.split(":")[0] == kind
+                      and float(k.split(":")[1]) == v and int(k.split(":")[2]) in HELDOUT_SEEDS}
+               for kind, v in rows.items()}
+        print(f"Budget {100 * b:+.0f}% (fixed share {share})\n")
+        print("| run | " + " | ".join(f"seed {s}" for s in HELDOUT_SEEDS)
+              + " | domain test ppl | test-half change | within budget on test (dev) |")
+        print("|---|" + "---|" * (len(HELDOUT_SEEDS) + 3))
+        for kind, v in rows.items():
+            rs = got[kind]
+            if not rs:
+                continue
+            cells = [f"{r['test'][TASK]:.2f} / {100 * r['change'][TEST]:+.2f}% / {100 * r['change'][DEV]:+.2f}%"
+                     if (r := rs.get(s)) else "" for s in HELDOUT_SEEDS]
+            ppl = interval([r["test"][TASK] for r in rs.values()])
+            chg = interval([r["change"][TEST] for r in rs.values()])
+            half = lambda i, f=1: f" ± {f * i['half']:.2f}" if i["half"] is not None else ""  # noqa: E731
+            ok = sum(r["change"][TEST] <= b for r in rs.values())
+            dev = sum(r["change"][DEV] <= b for r in rs.values())
+            print(f"| {kind} {v} | " + " | ".join(cells) + f" | {ppl['mean']:.2f}{half(ppl)} | "
+                  f"{100 * chg['mean']:+.2f}%{half(chg, 100)} | {ok} of {len(rs)} ({dev} of {len(rs)}) |")
+        both = sorted(set(got["budget-margin"]) & set(got["fixed"]))
+        if both:
+            a, f = got["budget-margin"], got["fixed"]
+            dom = interval([100 * (a[s]["test"][TASK] / f[s]["test"][TASK] - 1) for s in both])
+            gen = interval([100 * (a[s]["change"][TEST] - f[s]["change"][TEST]) for s in both])
+            half = lambda i: f" ± {i['half']:.2f}" if i["half"] is not None else ""  # noqa: E731
+            print(f"\nPaired on seeds {both}: domain test ppl {dom['mean']:+.2f}%{half(dom)}, general test change "
+                  f"{gen['mean']:+.2f}{half(gen)} points\n")
+        for s_ in sorted(got["budget-margin"]):
+            t = got["budget-margin"][s_].get("trace", [])
+            if t:
+                print(f"seed {s_} trace (step: sample change / margin / share): "
+                      + ", ".join(f"{e['step']}: {100 * e['change']:+.1f}/{100 * e.get('margin', 0):.1f}/"
+                                  f"{e['share']:.2f}" for e in t[1::2]))
+        print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["plan", "search", "confirm", "table", "run", "one"])
+    ap.add_argument("phase", choices=["plan", "search", "confirm", "table", "heldout", "run", "one"])
     ap.add_argument("spec", nargs="*", help="run: the runs, as kind:value:seed (e.g. fixed:0.3:0)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
     a = ap.parse_args()
@@ -274,6 +323,8 @@ def main() -> None:
         run_all(search_specs(), a.jobs)
     elif a.phase == "confirm":
         run_all(confirm_specs(load()), a.jobs)
+    elif a.phase == "heldout":
+        table_heldout(load())
     else:
         table(load())
 
