@@ -134,10 +134,42 @@ def plot_budget() -> None:
     fig.savefig(OUT / "routing-budget.png", dpi=100)
 
 
+def plot_budget_heldout() -> None:
+    """The third round's dev runs at +2% (docs/records/budget_study_heldout.json): the share, and the
+    change of the 32-block sample, of the witness sample (never acted on), the budget and what the
+    controller aimed at (the budget less its margin for held-out text)."""
+    record = ROOT / "docs" / "records" / "budget_study_heldout.json"
+    if not record.is_file():
+        return
+    runs = json.loads(record.read_text())["runs"]
+    traced = {k: r for k, r in runs.items() if k.endswith(":0") and r.get("trace")}
+    if not traced:
+        return
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for i, (key, r) in enumerate(sorted(traced.items())):
+        kind, budget, _ = key.split(":")
+        t, color = r["trace"], f"C{i}"
+        steps = [e["step"] for e in t]
+        top.step(steps, [e["share"] for e in t], where="post", color=color, label=kind)
+        bottom.plot(steps, [100 * e["change"] for e in t], marker=".", color=color, label=f"{kind}: sample")
+        bottom.plot(steps, [100 * e["witness_change"] for e in t], marker="x", linestyle="-.", color=color,
+                    label=f"{kind}: witness (not acted on)")
+        bottom.plot(steps[1:], [100 * (float(budget) - e["margin"]) for e in t[1:]], linestyle=":", color=color,
+                    label=f"{kind}: aimed at (budget - margin)")
+    bottom.axhline(2, color="C3", linestyle="--", label="budget +2%")
+    top.set(ylabel="general share", title="routing.budget at +2% with a margin for held-out text (seed 0)")
+    bottom.set(xlabel="step", ylabel="perplexity change (%)")
+    top.legend(fontsize=7)
+    bottom.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(OUT / "routing-budget-heldout.png", dpi=100)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     plot_static()
     plot_schedule()
     plot_adaptive()
     plot_budget()
+    plot_budget_heldout()
     print("wrote", ", ".join(sorted(p.name for p in OUT.glob("routing-*.png"))))
