@@ -51,10 +51,10 @@ def test_overwrite_replaces_a_run_and_removes_the_old_one_after_the_first_checkp
 
     original = engine.Trainer.save
 
-    def spy(self, step):  # before the first checkpoint of the new run the old one waits aside
+    def spy(self, step, final=False):  # before the first checkpoint of the new run the old one waits aside
         if step == 1:
             seen["aside"] = [p.name for p in run_dir.parent.iterdir() if p.name.startswith(".replaced-")]
-        original(self, step)
+        original(self, step, final)
         if step == 1:
             seen["after"] = [p.name for p in run_dir.parent.iterdir() if p.name.startswith(".replaced-")]
 
