@@ -21,23 +21,19 @@ from routetune.training import events
 log = logging.getLogger("routetune")
 
 
-def spread(blocks: list, n: int, offset: float = 0.0) -> list:
-    """`n` blocks evenly spaced across `blocks` (at (i + offset) / n of the way, i < n): a sample of the
-    whole text rather than of its first stretch. Offsets 0 and 0.5 give disjoint samples when there are
-    at least 2n blocks."""
-    if n >= len(blocks):
-        return list(blocks)
-    return [blocks[int((i + offset) * len(blocks) / n)] for i in range(n)]
+def spread(n: int, total: int, offset: float = 0.0) -> list[int]:
+    """Indices of `n` of `total` blocks evenly spaced (at (i + offset) / n of the way, i < n): a sample
+    of the whole text rather than of its first stretch."""
+    return list(range(total)) if n >= total else [int((i + offset) * total / n) for i in range(n)]
 
 
 def samples(blocks: list, n: int, witness: int, how: str) -> tuple[list, list]:
     """The measured sample and the witness sample (disjoint; empty if `witness` is 0)."""
     if how == "first":
         return blocks[:n], blocks[n : n + witness]
-    main = spread(blocks, n)
-    chosen = {id(b) for b in main}
-    rest = [b for b in blocks if id(b) not in chosen]
-    return main, spread(rest, witness, 0.5) if witness else []
+    chosen = set(spread(n, len(blocks)))
+    rest = [b for i, b in enumerate(blocks) if i not in chosen]
+    return [blocks[i] for i in sorted(chosen)], [rest[i] for i in spread(witness, len(rest), 0.5)] if witness else []
 
 
 class Budget:
