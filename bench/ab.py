@@ -62,7 +62,7 @@ def _lm_loss(setup, trainer, on: bool) -> None:
 
 
 def _per_example(setup, trainer, on: bool) -> None:
-    setup.model.attention_each = on
+    setup.model.packed_attention = "per_example" if on else "padded"
 
 
 def _has_fast_attention(setup) -> bool:

@@ -21,6 +21,7 @@
 #   qlora        LoRA over an NF4 base (bitsandbytes on CUDA) beside LoRA over the bf16 base
 #   ddp1         one process on one GPU through torchrun (nccl)
 #   compile      compiled vs eager blocks, decoder LoRA at 16 x 1,024: tokens/s, MFU, graphs and why
+#   flex         padding-free attention on the padded width vs FlexAttention, uneven decoder examples
 #   resume_cpu   killed on the GPU after step 30, resumed on the CPU: the same plan
 #   throughput   routetune (bench/gpu_throughput.py) and the Hugging Face Trainer reference
 set -uo pipefail
@@ -57,7 +58,7 @@ section() {  # section NAME LIMIT_S COMMAND...: run it, keep its log, record PAS
 check() { section "$1" "$2" $PY bench/gpu_check.py "$1" "$OUT" $MODELS "$DATA" "$CHECK_DEVICE"; }
 
 section tests 150 $PY -m pytest -q -p no:cacheprovider tests/model/test_placement.py tests/training/test_host_syncs.py \
-  tests/test_device.py tests/training/test_distributed.py -k "cuda or placement or sync or backend"
+  tests/test_device.py tests/training/test_distributed.py tests/model/test_packing.py -k "cuda or placement or sync or backend"
 check quickstart 90
 check syncs 60
 check fp16 40
@@ -70,6 +71,7 @@ check qlora 90
 check ddp1 40
 if [ "$CHECK_DEVICE" = cuda ]; then check fsdp1 120; else RESULTS+=("SKIP  fsdp1  (needs CUDA: nccl)"); fi
 if [ "$CHECK_DEVICE" = cuda ]; then check compile 240; else RESULTS+=("SKIP  compile  (a GPU's step)"); fi
+if [ "$CHECK_DEVICE" = cuda ]; then check flex 180; else RESULTS+=("SKIP  flex  (FlexAttention trains on CUDA only)"); fi
 check resume_cpu 90
 if [ "$CHECK_DEVICE" = cuda ]; then
   section throughput 240 bash -c "$PY bench/gpu_throughput.py $MODELS $DATA $OUT/routetune.json && \

@@ -37,7 +37,8 @@ def _write(path, rows):
     return str(path)
 
 
-def _config(tmp_path, model_dir, decoder: bool, peft: dict, padding_free: bool, attention: str = "padded"):
+def _config(tmp_path, model_dir, decoder: bool, peft: dict, padding_free: bool, attention: str = "padded",
+            device: str = "cpu"):
     cls = _write(tmp_path / "cls.jsonl", [{"text": t, "label": y} for y, ts in TEXTS.items() for t in ts] * 2)
     ner = write_ner(tmp_path / "ner")
     (tmp_path / "general.txt").write_text(GENERAL)
@@ -53,10 +54,10 @@ def _config(tmp_path, model_dir, decoder: bool, peft: dict, padding_free: bool, 
                            "train": _write(tmp_path / "chat.jsonl", [{"messages": m} for m in CHATS] * 2)}
     cfg = {"model": {"name": str(model_dir), "max_length": 40}, "sources": sources,
            "routing": {"strategy": "interleaved", "weights": dict.fromkeys(sources, 1.0)},
-           "train": {"precision": "fp32", "device": "cpu", "max_steps": 2, "batch_size": 4, "progress": False,
+           "train": {"precision": "fp32", "device": device, "max_steps": 2, "batch_size": 4, "progress": False,
                      "seed": 5, "padding_free": padding_free, "packed_attention": attention},
            "peft": peft, "run": {"name": "r", "output_dir": str(tmp_path / "runs")}}
-    path = tmp_path / f"c-{padding_free}-{attention}.yaml"
+    path = tmp_path / f"c-{padding_free}-{attention}-{device}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -98,9 +99,12 @@ def _batches(setup):
     return out
 
 
-def _outputs(model, name, objective, batch):
+def _outputs(model, name, objective, batch, grads: bool = True):
     """Per-example logits (rows of real positions, or one row per example), per-example losses,
-    the batch loss and the trainable parameters' gradients."""
+    the batch loss and the trainable parameters' gradients (none with `grads` false: forward only)."""
+    if not grads:
+        with torch.no_grad():
+            return _outputs(model, name, objective, batch, True)
     model.zero_grad(set_to_none=True)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     layout = batch.get(PACKED)
@@ -119,7 +123,8 @@ def _outputs(model, name, objective, batch):
     else:
         per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     loss = model.loss(name, objective, batch)
-    loss.backward()
+    if loss.requires_grad:
+        loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), per_example.detach(), loss.detach(), grads
 
@@ -135,7 +140,7 @@ def test_padding_free_batches_give_the_padded_batch_s_outputs(tmp_path, tiny_mod
     padded = prepare(load_config(_config(tmp_path, model_dir, decoder, peft, False)))
     packed = prepare(load_config(_config(tmp_path, model_dir, decoder, peft, True, attention)))
     assert packed.model.padding_free and not padded.model.padding_free
-    assert packed.model.attention_each == (attention == "per_example")
+    assert packed.model.packed_attention == attention
     expected = {"encoder": {"token-classification", "sequence-classification", "binary-classification", "masked-lm"},
                 "decoder": {"token-classification", "sequence-classification", "binary-classification",
                             "causal-lm"}}[backbone]
@@ -154,15 +159,52 @@ def test_padding_free_batches_give_the_padded_batch_s_outputs(tmp_path, tiny_mod
                                        msg=lambda m: f"{name} gradient of {key}: {m}")
 
 
-def test_no_example_attends_to_another(tiny_model_dir):
+@pytest.mark.parametrize("peft", [{"method": "none"}, {"method": "lora", "r": 4}], ids=["full", "lora"])
+def test_flex_attention_gives_the_padded_batch_s_outputs(tmp_path, chat_llama, peft, device):
+    """train.packed_attention=flex on a decoder, every objective: the padded batch's logits and
+    losses (and on a GPU, where FlexAttention trains, its gradients). On the CPU, which has no
+    FlexAttention backward, the forward alone, with the attention switched after setup."""
+    padded = prepare(load_config(_config(tmp_path, chat_llama, True, peft, False, device=device)))
+    flex = prepare(load_config(_config(tmp_path, chat_llama, True, peft, True, "flex" if device == "cuda" else "padded",
+                                       device=device)))
+    flex.model.packed_attention = "flex"
+    for model in (padded.model, flex.model):
+        model.eval()
+    for name, batch in _batches(padded).items():
+        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        src = padded.sources[name]
+        a = _outputs(padded.model, name, src.objective, batch, grads=device == "cuda")
+        b = _outputs(flex.model, name, src.objective, batch, grads=device == "cuda")
+        for what, x, y in zip(("logits", "per-example losses", "loss"), a, b):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {what}: {m}")
+        assert a[3].keys() == b[3].keys() and (bool(a[3]) == (device == "cuda"))
+        for key in a[3]:
+            torch.testing.assert_close(b[3][key], a[3][key], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name} gradient of {key}: {m}")
+
+
+def test_flex_attention_is_refused_where_it_cannot_train(tmp_path, tiny_model_dir, chat_llama):
+    """One line naming the key: an encoder that trains with attention dropout (FlexAttention has
+    none), and any model on the CPU (no FlexAttention backward there)."""
+    from routetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train\.packed_attention=flex: bert trains with attention dropout 0\.1"):
+        prepare(load_config(_config(tmp_path, tiny_model_dir, False, {"method": "none"}, True, "flex")))
+    with pytest.raises(ConfigError, match=r"^train\.packed_attention=flex: trains on CUDA only .* backward on cpu\)"):
+        prepare(load_config(_config(tmp_path, chat_llama, True, {"method": "none"}, True, "flex")))
+
+
+@pytest.mark.parametrize("attention", ["padded", "flex"])
+def test_no_example_attends_to_another(tiny_model_dir, attention):
     """Each example's hidden states are those of the example alone (the packed row holds the
     others), and padding comes back as zeros."""
     from routetune.model.routed import build_model
 
     model = build_model(str(tiny_model_dir), seed=0, attention="sdpa")
-    model.eval()
+    model.eval().requires_grad_(False)  # FlexAttention's forward only on the CPU
     use_packed_attention(model.lm)
     model.padding_free = True
+    model.packed_attention = attention
     ids = torch.tensor([[2, 10, 11, 12, 3, 0, 0], [2, 20, 21, 22, 23, 24, 3], [2, 30, 3, 0, 0, 0, 0]])
     mask = (ids != 0).long()
     together = model.hidden_states(ids, mask)
@@ -216,10 +258,15 @@ def test_every_packable_model_type_gives_the_padded_hidden_states(model_type, at
     model.padding_free = True
     packed = model.hidden_states(ids, mask)
     torch.testing.assert_close(packed[mask.bool()], padded[mask.bool()], rtol=1e-4, atol=1e-5)
-    model.attention_each = True  # train.packed_attention=per_example: each example's attention on its own length
+    model.packed_attention = "per_example"  # each example's attention on its own length
     each = model.hidden_states(ids, mask)
     torch.testing.assert_close(each[mask.bool()], padded[mask.bool()], rtol=1e-4, atol=1e-5)
     assert each[~mask.bool()].abs().sum() == 0
+    model.packed_attention = "flex"  # FlexAttention on the packed row (its forward only, on the CPU)
+    with torch.no_grad():
+        flex = model.hidden_states(ids, mask)
+    torch.testing.assert_close(flex[mask.bool()], padded[mask.bool()].detach(), rtol=1e-4, atol=1e-5)
+    assert flex[~mask.bool()].abs().sum() == 0
 
 
 def test_sliding_window_models_train_padded():

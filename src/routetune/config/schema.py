@@ -141,9 +141,9 @@ class TrainConfig(Strict):
     attention kept within each example (model/packing.py). Same losses and logits as the padded batch up to rounding,
     faster wherever a batch holds examples of different lengths. Checked for BERT, Llama, Mistral (without a sliding
     window), Qwen2/3; other models, prompt or prefix tuning and self-distilled sources train padded (said once)."""
-    packed_attention: Literal["padded", "per_example"] = "padded"
-    """Attention in a padding-free batch: `padded`, on the batch's padded width with its masks; `per_example`, each
-    example alone on its own length (one call per example and layer, same outputs). Not with `train.compile`."""
+    packed_attention: Literal["padded", "per_example", "flex"] = "padded"
+    """Attention in a padding-free batch: `padded` (the padded width, its masks), `per_example` (each example alone,
+    a call per example and layer; not with `train.compile`), `flex` (FlexAttention on the packed row; CUDA only)."""
     compile: bool | Literal["auto"] = "auto"
     """Compile each transformer block of the training forward and backward with `torch.compile` (regional
     compilation: one graph serves every block of a kind; parameter names and checkpoints are unchanged). The log says

@@ -55,11 +55,12 @@ class Layout:
     varied shapes raised the peak RSS by ~280 MB."""
 
     def __init__(self, rows: int, width: int, index: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-                 lengths: tuple[int, ...], each: bool = False):
+                 lengths: tuple[int, ...], attention: str = "padded"):
         self.rows, self.width, self.index, self.positions, self.keys = rows, width, index, positions, keys
         self.lengths = lengths  # each row's real tokens, read on the CPU copy (no host read on a GPU)
-        self.each = each  # attention on each example's own length (train.packed_attention=per_example)
+        self.attention = attention  # train.packed_attention: padded, per_example or flex
         self._causal: dict[int, torch.Tensor] = {}  # causal masks by length, made once for all layers
+        self._blocks: dict[bool, object] = {}  # FlexAttention block masks (causal or not), made once for all layers
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor) -> Layout:
@@ -73,13 +74,13 @@ class Layout:
         if torch.device(device) == self.index.device:
             return self
         moved = (t.to(device, non_blocking=non_blocking) for t in (self.index, self.positions, self.keys))
-        return Layout(self.rows, self.width, *moved, self.lengths, self.each)
+        return Layout(self.rows, self.width, *moved, self.lengths, self.attention)
 
-    def per_example(self, each: bool = True) -> Layout:
-        """This layout with attention run on each example's own length (or on the padded width)."""
-        if each == self.each:
+    def using(self, attention: str) -> Layout:
+        """This layout with attention run as `attention` says (train.packed_attention)."""
+        if attention == self.attention:
             return self
-        return Layout(self.rows, self.width, self.index, self.positions, self.keys, self.lengths, each)
+        return Layout(self.rows, self.width, self.index, self.positions, self.keys, self.lengths, attention)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, width, ...] -> [1, tokens, ...]"""
@@ -103,7 +104,7 @@ class Layout:
         """`attention(q, k, v, mask)` (padded-batch tensors [rows, heads, width, d] and a boolean
         mask -> [rows, width, heads, d]) on the packed [1, heads, tokens, d] query, key and value;
         returns [1, tokens, heads, d]."""
-        if self.each:
+        if self.attention == "per_example":
             return self.attend_each(attention, query, key, value, causal)
         q, k, v = (self.unpack(t.transpose(1, 2)).transpose(1, 2) for t in (query, key, value))
         return self.pack(attention(q, k, v, self.mask(causal)))
@@ -127,6 +128,50 @@ class Layout:
             start += n
         return torch.cat(out, dim=1)
 
+    def block_mask(self, causal: bool):
+        """The FlexAttention block mask of the packed row: a token attends to the tokens of its own
+        example (and, for a decoder, not to later ones). Made once per batch from `index` (the row of
+        each real token is its flat place // width: no host read), shared by every layer."""
+        if causal not in self._blocks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            example = torch.div(self.index, self.width, rounding_mode="floor")
+
+            def same_example(b, h, q, k):
+                return example[q] == example[k]
+
+            def same_example_causal(b, h, q, k):
+                return (example[q] == example[k]) & (q >= k)
+
+            n = example.numel()
+            self._blocks[causal] = create_block_mask(same_example_causal if causal else same_example, None, None, n, n,
+                                                     device=example.device)
+        return self._blocks[causal]
+
+    def attend_flex(self, query, key, value, causal: bool, scaling: float | None) -> torch.Tensor:
+        """Attention on the packed row itself with FlexAttention and the block mask above: no padded
+        width and one kernel call per layer (train.packed_attention=flex). Grouped-query attention is
+        the kernel's own (`enable_gqa`). PyTorch has no FlexAttention backward on the CPU, so training
+        with it is for CUDA (setup refuses it elsewhere); the CPU computes its forward, eagerly."""
+        out = _flex_kernel(query.device)(query, key, value, block_mask=self.block_mask(causal), scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+        return out.transpose(1, 2).contiguous()
+
+
+_COMPILED_FLEX = []
+
+
+def _flex_kernel(device: torch.device):
+    """FlexAttention as its docs use it: compiled on a GPU (once per process; eager it is a
+    reference implementation that holds the whole score matrix), eager on the CPU (forward only)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type == "cpu":
+        return flex_attention
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention))
+    return _COMPILED_FLEX[0]
+
 
 def packed(inner):
     """An attention function (transformers' AttentionInterface signature) that runs `inner` on
@@ -137,6 +182,10 @@ def packed(inner):
         if layout is None:
             return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                          is_causal=is_causal, **kwargs)
+        if layout.attention == "flex":
+            if dropout:  # setup refuses flex for a model that trains with attention dropout
+                raise ValueError("train.packed_attention=flex: FlexAttention has no attention dropout")
+            return layout.attend_flex(query, key, value, getattr(module, "is_causal", False), scaling), None
         def attention(q, k, v, mask):
             return inner(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs)[0]
 
@@ -167,11 +216,14 @@ def masks(inner):
     return make
 
 
-def run_packed(module: nn.Module, layout: Layout, input_ids: torch.Tensor):
-    """`module` (a transformers backbone or LM) on the packed batch; returns its output. The
-    all-ones mask keeps transformers from reading the position ids as packed sequences (working
-    that out reads a value on the host)."""
+def run_packed(module: nn.Module, layout: Layout, input_ids: torch.Tensor, causal: bool = False):
+    """`module` (a transformers backbone or LM; `causal`: a decoder's) on the packed batch; returns
+    its output. The all-ones mask keeps transformers from reading the position ids as packed
+    sequences (working that out reads a value on the host). FlexAttention's block mask is made here,
+    before the layers (outside any compiled block)."""
     ids = layout.pack(input_ids)
+    if layout.attention == "flex":
+        layout.block_mask(causal)
     token = _PACKED.set(True)
     try:
         return module(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=layout.positions,

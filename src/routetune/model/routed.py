@@ -60,7 +60,7 @@ class RoutedModel(nn.Module):
         self.quantization: dict | None = None  # model.quantize: the base's bitsandbytes settings (model/quantize.py)
         self.fused_lm_loss = True  # causal-LM loss through model/lm_loss.py where the head allows it
         self.padding_free = False  # the backbone runs on the real tokens only (model/packing.py)
-        self.attention_each = False  # ...and attention on each example's own length (train.packed_attention)
+        self.packed_attention = "padded"  # ...and how attention sees the packed examples (train.packed_attention)
 
     @property
     def backbone(self) -> nn.Module:
@@ -119,7 +119,7 @@ class RoutedModel(nn.Module):
         the one the batch brought, or made now (a host read of the mask)."""
         if not self.padding_free:
             return None
-        return (layout if layout is not None else Layout.of(attention_mask)).per_example(self.attention_each)
+        return (layout if layout is not None else Layout.of(attention_mask)).using(self.packed_attention)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       layout: Layout | None = None) -> torch.Tensor:
@@ -127,7 +127,7 @@ class RoutedModel(nn.Module):
         padding-free); `layout`: the batch's own, made on its CPU copy (model/packing.py)."""
         layout = self._layout(attention_mask, layout)
         if layout is not None:
-            return layout.unpack(run_packed(self.backbone, layout, input_ids).last_hidden_state)
+            return layout.unpack(run_packed(self.backbone, layout, input_ids, self.is_decoder).last_hidden_state)
         inputs, drop = self.lm_inputs(input_ids, attention_mask)
         return self.backbone(**inputs).last_hidden_state[:, drop:]
 
@@ -136,7 +136,7 @@ class RoutedModel(nn.Module):
         """LM-head logits, one row per input position."""
         layout = self._layout(attention_mask, layout)
         if layout is not None:
-            return layout.unpack(run_packed(self.lm, layout, input_ids).logits)
+            return layout.unpack(run_packed(self.lm, layout, input_ids, self.is_decoder).logits)
         inputs, drop = self.lm_inputs(input_ids, attention_mask)
         return self.lm(**inputs).logits[:, drop:]
 

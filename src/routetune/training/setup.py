@@ -258,7 +258,7 @@ def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hard
         use_fast_attention_dropout(model.lm)
     model.fused_lm_loss = cfg.train.fused_lm_loss
     if cfg.train.padding_free:
-        _padding_free(model, cfg.train.packed_attention)
+        _padding_free(model, cfg.train.packed_attention, hardware)
     if cfg.train.gradient_checkpointing:
         if not model.lm.supports_gradient_checkpointing:
             raise ConfigError(f"train.gradient_checkpointing: {type(model.lm).__name__} does not support it")
@@ -273,16 +273,25 @@ def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hard
         use_embedding_grad_buffer(model.lm)
 
 
-def _padding_free(model: RoutedModel, attention: str) -> None:
+def _padding_free(model: RoutedModel, attention: str, hardware: Hardware) -> None:
     """`train.padding_free`: the packed layout where the model allows it, else one log line;
     `train.packed_attention`: how attention sees the packed examples."""
     reason = packing.why_not(model)
     if reason is not None:
         log.info("train.padding_free: padded batches (%s)", reason)
         return
+    if attention == "flex":
+        config = model.lm.config
+        p = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
+        if p:
+            raise ConfigError(f"train.packed_attention=flex: {config.model_type} trains with attention dropout {p} "
+                              "and FlexAttention has none; use padded or per_example")
+        if not hardware.cuda:
+            raise ConfigError(f"train.packed_attention=flex: trains on CUDA only (PyTorch has no FlexAttention "
+                              f"backward on {hardware.device}); use padded or per_example")
     use_packed_attention(model.lm)
     model.padding_free = True
-    model.attention_each = attention == "per_example"
+    model.packed_attention = attention
 
 
 def _deterministic_kernels() -> None:
