@@ -177,9 +177,11 @@ def test_non_finite_loss_policy(tmp_path, tiny_model_dir, ner_files, monkeypatch
         assert [e["step"] for e in events if e["event"] == "skipped"] == [4, 5, 6]
 
 
-@pytest.mark.parametrize("method, precision", [("lora", "fp32"), ("adapter", "fp32"), ("lora", "bf16")])
+@pytest.mark.parametrize("method, precision", [("lora", "fp32"), ("adapter", "fp32"), ("lora", "bf16"),
+                                               ("full", "bf16-weights")])
 def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method, precision):
-    """bf16: the frozen base held in bf16 (model.base_dtype auto), the adapters and their state in fp32."""
+    """bf16: the frozen base held in bf16 (model.base_dtype auto), the adapters and their state in fp32;
+    bf16-weights: every weight and its optimizer state in bf16 (model.base_dtype bf16)."""
     import yaml
 
     from support import GENERAL
@@ -189,11 +191,12 @@ def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method, precision
     runs = {}
     for name, fault in (("ref", None), ("killed", "after_step:5")):
         cfg = {
-            "model": {"name": str(tiny_llama_dir), "max_length": 24},
             "sources": {"lm": {"objective": "causal-lm", "train": str(text), "text": {"stream": False}}},
-            "peft": {"method": method, **({"r": 2} if method == "lora" else {"adapter_size": 4})},
+            "model": {"name": str(tiny_llama_dir), "max_length": 24,
+                      **({"base_dtype": "bf16"} if precision == "bf16-weights" else {})},
+            "peft": {"method": method, **{"lora": {"r": 2}, "adapter": {"adapter_size": 4}}.get(method, {})},
             "train": {
-                "precision": precision,
+                "precision": precision.removesuffix("-weights"),
                 "device": "cpu",
                 "max_steps": 8,
                 "batch_size": 3,
@@ -212,7 +215,8 @@ def test_adapter_runs_resume_bitwise(tmp_path, tiny_llama_dir, method, precision
             _cli("resume", str(run_dir))
         folder = run_dir / "checkpoints" / "step-00000008"
         ckpt.verify(folder)
-        weights = "adapter_model.safetensors" if method == "lora" else "lm_trainable.safetensors"
+        weights = {"lora": "adapter_model.safetensors", "adapter": "lm_trainable.safetensors"}.get(method,
+                                                                                                    "model.safetensors")
         runs[name] = (load_file(str(folder / weights)), (run_dir / "plan.jsonl").read_text())
     assert runs["ref"][1] == runs["killed"][1]
     for k, v in runs["ref"][0].items():

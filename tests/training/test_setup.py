@@ -70,3 +70,36 @@ def test_a_frozen_base_is_held_once_in_the_training_precision(tmp_path, tiny_mod
     trainer.train_step(0, setup.batches.next())
     state = trainer.optimizer.state_dict()["state"]
     assert state and all(v.dtype == torch.float32 for s in state.values() for k, v in s.items() if k != "step")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bf16_weights_hold_every_weight_gradient_and_optimizer_state_in_bf16(tmp_path, tiny_model_dir, ner_files,
+                                                                              method):
+    """model.base_dtype=bf16 (torchtune's `dtype: bf16`): the trained parameters, their gradients and AdamW's
+    state are bf16 too (half the bytes of fp32), and a step changes the weights."""
+    import torch
+
+    from routetune.training.engine import Trainer
+
+    path = make_config(tmp_path, tiny_model_dir, ner_files, **{
+        "peft.method": method, "model.base_dtype": "bf16", "train.precision": "bf16", "train.device": "cpu"})
+    setup = prepare(load_config(path))
+    assert {p.dtype for p in setup.model.parameters()} == {torch.bfloat16}
+    trained = {n: p.detach().clone() for n, p in setup.model.named_parameters() if p.requires_grad}
+    trainer = Trainer(setup, tmp_path / "run")
+    trainer.train_step(0, setup.batches.next())
+    state = trainer.optimizer.state_dict()["state"]
+    assert state and {v.dtype for s in state.values() for k, v in s.items() if k != "step"} == {torch.bfloat16}
+    after = dict(setup.model.named_parameters())
+    assert any(not torch.equal(after[n], before) for n, before in trained.items())
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train.precision": "fp32"}, r"^model\.base_dtype=bf16: needs train\.precision bf16 \(it is fp32 here\)$"),
+    ({"train.precision": "bf16", "model.quantize": "nf4", "peft.method": "lora"},
+     r"^model\.base_dtype=bf16: not with model\.quantize")])
+def test_bf16_weights_are_refused_where_they_cannot_apply(tmp_path, tiny_model_dir, ner_files, override, message):
+    path = make_config(tmp_path, tiny_model_dir, ner_files, **{"model.base_dtype": "bf16", "train.device": "cpu",
+                                                               **override})
+    with pytest.raises(ConfigError, match=message):
+        prepare(load_config(path))

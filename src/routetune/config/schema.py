@@ -65,12 +65,12 @@ class ModelConfig(Strict):
     (every matmul dequantizes its weight)."""
     quantize_double: bool = False
     """With nf4/fp4: also quantize the quantization constants (double quantization, ~0.4 bits per parameter less)."""
-    base_dtype: Literal["auto", "fp32"] = "auto"
-    """Precision the base model's weights are held in while training. `auto`: a base that a parameter-efficient method
-    freezes (LoRA, IA3, prompt/prefix tuning, bottleneck adapters) is held once, in the training precision
-    (bf16 or fp16 when `train.precision` resolves to it), with the trained parameters (adapters, heads, virtual tokens)
-    and their optimizer state in fp32; full fine-tuning, DoRA (whose magnitude reads the base weight) and BitFit (whose
-    biases sit beside the base's weights) keep fp32. `fp32`: always fp32."""
+    base_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Precision the weights are held in while training. `auto`: a base that a parameter-efficient method freezes (LoRA,
+    IA3, prompt/prefix tuning, bottleneck adapters) is held once in the training precision (bf16/fp16), what trains
+    (adapters, heads, virtual tokens) and its optimizer state in fp32; full fine-tuning, DoRA and BitFit keep fp32.
+    `fp32`: always fp32. `bf16` (with `train.precision` bf16): every weight, gradient and AdamW state in bf16 (8 bytes
+    per trained parameter, not 16; torchtune's `dtype: bf16`); an update below bf16's resolution of a weight is lost."""
 
 
 class EarlyStoppingConfig(Strict):

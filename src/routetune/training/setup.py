@@ -177,6 +177,9 @@ def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, 
     heads, frozen), the method applied, on the device."""
     method = methods.get(cfg.peft.method)
     dtype = base_dtype(cfg, method, hardware)
+    if cfg.model.base_dtype == "bf16" and cfg.model.quantize != "none":
+        raise ConfigError("model.base_dtype=bf16: not with model.quantize (the adapters over a quantized base train "
+                          "in fp32)")
     quantization = None
     if cfg.model.quantize != "none":
         quantization = {"quantize": cfg.model.quantize, "double": cfg.model.quantize_double}
@@ -201,7 +204,10 @@ def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, 
                                **{k: spec[k] for k in ("pooling", "threshold") if k in spec})
         model.load_heads_from(earlier, list(earlier_specs))
     apply_method(model, cfg.peft, cfg.freeze, model_path)
-    if quantization:
+    if cfg.model.base_dtype == "bf16":
+        model.to(torch.bfloat16)  # the heads and any new trainable part too: AdamW's state follows its parameters
+        log.info("model: every weight in bf16, the trained ones and their optimizer state too (model.base_dtype)")
+    elif quantization:
         upcast_trained(model)
         log.info("model: the base held in %s (bitsandbytes), computed in %s; the adapters in fp32", cfg.model.quantize,
                  str(dtype).removeprefix("torch."))
@@ -228,7 +234,11 @@ def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, 
 def base_dtype(cfg: Config, method, hardware: Hardware) -> torch.dtype:
     """`model.base_dtype`: the training precision for a base the method freezes (bf16 or fp16, where
     the run trains in it), fp32 for a base that trains (full fine-tuning) or that the method needs in
-    full (`low_precision_base` false: DoRA, BitFit)."""
+    full (`low_precision_base` false: DoRA, BitFit); bf16 for every weight when asked."""
+    if cfg.model.base_dtype == "bf16":
+        if hardware.precision != "bf16":
+            raise ConfigError(f"model.base_dtype=bf16: needs train.precision bf16 (it is {hardware.precision} here)")
+        return torch.bfloat16
     if cfg.model.base_dtype == "fp32" or method.freezable or not method.low_precision_base:
         return torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hardware.precision, torch.float32)
