@@ -11,6 +11,14 @@ parameters, of their gradients and of the optimizer state (its local shards unde
 sharding divides; gradients are counted as the trainable parameters' size, which each step's
 gradients have before the optimizer frees them), and its peak RSS over the whole process
 (loading the full model first, the steps, a checkpoint). Rank 0 prints the rows; the table shows the largest rank.
+
+With `--limit-gb G` every process runs in a Linux memory cgroup of its own limited to G GiB (as a
+GPU limits each process's memory; needs root and the cgroup memory controller, v1 or v2): a setting
+whose process outgrows it is killed by the kernel and reported as over the limit, which gives the
+largest shape each strategy trains in a fixed memory per process:
+
+    python bench/fsdp_memory.py --sizes 135M 360M --methods full --settings ddp:1 ddp:2 fsdp:2 \
+        --limit-gb 7.5 --json docs/records/fsdp_memory_limit.json
 """
 
 from __future__ import annotations
@@ -30,6 +38,38 @@ sys.path.insert(0, str(ROOT / "bench"))
 from model_scaling import SHAPES, make_model  # noqa: E402
 
 DATA = Path(os.environ.get("ROUTETUNE_DATA", ROOT.parent / "shared" / "data"))
+CGROUPS = Path("/sys/fs/cgroup")
+
+
+def _cgroup(launcher: int, rank: int) -> tuple[Path, str, str]:
+    """The memory cgroup of one process of one launch (folder, limit file, peak file): v1 or v2."""
+    if (CGROUPS / "memory" / "memory.limit_in_bytes").exists():  # v1
+        return CGROUPS / "memory" / f"rt-bench-{launcher}-{rank}", "memory.limit_in_bytes", "memory.max_usage_in_bytes"
+    return CGROUPS / f"rt-bench-{launcher}-{rank}", "memory.max", "memory.peak"
+
+
+def confine(limit_gb: float, rank: int) -> None:
+    """This process (a rank, child of the launcher) into a memory cgroup of its own, limited to
+    `limit_gb` GiB, before anything is allocated: the kernel kills it if it needs more."""
+    folder, limit, _ = _cgroup(os.getppid(), rank)
+    folder.mkdir()
+    (folder / limit).write_text(str(int(limit_gb * 2**30)))
+    (folder / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def release(launcher: int, n: int) -> list[dict]:
+    """Each rank's cgroup peak and whether it hit the limit; the (empty) cgroups removed."""
+    out = []
+    for rank in range(n):
+        folder, limit, peak = _cgroup(launcher, rank)
+        if not folder.is_dir():
+            continue
+        used = int((folder / peak).read_text()) if (folder / peak).exists() else None
+        cap = int((folder / limit).read_text())
+        out.append({"rank": rank, "cgroup_peak_mb": used / 2**20 if used is not None else None,
+                    "limit_mb": cap / 2**20, "at_limit": used is not None and used >= cap - 2**20})
+        folder.rmdir()  # made by confine() above; empty once its process has ended
+    return out
 
 
 def _bytes(tensors) -> int:
@@ -39,6 +79,8 @@ def _bytes(tensors) -> int:
 
 
 def worker(args) -> None:
+    if args.limit_gb:
+        confine(args.limit_gb, int(os.environ["LOCAL_RANK"]))
     import routetune  # noqa: F401  (first, as the CLI does: it sets torch's allocator switch)
     import torch
     from routetune.config import load_config
@@ -81,13 +123,22 @@ def measure(size: str, method: str, strategy: str, n: int, folder: Path, args) -
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
            "--worker", "--model", str(folder), "--method", method, "--strategy", strategy,
-           "--steps", str(args.steps), "--tokens", str(args.tokens), "--length", str(args.length)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("ROWS ")), None)
+           "--steps", str(args.steps), "--tokens", str(args.tokens), "--length", str(args.length),
+           *(["--limit-gb", str(args.limit_gb)] if args.limit_gb else [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stdout, stderr = proc.communicate()
+    limits = release(proc.pid, n) if args.limit_gb else []
+    line = next((x for x in stdout.splitlines() if x.startswith("ROWS ")), None)
     if line is None:
-        print(f"{size} {method} {strategy}:{n} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-        return [{"failed": out.returncode}]
-    return [{**r, "size": size, "method": method} for r in json.loads(line[5:])]
+        over = any(x["at_limit"] for x in limits)
+        print(f"{size} {method} {strategy}:{n} {'over the limit' if over else 'failed'}:\n{stderr[-800:]}",
+              file=sys.stderr)
+        return [{"failed": proc.returncode, "over_limit": over, "size": size, "method": method,
+                 "strategy": strategy, "processes": n, "cgroups": limits}]
+    rows = json.loads(line[5:])
+    for r in rows:
+        r.update(next((x for x in limits if x["rank"] == r["rank"]), {}))
+    return [{**r, "size": size, "method": method} for r in rows]
 
 
 def main() -> None:
@@ -99,6 +150,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512, help="tokens per global step")
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--limit-gb", type=float, help="each process in a memory cgroup of its own, limited to this")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -119,13 +171,16 @@ def main() -> None:
                     got = measure(size, method, strategy, int(n), folder, args)
                     rows += got
                     if "failed" in got[0]:
+                        what = "over the limit" if got[0]["over_limit"] else "failed"
+                        print(f"{size:>6} {method:>6} {setting:>8} {what}", flush=True)
                         continue
                     top = max(got, key=lambda r: r["peak_rss_mb"])
                     print(f"{size:>6} {method:>6} {setting:>8} {top['params_mb']:>10.0f} {top['grads_mb']:>9.0f} "
                           f"{top['optimizer_mb']:>9.0f} {top['peak_rss_mb']:>11.0f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "steps": args.steps, "tokens": args.tokens,
-                                         "length": args.length, "rows": rows}, indent=1) + "\n")
+                                         "length": args.length, "limit_gb": args.limit_gb, "rows": rows},
+                                        indent=1) + "\n")
 
 
 if __name__ == "__main__":
