@@ -349,13 +349,13 @@ def flex(out, models, data, device):
 
     text = (data / "tinyshakespeare" / "input.txt").read_text()
     rng = random.Random(0)
-    rows = []
+    lines = []
     for _ in range(800):
         n = rng.randint(100, 4000)
         start = rng.randrange(len(text) - n)
         cut = start + n // 2
-        rows.append(json.dumps({"prompt": text[start:cut], "completion": text[cut:start + n]}))
-    (out / "pieces.jsonl").write_text("\n".join(rows) + "\n")
+        lines.append(json.dumps({"prompt": text[start:cut], "completion": text[cut:start + n]}))
+    (out / "pieces.jsonl").write_text("\n".join(lines) + "\n")
     losses, rows = {}, {}
     for name in ("padded", "flex"):
         run = f"flex-{name}"

@@ -109,12 +109,16 @@ def use_packed_attention(lm: nn.Module) -> None:
     lm.set_attn_implementation(packing.EAGER_NAME if current in ("eager", packing.EAGER_NAME) else packing.SDPA_NAME)
 
 
+def attention_dropout(config) -> float:
+    """The attention-probability dropout a model's config trains with (BERT's name or Llama's)."""
+    return getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
+
+
 def use_fast_attention_dropout(lm: nn.Module) -> bool:
     """Switch an SDPA model that trains with attention dropout to :func:`sdpa_fast_dropout`.
     Returns whether it switched (not for eager attention or attention dropout 0)."""
     config = lm.config
-    p = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
-    if config._attn_implementation != "sdpa" or not p:
+    if config._attn_implementation != "sdpa" or not attention_dropout(config):
         return False
     register()
     lm.set_attn_implementation(NAME)

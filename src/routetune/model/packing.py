@@ -26,6 +26,7 @@ each against the unpacked batch (tests/model/test_packing.py).
 
 from __future__ import annotations
 
+import functools
 from contextvars import ContextVar
 
 import torch
@@ -153,24 +154,19 @@ class Layout:
         width and one kernel call per layer (train.packed_attention=flex). Grouped-query attention is
         the kernel's own (`enable_gqa`). PyTorch has no FlexAttention backward on the CPU, so training
         with it is for CUDA (setup refuses it elsewhere); the CPU computes its forward, eagerly."""
-        out = _flex_kernel(query.device)(query, key, value, block_mask=self.block_mask(causal), scale=scaling,
-                                         enable_gqa=key.shape[1] != query.shape[1])
+        kernel = _flex_kernel(query.device.type != "cpu")
+        out = kernel(query, key, value, block_mask=self.block_mask(causal), scale=scaling,
+                     enable_gqa=key.shape[1] != query.shape[1])
         return out.transpose(1, 2).contiguous()
 
 
-_COMPILED_FLEX = []
-
-
-def _flex_kernel(device: torch.device):
+@functools.cache
+def _flex_kernel(compiled: bool):
     """FlexAttention as its docs use it: compiled on a GPU (once per process; eager it is a
     reference implementation that holds the whole score matrix), eager on the CPU (forward only)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type == "cpu":
-        return flex_attention
-    if not _COMPILED_FLEX:
-        _COMPILED_FLEX.append(torch.compile(flex_attention))
-    return _COMPILED_FLEX[0]
+    return torch.compile(flex_attention) if compiled else flex_attention
 
 
 def packed(inner):

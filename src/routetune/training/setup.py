@@ -32,7 +32,7 @@ from routetune.device import Hardware, resolve
 from routetune.errors import ConfigError
 from routetune.evaluate.tasks import metric_names
 from routetune.model import packing
-from routetune.model.attention import use_fast_attention_dropout, use_packed_attention
+from routetune.model.attention import attention_dropout, use_fast_attention_dropout, use_packed_attention
 from routetune.model.embedding_grad import use_embedding_grad_buffer
 from routetune.model.fast_dropout import use_fast_dropout
 from routetune.model.routed import RoutedModel, build_model
@@ -177,9 +177,6 @@ def _build_model(cfg: Config, model_path: str, sources: dict, objectives: dict, 
     heads, frozen), the method applied, on the device."""
     method = methods.get(cfg.peft.method)
     dtype = base_dtype(cfg, method, hardware)
-    if cfg.model.base_dtype == "bf16" and cfg.model.quantize != "none":
-        raise ConfigError("model.base_dtype=bf16: not with model.quantize (the adapters over a quantized base train "
-                          "in fp32)")
     quantization = None
     if cfg.model.quantize != "none":
         quantization = {"quantize": cfg.model.quantize, "double": cfg.model.quantize_double}
@@ -238,6 +235,9 @@ def base_dtype(cfg: Config, method, hardware: Hardware) -> torch.dtype:
     if cfg.model.base_dtype == "bf16":
         if hardware.precision != "bf16":
             raise ConfigError(f"model.base_dtype=bf16: needs train.precision bf16 (it is {hardware.precision} here)")
+        if cfg.model.quantize != "none":
+            raise ConfigError("model.base_dtype=bf16: not with model.quantize (the adapters over a quantized base "
+                              "train in fp32)")
         return torch.bfloat16
     if cfg.model.base_dtype == "fp32" or method.freezable or not method.low_precision_base:
         return torch.float32
@@ -292,7 +292,7 @@ def _padding_free(model: RoutedModel, attention: str, hardware: Hardware) -> Non
         return
     if attention == "flex":
         config = model.lm.config
-        p = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
+        p = attention_dropout(config)
         if p:
             raise ConfigError(f"train.packed_attention=flex: {config.model_type} trains with attention dropout {p} "
                               "and FlexAttention has none; use padded or per_example")
