@@ -11,17 +11,20 @@ tied embeddings); the weights are random (no download), which changes nothing ab
 a step. Each size is saved once to a temporary folder that both sides load. The work: causal-LM
 on blocks of Tiny Shakespeare (the smollm2 tokenizer), 1,024 tokens per step (8 blocks of 128,
 or 2 of 512), lr 2e-4, in the precision routetune's `auto` picks on this CPU, on both sides.
-Methods: LoRA (r=8, alpha 16, dropout 0.05 on q,k,v,o) and full fine-tuning (135M and 360M;
-the 1.7B full fine-tuning's AdamW state alone is 27 GB). Each (size, method, length, side) runs
+Methods: LoRA (r=8, alpha 16, dropout 0.05 on q,k,v,o), full fine-tuning (135M and 360M;
+the 1.7B full fine-tuning's fp32 weights and AdamW state alone are 27 GB) and `full-bf16`: full
+fine-tuning with every weight and the optimizer state in bf16 (`model.base_dtype: bf16`, what the
+Trainer holds when the model is loaded in bf16; all three sizes). Each (size, method, length, side) runs
 in its own child process, one after the other, so its peak RSS is its own; the sides alternate
 within a row. The Trainer gets the same attention kernel (eager on the CPU, as routetune's
 `auto`), the same blocks and the same allocator environment (`import routetune` first).
 
 Printed per row: tokens/s of each side over the timed steps (after `--skip` warm-up steps), the
-ratio, and each side's peak RSS. routetune's extra copies are named where it holds them: the
-bf16 copies of frozen weights under LoRA (`train.bf16_frozen_weights`, half the frozen
-weights' fp32 size; only when training in bf16). This work has no held-out scoring or
-self-distillation, so no base model or teacher is held.
+ratio, each side's peak RSS, and what it holds: the weights (as stored), the gradients of the
+trained parameters, the optimizer's state and its anonymous resident memory after the last step.
+The Trainer loads the model as transformers' docs recommend (in bf16 where bf16 is the training
+precision); routetune holds a frozen base in the training precision (`model.base_dtype: auto`).
+This work has no held-out scoring or self-distillation, so no base model or teacher is held.
 """
 
 from __future__ import annotations
@@ -139,10 +142,22 @@ def weights_mb(model) -> float:
     return round(total / 2**20)
 
 
+def state_mb(model, optimizer) -> dict:
+    """What training adds to the weights: gradients (one per trained parameter, in its dtype) and the
+    optimizer's state (AdamW: two moments per trained parameter), in MB."""
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    opt = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+              if hasattr(t, "element_size") and t.dim() > 0)
+    return {"trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "gradients_mb": round(grads / 2**20), "optimizer_mb": round(opt / 2**20)}
+
+
 def _routetune_config(folder: Path, method: str, length: int, steps: int, out: Path) -> Path:
     import yaml
 
-    cfg = {"model": {"name": str(folder), "max_length": length, "quantize": "nf4" if method == "qlora" else "none"},
+    cfg = {"model": {"name": str(folder), "max_length": length, "quantize": "nf4" if method == "qlora" else "none",
+                     # full-bf16: every weight and the optimizer state in bf16 (a model the Trainer loads in bf16)
+                     **({"base_dtype": "bf16"} if method == "full-bf16" else {})},
            "sources": {"shakespeare": {"objective": "causal-lm", "train": str(DATA / "tinyshakespeare" / "input.txt"),
                                        "text": {"stream": False}}},
            "train": {"max_steps": steps, "batch_size": TOKENS_PER_STEP // length, "lr": 2e-4, "weight_decay": 0.0,
@@ -176,8 +191,9 @@ def routetune_side(folder: Path, method: str, length: int, steps: int, skip: int
                 return losses
             return timed_step
 
-        run_steps(setup, wrap)
-    return {**timer.result(), "precision": setup.hardware.precision, "weights_mb": weights_mb(setup.model)}
+        trainer = run_steps(setup, wrap)
+    return {**timer.result(), "precision": setup.hardware.precision, "weights_mb": weights_mb(setup.model),
+            **state_mb(setup.model, trainer.optimizer)}
 
 
 def hf_side(folder: Path, method: str, length: int, steps: int, skip: int, precision: str) -> dict:
@@ -211,8 +227,10 @@ def hf_side(folder: Path, method: str, length: int, steps: int, skip: int, preci
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     timer = ProfiledTimer(skip, steps)
-    tt.hf_train(model, rows, timer, lambda: batch * length, batch, 2e-4, 0.0, steps + skip, precision=precision)
-    return {**timer.result(), "precision": precision, "weights_mb": weights_mb(model)}
+    held = {}
+    tt.hf_train(model, rows, timer, lambda: batch * length, batch, 2e-4, 0.0, steps + skip, precision=precision,
+                after=lambda m, opt: held.update(state_mb(m, opt)))
+    return {**timer.result(), "precision": precision, "weights_mb": weights_mb(model), **held}
 
 
 def child(side: str, folder: str, method: str, length: int, steps: int, skip: int, precision: str) -> None:
@@ -266,7 +284,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "qlora", "full"])
+    ap.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "qlora", "full", "full-bf16"])
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per step (memory rows of large shapes: fewer)")
     ap.add_argument("--lengths", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--skip", type=int, default=1, help="warm-up steps not timed")
@@ -317,6 +335,7 @@ def main() -> None:
                     print(f"{size:5s} {method:4s} {length:4d} " + "  ".join(
                         f"{s} {row[s].get('tokens_per_s', float('nan')):7.1f} tokens/s "
                         f"{row[s].get('peak_rss_mb', float('nan')):6.0f} MB (weights {row[s].get('weights_mb')} MB, "
+                        f"gradients {row[s].get('gradients_mb')} MB, optimizer {row[s].get('optimizer_mb')} MB, "
                         f"anonymous {row[s].get('held_rss_mb')} MB)"
                         for s in ("hf", "routetune"))
                         + (f"  ratio {row['ratio']:.2f}" if ok else "  (a side failed)"), flush=True)

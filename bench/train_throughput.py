@@ -129,9 +129,10 @@ class Timer:
 # ------------------------------------------------------------------ Hugging Face reference
 
 def hf_train(model, rows, timer: Timer, tokens_of_step, batch_size: int, lr: float, weight_decay: float, steps: int,
-             collator=None, precision: str = "bf16", sampling: str = "random") -> None:
+             collator=None, precision: str = "bf16", sampling: str = "random", after=None) -> None:
     """The standard Trainer recipe (autocast in `precision` on CPU, AdamW as Trainer picks it,
-    `sampling` random or group_by_length), timed per optimizer step by a callback."""
+    `sampling` random or group_by_length), timed per optimizer step by a callback; `after(model,
+    optimizer)`, if given, is called once training ends (to read what the run holds)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class StepTimer(TrainerCallback):
@@ -140,6 +141,10 @@ def hf_train(model, rows, timer: Timer, tokens_of_step, batch_size: int, lr: flo
 
         def on_step_end(self, args, state, control, **kw):
             timer.end()
+
+        def on_train_end(self, args, state, control, **kw):
+            if after is not None:
+                after(kw["model"], kw["optimizer"])
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(out, per_device_train_batch_size=batch_size, learning_rate=lr,
