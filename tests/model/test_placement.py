@@ -193,3 +193,19 @@ def test_the_embedding_gradient_buffer_is_refused_with_data_parallel_training(tm
     cfg = load_config(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.embedding_grad_buffer": True}))
     with pytest.raises(ConfigError, match="train.embedding_grad_buffer: not with data-parallel training"):
         prepare(cfg, world=World(rank=0, size=2, local_rank=0, backend="gloo"))
+
+
+@pytest.mark.parametrize("setting, torchrun, buffered", [("auto", False, True), ("auto", True, False),
+                                                         (False, False, False)])
+def test_the_embedding_gradient_buffer_auto(tmp_path, tiny_model_dir, ner_files, setting, torchrun, buffered):
+    """`auto` keeps the input embedding's gradient in one buffer for one process on the CPU (where
+    a fresh one is page-faulted in every step), and leaves torch's embedding under data-parallel
+    training, where the buffer would bypass the reducer; false leaves it everywhere."""
+    from routetune.config import load_config
+    from routetune.model.embedding_grad import BufferedGradEmbedding
+    from routetune.training.distributed import World
+    from routetune.training.setup import prepare
+
+    cfg = load_config(make_config(tmp_path, tiny_model_dir, ner_files, **{"train.embedding_grad_buffer": setting}))
+    setup = prepare(cfg, world=World(rank=0, size=2, local_rank=0, backend="gloo") if torchrun else World())
+    assert (type(setup.model.lm.get_input_embeddings()) is BufferedGradEmbedding) is buffered

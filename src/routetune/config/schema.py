@@ -153,12 +153,12 @@ class TrainConfig(Strict):
     always / never."""
     compile_backend: str = "inductor"
     """The `torch.compile` backend (`inductor`; `aot_eager` traces without generating kernels, for debugging)."""
-    embedding_grad_buffer: bool = False
-    """While the input embeddings train: accumulate their gradient into one buffer kept across steps instead of a fresh
-    vocabulary x hidden zero tensor each step (47 MB for minilm-l6). Same values as torch's embedding backward. Off by
-    default: it removes the per-step zero-fill (~10 ms) but did not make whole WNUT-17 steps faster in interleaved runs
-    (docs/benchmarks.md). Not with data-parallel training (the gradient is written outside DistributedDataParallel's
-    reducer; refused there)."""
+    embedding_grad_buffer: bool | Literal["auto"] = "auto"
+    """While the input embeddings train: their gradient in one buffer kept across steps, not a fresh vocabulary x hidden
+    zero tensor each step (47 MB for minilm-l6, page-faulted in anew each step on the CPU). Same values as torch's.
+    `auto`: on for one process on the CPU, where whole steps were 6-16% faster (docs/benchmarks.md); off on CUDA (its
+    caching allocator reuses memory) and under data-parallel training, where true is refused (the gradient is
+    written outside DistributedDataParallel's reducer)."""
     lr: float = Field(5e-5, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(0.01, ge=0)

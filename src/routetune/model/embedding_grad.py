@@ -7,9 +7,10 @@ glibc's largest mmap threshold (32 MB), so each step maps fresh pages and faults
 backward writes the same index-add into a buffer the module keeps (zeroed when the optimizer has
 dropped the gradient, added into when a step runs several backward passes or a tied head already
 wrote its part), and hands it to the parameter as its ``.grad``. Written by hand because torch has
-no option to reuse the embedding-gradient storage. Off by default: the zero-fill drops to ~4 ms,
-but whole steps were not faster in interleaved A/B runs (docs/benchmarks.md), for a reason we
-have not found.
+no option to reuse the embedding-gradient storage. On by default for one process on the CPU
+(`auto`): the zero-fill drops to ~4-6 ms and whole steps were 6-16% faster in alternating runs on
+an Intel Xeon (docs/benchmarks.md); an earlier, noisier comparison on another machine did not show
+the gain.
 
 It only applies while training with gradients enabled and a trainable, dense weight; anything else
 (frozen embeddings, evaluation, ``max_norm``, ``scale_grad_by_freq``, sparse) is torch's own

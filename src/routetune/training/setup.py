@@ -84,7 +84,7 @@ class Setup:
 def _check_distributed(cfg: Config, hardware, world: World) -> None:
     """What data-parallel training and FSDP sharding cannot do, refused before any data is read (the
     sharding keys in one process too: the config is the same wherever it runs)."""
-    if cfg.train.embedding_grad_buffer and world.distributed:
+    if cfg.train.embedding_grad_buffer is True and world.distributed:
         raise ConfigError("train.embedding_grad_buffer: not with data-parallel training (it writes the embedding "
                           "gradient outside DistributedDataParallel's reducer, so the ranks would not average it); "
                           "set it to false")
@@ -151,7 +151,7 @@ def prepare(cfg: Config, device: str | None = None, precision: str | None = None
     if distilled:
         how = model.enable_teacher(hardware.precision)
         log.info("self-distillation on %s: the teacher is %s", ", ".join(distilled), how)
-    _speed_levers(cfg, model, sources, hardware)
+    _speed_levers(cfg, model, sources, hardware, world)
     router, total, _ = plan_run(cfg, source_sizes(sources))
     r = cfg.routing
     batches = RoutedBatches(router, sources, cfg.train.batch_size, r.granularity, r.on_exhausted, world.rank,
@@ -252,7 +252,7 @@ def upcast_trained(model: RoutedModel) -> None:
             p.data = p.data.float()
 
 
-def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hardware) -> None:
+def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hardware, world: World) -> None:
     """The switches of docs/benchmarks.md (speed levers), each where it applies."""
     if cfg.train.group_by_length:
         for src in sources.values():
@@ -279,7 +279,10 @@ def _speed_levers(cfg: Config, model: RoutedModel, sources: dict, hardware: Hard
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.train.embedding_grad_buffer:
+    buffered = cfg.train.embedding_grad_buffer
+    if buffered == "auto":  # a CPU lever: the fresh gradient's pages are faulted in every step there
+        buffered = not hardware.cuda and not world.distributed
+    if buffered:
         use_embedding_grad_buffer(model.lm)
 
 
