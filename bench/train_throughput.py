@@ -4,6 +4,7 @@
     .venv/bin/python bench/train_throughput.py --work ner --ner-steps 100
     .venv/bin/python bench/train_throughput.py --work ner cls --repeat 3 --json runs/t.json   # medians of 3
     .venv/bin/python bench/train_throughput.py --set train.fused=false   # ablate a routetune lever
+    .venv/bin/python bench/train_throughput.py --repeat 3 --lever train.embedding_grad_buffer=false  # beside it
     THP_MEM_ALLOC_ENABLE=0 .venv/bin/python bench/train_throughput.py --only routetune  # no huge pages
 
 Works (each variant runs in its own child process, one after the other, so peak RSS is its own
@@ -370,7 +371,8 @@ KINDS = {"hf": ("hf", []), "hf-grouped": ("hf-grouped", []), "hf-fp32": ("hf-fp3
          "routetune-grouped": ("routetune", ["train.group_by_length=true"]),
          "routetune-padded": ("routetune", ["train.padding_free=false"]),
          "hf-compiled": ("hf-compiled", []), "hf-grouped-compiled": ("hf-grouped-compiled", []),
-         "routetune-compiled": ("routetune", ["train.compile=true"])}
+         "routetune-compiled": ("routetune", ["train.compile=true"]),
+         "routetune-lever": ("routetune", [])}  # its overrides: --lever
 HF_COMPILE = False  # the Trainer child compiles (TrainingArguments(torch_compile=True): the whole model, inductor)
 
 
@@ -407,6 +409,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="each side eager and compiled: the Trainer with torch_compile=True (default and grouped "
                          "order), routetune with train.compile=true; the compile time is in the warm-up steps")
+    ap.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
+                    help="also routetune with this override (kind routetune-lever; repeat for several), next to its "
+                         "default in every round: what one lever brings, in alternating rounds")
     ap.add_argument("--child", choices=sorted({process for process, _ in KINDS.values()}),
                     help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -425,7 +430,7 @@ def main() -> None:
     peak = matmul_peak(args.precision)
     print(f"{args.precision} matmul peak at the start ({torch.get_num_threads()} threads): {peak:.0f} GFLOP/s")
     works = ["ner", "cls", "clm"] if "all" in args.work else args.work
-    results = {"overrides": args.set, "precision": args.precision, "cpu": why,
+    results = {"overrides": args.set, "lever": args.lever, "precision": args.precision, "cpu": why,
                "capability": torch.backends.cpu.get_cpu_capability()}
     peaks = [peak]
     for work in works:
@@ -442,10 +447,13 @@ def main() -> None:
                 kinds = [*kinds[:-1], *(k + "-compiled" for k in kinds[:-1]), "routetune", "routetune-compiled"]
             elif sized:  # length grouping is off by default, padding-free on: each measured next to it
                 kinds += ["routetune-grouped", "routetune-padded"]
+            if args.lever:
+                kinds.insert(kinds.index("routetune") + 1, "routetune-lever")
             for kind in kinds:
                 if args.only and not kind.startswith(args.only):
                     continue
                 process, own = KINDS[kind]
+                own = args.lever if kind == "routetune-lever" else own
                 r = run_child(process, work, steps, args.skip, [*args.set, *own] if process == "routetune" else [],
                               args.precision)
                 peaks.append(r["matmul_peak_after_gflops"])
@@ -467,7 +475,8 @@ def main() -> None:
             # and routetune's default against its own padded batches
             for mine, theirs in (("routetune", "hf"), ("routetune-grouped", "hf-grouped"), ("routetune", "hf-grouped"),
                                  ("routetune", "routetune-padded"), ("routetune-compiled", "routetune"),
-                                 ("hf-compiled", "hf"), ("hf-grouped-compiled", "hf-grouped")):
+                                 ("hf-compiled", "hf"), ("hf-grouped-compiled", "hf-grouped"),
+                                 ("routetune", "routetune-lever"), ("routetune-lever", "hf-grouped")):
                 if mine in row and theirs in row:
                     row[f"ratio_{mine}_{theirs}"] = row[mine]["tokens_per_s"] / row[theirs]["tokens_per_s"]
                     print(f"{work:4s} ratio {mine}/{theirs}: {row[f'ratio_{mine}_{theirs}']:.2f}", flush=True)
