@@ -89,6 +89,24 @@ def test_a_step_checkpoint_holds_the_adapters_and_resumes_exactly(qlora_run, tmp
         assert torch.equal(mine[key.removeprefix("base_model.model.")], value), key
 
 
+def test_gradients_still_flow_through_4_bit_layers_after_an_evaluation(tiny_llama_dir):
+    """A no-gradient forward in eval mode (scoring, dev evaluations) must not turn the 4-bit layers
+    into inference-only ones: on CPUs with AVX512-BF16 bitsandbytes repacks the weights for a kernel
+    without a backward unless routetune switches that off (on other CPUs it never repacks)."""
+    from routetune.model.load import load_lm
+
+    lm, _ = load_lm(str(tiny_llama_dir), "auto", "cpu", torch.float32, {"quantize": "nf4"})
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    lm.eval()
+    with torch.no_grad():
+        lm(input_ids=ids)
+    lm.train()
+    embeds = lm.get_input_embeddings()(ids).detach().requires_grad_(True)
+    lm(inputs_embeds=embeds).logits.sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    assert all(not m.support_avx512bf16_for_cpu for m in lm.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
+
+
 def test_eval_and_serve_quantize_the_base_again(qlora_run):
     from fastapi.testclient import TestClient
 
@@ -124,6 +142,10 @@ def test_the_adapter_loads_in_plain_peft_and_merging_dequantizes(qlora_run, tiny
         tiny_llama_dir, device_map={"": "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=torch.float32))
+    # bitsandbytes' packed CPU kernel (AVX512-BF16 CPUs) cannot repack this tiny model's 32-wide layers
+    from routetune.model.quantize import keep_trainable_layout
+
+    keep_trainable_layout(base)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter" / "adapter").eval()
     with torch.no_grad():
         assert torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-4)

@@ -69,8 +69,8 @@ class ModelConfig(Strict):
     """Precision the weights are held in while training. `auto`: a base that a parameter-efficient method freezes (LoRA,
     IA3, prompt/prefix tuning, bottleneck adapters) is held once in the training precision (bf16/fp16), what trains
     (adapters, heads, virtual tokens) and its optimizer state in fp32; full fine-tuning, DoRA and BitFit keep fp32.
-    `fp32`: always fp32. `bf16` (with `train.precision` bf16): every weight, gradient and AdamW state in bf16 (8 bytes
-    per trained parameter, not 16; torchtune's `dtype: bf16`); an update below bf16's resolution of a weight is lost."""
+    `fp32`: always fp32. `bf16` (with bf16 training): every weight, gradient and AdamW state in bf16 (8 bytes per
+    trained parameter, not 16); updates below bf16's resolution are lost (-5 points accuracy at lr 5e-5: results.md)."""
 
 
 class EarlyStoppingConfig(Strict):

@@ -39,9 +39,9 @@ class _Lookup(torch.autograd.Function):
         weight = module.weight
         rows = ids.reshape(-1)
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(weight.dtype)
-        if module.padding_idx is not None:  # torch leaves the padding row's gradient at zero
-            keep = rows != module.padding_idx
-            rows, grad = rows[keep], grad[keep]
+        if module.padding_idx is not None:  # torch leaves the padding row's gradient at zero: add zeros there
+            # (a mask, not boolean indexing: no data-dependent shape, so no host sync and it traces on any device)
+            grad = grad * (rows != module.padding_idx).unsqueeze(1).to(grad.dtype)
         if weight.grad is None:
             buf = module.grad_buffer
             if buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype:

@@ -23,7 +23,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from routetune.model.quantize import bnb_config
+from routetune.model.quantize import bnb_config, keep_trainable_layout
 from routetune.hub import ALIASES, cache_dir, check_model
 from routetune.logs import quiet
 from routetune.errors import ModelError
@@ -136,6 +136,8 @@ def load_lm(path: str, attention: str = "auto", device_type: str | None = None,
         raise ModelError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    if quantization:
+        keep_trainable_layout(model)
     prefix = model.base_model_prefix + "."
     missing_head = sorted(k for k in info["missing_keys"] if not k.startswith(prefix))
     missing_base = sorted(k for k in info["missing_keys"] if k.startswith(prefix))

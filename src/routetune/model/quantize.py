@@ -34,6 +34,23 @@ def bnb_config(scheme: str, double: bool, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def keep_trainable_layout(lm: nn.Module) -> int:
+    """Switch off bitsandbytes' packed CPU layout on every 4-bit Linear of `lm`; returns how many.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight in place the first time it
+    runs in eval mode without gradients (routetune's scoring before training, dev evaluations, a
+    retention budget's measurements), and never unpacks it: every later forward goes through its
+    inference kernel, which has no backward, so the adapters below that layer would silently get no
+    gradient (checked: the input's gradient is None), and the repacking fails outright for layers
+    narrower than its 64-wide blocks. Written here because bitsandbytes has no switch but this flag."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in lm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def is_quantized_layer(module: nn.Module) -> bool:
     import bitsandbytes as bnb
 
