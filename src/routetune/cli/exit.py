@@ -36,19 +36,27 @@ def _usage_error(exc: BaseException) -> bool:
     return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
 
-def _leave_process_group() -> None:
-    """Under torchrun: leave the process group before exit (its threads must not outlive it)."""
+def _leave_process_group(finished: bool) -> None:
+    """Under torchrun: leave the process group before exit (its threads must not outlive it). After
+    a command that finished, first wait for every rank to finish too: a rank that tore down its
+    connections while another still used them was seen aborting ("terminate called without an
+    active exception", SIGABRT) after a completed run, about once in a few dozen 2-process runs.
+    Not after a failure: the other ranks may never arrive."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
 def run_app(app: typer.Typer) -> None:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    finished = False
     try:
         result = _run(app)
+        finished = not result  # returned normally, code 0 (an exit or exception leaves it False)
     finally:
-        _leave_process_group()
+        _leave_process_group(finished)
     if result == 130:  # typer turned Ctrl-C (or SIGTERM, above) into a return code
         _stop()
     if isinstance(result, int) and result:  # typer.Exit(code)
