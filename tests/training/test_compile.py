@@ -141,7 +141,7 @@ def decoder_config(tmp_path_factory, tiny_llama_dir):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_compiled_blocks_train_on_two_processes_as_eager_on_one(decoder_config, strategy):
+def test_compiled_blocks_train_on_two_processes_as_eager_ones_do(decoder_config, strategy):
     """The blocks compiled inside DistributedDataParallel, or after FSDP2 has sharded them (its
     gathers run around the compiled block), on 2 processes: the adapters of the same 2 processes
     eager. (That 2 processes train as one is tests/training/test_distributed.py's and test_fsdp.py's

@@ -34,8 +34,8 @@ def bnb_config(scheme: str, double: bool, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def keep_trainable_layout(lm: nn.Module) -> int:
-    """Switch off bitsandbytes' packed CPU layout on every 4-bit Linear of `lm`; returns how many.
+def keep_trainable_layout(lm: nn.Module) -> None:
+    """Switch off bitsandbytes' packed CPU layout on every 4-bit Linear of `lm`.
 
     On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight in place the first time it
     runs in eval mode without gradients (routetune's scoring before training, dev evaluations, a
@@ -45,10 +45,9 @@ def keep_trainable_layout(lm: nn.Module) -> int:
     narrower than its 64-wide blocks. Written here because bitsandbytes has no switch but this flag."""
     import bitsandbytes as bnb
 
-    layers = [m for m in lm.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for m in layers:
-        m.support_avx512bf16_for_cpu = False
-    return len(layers)
+    for m in lm.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
